@@ -1,0 +1,358 @@
+"""The intermediate representation: three-address code over basic blocks.
+
+This module owns the data types shared by the middle and back end:
+`lower` produces a `Module`, `paravirt` rewrites it (IR to IR), and the
+x86-64 back end consumes it.  It holds no logic beyond small helpers.
+
+Model
+-----
+* Every value is a 64-bit virtual register (`VReg`) or an immediate (a plain
+  Python `int`, taken modulo 2**64).  Narrow integer types are kept
+  *canonical* in registers: a u8/u16/u32 value is zero-extended to 64 bits,
+  an i8/i16/i32 value sign-extended.  `lower` inserts an `Ext` after every
+  operation whose 64-bit result may leave that form (add, sub, mul, shl, neg,
+  not, sdiv, srem; loads and casts say their extension themselves).  So all
+  arithmetic, comparisons and divisions work on whole registers.
+* Virtual registers are not SSA: a local variable is one vreg assigned many
+  times.  Locals whose address is taken, arrays and structs live in stack
+  `Slot`s and are reached with `SlotAddr` + `Load`/`Store`.
+* Every machine operation of the language (`cli`, `outb`, `set_pte`, ...)
+  is one `MachineOp`, so the paravirtualization pass finds and rewrites all
+  of them in one place.  The pass produces `Hypercall`s, plain `Load`s and
+  `Store`s on the shared page, and `SiteBegin`/`SiteEnd` markers around each
+  rewritten operation so the back end can record the site's code range.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Union
+
+
+@dataclass(frozen=True)
+class Loc:
+    """A source position: file path as given to the compiler, 1-based line and column."""
+    file: str
+    line: int
+    col: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+@dataclass(frozen=True)
+class VReg:
+    id: int
+
+    def __repr__(self) -> str:
+        return f"%{self.id}"
+
+
+Operand = Union[VReg, int]
+
+BINOPS = ("add", "sub", "mul", "udiv", "sdiv", "urem", "srem",
+          "and", "or", "xor", "shl", "shr", "sar")
+UNOPS = ("neg", "not")
+CMPOPS = ("eq", "ne", "ult", "ule", "ugt", "uge", "slt", "sle", "sgt", "sge")
+
+
+@dataclass
+class Instr:
+    loc: Loc | None = field(default=None, kw_only=True)
+
+    def uses(self) -> list[Operand]:
+        return []
+
+    def defs(self) -> list[VReg]:
+        dst = getattr(self, "dst", None)
+        return [dst] if isinstance(dst, VReg) else []
+
+
+@dataclass
+class Copy(Instr):
+    """dst = src (src may be an immediate)."""
+    dst: VReg
+    src: Operand
+
+    def uses(self):
+        return [self.src]
+
+
+@dataclass
+class BinOp(Instr):
+    """dst = a OP b on 64-bit registers; shifts take the count modulo 64."""
+    op: str
+    dst: VReg
+    a: Operand
+    b: Operand
+
+    def uses(self):
+        return [self.a, self.b]
+
+
+@dataclass
+class UnOp(Instr):
+    op: str
+    dst: VReg
+    a: Operand
+
+    def uses(self):
+        return [self.a]
+
+
+@dataclass
+class Ext(Instr):
+    """dst = src truncated to `bits` (8, 16 or 32), then zero- or sign-extended to 64."""
+    dst: VReg
+    src: Operand
+    bits: int
+    signed: bool
+
+    def uses(self):
+        return [self.src]
+
+
+@dataclass
+class Cmp(Instr):
+    """dst = 1 if (a OP b) else 0."""
+    op: str
+    dst: VReg
+    a: Operand
+    b: Operand
+
+    def uses(self):
+        return [self.a, self.b]
+
+
+@dataclass
+class Load(Instr):
+    """dst = size bytes at base+offset, zero- or sign-extended.  An int base is an absolute address."""
+    dst: VReg
+    base: Operand
+    offset: int
+    size: int
+    signed: bool = False
+
+    def uses(self):
+        return [self.base]
+
+
+@dataclass
+class Store(Instr):
+    """size bytes at base+offset = low bytes of value.  An int base is an absolute address."""
+    base: Operand
+    offset: int
+    value: Operand
+    size: int
+
+    def uses(self):
+        return [self.base, self.value]
+
+
+@dataclass
+class AddrOf(Instr):
+    """dst = address of a symbol (global, string literal, function) plus offset."""
+    dst: VReg
+    symbol: str
+    offset: int = 0
+
+
+@dataclass
+class SlotAddr(Instr):
+    """dst = address of stack slot `slot` (an index into Function.slots) plus offset."""
+    dst: VReg
+    slot: int
+    offset: int = 0
+
+
+@dataclass
+class Call(Instr):
+    """dst = func(args...), System V AMD64; at most six arguments."""
+    dst: VReg | None
+    func: str
+    args: list[Operand]
+
+    def uses(self):
+        return list(self.args)
+
+
+@dataclass
+class CallIndirect(Instr):
+    """dst = (*target)(args...), System V AMD64."""
+    dst: VReg | None
+    target: Operand
+    args: list[Operand]
+
+    def uses(self):
+        return [self.target, *self.args]
+
+
+@dataclass
+class MachineOp(Instr):
+    """One machine operation of the language (see pvtool.intrinsics), e.g. op='outb', args=[port, value]."""
+    op: str
+    dst: VReg | None
+    args: list[Operand]
+
+    def uses(self):
+        return list(self.args)
+
+
+@dataclass
+class Hypercall(Instr):
+    """dst = hypercall `nr`(args...) through the hypercall page (PV images only).
+
+    Arguments go in rdi, rsi, rdx, r10, r8; the result comes back in rax.
+    The back end treats it as a call (caller-saved registers are clobbered)."""
+    dst: VReg | None
+    nr: int
+    args: list[Operand]
+
+    def uses(self):
+        return list(self.args)
+
+
+@dataclass
+class SiteBegin(Instr):
+    """Start of the code that implements one rewritten machine operation."""
+    site: int      # unique within the function
+    op: str        # the machine operation it replaces
+    becomes: str   # short description of the paravirtual form, e.g. "shared-page store"
+
+
+@dataclass
+class SiteEnd(Instr):
+    site: int
+
+
+# -- terminators ------------------------------------------------------------
+
+@dataclass
+class Jump(Instr):
+    target: str
+
+
+@dataclass
+class Branch(Instr):
+    """Go to `then` if cond != 0, else to `else_`."""
+    cond: Operand
+    then: str
+    else_: str
+
+    def uses(self):
+        return [self.cond]
+
+
+@dataclass
+class Ret(Instr):
+    value: Operand | None = None
+
+    def uses(self):
+        return [] if self.value is None else [self.value]
+
+
+@dataclass
+class IRet(Instr):
+    """Return from an interrupt handler: `iretq` natively; with `hypercall` set
+    (by the paravirt pass) the back end restores registers and jumps to that
+    hypercall-page entry instead."""
+    hypercall: int | None = None
+
+
+Terminator = Union[Jump, Branch, Ret, IRet]
+
+
+@dataclass
+class Block:
+    label: str
+    instrs: list[Instr]
+    term: Terminator | None = None
+
+    def successors(self) -> list[str]:
+        if isinstance(self.term, Jump):
+            return [self.term.target]
+        if isinstance(self.term, Branch):
+            return [self.term.then, self.term.else_]
+        return []
+
+
+@dataclass
+class Slot:
+    size: int
+    align: int
+
+
+@dataclass
+class Function:
+    name: str
+    params: list[VReg]
+    blocks: list[Block]            # blocks[0] is the entry
+    slots: list[Slot] = field(default_factory=list)
+    returns_value: bool = False
+    interrupt: bool = False        # an `interrupt fn`: saves every register it touches, ends in IRet
+    loc: Loc | None = None
+    next_vreg: int = 0             # first unused vreg id
+
+    def new_vreg(self) -> VReg:
+        v = VReg(self.next_vreg)
+        self.next_vreg += 1
+        return v
+
+    def new_slot(self, size: int, align: int) -> int:
+        self.slots.append(Slot(size, align))
+        return len(self.slots) - 1
+
+    def block(self, label: str) -> Block:
+        for b in self.blocks:
+            if b.label == label:
+                return b
+        raise KeyError(label)
+
+    def instructions(self) -> Iterator[Instr]:
+        for b in self.blocks:
+            yield from b.instrs
+            if b.term is not None:
+                yield b.term
+
+
+@dataclass
+class DataReloc:
+    """An absolute 64-bit pointer to `symbol`+addend stored at `offset` in a Data object."""
+    offset: int
+    symbol: str
+    addend: int = 0
+
+
+@dataclass
+class Data:
+    """A global object.  section: 'rodata' (string literals), 'data' (initialised) or 'bss'."""
+    name: str
+    section: str
+    size: int
+    align: int
+    init: bytes = b""              # empty for bss; else exactly `size` bytes
+    relocs: list[DataReloc] = field(default_factory=list)
+    loc: Loc | None = None
+
+
+@dataclass
+class Module:
+    functions: list[Function]
+    data: list[Data]
+    files: list[str] = field(default_factory=list)   # every source file, main file first
+    target: str = "native"                           # 'native' or 'pv' (set by paravirt)
+
+
+def dump(m: Module) -> str:
+    """A readable listing, for debugging and `pvtool build --emit-ir`."""
+    out = []
+    for d in m.data:
+        out.append(f"data {d.name} {d.section} size={d.size} align={d.align}")
+    for f in m.functions:
+        kind = "interrupt fn" if f.interrupt else "fn"
+        out.append(f"{kind} {f.name}({', '.join(map(repr, f.params))}):")
+        for b in f.blocks:
+            out.append(f"  {b.label}:")
+            for i in b.instrs:
+                out.append(f"    {i!r}")
+            out.append(f"    {b.term!r}")
+    return "\n".join(out)

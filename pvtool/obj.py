@@ -1,0 +1,63 @@
+"""Object code: what the x86-64 back end hands to the linker.
+
+Each function is position-independent bytes plus relocations against
+symbol names; the linker places them, resolves the relocations and writes
+the ELF image.  Line rows feed `.debug_line`; site rows feed `.pv.sites`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .ir import Data, Loc
+
+# Relocation kinds, as in the x86-64 psABI: S = symbol address, A = addend,
+# P = address of the field being patched.
+PC32 = "pc32"     # 4 bytes: S + A - P      (call rel32, jmp rel32, rip-relative disp32 use A = -4)
+ABS32 = "abs32"   # 4 bytes: S + A, must fit in 32 bits (zero-extended)
+ABS32S = "abs32s" # 4 bytes: S + A, must fit in 32 bits signed (sign-extended disp32)
+ABS64 = "abs64"   # 8 bytes: S + A
+
+
+@dataclass
+class Reloc:
+    offset: int       # offset of the field within the function's code
+    kind: str         # PC32, ABS32, ABS32S or ABS64
+    symbol: str
+    addend: int = 0
+
+
+@dataclass
+class LineRow:
+    """Code from `offset` on comes from this source position (until the next row)."""
+    offset: int
+    loc: Loc
+
+
+@dataclass
+class SiteRow:
+    """A sensitive operation (native) or its paravirtual replacement (pv)."""
+    offset: int
+    length: int
+    op: str           # intrinsic name, see pvtool.intrinsics
+    loc: Loc | None
+    becomes: str = "" # pv: what it became, e.g. "hypercall set_pte (batched)"; native: ""
+
+
+@dataclass
+class FunctionCode:
+    name: str
+    code: bytes
+    relocs: list[Reloc] = field(default_factory=list)
+    lines: list[LineRow] = field(default_factory=list)
+    sites: list[SiteRow] = field(default_factory=list)
+    loc: Loc | None = None
+    align: int = 16
+
+
+@dataclass
+class ObjectCode:
+    functions: list[FunctionCode]
+    data: list[Data]
+    files: list[str]
+    target: str = "native"     # 'native' or 'pv'
+    name: str = "kernel"       # guest name for the PV note (the main source's stem)

@@ -1,0 +1,249 @@
+"""The paravirtualization pass: IR to IR, for `--target pv`.
+
+Every sensitive `MachineOp` is replaced by its cheapest correct paravirtual
+form (see docs/abi.md):
+
+* interrupt flag (`cli`, `sti`, `save_flags`, `restore_flags`): loads and
+  stores of the shared page's upcall mask; unmasking exits only when an event
+  is pending;
+* reads of virtual CPU state (`read_cr*`, `sgdt`, `sidt`): shared-page loads;
+* `set_pte`, `invlpg` and port writes: appended to the shared-page multicall
+  queue, flushed with one hypercall at the next point that could observe them;
+* everything else: one hypercall.
+
+Each replacement is wrapped in SiteBegin/SiteEnd so the back end records it
+in `.pv.sites`.  Interrupt returns become the `iret` hypercall.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import abi
+from .intrinsics import INTRINSICS
+from .ir import (AddrOf, BinOp, Block, Branch, Cmp, Copy, Ext, Function, Hypercall, Instr, IRet, Jump,
+                 Load, Loc, MachineOp, Module, Operand, SiteBegin, SiteEnd, SlotAddr, Store, UnOp, VReg)
+
+S = abi.SHARED_PAGE
+IF_BIT = 9
+
+QUEUED = {"set_pte": abi.HC_SET_PTE, "invlpg": abi.HC_INVLPG,
+          "outb": abi.HC_IO_OUT, "outw": abi.HC_IO_OUT, "outl": abi.HC_IO_OUT}
+PORT_SIZE = {"outb": 1, "outw": 2, "outl": 4, "inb": 1, "inw": 2, "inl": 4}
+CR_FIELD = {"read_cr0": abi.SH_CR0, "read_cr2": abi.SH_CR2,
+            "read_cr3": abi.SH_CR3, "read_cr4": abi.SH_CR4}
+DT_FIELD = {"sgdt": abi.SH_GDTR, "sidt": abi.SH_IDTR}
+SIMPLE_HYPERCALLS = {"hlt": abi.HC_BLOCK, "write_cr3": abi.HC_NEW_BASEPTR, "lgdt": abi.HC_SET_GDT,
+                     "lidt": abi.HC_SET_TRAP_TABLE, "wrmsr": abi.HC_WRMSR, "cpuid": abi.HC_CPUID,
+                     "rdtsc": abi.HC_RDTSC, "wbinvd": abi.HC_WBINVD}
+
+# Instructions that only compute in registers: a pending batch cannot be observed by them.
+PURE = (Copy, BinOp, UnOp, Ext, Cmp, AddrOf, SlotAddr)
+
+
+class ParavirtError(Exception):
+    """An internal invariant broke: a sensitive operation survived the pass."""
+
+
+def paravirtualize(module: Module) -> Module:
+    """Rewrite `module` in place for the PV target and return it."""
+    for fn in module.functions:
+        _Rewriter(fn).run()
+    module.target = "pv"
+    for fn in module.functions:
+        for ins in fn.instructions():
+            if isinstance(ins, MachineOp) and INTRINSICS[ins.op].sensitive:
+                raise ParavirtError(f"{fn.name}: {ins.op} was not rewritten")
+    return module
+
+
+def is_queued(ins: Instr) -> bool:
+    return isinstance(ins, MachineOp) and ins.op in QUEUED
+
+
+def observes(ins: Instr) -> bool:
+    """Could `ins` see whether queued operations have run yet?  (docs/abi.md, flush points)"""
+    return not (isinstance(ins, PURE) or is_queued(ins) or isinstance(ins, (Jump, Branch)))
+
+
+def pending_at_entry(fn: Function) -> dict[str, bool]:
+    """Forward may-analysis: can the multicall queue be non-empty on entry to each block?"""
+    preds: dict[str, list[str]] = {b.label: [] for b in fn.blocks}
+    for b in fn.blocks:
+        for s in b.successors():
+            preds[s].append(b.label)
+    out = {b.label: False for b in fn.blocks}
+    entry = {b.label: False for b in fn.blocks}
+    changed = True
+    while changed:
+        changed = False
+        for b in fn.blocks:
+            state = any(out[p] for p in preds[b.label])
+            entry[b.label] = state
+            for ins in b.instrs:
+                if is_queued(ins):
+                    state = True
+                elif observes(ins):
+                    state = False
+            if state != out[b.label]:
+                out[b.label] = state
+                changed = True
+    return entry
+
+
+@dataclass
+class _Rewriter:
+    fn: Function
+    blocks: list[Block] = field(default_factory=list)
+    cur: Block | None = None
+    labels: set[str] = field(default_factory=set)
+    loc: Loc | None = None
+    next_site: int = 0
+
+    def run(self) -> None:
+        self.labels = {b.label for b in self.fn.blocks}
+        entry_state = pending_at_entry(self.fn)
+        for block in self.fn.blocks:
+            self.cur = Block(block.label, [])
+            self.blocks.append(self.cur)
+            pending = entry_state[block.label]
+            for ins in block.instrs:
+                self.loc = ins.loc
+                if observes(ins) and pending:
+                    self.flush()
+                    pending = False
+                if isinstance(ins, MachineOp) and INTRINSICS[ins.op].sensitive:
+                    self.rewrite(ins)
+                    pending = pending or ins.op in QUEUED
+                else:
+                    self.emit(ins)
+            self.loc = block.term.loc if block.term else None
+            if observes(block.term) and pending:
+                self.flush()
+            self.cur.term = self.rewrite_terminator(block.term)
+        self.fn.blocks = self.blocks
+
+    # -- building blocks ---------------------------------------------------
+    def emit(self, ins: Instr) -> Instr:
+        if ins.loc is None:
+            ins.loc = self.loc
+        self.cur.instrs.append(ins)
+        return ins
+
+    def tmp(self) -> VReg:
+        return self.fn.new_vreg()
+
+    def label(self, hint: str) -> str:
+        n = len(self.labels)
+        while f".pv.{hint}{n}" in self.labels:
+            n += 1
+        name = f".pv.{hint}{n}"
+        self.labels.add(name)
+        return name
+
+    def when(self, cond: Operand, body: list[Instr], hint: str) -> None:
+        """if cond != 0 { body }: splits the current block; the new blocks follow it."""
+        then, cont = self.label(hint), self.label("cont")
+        self.cur.term = Branch(cond, then, cont, loc=self.loc)
+        then_block = Block(then, [], Jump(cont, loc=self.loc))
+        self.blocks.append(then_block)
+        self.cur = then_block
+        for ins in body:
+            self.emit(ins)
+        self.cur = Block(cont, [])
+        self.blocks.append(self.cur)
+
+    def hypercall(self, nr: int, args: list[Operand] = (), dst: VReg | None = None) -> Hypercall:
+        return Hypercall(dst, nr, list(args), loc=self.loc)
+
+    def load(self, offset: int, size: int) -> VReg:
+        dst = self.tmp()
+        self.emit(Load(dst, S, offset, size))
+        return dst
+
+    def op(self, name: str, a: Operand, b: Operand) -> VReg:
+        dst = self.tmp()
+        self.emit(BinOp(name, dst, a, b))
+        return dst
+
+    # -- flushing the multicall queue -------------------------------------------
+    def flush(self) -> None:
+        """if (queue count != 0) multicall();"""
+        count = self.load(abi.SH_MC_COUNT, 4)
+        self.when(count, [self.hypercall(abi.HC_MULTICALL)], "flush")
+
+    def enqueue(self, nr: int, args: list[Operand]) -> None:
+        count = self.load(abi.SH_MC_COUNT, 4)
+        full = self.tmp()
+        self.emit(Cmp("uge", full, count, abi.MC_MAX))
+        self.when(full, [self.hypercall(abi.HC_MULTICALL), Copy(count, 0, loc=self.loc)], "full")
+        entry = self.op("add", self.op("mul", count, abi.MC_ENTRY_SIZE), S + abi.SH_MC_ENTRIES)
+        for k, value in enumerate([nr, *args, *[0] * (3 - len(args))]):
+            self.emit(Store(entry, 8 * k, value, 8))
+        self.emit(Store(S, abi.SH_MC_COUNT, self.op("add", count, 1), 4))
+
+    # -- the rewrites -------------------------------------------------------------
+    def rewrite(self, ins: MachineOp) -> None:
+        site = self.next_site
+        self.next_site += 1
+        begin = self.emit(SiteBegin(site, ins.op, ""))
+        begin.becomes = self.replace(ins)
+        self.emit(SiteEnd(site))
+
+    def replace(self, ins: MachineOp) -> str:
+        """Emit the paravirtual form of `ins`; return what it became, in words."""
+        op, args, dst = ins.op, ins.args, ins.dst
+        if op in QUEUED:
+            self.enqueue(QUEUED[op], self.queued_args(op, args))
+            return f"multicall queue entry: {abi.HYPERCALL_NAMES[QUEUED[op]]} (batched)"
+        if op == "cli":
+            self.emit(Store(S, abi.SH_UPCALL_MASK, 1, 1))
+            return "shared-page store: upcall_mask = 1 (no exit)"
+        if op == "sti":
+            self.set_mask_and_check(0, enabling=1)
+            return "shared-page store: upcall_mask = 0; event_check only if pending"
+        if op == "restore_flags":
+            enabled = self.op("and", self.op("shr", args[0], IF_BIT), 1)
+            self.set_mask_and_check(self.op("xor", enabled, 1), enabling=enabled)
+            return "shared-page store: upcall_mask = !IF; event_check only if pending"
+        if op == "save_flags":
+            enabled = self.op("xor", self.load(abi.SH_UPCALL_MASK, 1), 1)
+            self.emit(BinOp("or", dst, self.op("shl", enabled, IF_BIT), 2))
+            return "shared-page load: IF = !upcall_mask (no exit)"
+        if op in CR_FIELD:
+            self.emit(Load(dst, S, CR_FIELD[op], 8))
+            return "shared-page load: virtual " + op[5:] + " (no exit)"
+        if op in DT_FIELD:
+            for offset, size in ((0, 8), (8, 2)):
+                self.emit(Store(args[0], offset, self.load(DT_FIELD[op] + offset, size), size))
+            return f"shared-page copy: virtual {op[1:].upper()}R (no exit)"
+        if op in ("inb", "inw", "inl"):
+            self.emit(self.hypercall(abi.HC_IO_IN, [args[0], PORT_SIZE[op]], dst))
+            return "hypercall io_in"
+        if op in ("write_cr0", "write_cr4"):
+            self.emit(self.hypercall(abi.HC_WRITE_CR, [int(op[-1]), args[0]]))
+            return "hypercall write_cr"
+        if op == "rdmsr":
+            self.emit(self.hypercall(abi.HC_RDMSR, args))
+            self.emit(Load(dst, S, abi.SH_HC_VALUE, 8))
+            return "hypercall rdmsr"
+        nr = SIMPLE_HYPERCALLS[op]
+        self.emit(self.hypercall(nr, args, dst))
+        return f"hypercall {abi.HYPERCALL_NAMES[nr]}"
+
+    @staticmethod
+    def queued_args(op: str, args: list[Operand]) -> list[Operand]:
+        if op in PORT_SIZE:
+            return [args[0], PORT_SIZE[op], args[1]]
+        return list(args)
+
+    def set_mask_and_check(self, mask: Operand, enabling: Operand) -> None:
+        """Store the mask; if that enabled interrupts and an event waits, make the one exit."""
+        self.emit(Store(S, abi.SH_UPCALL_MASK, mask, 1))
+        pending = self.load(abi.SH_UPCALL_PENDING, 1)
+        deliver = pending if isinstance(enabling, int) else self.op("and", pending, enabling)
+        self.when(deliver, [self.hypercall(abi.HC_EVENT_CHECK)], "event")
+
+    def rewrite_terminator(self, term: Instr) -> Instr:
+        if isinstance(term, IRet):
+            return IRet(abi.HC_IRET, loc=term.loc)
+        return term

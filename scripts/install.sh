@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install pvtool and what its tests need: the Python package (editable) with
+# its test extras, and qemu-system-x86 from apt when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install --quiet --disable-pip-version-check -e ".[test]"
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends qemu-system-x86 >/dev/null
+fi
