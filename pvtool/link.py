@@ -1,0 +1,322 @@
+"""The linker: places object code and data at final addresses and resolves relocations.
+
+Input is the back end's `ObjectCode`; output is an `Image`, a finished,
+file-format-free picture of the guest's memory (sections with addresses and
+bytes, symbols, line rows, sensitive sites, ELF notes, entry points) that
+`pvtool.elf.write` turns into an ELF file.
+
+Layout, from abi.LOAD_BASE up, each group starting on a fresh page so the
+ELF writer can give it its own W^X segment:
+
+    .text    [pv: __hypercall_page, 4 KiB of int3]  boot code  functions   R-X
+    .rodata  boot GDT, string literals; then the note sections             R
+    .data    initialised globals                                           RW
+    .bss     boot page tables + boot stack | __bss_start  globals  __bss_end
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from . import abi, boot, dwarf
+from .intrinsics import OP_NUMBERS
+from .ir import Data
+from .obj import ABS32, ABS32S, ABS64, PC32, FunctionCode, ObjectCode
+
+PAGE = abi.PAGE_SIZE
+FILL = 0xCC                      # int3 between functions and in the hypercall page
+HYPERCALL_PAGE = "__hypercall_page"
+
+
+class LinkError(Exception):
+    """A one-line, user-facing link failure (undefined symbol, value out of range, ...)."""
+
+
+@dataclass
+class Section:
+    name: str
+    addr: int
+    data: bytes          # file contents; empty for nobits
+    size: int            # bytes in memory
+    kind: str            # 'progbits', 'nobits' or 'note'
+    perm: str            # 'rx', 'r' or 'rw'
+    align: int
+
+
+@dataclass
+class Symbol:
+    name: str
+    addr: int
+    size: int
+    kind: str            # 'func', 'object' or 'notype'
+    section: str
+
+
+@dataclass
+class Note:
+    owner: str
+    type: int
+    desc: bytes
+
+
+@dataclass
+class Image:
+    """A linked guest: everything at its final address, ready for `pvtool.elf.write`."""
+    name: str
+    target: str
+    entry: int                       # _start, 64-bit
+    entry32: int | None              # _start32, the PVH entry (native only)
+    hypercall_page: int | None       # pv only
+    sections: list[Section]          # allocated sections in address order
+    symbols: list[Symbol]
+    files: list[str]
+    lines: list[dwarf.Row] = field(default_factory=list)
+    funcs: list[dwarf.Func] = field(default_factory=list)   # source functions, for .debug_info
+    sites: list[abi.Site] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
+
+    def section(self, name: str) -> Section:
+        return next(s for s in self.sections if s.name == name)
+
+    def symbol(self, name: str) -> Symbol:
+        return next(s for s in self.symbols if s.name == name)
+
+    @property
+    def end(self) -> int:
+        return max(s.addr + s.size for s in self.sections)
+
+
+def align_up(n: int, a: int) -> int:
+    return (n + a - 1) & -a
+
+
+def _check_align(what: str, a: int) -> None:
+    if a < 1 or a & (a - 1):
+        raise LinkError(f"{what}: alignment {a} is not a power of two")
+
+
+@dataclass
+class _Placed:
+    """An item with its address, before its bytes are patched."""
+    name: str
+    addr: int
+    size: int
+    code: FunctionCode | None = None
+    data: Data | None = None
+
+
+def _place(items: list[FunctionCode | Data], start: int) -> tuple[list[_Placed], int]:
+    placed, addr = [], start
+    for it in items:
+        _check_align(it.name, it.align)
+        addr = align_up(addr, it.align)
+        if isinstance(it, FunctionCode):
+            placed.append(_Placed(it.name, addr, len(it.code), code=it))
+        else:
+            placed.append(_Placed(it.name, addr, it.size, data=it))
+        addr += placed[-1].size
+    return placed, addr
+
+
+def _check_data(d: Data) -> None:
+    if d.section not in ("rodata", "data", "bss"):
+        raise LinkError(f"data '{d.name}': unknown section '{d.section}'")
+    if d.section == "bss" and (d.init or d.relocs):
+        raise LinkError(f"data '{d.name}': .bss object has an initialiser")
+    if d.section != "bss" and len(d.init) != d.size:
+        raise LinkError(f"data '{d.name}': initialiser is {len(d.init)} bytes, size is {d.size}")
+
+
+# -- relocations ------------------------------------------------------------------
+
+_FIELD = {PC32: ("<i", 4), ABS32: ("<I", 4), ABS32S: ("<i", 4), ABS64: ("<Q", 8)}
+
+
+def _patch(buf: bytearray, where: str, base: int, off: int, kind: str, symbol: str,
+           addend: int, symbols: dict[str, int]) -> None:
+    if kind not in _FIELD:
+        raise LinkError(f"{where}: unknown relocation kind '{kind}'")
+    fmt, width = _FIELD[kind]
+    if off < 0 or off + width > len(buf):
+        raise LinkError(f"{where}: {kind} relocation at offset {off:#x} is outside the object")
+    if symbol not in symbols:
+        raise LinkError(f"undefined symbol '{symbol}' (referenced from {where})")
+    value = symbols[symbol] + addend - (base + off if kind == PC32 else 0)
+    try:
+        struct.pack_into(fmt, buf, off, value)
+    except struct.error:
+        raise LinkError(f"{where}+{off:#x}: {kind} relocation to '{symbol}' out of range ({value:#x})") from None
+
+
+def _function_bytes(p: _Placed, symbols: dict[str, int]) -> bytes:
+    buf = bytearray(p.code.code)
+    for r in p.code.relocs:
+        _patch(buf, p.name, p.addr, r.offset, r.kind, r.symbol, r.addend, symbols)
+    return bytes(buf)
+
+
+def _data_bytes(p: _Placed, symbols: dict[str, int]) -> bytes:
+    buf = bytearray(p.data.init)
+    for r in p.data.relocs:
+        _patch(buf, p.name, p.addr, r.offset, ABS64, r.symbol, r.addend, symbols)
+    return bytes(buf)
+
+
+def _concat(placed: list[_Placed], start: int, end: int, render, fill: int) -> bytes:
+    out = bytearray([fill]) * (end - start)
+    for p in placed:
+        out[p.addr - start:p.addr - start + p.size] = render(p)
+    return bytes(out)
+
+
+# -- notes ------------------------------------------------------------------------
+
+def encode_note(n: Note) -> bytes:
+    """One ELF note: namesz, descsz, type, then name and desc, each padded to 4 bytes."""
+    name = n.owner.encode() + b"\0"
+    pad = lambda b: b + b"\0" * (-len(b) % 4)
+    return struct.pack("<III", len(name), len(n.desc), n.type) + pad(name) + pad(n.desc)
+
+
+def _pvtool_notes(obj: ObjectCode, hypercall_page: int | None) -> list[Note]:
+    u32 = lambda v: struct.pack("<I", v)
+    pv = obj.target == "pv"
+    notes = [Note(abi.NOTE_OWNER, abi.NOTE_ABI_VERSION, u32(abi.ABI_VERSION)),
+             Note(abi.NOTE_OWNER, abi.NOTE_MODE, u32(abi.MODE_PV if pv else abi.MODE_NATIVE)),
+             Note(abi.NOTE_OWNER, abi.NOTE_FEATURES,
+                  u32(abi.FEATURE_MULTICALL | abi.FEATURE_EVENTS if pv else 0)),
+             Note(abi.NOTE_OWNER, abi.NOTE_GUEST_NAME, obj.name.encode() + b"\0")]
+    if pv:
+        notes.append(Note(abi.NOTE_OWNER, abi.NOTE_HYPERCALL_PAGE, struct.pack("<Q", hypercall_page)))
+    return notes
+
+
+def _note_sections(groups: list[tuple[str, list[Note]]], start: int) -> tuple[list[Section], int]:
+    sections, addr = [], start
+    for name, notes in groups:
+        addr = align_up(addr, 4)
+        blob = b"".join(encode_note(n) for n in notes)
+        sections.append(Section(name, addr, blob, len(blob), "note", "r", 4))
+        addr += len(blob)
+    return sections, addr
+
+
+# -- debug rows and sites ----------------------------------------------------------
+
+def _file_list(obj: ObjectCode) -> list[str]:
+    files = list(obj.files)
+    for f in obj.functions:
+        for loc in [f.loc] + [r.loc for r in f.lines] + [s.loc for s in f.sites]:
+            if loc is not None and loc.file not in files:
+                files.append(loc.file)
+    return files
+
+
+def _lines(text: list[_Placed]) -> list[dwarf.Row]:
+    rows: list[dwarf.Row] = []
+    for p in text:
+        fn = p.code
+        for r in fn.lines:
+            if not 0 <= r.offset <= p.size:
+                raise LinkError(f"{p.name}: line row at offset {r.offset:#x} is outside the function")
+        if rows and not any(r.offset == 0 for r in fn.lines):
+            # Line 0 = "no source": keeps this code from being charged to the previous function.
+            rows.append(dwarf.Row(p.addr, rows[-1].file, 0))
+        rows += [dwarf.Row(p.addr + r.offset, r.loc.file, r.loc.line, r.loc.col)
+                 for r in sorted(fn.lines, key=lambda r: r.offset)]
+    return rows
+
+
+def _sites(text: list[_Placed], target: str) -> list[abi.Site]:
+    sites = []
+    for p in text:
+        for s in p.code.sites:
+            if s.op not in OP_NUMBERS:
+                raise LinkError(f"{p.name}: unknown operation '{s.op}' in site table")
+            if s.offset < 0 or s.length < 0 or s.offset + s.length > p.size:
+                raise LinkError(f"{p.name}: site at offset {s.offset:#x} is outside the function")
+            sites.append(abi.Site(p.addr + s.offset, s.length, OP_NUMBERS[s.op],
+                                  target == "pv" and s.becomes != "",
+                                  s.loc.file if s.loc else "", s.loc.line if s.loc else 0, s.becomes))
+    return sorted(sites, key=lambda s: s.address)
+
+
+# -- the linker -------------------------------------------------------------------
+
+@dataclass
+class _Symbols:
+    """Name -> address for relocation, plus the symbol table entries."""
+    addr: dict[str, int] = field(default_factory=dict)
+    table: list[Symbol] = field(default_factory=list)
+
+    def define(self, name: str, addr: int, size: int, kind: str, section: str) -> None:
+        if name in self.addr:
+            raise LinkError(f"duplicate symbol '{name}'")
+        self.addr[name] = addr
+        self.table.append(Symbol(name, addr, size, kind, section))
+
+    def define_all(self, placed: list[_Placed], kind: str, section: str) -> None:
+        for p in placed:
+            self.define(p.name, p.addr, p.size, kind, section)
+
+
+def _max_align(placed: list[_Placed]) -> int:
+    return max([1] + [(p.code or p.data).align for p in placed])
+
+
+def _section(name: str, placed: list[_Placed], start: int, end: int, perm: str,
+             render, fill: int = 0) -> Section:
+    blob = _concat(placed, start, end, render, fill)
+    return Section(name, start, blob, end - start, "progbits", perm, _max_align(placed))
+
+
+def link(obj: ObjectCode) -> Image:
+    """Place `obj` (plus boot code) from abi.LOAD_BASE on and resolve every relocation."""
+    if obj.target not in ("native", "pv"):
+        raise LinkError(f"unknown target '{obj.target}' (expected 'native' or 'pv')")
+    for d in obj.data:
+        _check_data(d)
+    bc = boot.boot_code(obj.target)
+    in_section = lambda s: [d for d in obj.data if d.section == s]
+    page = [FunctionCode(HYPERCALL_PAGE, bytes([FILL]) * PAGE, align=PAGE)] if obj.target == "pv" else []
+    syms = _Symbols()
+
+    text, text_end = _place(page + bc.functions + obj.functions, abi.LOAD_BASE)
+    rodata_start = align_up(text_end, PAGE)
+    rodata, rodata_end = _place(bc.rodata + in_section("rodata"), rodata_start)
+    syms.define_all(text, "func", ".text")
+    syms.define_all(rodata, "object", ".rodata")
+
+    # The notes need final addresses of text symbols, which are known by now.
+    hc_page = syms.addr.get(HYPERCALL_PAGE)
+    groups = [(".note.pvtool", _pvtool_notes(obj, hc_page))]
+    if obj.target == "native":
+        entry32 = struct.pack("<I", syms.addr["_start32"])
+        groups.append((".note.xen", [Note(abi.XEN_NOTE_OWNER, abi.XEN_ELFNOTE_PHYS32_ENTRY, entry32)]))
+    notes, notes_end = _note_sections(groups, rodata_end)
+
+    data_start = align_up(notes_end, PAGE)
+    data, data_end = _place(in_section("data"), data_start)
+    scratch, scratch_end = _place(bc.scratch, data_end)
+    bss, bss_end = _place(in_section("bss"), scratch_end)
+    syms.define_all(data, "object", ".data")
+    syms.define_all(scratch + bss, "object", ".bss")
+    syms.define("__bss_start", scratch_end, 0, "notype", ".bss")
+    syms.define("__bss_end", bss_end, 0, "notype", ".bss")
+
+    code = lambda p: _function_bytes(p, syms.addr)
+    init = lambda p: _data_bytes(p, syms.addr)
+    bss_start = scratch[0].addr
+    sections = [_section(".text", text, abi.LOAD_BASE, text_end, "rx", code, FILL),
+                _section(".rodata", rodata, rodata_start, rodata_end, "r", init),
+                *notes,
+                _section(".data", data, data_start, data_end, "rw", init),
+                Section(".bss", bss_start, b"", bss_end - bss_start, "nobits", "rw", _max_align(scratch + bss))]
+    return Image(
+        name=obj.name, target=obj.target, entry=syms.addr["_start"],
+        entry32=syms.addr.get("_start32"), hypercall_page=hc_page,
+        sections=sections, symbols=syms.table, files=_file_list(obj),
+        lines=_lines(text), sites=_sites(text, obj.target),
+        funcs=[dwarf.Func(p.name, p.addr, p.addr + p.size, p.code.loc.file, p.code.loc.line)
+               for p in text if p.code.loc is not None],
+        notes=[n for _, group in groups for n in group])
