@@ -1,0 +1,761 @@
+"""Code generation: IR functions to x86-64 object code.
+
+For each function: `isel.select` fuses patterns, `regalloc.allocate`
+gives every vreg a register or a spill slot, `frame.layout` places slots
+and saved registers, and `FunctionGen` walks the blocks in order, emitting
+through `encode.Asm` and recording line rows and site rows.
+
+Conventions inside a function body:
+* rax and r11 are scratch, never allocated: emitters use them to reach
+  spilled values, immediates that need a register and fixed-register
+  instruction sequences.  Every other register but rsp and rbp is
+  allocatable; values live across a call get callee-saved registers.
+* Flags never live across an emitter, except cmp -> jcc in `CmpBranch`,
+  which emits nothing between the two.
+
+Public: `generate(module) -> obj.ObjectCode`.
+"""
+from __future__ import annotations
+
+from .. import abi, ir, obj
+from ..diagnostics import CompileError
+from ..intrinsics import INTRINSICS
+from . import isel
+from .encode import (Asm, EncodeError, Mem, Reg, fits_s32, RAX, RBX, RCX, RDX, RSP, RBP,
+                     RSI, RDI, R8, R9, R10, R11, R12, R13, R14, R15)
+from .frame import FrameError, layout
+from .isel import CmpBranch, MLoad, MStore
+from .regalloc import allocate
+
+ARG_REGS = (RDI, RSI, RDX, RCX, R8, R9)
+HYPERCALL_REGS = (RDI, RSI, RDX, R10, R8)
+CALLEE_SAVED = (RBX, R12, R13, R14, R15)
+# Allocation preference: caller-saved first (free to use), rcx/rdx last of
+# those (shifts, division and port I/O want them), then callee-saved.
+ALLOCATABLE = [RSI, RDI, R8, R9, R10, RCX, RDX, RBX, R12, R13, R14, R15]
+SCRATCH = (RAX, R11)
+# Everything a call may destroy; an interrupt handler that calls saves all of it.
+CALL_CLOBBERED = (RAX, RCX, RDX, RSI, RDI, R8, R9, R10, R11)
+
+SWTCH = "__pvk_swtch"
+HYPERCALL_PAGE = "__hypercall_page"
+
+CC = {"eq": "e", "ne": "ne", "ult": "b", "ule": "be", "ugt": "a", "uge": "ae",
+      "slt": "l", "sle": "le", "sgt": "g", "sge": "ge"}
+SWAPPED = {"eq": "eq", "ne": "ne", "ult": "ugt", "ule": "uge", "ugt": "ult", "uge": "ule",
+           "slt": "sgt", "sle": "sge", "sgt": "slt", "sge": "sle"}
+INVERSE = {"e": "ne", "ne": "e", "b": "ae", "ae": "b", "be": "a", "a": "be",
+           "l": "ge", "ge": "l", "le": "g", "g": "le"}
+COMMUTATIVE = ("add", "mul", "and", "or", "xor")
+
+
+class CodegenError(CompileError):
+    """A function the back end cannot compile; the message names it."""
+
+
+def signed64(v: int) -> int:
+    v %= 1 << 64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def generate(module: ir.Module, registers: list[Reg] | None = None) -> obj.ObjectCode:
+    """Compile every function of `module`; data and files pass through.
+    `registers` narrows the allocatable set (tests use it to force spills)."""
+    functions, need_swtch = [], False
+    for fn in module.functions:
+        try:
+            functions.append(FunctionGen(fn, registers).run())
+        except (isel.SelectError, FrameError, EncodeError) as e:
+            raise CodegenError(fn.loc, f"{fn.name}: {e}") from None
+        need_swtch |= any(isinstance(i, ir.MachineOp) and i.op == "swtch" for i in fn.instructions())
+    if need_swtch:
+        functions.append(swtch_helper())
+    return obj.ObjectCode(functions, module.data, module.files, target=module.target)
+
+
+def swtch_helper() -> obj.FunctionCode:
+    """__pvk_swtch(old: *u64 in rdi, new: u64 in rsi).
+
+    Pushes the callee-saved registers, stores rsp to *old, switches to
+    `new` and pops the other task's registers.  A new task's stack, from
+    `new` upwards, therefore holds 6 qwords (r15, r14, r13, r12, rbx, rbp:
+    zeros will do) and then the address where it starts; make `new` 16-byte
+    aligned so the entry function sees rsp = 8 (mod 16) as after a call.
+    The entry function must never return."""
+    a = Asm()
+    order = (RBP, RBX, R12, R13, R14, R15)
+    for r in order:
+        a.push(r)
+    a.mov(Mem(RDI), RSP)
+    a.mov(RSP, RSI)
+    for r in reversed(order):
+        a.pop(r)
+    a.ret()
+    return obj.FunctionCode(SWTCH, a.finish(), a.relocs)
+
+
+class FunctionGen:
+    def __init__(self, fn: ir.Function, registers: list[Reg] | None = None) -> None:
+        self.fn = fn
+        self.registers = ALLOCATABLE if registers is None else [r for r in ALLOCATABLE if r in registers]
+        self.a = Asm()
+        self.lines: list[obj.LineRow] = []
+        self.sites: list[obj.SiteRow] = []
+        self.open_sites: dict[int, tuple[int, ir.SiteBegin]] = {}
+
+    # -- driver -------------------------------------------------------------
+
+    def run(self) -> obj.FunctionCode:
+        fn = self.fn
+        self.check()
+        self.blocks = isel.select(fn)
+        self.alloc = allocate(self.blocks, fn.params, self.registers, isel.clobbers, self.hints())
+        self.frame = layout(self.saved_registers(), fn.slots, self.alloc.spill_slots)
+        self.mark(fn.loc)
+        self.prologue()
+        for k, b in enumerate(self.blocks):
+            self.next_label = self.blocks[k + 1].label if k + 1 < len(self.blocks) else None
+            self.a.label(self.label(b.label))
+            for ins in b.instrs:
+                self.mark(ins.loc)
+                self.instr(ins)
+            self.mark(b.term.loc)
+            self.terminator(b.term)
+        if self.open_sites:
+            raise CodegenError(fn.loc, f"{fn.name}: SiteBegin without SiteEnd")
+        code = self.a.finish()
+        return obj.FunctionCode(fn.name, code, self.a.relocs, self.lines, self.sites, loc=fn.loc)
+
+    def check(self) -> None:
+        fn = self.fn
+        if not fn.blocks:
+            raise CodegenError(fn.loc, f"{fn.name}: function has no blocks")
+        if len(fn.params) > len(ARG_REGS):
+            raise CodegenError(fn.loc, f"{fn.name}: more than {len(ARG_REGS)} parameters")
+        if fn.interrupt and fn.params:
+            raise CodegenError(fn.loc, f"{fn.name}: an interrupt function takes no parameters")
+        for b in fn.blocks:
+            if isinstance(b.term, ir.IRet) and not fn.interrupt:
+                raise CodegenError(fn.loc, f"{fn.name}: IRet outside an interrupt function")
+            if isinstance(b.term, ir.Ret) and fn.interrupt:
+                raise CodegenError(fn.loc, f"{fn.name}: an interrupt function must end in IRet, not Ret")
+
+    def hints(self) -> dict:
+        """Preferred registers: parameters where they arrive, arguments where
+        the call wants them, copies where their source is."""
+        h: dict = {}
+        for p, r in zip(self.fn.params, ARG_REGS):
+            h.setdefault(p, []).append(r)
+        for b in self.blocks:
+            for ins in b.instrs:
+                regs = (ARG_REGS if isinstance(ins, ir.Call) else
+                        HYPERCALL_REGS if isinstance(ins, ir.Hypercall) else ())
+                for v, r in zip(ins.uses(), regs):
+                    if isinstance(v, ir.VReg):
+                        h.setdefault(v, []).append(r)
+                if isinstance(ins, ir.Copy) and isinstance(ins.src, ir.VReg):
+                    h.setdefault(ins.dst, []).append(ins.src)
+        return h
+
+    def all_instrs(self):
+        for b in self.blocks:
+            yield from b.instrs
+
+    def saved_registers(self) -> list[Reg]:
+        touched = set(self.alloc.used)
+        for ins in self.all_instrs():
+            touched |= isel.clobbers(ins)
+        if not self.fn.interrupt:
+            return [r for r in CALLEE_SAVED if r in touched]
+        # A handler preserves every register it touches, and everything a callee may.
+        touched |= set(SCRATCH)
+        if any(isel.is_call(i) for i in self.all_instrs()):
+            touched |= set(CALL_CLOBBERED)
+        return sorted(touched - {RSP, RBP}, key=lambda r: r.n)
+
+    # -- bookkeeping ----------------------------------------------------------
+
+    def label(self, name: str) -> str:
+        return ".L" + name
+
+    def mark(self, loc: ir.Loc | None) -> None:
+        """A line row whenever the source line changes."""
+        def same(row: obj.LineRow) -> bool:
+            return (row.loc.file, row.loc.line) == (loc.file, loc.line)
+        if loc is None or (self.lines and same(self.lines[-1])):
+            return
+        if self.lines and self.lines[-1].offset == self.a.offset:
+            self.lines.pop()                 # that line produced no code
+            if self.lines and same(self.lines[-1]):
+                return
+        self.lines.append(obj.LineRow(self.a.offset, loc))
+
+    def site(self, start: int, op: str, loc: ir.Loc | None, becomes: str = "") -> None:
+        self.sites.append(obj.SiteRow(start, self.a.offset - start, op, loc, becomes))
+
+    # -- operands -------------------------------------------------------------
+
+    def where(self, v: ir.Operand) -> Reg | Mem | int:
+        """The current location of an operand: register, spill slot or immediate."""
+        if isinstance(v, int):
+            return signed64(v)
+        h = self.alloc.home.get(v)
+        if h is None:       # never live: a dead definition or an undefined read
+            raise CodegenError(self.fn.loc, f"{self.fn.name}: {v!r} has no location")
+        return h if isinstance(h, Reg) else self.frame.spill(h)
+
+    def load_imm(self, r: Reg, v: int) -> None:
+        v = signed64(v)
+        if v == 0:
+            self.a.xor(r, r, size=4)
+        elif 0 < v < 1 << 32:
+            self.a.mov(r, v, size=4)        # zero-extends
+        else:
+            self.a.mov(r, v)                # sign-extended imm32, or movabs
+
+    def move(self, dst: Reg | Mem, src: Reg | Mem | int, scratch: Reg = R11) -> None:
+        """A 64-bit move between any two locations."""
+        if dst == src:
+            return
+        if isinstance(src, int):
+            if isinstance(dst, Reg):
+                self.load_imm(dst, src)
+            elif fits_s32(src):
+                self.a.mov(dst, src)
+            else:
+                self.load_imm(scratch, src)
+                self.a.mov(dst, scratch)
+        elif isinstance(dst, Mem) and isinstance(src, Mem):
+            self.a.mov(scratch, src)
+            self.a.mov(dst, scratch)
+        else:
+            self.a.mov(dst, src)
+
+    def reg(self, v: ir.Operand, scratch: Reg) -> Reg:
+        """The operand in a register: its own, or loaded into `scratch`."""
+        w = self.where(v)
+        if isinstance(w, Reg):
+            return w
+        self.move(scratch, w)
+        return scratch
+
+    def result(self, dst: ir.VReg | None, src: Reg) -> None:
+        if dst is not None and dst in self.alloc.home:
+            self.move(self.where(dst), src)
+
+    def target(self, dst: ir.VReg, scratch: Reg = R11) -> Reg:
+        """The register to compute `dst` in: its home, or `scratch` if spilled."""
+        w = self.where(dst)
+        return w if isinstance(w, Reg) else scratch
+
+    def parallel_move(self, moves: list[tuple[Reg | Mem, Reg | Mem | int]]) -> None:
+        """Perform moves that all read before any writes (r11 breaks cycles).
+        Memory never appears both as a source and as a destination."""
+        moves = [(d, s) for d, s in moves if d != s]
+        for d, s in moves:
+            if isinstance(d, Mem):
+                self.move(d, s)
+        pending = [(d, s) for d, s in moves if isinstance(d, Reg) and isinstance(s, Reg)]
+        while pending:
+            for k, (d, s) in enumerate(pending):
+                if all(s2 != d for _, s2 in pending):
+                    self.a.mov(d, s)
+                    del pending[k]
+                    break
+            else:   # only cycles left: park one destination's value in r11
+                d = pending[0][0]
+                self.a.mov(R11, d)
+                pending = [(d2, R11 if s2 == d else s2) for d2, s2 in pending]
+        for d, s in moves:
+            if isinstance(d, Reg) and not isinstance(s, Reg):
+                self.move(d, s)
+
+    def address(self, addr: isel.Addr) -> Mem:
+        """A memory operand for an Addr; may use r11 for the base."""
+        if addr.symbol is not None:
+            return Mem(symbol=addr.symbol, disp=addr.disp)
+        if addr.slot is not None:
+            if not 0 <= addr.slot < len(self.frame.slot_disp):
+                raise CodegenError(self.fn.loc, f"{self.fn.name}: no stack slot {addr.slot}")
+            return self.frame.slot(addr.slot, addr.disp)
+        if addr.reg is None:
+            v = signed64(addr.disp)
+            if fits_s32(v):
+                return Mem(None, v)
+            self.load_imm(R11, v)
+            return Mem(R11)
+        base = self.reg(addr.reg, R11)
+        if fits_s32(addr.disp):
+            return Mem(base, addr.disp)
+        if base != R11:
+            self.a.mov(R11, base)
+        self.load_imm(RAX, addr.disp)
+        self.a.add(R11, RAX)
+        return Mem(R11)
+
+    # -- prologue and epilogue ---------------------------------------------------
+
+    def prologue(self) -> None:
+        a, f = self.a, self.frame
+        a.push(RBP)
+        a.mov(RBP, RSP)
+        for r in f.saved:
+            a.push(r)
+        if f.size:
+            a.sub(RSP, f.size)
+        live = [(self.where(p), r) for p, r in zip(self.fn.params, ARG_REGS)
+                if p in self.alloc.home and self._live_param(p)]
+        self.parallel_move(live)
+
+    def _live_param(self, p: ir.VReg) -> bool:
+        return any(iv.vreg == p and iv.end > 0 for iv in self.alloc.intervals)
+
+    def epilogue(self) -> None:
+        a, f = self.a, self.frame
+        if f.size and f.saved:
+            a.lea(RSP, Mem(RBP, -f.saved_area))
+        elif f.size:
+            a.mov(RSP, RBP)
+        for r in reversed(f.saved):
+            a.pop(r)
+        a.pop(RBP)
+
+    # -- terminators ------------------------------------------------------------
+
+    def terminator(self, t: ir.Instr) -> None:
+        a = self.a
+        if isinstance(t, ir.Jump):
+            self.jump(t.target)
+        elif isinstance(t, ir.Branch):
+            c = self.where(t.cond)
+            if isinstance(c, int):
+                self.jump(t.then if c else t.else_)
+                return
+            if isinstance(c, Reg):
+                a.test(c, c)
+            else:
+                a.cmp(c, 0)
+            self.branch("ne", t.then, t.else_)
+        elif isinstance(t, CmpBranch):
+            self.branch(self.compare(t.op, t.a, t.b), t.then, t.else_)
+        elif isinstance(t, ir.Ret):
+            if t.value is not None:
+                self.move(RAX, self.where(t.value))
+            self.epilogue()
+            a.ret()
+        elif isinstance(t, ir.IRet):
+            self.epilogue()
+            start = a.offset
+            if t.hypercall is None:
+                a.iretq()
+                self.site(start, "iret", t.loc)
+            else:
+                a.jmp_symbol(HYPERCALL_PAGE, t.hypercall * abi.HYPERCALL_STRIDE)
+                name = abi.HYPERCALL_NAMES.get(t.hypercall, str(t.hypercall))
+                self.site(start, "iret", t.loc, f"hypercall {name}")
+        else:
+            raise CodegenError(self.fn.loc, f"{self.fn.name}: unknown terminator {t!r}")
+
+    def jump(self, target: str) -> None:
+        if target != self.next_label:
+            self.a.jmp(self.label(target))
+
+    def branch(self, cc: str, then: str, else_: str) -> None:
+        if then == self.next_label:
+            self.a.jcc(INVERSE[cc], self.label(else_))
+        else:
+            self.a.jcc(cc, self.label(then))
+            self.jump(else_)
+
+    def compare(self, op: str, a: ir.Operand, b: ir.Operand) -> str:
+        """Emit a 64-bit compare of a with b; return the condition code for `op`."""
+        if op not in CC:
+            raise CodegenError(self.fn.loc, f"{self.fn.name}: unknown comparison {op}")
+        A, B = self.where(a), self.where(b)
+        if isinstance(A, int):
+            if isinstance(B, int):
+                self.load_imm(R11, A)
+                A = R11
+            else:
+                A, B, op = B, A, SWAPPED[op]
+        if isinstance(A, Mem) and isinstance(B, Mem):
+            self.move(R11, A)
+            A = R11
+        if isinstance(B, int) and not fits_s32(B):
+            self.load_imm(RAX, B)
+            B = RAX
+        if B == 0 and isinstance(A, Reg):
+            self.a.test(A, A)
+        else:
+            self.a.cmp(A, B)
+        return CC[op]
+
+    # -- instructions ---------------------------------------------------------
+
+    def instr(self, ins: ir.Instr) -> None:
+        method = getattr(self, "i_" + type(ins).__name__, None)
+        if method is None:
+            raise CodegenError(self.fn.loc, f"{self.fn.name}: cannot compile {ins!r}")
+        method(ins)
+
+    def i_Copy(self, i: ir.Copy) -> None:
+        self.move(self.where(i.dst), self.where(i.src))
+
+    def i_BinOp(self, i: ir.BinOp) -> None:
+        if i.op in isel.DIVISIONS:
+            self.divide(i)
+        elif i.op in isel.SHIFTS:
+            self.shift(i)
+        elif i.op in ("add", "sub", "and", "or", "xor", "mul"):
+            self.arith(i.op, i.dst, i.a, i.b)
+        else:
+            raise CodegenError(self.fn.loc, f"{self.fn.name}: unknown binary operator {i.op}")
+
+    def arith(self, op: str, dst: ir.VReg, a: ir.Operand, b: ir.Operand) -> None:
+        D, A, B = self.where(dst), self.where(a), self.where(b)
+        if B == D and A != D and op in COMMUTATIVE:
+            A, B = B, A
+        if isinstance(D, Mem) and A == D and op != "mul" and (isinstance(B, Reg) or (isinstance(B, int) and fits_s32(B))):
+            self.apply(op, D, B)                      # x = x op y on a spilled x
+            return
+        if isinstance(D, Reg) and op in ("add", "sub") and isinstance(A, Reg) and isinstance(B, int) \
+                and A != D and fits_s32(-B if op == "sub" else B):
+            self.a.lea(D, Mem(A, B if op == "add" else -B))
+            return
+        if op == "mul" and isinstance(B, int) and fits_s32(B) and not isinstance(A, int):
+            R = self.target(dst)
+            self.a.imul(R, A, B)                      # three-operand form
+            self.move(D, R)
+            return
+        R = D if isinstance(D, Reg) and (B != D or A == D) else R11
+        self.move(R, A)
+        self.apply(op, R, B)
+        self.move(D, R)
+
+    def apply(self, op: str, R: Reg | Mem, B: Reg | Mem | int) -> None:
+        """R = R op B."""
+        if isinstance(B, int) and not fits_s32(B):
+            scratch = RAX if R == R11 else R11
+            self.load_imm(scratch, B)
+            B = scratch
+        if op == "mul":
+            if isinstance(B, int):
+                self.a.imul(R, R, B)
+            else:
+                self.a.imul(R, B)
+            return
+        getattr(self.a, {"and": "and_", "or": "or_"}.get(op, op))(R, B)
+
+    def shift(self, i: ir.BinOp) -> None:
+        emit = getattr(self.a, i.op)
+        if isinstance(i.b, int):
+            D, A = self.where(i.dst), self.where(i.a)
+            R = self.target(i.dst)
+            self.move(R, A)
+            if i.b % 64:
+                emit(R, i.b % 64)
+            self.move(D, R)
+            return
+        self.move(R11, self.where(i.a))
+        self.move(RCX, self.where(i.b))
+        emit(R11, RCX)
+        self.result(i.dst, R11)
+
+    def divide(self, i: ir.BinOp) -> None:
+        self.move(RAX, self.where(i.a))
+        B = self.where(i.b)
+        if isinstance(B, int) or B == RDX:
+            self.move(R11, B)
+            B = R11
+        signed = i.op in ("sdiv", "srem")
+        if signed:
+            self.a.cqo()
+        else:
+            self.a.xor(RDX, RDX, size=4)
+        (self.a.idiv if signed else self.a.div)(B)
+        self.result(i.dst, RAX if i.op in ("udiv", "sdiv") else RDX)
+
+    def i_UnOp(self, i: ir.UnOp) -> None:
+        emit = {"neg": self.a.neg, "not": self.a.not_}.get(i.op)
+        if emit is None:
+            raise CodegenError(self.fn.loc, f"{self.fn.name}: unknown unary operator {i.op}")
+        D, A = self.where(i.dst), self.where(i.a)
+        if isinstance(D, Mem) and A == D:
+            emit(D)
+            return
+        R = self.target(i.dst)
+        self.move(R, A)
+        emit(R)
+        self.move(D, R)
+
+    def i_Ext(self, i: ir.Ext) -> None:
+        if i.bits not in (8, 16, 32):
+            raise CodegenError(self.fn.loc, f"{self.fn.name}: cannot extend from {i.bits} bits")
+        A = self.where(i.src)
+        if isinstance(A, int):
+            v = A % (1 << i.bits)
+            if i.signed and v >> (i.bits - 1):
+                v -= 1 << i.bits
+            self.move(self.where(i.dst), v)
+            return
+        R = self.target(i.dst)
+        self.extend(R, A, i.bits // 8, i.signed)
+        self.result(i.dst, R)
+
+    def extend(self, R: Reg, src: Reg | Mem, size: int, signed: bool) -> None:
+        """R = the low `size` bytes of src, zero- or sign-extended to 64 bits."""
+        a = self.a
+        if size == 8:
+            a.mov(R, src)
+        elif size == 4:
+            if signed:
+                a.movsxd(R, src)
+            else:
+                a.mov(R, src, size=4)
+        elif signed:
+            a.movsx(R, src, size)
+        else:
+            a.movzx(R, src, size)
+
+    def i_Cmp(self, i: ir.Cmp) -> None:
+        cc = self.compare(i.op, i.a, i.b)
+        R = self.target(i.dst)
+        self.a.setcc(cc, R)
+        self.a.movzx(R, R, 1)
+        self.result(i.dst, R)
+
+    def i_MLoad(self, i: MLoad) -> None:
+        if i.size not in (1, 2, 4, 8):
+            raise CodegenError(self.fn.loc, f"{self.fn.name}: load of {i.size} bytes")
+        m = self.address(i.addr)
+        R = self.target(i.dst, RAX)
+        self.extend(R, m, i.size, i.signed)
+        self.result(i.dst, R)
+
+    def i_MStore(self, i: MStore) -> None:
+        if i.size not in (1, 2, 4, 8):
+            raise CodegenError(self.fn.loc, f"{self.fn.name}: store of {i.size} bytes")
+        m = self.address(i.addr)
+        V = self.where(i.value)
+        if isinstance(V, int):
+            if i.size < 8:
+                V %= 1 << (8 * i.size)
+            elif not fits_s32(V):
+                self.load_imm(RAX, V)
+                V = RAX
+        elif isinstance(V, Mem):
+            self.a.mov(RAX, V)
+            V = RAX
+        self.a.mov(m, V, size=i.size)
+
+    def i_AddrOf(self, i: ir.AddrOf) -> None:
+        R = self.target(i.dst)
+        self.a.lea(R, Mem(symbol=i.symbol, disp=i.offset))
+        self.result(i.dst, R)
+
+    def i_SlotAddr(self, i: ir.SlotAddr) -> None:
+        if not 0 <= i.slot < len(self.frame.slot_disp):
+            raise CodegenError(self.fn.loc, f"{self.fn.name}: no stack slot {i.slot}")
+        R = self.target(i.dst)
+        self.a.lea(R, self.frame.slot(i.slot, i.offset))
+        self.result(i.dst, R)
+
+    def call_args(self, args: list[ir.Operand], regs: tuple[Reg, ...], what: str) -> None:
+        if len(args) > len(regs):
+            raise CodegenError(self.fn.loc, f"{self.fn.name}: {what} with more than {len(regs)} arguments")
+        self.parallel_move([(r, self.where(v)) for v, r in zip(args, regs)])
+
+    def i_Call(self, i: ir.Call) -> None:
+        self.call_args(i.args, ARG_REGS, f"call of {i.func}")
+        self.a.call(i.func)
+        self.result(i.dst, RAX)
+
+    def i_CallIndirect(self, i: ir.CallIndirect) -> None:
+        self.move(RAX, self.where(i.target))
+        self.call_args(i.args, ARG_REGS, "indirect call")
+        self.a.call_reg(RAX)
+        self.result(i.dst, RAX)
+
+    def i_Hypercall(self, i: ir.Hypercall) -> None:
+        if not 0 <= i.nr < abi.PAGE_SIZE // abi.HYPERCALL_STRIDE:
+            raise CodegenError(self.fn.loc, f"{self.fn.name}: hypercall number {i.nr} out of range")
+        self.call_args(i.args, HYPERCALL_REGS, f"hypercall {i.nr}")
+        self.a.call(HYPERCALL_PAGE, i.nr * abi.HYPERCALL_STRIDE)
+        self.result(i.dst, RAX)
+
+    def i_SiteBegin(self, i: ir.SiteBegin) -> None:
+        if i.site in self.open_sites:
+            raise CodegenError(self.fn.loc, f"{self.fn.name}: site {i.site} begins twice")
+        self.open_sites[i.site] = (self.a.offset, i)
+
+    def i_SiteEnd(self, i: ir.SiteEnd) -> None:
+        if i.site not in self.open_sites:
+            raise CodegenError(self.fn.loc, f"{self.fn.name}: SiteEnd {i.site} without SiteBegin")
+        start, begin = self.open_sites.pop(i.site)
+        self.site(start, begin.op, begin.loc, begin.becomes)
+
+    # -- machine operations ----------------------------------------------------
+
+    def i_MachineOp(self, i: ir.MachineOp) -> None:
+        intrinsic = INTRINSICS.get(i.op)
+        emit = getattr(self, "m_" + i.op, None)
+        if intrinsic is None or emit is None:
+            raise CodegenError(self.fn.loc, f"{self.fn.name}: unknown machine operation {i.op}")
+        if len(i.args) != len(intrinsic.params):
+            raise CodegenError(self.fn.loc, f"{self.fn.name}: {i.op} takes {len(intrinsic.params)} arguments")
+        emit(i)
+
+    def sensitive(self, i: ir.MachineOp, emit) -> None:
+        """Emit the sensitive instruction(s) and record their site row."""
+        start = self.a.offset
+        emit()
+        self.site(start, i.op, i.loc)
+
+    def m_cli(self, i):
+        self.sensitive(i, self.a.cli)
+
+    def m_sti(self, i):
+        self.sensitive(i, self.a.sti)
+
+    def m_hlt(self, i):
+        self.sensitive(i, self.a.hlt)
+
+    def m_wbinvd(self, i):
+        self.sensitive(i, self.a.wbinvd)
+
+    def m_pause(self, i):
+        self.a.pause()
+
+    def m_save_flags(self, i):
+        R = self.target(i.dst) if i.dst is not None else R11
+
+        def emit():
+            self.a.pushfq()
+            self.a.pop(R)
+        self.sensitive(i, emit)
+        self.result(i.dst, R)
+
+    def m_restore_flags(self, i):
+        R = self.reg(i.args[0], R11)
+
+        def emit():
+            self.a.push(R)
+            self.a.popfq()
+        self.sensitive(i, emit)
+
+    def _out(self, i, size):
+        self.move(RAX, self.where(i.args[1]))     # value first: the port load clobbers rdx
+        self.move(RDX, self.where(i.args[0]))
+        self.sensitive(i, lambda: self.a.out(size))
+
+    def m_outb(self, i):
+        self._out(i, 1)
+
+    def m_outw(self, i):
+        self._out(i, 2)
+
+    def m_outl(self, i):
+        self._out(i, 4)
+
+    def _in(self, i, size):
+        self.move(RDX, self.where(i.args[0]))
+        self.sensitive(i, lambda: self.a.in_(size))
+        if size < 4:
+            self.a.movzx(RAX, RAX, size)
+        self.result(i.dst, RAX)
+
+    def m_inb(self, i):
+        self._in(i, 1)
+
+    def m_inw(self, i):
+        self._in(i, 2)
+
+    def m_inl(self, i):
+        self._in(i, 4)
+
+    def _read_cr(self, i, n):
+        R = self.target(i.dst) if i.dst is not None else R11
+        self.sensitive(i, lambda: self.a.mov_from_cr(R, n))
+        self.result(i.dst, R)
+
+    def _write_cr(self, i, n):
+        R = self.reg(i.args[0], R11)
+        self.sensitive(i, lambda: self.a.mov_to_cr(n, R))
+
+    def m_read_cr0(self, i):
+        self._read_cr(i, 0)
+
+    def m_read_cr2(self, i):
+        self._read_cr(i, 2)
+
+    def m_read_cr3(self, i):
+        self._read_cr(i, 3)
+
+    def m_read_cr4(self, i):
+        self._read_cr(i, 4)
+
+    def m_write_cr0(self, i):
+        self._write_cr(i, 0)
+
+    def m_write_cr3(self, i):
+        self._write_cr(i, 3)
+
+    def m_write_cr4(self, i):
+        self._write_cr(i, 4)
+
+    def _mem_op(self, i, emit):
+        R = self.reg(i.args[0], R11)
+        self.sensitive(i, lambda: emit(Mem(R)))
+
+    def m_invlpg(self, i):
+        self._mem_op(i, self.a.invlpg)
+
+    def m_lgdt(self, i):
+        self._mem_op(i, self.a.lgdt)
+
+    def m_lidt(self, i):
+        self._mem_op(i, self.a.lidt)
+
+    def m_sgdt(self, i):
+        self._mem_op(i, self.a.sgdt)
+
+    def m_sidt(self, i):
+        self._mem_op(i, self.a.sidt)
+
+    def m_set_pte(self, i):
+        P = self.reg(i.args[0], R11)
+        V = self.reg(i.args[1], RAX)      # always `mov [r], r`, the form trap-and-emulate decodes
+        self.sensitive(i, lambda: self.a.mov(Mem(P), V))
+
+    def m_rdmsr(self, i):
+        self.move(RCX, self.where(i.args[0]))
+        self.sensitive(i, self.a.rdmsr)
+        self.edx_eax_result(i.dst)
+
+    def edx_eax_result(self, dst):
+        self.a.shl(RDX, 32)              # the CPU cleared both high halves
+        self.a.or_(RAX, RDX)
+        self.result(dst, RAX)
+
+    def m_rdtsc(self, i):
+        self.sensitive(i, self.a.rdtsc)
+        self.edx_eax_result(i.dst)
+
+    def m_wrmsr(self, i):
+        self.move(RAX, self.where(i.args[1]))     # value first: msr may sit in rdx
+        self.move(RCX, self.where(i.args[0]))
+        self.a.mov(RDX, RAX)
+        self.a.shr(RDX, 32)
+        self.sensitive(i, self.a.wrmsr)
+
+    def m_cpuid(self, i):
+        self.move(R11, self.where(i.args[1]))     # out pointer survives in r11
+        self.move(RAX, self.where(i.args[0]))
+        self.a.xor(RCX, RCX, size=4)
+        self.sensitive(i, self.a.cpuid)
+        for k, r in enumerate((RAX, RBX, RCX, RDX)):
+            self.a.mov(Mem(R11, 4 * k), r, size=4)
+
+    def m_swtch(self, i):
+        self.call_args(i.args, ARG_REGS, "swtch")
+        self.a.call(SWTCH)

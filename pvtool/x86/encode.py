@@ -1,0 +1,481 @@
+"""The x86-64 encoder: exactly the instruction forms the back end emits.
+
+`Asm` is a tiny one-pass assembler.  Each method appends one instruction
+to `code`; jumps to local labels are patched by `finish()`, references to
+symbols become `obj.Reloc`s.  Operands are `Reg` (a general register; the
+operand size comes from the `size` argument), `Mem` (`[base + disp]`,
+absolute `[disp32]`, or `[rip + symbol + disp]`) and plain ints
+(immediates).  Every method checks its operands and raises `EncodeError`
+for a form it cannot encode, so a back-end bug never becomes wrong bytes.
+
+tests/test_encode.py round-trips every public method through capstone and
+fails when a method has no round-trip test.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ..obj import PC32, Reloc
+
+
+class EncodeError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Reg:
+    n: int    # hardware number 0-15
+
+    def __repr__(self) -> str:
+        return REG_NAMES[8][self.n]
+
+
+REG_NAMES = {
+    8: ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"),
+    4: ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi",
+        "r8d", "r9d", "r10d", "r11d", "r12d", "r13d", "r14d", "r15d"),
+    2: ("ax", "cx", "dx", "bx", "sp", "bp", "si", "di",
+        "r8w", "r9w", "r10w", "r11w", "r12w", "r13w", "r14w", "r15w"),
+    1: ("al", "cl", "dl", "bl", "spl", "bpl", "sil", "dil",
+        "r8b", "r9b", "r10b", "r11b", "r12b", "r13b", "r14b", "r15b"),
+}
+
+REGS = tuple(Reg(n) for n in range(16))
+(RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI,
+ R8, R9, R10, R11, R12, R13, R14, R15) = REGS
+
+
+@dataclass(frozen=True)
+class Mem:
+    """[base + disp]; with no base, absolute [disp32]; with `symbol`, [rip + symbol + disp]."""
+    base: Reg | None = None
+    disp: int = 0
+    symbol: str | None = None
+
+
+# Condition codes, named as in the jcc/setcc mnemonics.
+CC = {"o": 0, "no": 1, "b": 2, "ae": 3, "e": 4, "ne": 5, "be": 6, "a": 7,
+      "s": 8, "ns": 9, "p": 10, "np": 11, "l": 12, "ge": 13, "le": 14, "g": 15}
+
+ALU = {"add": 0, "or": 1, "and": 4, "sub": 5, "xor": 6, "cmp": 7}
+SHIFT = {"shl": 4, "shr": 5, "sar": 7}
+CONTROL_REGS = (0, 2, 3, 4)
+SIZES = (1, 2, 4, 8)
+
+
+def fits_s8(v: int) -> bool:
+    return -0x80 <= v < 0x80
+
+
+def fits_s32(v: int) -> bool:
+    return -0x8000_0000 <= v < 0x8000_0000
+
+
+def imm_bytes(v: int, size: int) -> bytes:
+    """`v` as a `size`-byte immediate; accepts the signed or the unsigned reading."""
+    bits = size * 8
+    if not -(1 << (bits - 1)) <= v < (1 << bits):
+        raise EncodeError(f"immediate {v:#x} does not fit in {size} bytes")
+    return (v & ((1 << bits) - 1)).to_bytes(size, "little")
+
+
+def _check_size(size: int, allowed: tuple[int, ...] = SIZES) -> None:
+    if size not in allowed:
+        raise EncodeError(f"operand size {size} not in {allowed}")
+
+
+class Asm:
+    """Machine code for one function: bytes, relocations, local labels."""
+
+    def __init__(self) -> None:
+        self.code = bytearray()
+        self.relocs: list[Reloc] = []
+        self.labels: dict[str, int] = {}
+        self.fixups: list[tuple[int, str]] = []   # (offset of rel32 field, label)
+
+    @property
+    def offset(self) -> int:
+        return len(self.code)
+
+    # -- labels -------------------------------------------------------------
+
+    def label(self, name: str) -> None:
+        if name in self.labels:
+            raise EncodeError(f"label {name!r} defined twice")
+        self.labels[name] = self.offset
+
+    def finish(self) -> bytes:
+        """Patch the forward jumps and return the code."""
+        for at, name in self.fixups:
+            if name not in self.labels:
+                raise EncodeError(f"undefined label {name!r}")
+            struct.pack_into("<i", self.code, at, self.labels[name] - (at + 4))
+        self.fixups.clear()
+        return bytes(self.code)
+
+    # -- the core: prefixes, REX, ModRM, SIB, displacement ------------------
+
+    def _emit(self, opcode: bytes, reg: int, rm: Reg | Mem, size: int, *,
+              imm: bytes = b"", byte_regs: tuple[int, ...] = (), rex_w: bool | None = None) -> None:
+        """One instruction with a ModRM byte.  `reg` is a register number or
+        an opcode extension; `byte_regs` are the register numbers used as
+        8-bit registers (spl..dil need an empty REX)."""
+        w = size == 8 if rex_w is None else rex_w
+        b = rm.n >> 3 if isinstance(rm, Reg) else (rm.base.n >> 3 if rm.base is not None else 0)
+        rex = 0x40 | (w << 3) | ((reg >> 3) << 2) | b
+        out = bytearray()
+        if size == 2:
+            out.append(0x66)
+        if rex != 0x40 or any(4 <= r < 8 for r in byte_regs):
+            out.append(rex)
+        out += opcode
+        self.code += out
+        self._modrm(reg & 7, rm, len(imm))
+        self.code += imm
+
+    def _modrm(self, reg: int, rm: Reg | Mem, trail: int) -> None:
+        if isinstance(rm, Reg):
+            self.code.append(0xC0 | reg << 3 | rm.n & 7)
+            return
+        if rm.symbol is not None:              # [rip + disp32], patched by the linker
+            if rm.base is not None:
+                raise EncodeError("a rip-relative operand has no base register")
+            self.code.append(0x05 | reg << 3)
+            self.relocs.append(Reloc(self.offset, PC32, rm.symbol, rm.disp - 4 - trail))
+            self.code += b"\0\0\0\0"
+            return
+        if not fits_s32(rm.disp):
+            raise EncodeError(f"displacement {rm.disp:#x} does not fit in 32 bits")
+        if rm.base is None:                    # absolute: SIB with no base, no index
+            self.code += bytes((0x04 | reg << 3, 0x25)) + struct.pack("<i", rm.disp)
+            return
+        low = rm.base.n & 7
+        if rm.disp == 0 and low != 5:          # rbp/r13 have no disp-less form
+            mod, disp = 0x00, b""
+        elif fits_s8(rm.disp):
+            mod, disp = 0x40, struct.pack("<b", rm.disp)
+        else:
+            mod, disp = 0x80, struct.pack("<i", rm.disp)
+        self.code.append(mod | reg << 3 | low)
+        if low == 4:                           # rsp/r12 as base need a SIB byte
+            self.code.append(0x24)
+        self.code += disp
+
+    def _plain(self, *opcode: int) -> None:
+        self.code += bytes(opcode)
+
+    def _rel32(self, opcode: bytes, symbol: str, addend: int) -> None:
+        self.code += opcode
+        self.relocs.append(Reloc(self.offset, PC32, symbol, addend - 4))
+        self.code += b"\0\0\0\0"
+
+    @staticmethod
+    def _byte_regs(size: int, *ops: object) -> tuple[int, ...]:
+        return tuple(o.n for o in ops if isinstance(o, Reg)) if size == 1 else ()
+
+    # -- data movement ------------------------------------------------------
+
+    def mov(self, dst: Reg | Mem, src: Reg | Mem | int, size: int = 8) -> None:
+        """mov; a 64-bit immediate that does not fit in imm32 becomes movabs."""
+        _check_size(size)
+        op8 = size == 1
+        if isinstance(src, int):
+            if isinstance(dst, Reg) and size == 8 and not fits_s32(src):
+                rex = 0x48 | dst.n >> 3
+                self.code += bytes((rex, 0xB8 + (dst.n & 7))) + imm_bytes(src, 8)
+            elif isinstance(dst, Reg) and size < 8:
+                self._emit_short_reg(0xB0 if op8 else 0xB8, dst, size, imm_bytes(src, size))
+            else:
+                if size == 8 and not fits_s32(src):
+                    raise EncodeError(f"mov to memory of {src:#x} needs imm32")
+                imm = imm_bytes(src, min(size, 4))
+                self._emit(bytes((0xC6 if op8 else 0xC7,)), 0, dst, size, imm=imm,
+                           byte_regs=self._byte_regs(size, dst))
+        elif isinstance(src, Reg):
+            self._emit(bytes((0x88 if op8 else 0x89,)), src.n, dst, size,
+                       byte_regs=self._byte_regs(size, src, dst))
+        elif isinstance(dst, Reg):
+            self._emit(bytes((0x8A if op8 else 0x8B,)), dst.n, src, size,
+                       byte_regs=self._byte_regs(size, dst))
+        else:
+            raise EncodeError("mov from memory to memory")
+
+    def _emit_short_reg(self, base: int, r: Reg, size: int, imm: bytes) -> None:
+        """The register-in-opcode forms (B0+r, B8+r)."""
+        out = bytearray()
+        if size == 2:
+            out.append(0x66)
+        if r.n >= 8 or (size == 1 and r.n >= 4):
+            out.append(0x40 | r.n >> 3)
+        out += bytes((base + (r.n & 7),)) + imm
+        self.code += out
+
+    def movzx(self, dst: Reg, src: Reg | Mem, src_size: int, size: int = 4) -> None:
+        """Zero-extend an 8- or 16-bit source (a 32-bit one: use mov r32, r/m32)."""
+        self._extend(0xB6, dst, src, src_size, size)
+
+    def movsx(self, dst: Reg, src: Reg | Mem, src_size: int, size: int = 8) -> None:
+        """Sign-extend an 8- or 16-bit source (a 32-bit one: movsxd)."""
+        self._extend(0xBE, dst, src, src_size, size)
+
+    def _extend(self, op: int, dst: Reg, src: Reg | Mem, src_size: int, size: int) -> None:
+        _check_size(src_size, (1, 2))
+        _check_size(size, (2, 4, 8) if src_size == 1 else (4, 8))
+        self._emit(bytes((0x0F, op + (src_size == 2))), dst.n, src, size,
+                   byte_regs=self._byte_regs(src_size, src))
+
+    def movsxd(self, dst: Reg, src: Reg | Mem) -> None:
+        """Sign-extend 32 to 64 bits."""
+        self._emit(b"\x63", dst.n, src, 8)
+
+    def lea(self, dst: Reg, src: Mem, size: int = 8) -> None:
+        _check_size(size, (4, 8))
+        if not isinstance(src, Mem):
+            raise EncodeError("lea takes a memory operand")
+        self._emit(b"\x8D", dst.n, src, size)
+
+    def push(self, r: Reg) -> None:
+        self._short_op(0x50, r)
+
+    def pop(self, r: Reg) -> None:
+        self._short_op(0x58, r)
+
+    def _short_op(self, base: int, r: Reg) -> None:
+        if r.n >= 8:
+            self.code.append(0x41)
+        self.code.append(base + (r.n & 7))
+
+    # -- arithmetic ---------------------------------------------------------
+
+    def _alu(self, ext: int, dst: Reg | Mem, src: Reg | Mem | int, size: int) -> None:
+        _check_size(size)
+        op8 = size == 1
+        if isinstance(src, int):
+            if op8:
+                self._emit(b"\x80", ext, dst, 1, imm=imm_bytes(src, 1), byte_regs=self._byte_regs(1, dst))
+            elif fits_s8(src):
+                self._emit(b"\x83", ext, dst, size, imm=imm_bytes(src, 1))
+            else:
+                if size == 8 and not fits_s32(src):
+                    raise EncodeError(f"immediate {src:#x} needs imm32")
+                self._emit(b"\x81", ext, dst, size, imm=imm_bytes(src, min(size, 4)))
+        elif isinstance(src, Reg):
+            self._emit(bytes((ext * 8 + (0 if op8 else 1),)), src.n, dst, size,
+                       byte_regs=self._byte_regs(size, src, dst))
+        elif isinstance(dst, Reg):
+            self._emit(bytes((ext * 8 + (2 if op8 else 3),)), dst.n, src, size,
+                       byte_regs=self._byte_regs(size, dst))
+        else:
+            raise EncodeError("arithmetic from memory to memory")
+
+    def add(self, dst: Reg | Mem, src: Reg | Mem | int, size: int = 8) -> None:
+        self._alu(ALU["add"], dst, src, size)
+
+    def sub(self, dst: Reg | Mem, src: Reg | Mem | int, size: int = 8) -> None:
+        self._alu(ALU["sub"], dst, src, size)
+
+    def and_(self, dst: Reg | Mem, src: Reg | Mem | int, size: int = 8) -> None:
+        self._alu(ALU["and"], dst, src, size)
+
+    def or_(self, dst: Reg | Mem, src: Reg | Mem | int, size: int = 8) -> None:
+        self._alu(ALU["or"], dst, src, size)
+
+    def xor(self, dst: Reg | Mem, src: Reg | Mem | int, size: int = 8) -> None:
+        self._alu(ALU["xor"], dst, src, size)
+
+    def cmp(self, dst: Reg | Mem, src: Reg | Mem | int, size: int = 8) -> None:
+        self._alu(ALU["cmp"], dst, src, size)
+
+    def test(self, dst: Reg | Mem, src: Reg | int, size: int = 8) -> None:
+        _check_size(size)
+        op8 = size == 1
+        if isinstance(src, int):
+            if size == 8 and not fits_s32(src):
+                raise EncodeError(f"immediate {src:#x} needs imm32")
+            self._emit(b"\xF6" if op8 else b"\xF7", 0, dst, size, imm=imm_bytes(src, min(size, 4)),
+                       byte_regs=self._byte_regs(size, dst))
+        elif isinstance(src, Reg):
+            self._emit(b"\x84" if op8 else b"\x85", src.n, dst, size,
+                       byte_regs=self._byte_regs(size, src, dst))
+        else:
+            raise EncodeError("test takes a register or an immediate as source")
+
+    def imul(self, dst: Reg, src: Reg | Mem, imm: int | None = None, size: int = 8) -> None:
+        """imul dst, src  or, with `imm`, imul dst, src, imm."""
+        _check_size(size, (2, 4, 8))
+        if imm is None:
+            self._emit(b"\x0F\xAF", dst.n, src, size)
+        elif fits_s8(imm):
+            self._emit(b"\x6B", dst.n, src, size, imm=imm_bytes(imm, 1))
+        else:
+            if size == 8 and not fits_s32(imm):
+                raise EncodeError(f"immediate {imm:#x} needs imm32")
+            self._emit(b"\x69", dst.n, src, size, imm=imm_bytes(imm, min(size, 4)))
+
+    def _group3(self, ext: int, dst: Reg | Mem, size: int) -> None:
+        _check_size(size)
+        self._emit(b"\xF6" if size == 1 else b"\xF7", ext, dst, size, byte_regs=self._byte_regs(size, dst))
+
+    def not_(self, dst: Reg | Mem, size: int = 8) -> None:
+        self._group3(2, dst, size)
+
+    def neg(self, dst: Reg | Mem, size: int = 8) -> None:
+        self._group3(3, dst, size)
+
+    def div(self, src: Reg | Mem, size: int = 8) -> None:
+        """Unsigned rdx:rax / src."""
+        self._group3(6, src, size)
+
+    def idiv(self, src: Reg | Mem, size: int = 8) -> None:
+        """Signed rdx:rax / src."""
+        self._group3(7, src, size)
+
+    def cqo(self) -> None:
+        self._plain(0x48, 0x99)
+
+    def _shift(self, ext: int, dst: Reg | Mem, count: int | Reg, size: int) -> None:
+        _check_size(size)
+        op8 = size == 1
+        byte_regs = self._byte_regs(size, dst)
+        if isinstance(count, Reg):
+            if count != RCX:
+                raise EncodeError("a variable shift count must be in cl")
+            self._emit(b"\xD2" if op8 else b"\xD3", ext, dst, size, byte_regs=byte_regs)
+        else:
+            if not 0 <= count < 256:
+                raise EncodeError(f"shift count {count} out of range")
+            self._emit(b"\xC0" if op8 else b"\xC1", ext, dst, size, imm=bytes((count,)), byte_regs=byte_regs)
+
+    def shl(self, dst: Reg | Mem, count: int | Reg, size: int = 8) -> None:
+        """Shift left by an immediate or by cl (pass RCX)."""
+        self._shift(SHIFT["shl"], dst, count, size)
+
+    def shr(self, dst: Reg | Mem, count: int | Reg, size: int = 8) -> None:
+        self._shift(SHIFT["shr"], dst, count, size)
+
+    def sar(self, dst: Reg | Mem, count: int | Reg, size: int = 8) -> None:
+        self._shift(SHIFT["sar"], dst, count, size)
+
+    def setcc(self, cc: str, dst: Reg | Mem) -> None:
+        """setCC of an 8-bit register or byte in memory."""
+        self._emit(bytes((0x0F, 0x90 + CC[cc])), 0, dst, 1, byte_regs=self._byte_regs(1, dst))
+
+    # -- control flow -------------------------------------------------------
+
+    def _jump(self, short: int, near: bytes, name: str) -> None:
+        """Short form for a bound label in reach, else rel32 (patched later if forward)."""
+        if name in self.labels:
+            rel = self.labels[name] - (self.offset + 2)
+            if fits_s8(rel):
+                self.code += bytes((short,)) + struct.pack("<b", rel)
+                return
+            self.code += near
+            self.code += struct.pack("<i", self.labels[name] - (self.offset + 4))
+            return
+        self.code += near
+        self.fixups.append((self.offset, name))
+        self.code += b"\0\0\0\0"
+
+    def jmp(self, name: str) -> None:
+        """Jump to a local label."""
+        self._jump(0xEB, b"\xE9", name)
+
+    def jcc(self, cc: str, name: str) -> None:
+        self._jump(0x70 + CC[cc], bytes((0x0F, 0x80 + CC[cc])), name)
+
+    def call(self, symbol: str, addend: int = 0) -> None:
+        """call rel32 to symbol+addend (PC32 relocation, addend-4)."""
+        self._rel32(b"\xE8", symbol, addend)
+
+    def jmp_symbol(self, symbol: str, addend: int = 0) -> None:
+        """jmp rel32 to symbol+addend (PC32 relocation, addend-4)."""
+        self._rel32(b"\xE9", symbol, addend)
+
+    def call_reg(self, r: Reg) -> None:
+        """call r64."""
+        self._emit(b"\xFF", 2, r, 4)
+
+    def ret(self) -> None:
+        self._plain(0xC3)
+
+    # -- machine operations -------------------------------------------------
+
+    def cli(self) -> None:
+        self._plain(0xFA)
+
+    def sti(self) -> None:
+        self._plain(0xFB)
+
+    def hlt(self) -> None:
+        self._plain(0xF4)
+
+    def pushfq(self) -> None:
+        self._plain(0x9C)
+
+    def popfq(self) -> None:
+        self._plain(0x9D)
+
+    def in_(self, size: int) -> None:
+        """in al/ax/eax, dx."""
+        _check_size(size, (1, 2, 4))
+        self.code += (b"\x66" if size == 2 else b"") + (b"\xEC" if size == 1 else b"\xED")
+
+    def out(self, size: int) -> None:
+        """out dx, al/ax/eax."""
+        _check_size(size, (1, 2, 4))
+        self.code += (b"\x66" if size == 2 else b"") + (b"\xEE" if size == 1 else b"\xEF")
+
+    def mov_from_cr(self, dst: Reg, cr: int) -> None:
+        """mov r64, crN."""
+        if cr not in CONTROL_REGS:
+            raise EncodeError(f"no control register cr{cr}")
+        self._emit(b"\x0F\x20", cr, dst, 4)
+
+    def mov_to_cr(self, cr: int, src: Reg) -> None:
+        """mov crN, r64."""
+        if cr not in CONTROL_REGS:
+            raise EncodeError(f"no control register cr{cr}")
+        self._emit(b"\x0F\x22", cr, src, 4)
+
+    def _group7(self, ext: int, m: Mem) -> None:
+        if not isinstance(m, Mem):
+            raise EncodeError("takes a memory operand")
+        self._emit(b"\x0F\x01", ext, m, 4)
+
+    def sgdt(self, m: Mem) -> None:
+        self._group7(0, m)
+
+    def sidt(self, m: Mem) -> None:
+        self._group7(1, m)
+
+    def lgdt(self, m: Mem) -> None:
+        self._group7(2, m)
+
+    def lidt(self, m: Mem) -> None:
+        self._group7(3, m)
+
+    def invlpg(self, m: Mem) -> None:
+        self._group7(7, m)
+
+    def rdmsr(self) -> None:
+        self._plain(0x0F, 0x32)
+
+    def wrmsr(self) -> None:
+        self._plain(0x0F, 0x30)
+
+    def cpuid(self) -> None:
+        self._plain(0x0F, 0xA2)
+
+    def rdtsc(self) -> None:
+        self._plain(0x0F, 0x31)
+
+    def wbinvd(self) -> None:
+        self._plain(0x0F, 0x09)
+
+    def pause(self) -> None:
+        self._plain(0xF3, 0x90)
+
+    def iretq(self) -> None:
+        self._plain(0x48, 0xCF)

@@ -1,0 +1,175 @@
+"""Instruction selection: the IR reshaped into what the x86-64 emitter wants.
+
+Before register allocation a function's blocks are copied into `MBlock`s
+and a few IR patterns are fused, so that the fused-away vregs never need
+a register:
+
+* `Cmp` whose only use is the block's `Branch`  ->  `CmpBranch` (cmp; jcc)
+* `AddrOf`/`SlotAddr` whose only use is the base of a later `Load`/`Store`
+  in the same block  ->  a rip-relative or rbp-relative memory operand
+* every `Load`/`Store` becomes `MLoad`/`MStore` over an `Addr` (a register
+  base, an absolute address, a symbol or a stack slot, plus displacement).
+
+`clobbers()` says which allocatable registers each selected instruction
+destroys; codegen's emitters honour exactly these (rax and r11 are never
+allocated: they are the emitters' scratch registers).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from .. import ir
+from .encode import RBX, RCX, RDX, RDI, RSI, R8, R9, R10, Reg
+
+CALLER_SAVED = frozenset({RCX, RDX, RSI, RDI, R8, R9, R10})    # allocatable ones
+DIVISIONS = ("udiv", "sdiv", "urem", "srem")
+SHIFTS = ("shl", "shr", "sar")
+
+# Registers a machine operation's native sequence destroys (beyond rax, r11).
+MACHINE_CLOBBERS = {
+    "outb": {RDX}, "outw": {RDX}, "outl": {RDX},
+    "inb": {RDX}, "inw": {RDX}, "inl": {RDX},
+    "rdmsr": {RCX, RDX}, "wrmsr": {RCX, RDX},
+    "cpuid": {RBX, RCX, RDX},
+    "rdtsc": {RDX},
+    "swtch": set(CALLER_SAVED),
+}
+
+
+@dataclass
+class Addr:
+    """A memory operand: reg + disp, symbol + disp, slot + disp, or absolute disp."""
+    reg: ir.VReg | None = None
+    symbol: str | None = None
+    slot: int | None = None
+    disp: int = 0
+
+
+@dataclass
+class MLoad(ir.Instr):
+    dst: ir.VReg
+    addr: Addr
+    size: int
+    signed: bool = False
+
+    def uses(self):
+        return [self.addr.reg] if self.addr.reg is not None else []
+
+
+@dataclass
+class MStore(ir.Instr):
+    addr: Addr
+    value: ir.Operand
+    size: int
+
+    def uses(self):
+        return ([self.addr.reg] if self.addr.reg is not None else []) + [self.value]
+
+
+@dataclass
+class CmpBranch(ir.Instr):
+    """if (a OP b) goto then else goto else_."""
+    op: str
+    a: ir.Operand
+    b: ir.Operand
+    then: str
+    else_: str
+
+    def uses(self):
+        return [self.a, self.b]
+
+
+@dataclass
+class MBlock:
+    label: str
+    instrs: list[ir.Instr]
+    term: ir.Instr
+
+    def successors(self) -> list[str]:
+        t = self.term
+        if isinstance(t, ir.Jump):
+            return [t.target]
+        if isinstance(t, (ir.Branch, CmpBranch)):
+            return [t.then, t.else_]
+        return []
+
+
+class SelectError(Exception):
+    pass
+
+
+def is_call(ins: ir.Instr) -> bool:
+    return isinstance(ins, (ir.Call, ir.CallIndirect, ir.Hypercall)) or (
+        isinstance(ins, ir.MachineOp) and ins.op == "swtch")
+
+
+def clobbers(ins: ir.Instr) -> frozenset[Reg]:
+    """Allocatable registers destroyed by the code emitted for `ins`."""
+    if is_call(ins):
+        return CALLER_SAVED
+    if isinstance(ins, ir.BinOp):
+        if ins.op in DIVISIONS:
+            return frozenset({RDX})
+        if ins.op in SHIFTS and not isinstance(ins.b, int):
+            return frozenset({RCX})
+    if isinstance(ins, ir.MachineOp):
+        return frozenset(MACHINE_CLOBBERS.get(ins.op, ()))
+    return frozenset()
+
+
+def select(fn: ir.Function) -> list[MBlock]:
+    """Copy the function's blocks into MBlocks, fusing the patterns above."""
+    uses: Counter = Counter()
+    defs: Counter = Counter()
+    for ins in fn.instructions():
+        uses.update(u for u in ins.uses() if isinstance(u, ir.VReg))
+        defs.update(ins.defs())
+    blocks = []
+    for b in fn.blocks:
+        if b.term is None:
+            raise SelectError(f"{fn.name}: block {b.label} has no terminator")
+        instrs, term = _fuse_compare(list(b.instrs), b.term, uses)
+        blocks.append(MBlock(b.label, _fuse_addresses(instrs, uses, defs), term))
+    labels = {b.label for b in blocks}
+    for b in blocks:
+        for s in b.successors():
+            if s not in labels:
+                raise SelectError(f"{fn.name}: jump to unknown block {s}")
+    return blocks
+
+
+def _fuse_compare(instrs: list[ir.Instr], term: ir.Instr, uses: Counter):
+    if (isinstance(term, ir.Branch) and instrs and isinstance(instrs[-1], ir.Cmp)
+            and instrs[-1].dst == term.cond and uses[term.cond] == 1):
+        c = instrs.pop()
+        return instrs, CmpBranch(c.op, c.a, c.b, term.then, term.else_, loc=term.loc or c.loc)
+    return instrs, term
+
+
+def _fuse_addresses(instrs: list[ir.Instr], uses: Counter, defs: Counter) -> list[ir.Instr]:
+    out: list[ir.Instr | None] = []
+    pending: dict[ir.VReg, tuple[Addr, int]] = {}   # foldable address -> (Addr, index in out)
+
+    def addr(base: ir.Operand, offset: int) -> Addr:
+        if isinstance(base, int):
+            return Addr(disp=(base + offset) % (1 << 64))
+        if base not in pending:
+            return Addr(reg=base, disp=offset)
+        a, k = pending.pop(base)
+        out[k] = None                                 # the address needs no register now
+        return Addr(symbol=a.symbol, slot=a.slot, disp=a.disp + offset)
+
+    for ins in instrs:
+        if isinstance(ins, (ir.AddrOf, ir.SlotAddr)) and uses[ins.dst] == 1 and defs[ins.dst] == 1:
+            a = (Addr(symbol=ins.symbol, disp=ins.offset) if isinstance(ins, ir.AddrOf)
+                 else Addr(slot=ins.slot, disp=ins.offset))
+            pending[ins.dst] = (a, len(out))
+            out.append(ins)
+        elif isinstance(ins, ir.Load):
+            out.append(MLoad(ins.dst, addr(ins.base, ins.offset), ins.size, ins.signed, loc=ins.loc))
+        elif isinstance(ins, ir.Store):
+            out.append(MStore(addr(ins.base, ins.offset), ins.value, ins.size, loc=ins.loc))
+        else:
+            out.append(ins)
+    return [i for i in out if i is not None]
