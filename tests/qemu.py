@@ -16,7 +16,13 @@ import pytest
 
 QEMU = "qemu-system-x86_64"
 
-requires_qemu = pytest.mark.skipif(shutil.which(QEMU) is None, reason=f"{QEMU} is not installed")
+
+
+def available() -> bool:
+    return shutil.which(QEMU) is not None
+
+
+requires_qemu = pytest.mark.skipif(not available(), reason=f"{QEMU} is not installed")
 
 
 class BootError(Exception):

@@ -1,0 +1,52 @@
+"""Four-way equivalence: the project's main line of defence.
+
+Every kernel in kernels/ and in ../shared/conformance/ (when present) runs
+four ways: its native build booted on QEMU (PVH), its native build on the
+runtime in `bare` and in `trap` mode, and its PV build on the runtime in
+`pv` mode.  All four must print exactly the lines in the kernel's header and
+end with its exit status.
+"""
+from __future__ import annotations
+
+import pytest
+
+import kernels
+import qemu
+from pvtool import driver
+from runtime import hypervisor
+
+KERNELS = kernels.all_kernels()
+
+
+@pytest.fixture(scope="module")
+def images():
+    cache: dict = {}
+
+    def build(path, target):
+        if (path, target) not in cache:
+            cache[path, target] = driver.compile_file(str(path), target)
+        return cache[path, target]
+    return build
+
+
+def on_runtime(image: bytes, mode: str) -> tuple[str, int]:
+    result = hypervisor.run(image, mode, timeout=120)
+    assert result.reason == "shutdown", result.message
+    return result.console.decode("latin-1"), result.status
+
+
+@pytest.mark.parametrize("path", KERNELS, ids=kernels.kernel_id)
+@pytest.mark.parametrize("way", ["qemu", "bare", "trap", "pv"])
+def test_four_ways_agree(path, way, images):
+    expected = kernels.expectation(path)
+    if way == "qemu":
+        if not qemu.available():
+            pytest.skip(f"{qemu.QEMU} is not installed")
+        got = qemu.boot(images(path, "native"), timeout=120)
+    else:
+        got = on_runtime(images(path, "pv" if way == "pv" else "native"), way)
+    assert got == (expected.output, expected.status)
+
+
+def test_there_are_kernels_to_compare():
+    assert len(kernels.project_kernels()) >= 8
