@@ -1,0 +1,335 @@
+"""The PVK syntax tree, and the annotations the checker adds to it.
+
+The parser builds these nodes, each with the `Loc` of its first token (binary
+and assignment operators carry the operator's position).  `pvtool.check`
+fills in the fields marked "checker:" (types, resolved symbols, constant
+values, field offsets); `pvtool.lower` reads them.  `dump` prints a tree
+without positions, for tests and `--emit-ast`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Union
+
+from .intrinsics import Intrinsic
+from .ir import Loc
+from .types import FnType, Type
+
+
+@dataclass(eq=False)
+class Node:
+    loc: Loc
+
+
+# -- type expressions (as written) --------------------------------------------
+
+@dataclass(eq=False)
+class TName(Node):
+    name: str
+
+
+@dataclass(eq=False)
+class TPtr(Node):
+    target: TypeExpr
+
+
+@dataclass(eq=False)
+class TArray(Node):
+    elem: TypeExpr
+    size: Expr
+
+
+@dataclass(eq=False)
+class TFn(Node):
+    params: list[TypeExpr]
+    result: TypeExpr | None
+
+
+TypeExpr = Union[TName, TPtr, TArray, TFn]
+
+
+# -- symbols (checker) -----------------------------------------------------------
+
+@dataclass(eq=False)
+class Local:
+    """A parameter, `var` or `for` variable of one function."""
+    name: str
+    type: Type
+    loc: Loc
+    addr_taken: bool = False   # `&x` appears somewhere: it must live in memory
+
+
+@dataclass(eq=False)
+class GlobalSym:
+    name: str
+    type: Type | None
+    item: Global
+
+
+@dataclass(eq=False)
+class ConstSym:
+    name: str
+    type: Type | None
+    item: Const
+    value: int | None = None
+
+
+@dataclass(eq=False)
+class FnSym:
+    name: str
+    type: FnType | None
+    item: Fn
+
+
+Symbol = Union[Local, GlobalSym, ConstSym, FnSym]
+
+
+# -- expressions -------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Expr(Node):
+    # checker: the expression's type, and its value if it is a compile-time
+    # constant (integers and bools; signed values are negative Python ints).
+    type: Type | None = field(default=None, kw_only=True, repr=False)
+    const: int | None = field(default=None, kw_only=True, repr=False)
+
+
+@dataclass(eq=False)
+class IntLit(Expr):
+    value: int
+
+
+@dataclass(eq=False)
+class CharLit(Expr):
+    value: int
+
+
+@dataclass(eq=False)
+class StrLit(Expr):
+    value: bytes          # without the terminating NUL
+
+
+@dataclass(eq=False)
+class BoolLit(Expr):
+    value: bool
+
+
+@dataclass(eq=False)
+class ArrayLit(Expr):
+    elems: list[Expr]
+
+
+@dataclass(eq=False)
+class Name(Expr):
+    name: str
+    sym: Symbol | None = field(default=None, kw_only=True, repr=False)   # checker
+
+
+@dataclass(eq=False)
+class Unary(Expr):
+    op: str               # '-', '!', '~', '*' (deref), '&' (address of)
+    operand: Expr
+
+
+@dataclass(eq=False)
+class Binary(Expr):
+    op: str
+    left: Expr
+    right: Expr
+
+
+@dataclass(eq=False)
+class Cast(Expr):
+    operand: Expr
+    target: TypeExpr
+
+
+@dataclass(eq=False)
+class Call(Expr):
+    callee: Expr
+    args: list[Expr]
+    # checker: exactly one of these is set for a direct call; neither for an
+    # indirect call through a function pointer.
+    intrinsic: Intrinsic | None = field(default=None, kw_only=True, repr=False)
+    func: FnSym | None = field(default=None, kw_only=True, repr=False)
+
+
+@dataclass(eq=False)
+class Index(Expr):
+    base: Expr
+    index: Expr
+
+
+@dataclass(eq=False)
+class FieldAccess(Expr):
+    base: Expr
+    name: str
+    name_loc: Loc | None = field(default=None, kw_only=True, repr=False)
+    # checker: byte offset of the field, and whether `base` is a pointer to the struct
+    offset: int = field(default=0, kw_only=True, repr=False)
+    deref: bool = field(default=False, kw_only=True, repr=False)
+
+
+# -- statements ------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Block(Node):
+    stmts: list[Stmt]
+    end: Loc              # the closing brace
+
+
+@dataclass(eq=False)
+class VarStmt(Node):
+    name: str
+    type_expr: TypeExpr | None
+    init: Expr | None
+    sym: Local | None = field(default=None, kw_only=True, repr=False)   # checker
+
+
+@dataclass(eq=False)
+class Assign(Node):
+    op: str               # '=' or the operator of a compound assignment ('+', '<<', ...)
+    target: Expr
+    value: Expr
+
+
+@dataclass(eq=False)
+class If(Node):
+    arms: list[tuple[Expr, Block]]    # `if` and every `else if`
+    else_: Block | None
+
+
+@dataclass(eq=False)
+class While(Node):
+    cond: Expr
+    body: Block
+
+
+@dataclass(eq=False)
+class For(Node):
+    name: str
+    name_loc: Loc
+    start: Expr
+    end: Expr
+    body: Block
+    sym: Local | None = field(default=None, kw_only=True, repr=False)   # checker
+
+
+@dataclass(eq=False)
+class Break(Node):
+    pass
+
+
+@dataclass(eq=False)
+class Continue(Node):
+    pass
+
+
+@dataclass(eq=False)
+class Return(Node):
+    value: Expr | None
+
+
+@dataclass(eq=False)
+class ExprStmt(Node):
+    expr: Expr
+
+
+Stmt = Union[Block, VarStmt, Assign, If, While, For, Break, Continue, Return, ExprStmt]
+
+
+# -- items --------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Import(Node):
+    path: str             # as written
+    resolved: str = field(default="", repr=False)   # the path the parser opened
+
+
+@dataclass(eq=False)
+class Const(Node):
+    name: str
+    type_expr: TypeExpr
+    value: Expr
+    sym: ConstSym | None = field(default=None, kw_only=True, repr=False)
+
+
+@dataclass(eq=False)
+class Global(Node):
+    name: str
+    type_expr: TypeExpr | None
+    init: Expr | None
+    sym: GlobalSym | None = field(default=None, kw_only=True, repr=False)
+    # checker: the initial value, see StaticValue
+    value: StaticValue | None = field(default=None, kw_only=True, repr=False)
+
+
+@dataclass(eq=False)
+class FieldDecl(Node):
+    name: str
+    type_expr: TypeExpr
+
+
+@dataclass(eq=False)
+class Struct(Node):
+    name: str
+    fields: list[FieldDecl]
+
+
+@dataclass(eq=False)
+class Param(Node):
+    name: str
+    type_expr: TypeExpr
+    sym: Local | None = field(default=None, kw_only=True, repr=False)
+
+
+@dataclass(eq=False)
+class Fn(Node):
+    name: str
+    params: list[Param]
+    result: TypeExpr | None
+    body: Block
+    interrupt: bool = False
+    sym: FnSym | None = field(default=None, kw_only=True, repr=False)
+
+
+Item = Union[Import, Const, Global, Struct, Fn]
+
+
+@dataclass(eq=False)
+class Program:
+    items: list[Item]
+    files: list[str]       # main file first, then imports in the order first met
+    checked: bool = field(default=False, repr=False)
+
+
+# -- static initial values (checker -> lower) -------------------------------------------
+
+@dataclass
+class AddrValue:
+    """The address of a global, function or string literal, plus a byte offset."""
+    symbol: str | None     # None for a string literal
+    offset: int = 0
+    string: bytes | None = None
+
+
+StaticValue = Union[int, AddrValue, list]   # a list for arrays (missing elements are zero)
+
+
+# -- printing -----------------------------------------------------------------------------
+
+def dump(node: object) -> str:
+    """An s-expression of the tree without positions or checker annotations
+    (the fields declared with repr=False)."""
+    if isinstance(node, list):
+        return "[" + " ".join(dump(n) for n in node) + "]"
+    if isinstance(node, tuple):
+        return "(" + " ".join(dump(n) for n in node) + ")"
+    if not isinstance(node, (Node, Program)):
+        return repr(node)
+    parts = [type(node).__name__]
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if f.repr and not isinstance(value, Loc):
+            parts.append(dump(value))
+    return "(" + " ".join(parts) + ")"

@@ -1,0 +1,732 @@
+"""Name resolution and type checking: the static rules of PVK.
+
+`check` walks a parsed `ast.Program` and annotates it in place (see the
+"checker:" fields in pvtool.ast): every expression gets its type and, when
+it is a compile-time constant, its value; names get their symbols; calls,
+field accesses, globals and locals get what `lower` needs.  The first
+violation raises `CompileError`.
+
+Top-level names live in one namespace shared by all files; struct names in
+another.  Structs are laid out before anything else; constants and global
+types are resolved on first use, so items may refer to each other in any
+order (a cycle is an error).
+"""
+from __future__ import annotations
+
+from . import ast
+from .diagnostics import CompileError, deep_recursion
+from .intrinsics import INTRINSICS
+from .ir import Loc
+from .types import (BOOL, BUILTIN, U64, VOID, ArrayType, BoolType, Field, FnType,
+                    PtrType, StructType, Type, align_of, fits, fold_binary, fold_compare,
+                    is_aggregate, is_int, is_ptr, is_scalar, parse_type_string, size_of, wrap)
+
+MAX_PARAMS = 6
+MAX_OBJECT = 1 << 31        # bytes: keeps every offset a signed 32-bit displacement
+ARITH = ("+", "-", "*", "/", "%", "&", "|", "^")
+SHIFTS = ("<<", ">>")
+COMPARE = ("==", "!=", "<", "<=", ">", ">=")
+LOGIC = ("&&", "||")
+
+_INTRINSIC_TYPES = {
+    name: (tuple(parse_type_string(p) for p in i.params),
+           parse_type_string(i.result) if i.result else None)
+    for name, i in INTRINSICS.items()
+}
+
+
+def check(program: ast.Program) -> ast.Program:
+    """Check `program`, annotating it in place; returns it."""
+    if program.checked:
+        return program
+    checker = _Checker(program)
+    with deep_recursion():
+        try:
+            checker.run()
+        except RecursionError:
+            raise CompileError(checker.where, "program nested too deeply") from None
+    program.checked = True
+    return program
+
+
+def error(loc: Loc | None, message: str) -> CompileError:
+    return CompileError(loc, message)
+
+
+def _flexible(e: ast.Expr) -> bool:
+    """True if e's type comes from its context: integer literals and
+    arithmetic on them only."""
+    if isinstance(e, ast.IntLit):
+        return True
+    if isinstance(e, ast.Unary) and e.op in "-~":
+        return _flexible(e.operand)
+    if isinstance(e, ast.Binary) and e.op in ARITH:
+        return _flexible(e.left) and _flexible(e.right)
+    if isinstance(e, ast.Binary) and e.op in SHIFTS:
+        return _flexible(e.left)
+    return False
+
+
+def _const_fault(e: ast.Expr) -> ast.Binary | None:
+    """The division in e that would fault although both its operands are constant."""
+    if isinstance(e, ast.Binary):
+        if e.op in "/%" and e.left.const is not None and e.right.const is not None and e.const is None:
+            return e
+        return _const_fault(e.left) or _const_fault(e.right)
+    if isinstance(e, (ast.Unary, ast.Cast)):
+        return _const_fault(e.operand)
+    return None
+
+
+def _completes(s: ast.Stmt) -> bool:
+    """Can control reach the end of s?  (Conservative: conditions are not
+    evaluated, except a constant-true `while`.)"""
+    if isinstance(s, (ast.Return, ast.Break, ast.Continue)):
+        return False
+    if isinstance(s, ast.Block):
+        return all(_completes(x) for x in s.stmts)
+    if isinstance(s, ast.If):
+        return s.else_ is None or any(_completes(b) for _, b in s.arms) or _completes(s.else_)
+    if isinstance(s, ast.While):
+        return not (s.cond.const == 1 and not _breaks(s.body))
+    return True
+
+
+def _breaks(s: ast.Stmt) -> bool:
+    """Does s contain a `break` of the loop around it?"""
+    if isinstance(s, ast.Break):
+        return True
+    if isinstance(s, ast.Block):
+        return any(_breaks(x) for x in s.stmts)
+    if isinstance(s, ast.If):
+        return any(_breaks(b) for _, b in s.arms) or (s.else_ is not None and _breaks(s.else_))
+    return False
+
+
+class _Checker:
+    def __init__(self, program: ast.Program):
+        self.program = program
+        self.structs: dict[str, tuple[ast.Struct, StructType]] = {}
+        self.globals: dict[str, ast.Symbol] = {}
+        self.busy: set[int] = set()             # ids of items being resolved (cycle check)
+        self.scopes: list[dict[str, ast.Local]] = []
+        self.fn: ast.Fn | None = None
+        self.loops = 0
+        self.where: Loc | None = None           # last statement entered, for RecursionError
+
+    # -- driver ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.collect()
+        for item, st in self.structs.values():
+            self.layout(item, st)
+        items = self.program.items
+        for item in items:
+            if isinstance(item, ast.Const):
+                self.const_value(item.sym)
+        for item in items:
+            if isinstance(item, ast.Global):
+                self.global_type(item.sym)
+        for item in items:
+            if isinstance(item, ast.Fn):
+                self.signature(item)
+        for item in items:
+            if isinstance(item, ast.Global):
+                self.global_init(item)
+        self.check_kmain()
+        for item in items:
+            if isinstance(item, ast.Fn):
+                self.function(item)
+
+    def collect(self) -> None:
+        for item in self.program.items:
+            if isinstance(item, ast.Import):
+                continue
+            if isinstance(item, ast.Struct):
+                if item.name in BUILTIN:
+                    raise error(item.loc, f"'{item.name}' is a built-in type")
+                if item.name in self.structs:
+                    first = self.structs[item.name][0].loc
+                    raise error(item.loc, f"duplicate definition of struct '{item.name}' "
+                                          f"(first defined at {first})")
+                self.structs[item.name] = (item, StructType(item.name))
+                continue
+            if item.name in INTRINSICS:
+                raise error(item.loc, f"'{item.name}' is the name of a machine operation")
+            if item.name in self.globals:
+                first = self.globals[item.name].item.loc
+                raise error(item.loc, f"duplicate definition of '{item.name}' (first defined at {first})")
+            if isinstance(item, ast.Const):
+                item.sym = ast.ConstSym(item.name, None, item)
+            elif isinstance(item, ast.Global):
+                item.sym = ast.GlobalSym(item.name, None, item)
+            else:
+                item.sym = ast.FnSym(item.name, None, item)
+            self.globals[item.name] = item.sym
+
+    def enter(self, key: object, loc: Loc, what: str) -> None:
+        if id(key) in self.busy:
+            raise error(loc, what)
+        self.busy.add(id(key))
+
+    # -- types ---------------------------------------------------------------------------
+
+    def resolve(self, te: ast.TypeExpr, layout: bool = True) -> Type:
+        """The type a type expression names.  With `layout`, structs in it are
+        laid out first; a pointer's target need not be (`next: *Node`)."""
+        if isinstance(te, ast.TName):
+            if te.name in BUILTIN:
+                return BUILTIN[te.name]
+            if te.name in self.structs:
+                item, st = self.structs[te.name]
+                if layout:
+                    self.layout(item, st)
+                return st
+            raise error(te.loc, f"unknown type '{te.name}'")
+        if isinstance(te, ast.TPtr):
+            return PtrType(self.resolve(te.target, layout=False))
+        if isinstance(te, ast.TArray):
+            elem = self.resolve(te.elem, layout)
+            count = self.const_int(te.size, U64, "array size")
+            if count <= 0:
+                raise error(te.size.loc, f"array size must be positive, not {count}")
+            if layout and count * size_of(elem) >= MAX_OBJECT:
+                raise error(te.loc, "array is too large (2 GiB or more)")
+            return ArrayType(elem, count)
+        if isinstance(te, ast.TFn):
+            return self.fn_type(te.params, te.result, te.loc)
+        raise AssertionError(te)
+
+    def fn_type(self, params: list[ast.TypeExpr], result: ast.TypeExpr | None, loc: Loc) -> FnType:
+        if len(params) > MAX_PARAMS:
+            raise error(loc, f"a function takes at most {MAX_PARAMS} parameters, not {len(params)}")
+        ptypes = []
+        for p in params:
+            t = self.resolve(p, layout=False)
+            if not is_scalar(t):
+                raise error(p.loc, f"parameter of type {t}: structs and arrays are passed by pointer")
+            ptypes.append(t)
+        rtype = None
+        if result is not None:
+            rtype = self.resolve(result, layout=False)
+            if not is_scalar(rtype):
+                raise error(result.loc, f"cannot return a value of type {rtype}; return a pointer")
+        return FnType(tuple(ptypes), rtype)
+
+    def layout(self, item: ast.Struct, st: StructType) -> None:
+        """C layout: fields in order, each at its natural alignment."""
+        if st.info.fields is not None:
+            return
+        self.enter(item, item.loc, f"struct '{item.name}' contains itself")
+        if not item.fields:
+            raise error(item.loc, f"struct '{item.name}' has no fields")
+        fields: list[Field] = []
+        offset, align = 0, 1
+        for fd in item.fields:
+            if any(f.name == fd.name for f in fields):
+                raise error(fd.loc, f"duplicate field '{fd.name}' in struct '{item.name}'")
+            t = self.resolve(fd.type_expr)
+            a = align_of(t)
+            offset = (offset + a - 1) // a * a
+            fields.append(Field(fd.name, t, offset))
+            offset += size_of(t)
+            align = max(align, a)
+        st.info.size = (offset + align - 1) // align * align
+        st.info.align = align
+        st.info.fields = fields
+        if st.info.size >= MAX_OBJECT:
+            raise error(item.loc, f"struct '{item.name}' is too large (2 GiB or more)")
+
+    # -- constants and globals -----------------------------------------------------------
+
+    def const_int(self, e: ast.Expr, t: Type, what: str) -> int:
+        self.expect(e, t, what)
+        if e.const is None:
+            fault = _const_fault(e)
+            if fault is not None:
+                raise error(fault.loc, f"{what}: division by zero or overflow in '{fault.op}'")
+            raise error(e.loc, f"{what} must be a constant expression")
+        return e.const
+
+    def const_value(self, sym: ast.ConstSym) -> None:
+        if sym.type is not None:
+            return
+        item = sym.item
+        self.enter(item, item.loc, f"constant '{item.name}' depends on itself")
+        t = self.resolve(item.type_expr)
+        if not (is_int(t) or t == BOOL):
+            raise error(item.type_expr.loc,
+                        f"constant '{item.name}' must have an integer or bool type, not {t}")
+        sym.value = self.const_int(item.value, t, f"value of constant '{item.name}'")
+        sym.type = t
+
+    def global_type(self, sym: ast.GlobalSym) -> Type:
+        if sym.type is not None:
+            return sym.type
+        item = sym.item
+        self.enter(item, item.loc, f"the type of '{item.name}' depends on itself")
+        if item.type_expr is not None:
+            t = self.resolve(item.type_expr)
+        elif item.init is None:
+            raise error(item.loc, f"'{item.name}' needs a type or an initialiser")
+        elif isinstance(item.init, ast.ArrayLit):
+            raise error(item.init.loc, f"'{item.name}' needs a type: write var {item.name}: [T; N] = [...]")
+        else:
+            t = self.value(item.init)
+        sym.type = t
+        return t
+
+    def global_init(self, item: ast.Global) -> None:
+        if item.init is not None:
+            item.value = self.static_value(item.init, item.sym.type, f"initialiser of '{item.name}'")
+
+    def static_value(self, e: ast.Expr, t: Type, what: str) -> ast.StaticValue:
+        """The value a global starts with: fixed before the program runs."""
+        if isinstance(e, ast.ArrayLit):
+            if not isinstance(t, ArrayType):
+                raise error(e.loc, f"{what}: an array literal cannot initialise a {t}")
+            if len(e.elems) > t.count:
+                raise error(e.elems[t.count].loc, f"{what}: too many elements for {t}")
+            e.type = t
+            return [self.static_value(x, t.elem, what) for x in e.elems]
+        if is_aggregate(t):
+            raise error(e.loc, f"{what}: a {t} can only be initialised with an array literal")
+        self.expect(e, t, what)
+        if e.const is not None:
+            return e.const
+        addr = self.address_constant(e)
+        if addr is None:
+            raise error(e.loc, f"{what} must be a constant, a string, an address or an array literal")
+        return addr
+
+    def address_constant(self, e: ast.Expr) -> ast.AddrValue | int | None:
+        if isinstance(e, ast.StrLit):
+            return ast.AddrValue(None, 0, e.value)
+        if isinstance(e, ast.Cast) and (e.type == U64 or isinstance(e.type, (PtrType, FnType))):
+            # These casts keep every bit: `0 as *T`, `&g as u64`.
+            if e.operand.const is not None:
+                return e.operand.const
+            return self.address_constant(e.operand)
+        if isinstance(e, ast.Unary) and e.op == "&":
+            return self.static_lvalue(e.operand)
+        return None
+
+    def static_lvalue(self, e: ast.Expr) -> ast.AddrValue | None:
+        if isinstance(e, ast.Name) and isinstance(e.sym, (ast.GlobalSym, ast.FnSym)):
+            return ast.AddrValue(e.name, 0)
+        if isinstance(e, ast.Index) and isinstance(e.base.type, ArrayType) and e.index.const is not None:
+            base = self.static_lvalue(e.base)
+            if base is not None:
+                base.offset += e.index.const * size_of(e.type)
+            return base
+        if isinstance(e, ast.FieldAccess) and not e.deref:
+            base = self.static_lvalue(e.base)
+            if base is not None:
+                base.offset += e.offset
+            return base
+        return None
+
+    # -- functions ------------------------------------------------------------------------
+
+    def signature(self, fn: ast.Fn) -> None:
+        if fn.interrupt:
+            if fn.params:
+                raise error(fn.params[0].loc, f"interrupt fn '{fn.name}' cannot take parameters")
+            if fn.result is not None:
+                raise error(fn.result.loc, f"interrupt fn '{fn.name}' cannot return a value")
+        if len(fn.params) > MAX_PARAMS:
+            raise error(fn.params[MAX_PARAMS].loc,
+                        f"'{fn.name}' has {len(fn.params)} parameters; at most {MAX_PARAMS} are allowed")
+        fn.sym.type = self.fn_type([p.type_expr for p in fn.params], fn.result, fn.loc)
+
+    def check_kmain(self) -> None:
+        sym = self.globals.get("kmain")
+        if sym is None:
+            main = self.program.files[0] if self.program.files else "<input>"
+            raise error(Loc(main, 0, 0), "the program has no 'fn kmain() -> u64'")
+        if not isinstance(sym, ast.FnSym) or sym.item.interrupt or sym.type != FnType((), U64):
+            raise error(sym.item.loc, "'kmain' must be declared 'fn kmain() -> u64'")
+
+    def function(self, fn: ast.Fn) -> None:
+        self.fn, self.loops = fn, 0
+        self.scopes = [{}]
+        for p, t in zip(fn.params, fn.sym.type.params):
+            p.sym = self.declare(p.name, t, p.loc)
+        for s in fn.body.stmts:
+            self.stmt(s)
+        self.scopes = []
+        if fn.result is not None and _completes(fn.body):
+            raise error(fn.body.end, f"'{fn.name}' can reach the end of its body without returning a value")
+        self.fn = None
+
+    def declare(self, name: str, t: Type, loc: Loc) -> ast.Local:
+        scope = self.scopes[-1]
+        if name in scope:
+            raise error(loc, f"'{name}' is already declared in this scope (at {scope[name].loc})")
+        local = ast.Local(name, t, loc)
+        scope[name] = local
+        return local
+
+    def lookup(self, name: str) -> ast.Symbol | None:
+        for scope in reversed(self.scopes):
+            if name in scope:
+                return scope[name]
+        return self.globals.get(name)
+
+    # -- statements --------------------------------------------------------------------------
+
+    def stmt(self, s: ast.Stmt) -> None:
+        self.where = s.loc
+        getattr(self, "s_" + type(s).__name__)(s)
+
+    def s_Block(self, s: ast.Block) -> None:
+        self.scopes.append({})
+        for x in s.stmts:
+            self.stmt(x)
+        self.scopes.pop()
+
+    def s_VarStmt(self, s: ast.VarStmt) -> None:
+        t = self.resolve(s.type_expr) if s.type_expr is not None else None
+        what = f"initialiser of '{s.name}'"
+        if s.init is None:
+            if t is None:
+                raise error(s.loc, f"'{s.name}' needs a type or an initialiser")
+        elif isinstance(s.init, ast.ArrayLit):
+            if t is None:
+                raise error(s.init.loc, f"'{s.name}' needs a type: write var {s.name}: [T; N] = [...]")
+            self.array_init(s.init, t, what)
+        elif t is not None:
+            if is_aggregate(t):
+                raise error(s.init.loc, f"{what}: cannot copy a whole {t}; initialise its elements or fields")
+            self.expect(s.init, t, what)
+        else:
+            t = self.value(s.init)
+        s.sym = self.declare(s.name, t, s.loc)
+
+    def array_init(self, e: ast.ArrayLit, t: Type, what: str) -> None:
+        if not isinstance(t, ArrayType):
+            raise error(e.loc, f"{what}: an array literal cannot initialise a {t}")
+        if len(e.elems) > t.count:
+            raise error(e.elems[t.count].loc, f"{what}: too many elements for {t}")
+        e.type = t
+        for x in e.elems:
+            if isinstance(x, ast.ArrayLit):
+                self.array_init(x, t.elem, what)
+            elif is_aggregate(t.elem):
+                raise error(x.loc, f"{what}: cannot copy a whole {t.elem}; initialise its elements or fields")
+            else:
+                self.expect(x, t.elem, what)
+
+    def s_Assign(self, s: ast.Assign) -> None:
+        tt = self.expr(s.target)
+        self.require_lvalue(s.target, "assign to")
+        if is_aggregate(tt):
+            raise error(s.target.loc, f"cannot assign a whole {tt}; assign its elements or fields")
+        if s.op == "=":
+            self.expect(s.value, tt, "assigned value")
+            return
+        if s.op in SHIFTS:
+            tr = self.value(s.value)
+            if not is_int(tt) or not is_int(tr):
+                raise error(s.loc, f"operator '{s.op}=' needs integer operands, found {tt} and {tr}")
+        elif is_ptr(tt) and s.op in "+-":
+            self.expect(s.value, U64, "pointer offset")
+        else:
+            tr = self.value(s.value, tt)
+            self.arith_types(s.op + "=", tt, tr, s.loc)
+
+    def s_If(self, s: ast.If) -> None:
+        for cond, body in s.arms:
+            self.expect(cond, BOOL, "condition")
+            self.s_Block(body)
+        if s.else_ is not None:
+            self.s_Block(s.else_)
+
+    def s_While(self, s: ast.While) -> None:
+        self.expect(s.cond, BOOL, "condition")
+        self.loop(s.body)
+
+    def s_For(self, s: ast.For) -> None:
+        t, _ = self.operands(s.start, s.end, None)
+        if not is_int(t) or s.end.type != t:
+            raise error(s.start.loc, f"range bounds must be integers of one type, found {t} and {s.end.type}")
+        self.scopes.append({})
+        s.sym = self.declare(s.name, t, s.name_loc)
+        self.loop(s.body)
+        self.scopes.pop()
+
+    def loop(self, body: ast.Block) -> None:
+        self.loops += 1
+        self.s_Block(body)
+        self.loops -= 1
+
+    def s_Break(self, s: ast.Break) -> None:
+        if self.loops == 0:
+            raise error(s.loc, "'break' outside a loop")
+
+    def s_Continue(self, s: ast.Continue) -> None:
+        if self.loops == 0:
+            raise error(s.loc, "'continue' outside a loop")
+
+    def s_Return(self, s: ast.Return) -> None:
+        result = self.fn.sym.type.result
+        if s.value is None:
+            if result is not None:
+                raise error(s.loc, f"'{self.fn.name}' must return a {result}")
+            return
+        if result is None:
+            raise error(s.value.loc, f"'{self.fn.name}' does not return a value")
+        self.expect(s.value, result, "return value")
+
+    def s_ExprStmt(self, s: ast.ExprStmt) -> None:
+        t = self.expr(s.expr)
+        if is_aggregate(t):
+            raise error(s.expr.loc, f"a {t} value cannot be used as a statement")
+
+    # -- expressions ---------------------------------------------------------------------------
+
+    def expr(self, e: ast.Expr, want: Type | None = None) -> Type:
+        """Check e; `want` is the type its context would like (it decides the
+        type of integer literals only).  Aggregates and VOID are allowed."""
+        t = getattr(self, "x_" + type(e).__name__)(e, want)
+        e.type = t
+        return t
+
+    def value(self, e: ast.Expr, want: Type | None = None) -> Type:
+        """Check e as a value that fits in a register."""
+        t = self.expr(e, want)
+        if t == VOID:
+            raise error(e.loc, "this call returns no value")
+        if is_aggregate(t):
+            raise error(e.loc, f"a {t} cannot be used as a value (use & or index it)")
+        return t
+
+    def expect(self, e: ast.Expr, t: Type, what: str) -> None:
+        got = self.value(e, t)
+        if got != t:
+            raise error(e.loc, f"{what}: expected {t}, found {got}")
+
+    def operands(self, left: ast.Expr, right: ast.Expr, want: Type | None,
+                 ptr_offset: bool = False) -> tuple[Type, Type]:
+        """Types of two operands that must agree: a literal side takes the other side's type."""
+        if _flexible(left) and not _flexible(right):
+            tr = self.value(right, want)
+            tl = self.value(left, tr if is_int(tr) else want)
+        else:
+            tl = self.value(left, want)
+            hint = U64 if ptr_offset and is_ptr(tl) else tl
+            tr = self.value(right, hint if is_int(hint) else None)
+        return tl, tr
+
+    def arith_types(self, op: str, tl: Type, tr: Type, loc: Loc) -> Type:
+        if is_ptr(tr) and op[0] in "+-":
+            raise error(loc, f"pointer arithmetic is written p {op[0]} n, with n a u64")
+        if not is_int(tl) or not is_int(tr):
+            raise error(loc, f"operator '{op}' needs integer operands, found {tl} and {tr}")
+        if tl != tr:
+            raise error(loc, f"operands of '{op}' have different types: {tl} and {tr}")
+        return tl
+
+    def x_IntLit(self, e: ast.IntLit, want: Type | None, negated: bool = False) -> Type:
+        t = want if is_int(want) else U64
+        ok = fits(e.value, t) or (negated and t.signed and e.value == 1 << (t.bits - 1))
+        if not ok:
+            raise error(e.loc, f"integer literal {e.value} does not fit in {t}")
+        e.const = e.value
+        return t
+
+    def x_CharLit(self, e: ast.CharLit, want: Type | None) -> Type:
+        e.const = e.value
+        return BUILTIN["u8"]
+
+    def x_BoolLit(self, e: ast.BoolLit, want: Type | None) -> Type:
+        e.const = int(e.value)
+        return BOOL
+
+    def x_StrLit(self, e: ast.StrLit, want: Type | None) -> Type:
+        return PtrType(BUILTIN["u8"])
+
+    def x_ArrayLit(self, e: ast.ArrayLit, want: Type | None) -> Type:
+        raise error(e.loc, "an array literal can only initialise an array variable")
+
+    def x_Name(self, e: ast.Name, want: Type | None) -> Type:
+        sym = self.lookup(e.name)
+        if sym is None:
+            if e.name in INTRINSICS:
+                raise error(e.loc, f"machine operation '{e.name}' can only be called")
+            raise error(e.loc, f"unknown name '{e.name}'")
+        e.sym = sym
+        if isinstance(sym, ast.Local):
+            return sym.type
+        if isinstance(sym, ast.GlobalSym):
+            return self.global_type(sym)
+        if isinstance(sym, ast.ConstSym):
+            self.const_value(sym)
+            e.const = sym.value
+            return sym.type
+        raise error(e.loc, f"function '{e.name}' is not a value; write &{e.name} for its address")
+
+    def x_Unary(self, e: ast.Unary, want: Type | None) -> Type:
+        op, x = e.op, e.operand
+        if op == "&":
+            return self.address_of(e)
+        if op == "*":
+            t = self.value(x)
+            if not is_ptr(t):
+                raise error(e.loc, f"cannot dereference a value of type {t}")
+            return t.target
+        if op == "!":
+            self.expect(x, BOOL, "operand of '!'")
+            if x.const is not None:
+                e.const = 1 - x.const
+            return BOOL
+        if op == "-" and isinstance(x, ast.IntLit):
+            t = x.type = self.x_IntLit(x, want, negated=True)
+        else:
+            t = self.value(x, want)
+        if not is_int(t):
+            raise error(e.loc, f"operator '{op}' needs an integer operand, found {t}")
+        if x.const is not None:
+            e.const = wrap(-x.const if op == "-" else ~x.const, t)
+        return t
+
+    def address_of(self, e: ast.Unary) -> Type:
+        x = e.operand
+        if isinstance(x, ast.Name):
+            sym = self.lookup(x.name)
+            if isinstance(sym, ast.FnSym):
+                x.sym, x.type = sym, sym.type
+                return sym.type
+        t = self.expr(x)
+        self.require_lvalue(x, "take the address of")
+        if isinstance(x, ast.Name) and isinstance(x.sym, ast.Local):
+            x.sym.addr_taken = True
+        return PtrType(t)
+
+    def require_lvalue(self, e: ast.Expr, doing: str) -> None:
+        if isinstance(e, ast.Name):
+            if isinstance(e.sym, ast.ConstSym):
+                raise error(e.loc, f"cannot {doing} constant '{e.name}'")
+            return
+        if isinstance(e, ast.Unary) and e.op == "*":
+            return
+        if isinstance(e, ast.Index):
+            if isinstance(e.base.type, ArrayType):
+                self.require_lvalue(e.base, doing)
+            return
+        if isinstance(e, ast.FieldAccess):
+            if not e.deref:
+                self.require_lvalue(e.base, doing)
+            return
+        raise error(e.loc, f"cannot {doing} this expression")
+
+    def x_Binary(self, e: ast.Binary, want: Type | None) -> Type:
+        op, l, r = e.op, e.left, e.right
+        if op in LOGIC:
+            self.expect(l, BOOL, f"left operand of '{op}'")
+            self.expect(r, BOOL, f"right operand of '{op}'")
+            if l.const is not None and r.const is not None:
+                e.const = int(bool(l.const and r.const) if op == "&&" else bool(l.const or r.const))
+            return BOOL
+        if op in COMPARE:
+            tl, tr = self.operands(l, r, None)
+            if tl != tr:
+                raise error(e.loc, f"operands of '{op}' have different types: {tl} and {tr}")
+            ordered = is_int(tl) or is_ptr(tl)
+            if not (ordered or (op in ("==", "!=") and isinstance(tl, (BoolType, FnType)))):
+                raise error(e.loc, f"operator '{op}' cannot compare values of type {tl}")
+            if l.const is not None and r.const is not None:
+                e.const = int(fold_compare(op, l.const, r.const))
+            return BOOL
+        if op in SHIFTS:
+            tl = self.value(l, want)
+            tr = self.value(r)
+            if not is_int(tl) or not is_int(tr):
+                raise error(e.loc, f"operator '{op}' needs integer operands, found {tl} and {tr}")
+        else:
+            tl, tr = self.operands(l, r, want, ptr_offset=op in "+-")
+            if is_ptr(tl) and op in "+-":
+                if tr != U64:
+                    raise error(r.loc, f"pointer offset: expected u64, found {tr}")
+                return tl
+            self.arith_types(op, tl, tr, e.loc)
+        if l.const is not None and r.const is not None:
+            e.const = fold_binary(op, tl, l.const, r.const)
+        return tl
+
+    def x_Cast(self, e: ast.Cast, want: Type | None) -> Type:
+        s = self.value(e.operand)
+        t = self.resolve(e.target)
+        if not _convertible(s, t):
+            raise error(e.loc, f"cannot convert {s} to {t}")
+        if e.operand.const is not None and is_int(t):
+            e.const = wrap(e.operand.const, t)
+        return t
+
+    def x_Call(self, e: ast.Call, want: Type | None) -> Type:
+        callee = e.callee
+        ftype: FnType | None = None
+        name = "this function"
+        if isinstance(callee, ast.Name):
+            name = f"'{callee.name}'"
+            sym = self.lookup(callee.name)
+            if sym is None and callee.name in INTRINSICS:
+                e.intrinsic = INTRINSICS[callee.name]
+                params, result = _INTRINSIC_TYPES[callee.name]
+                ftype = FnType(params, result)
+            elif sym is None:
+                raise error(callee.loc, f"unknown function '{callee.name}'")
+            elif isinstance(sym, ast.FnSym):
+                if sym.item.interrupt:
+                    raise error(e.loc, f"interrupt fn '{callee.name}' cannot be called")
+                e.func, callee.sym, callee.type = sym, sym, sym.type
+                ftype = sym.type
+        if ftype is None:
+            t = self.value(callee)
+            if not isinstance(t, FnType):
+                raise error(e.loc, f"cannot call a value of type {t}")
+            ftype = t
+        if len(e.args) != len(ftype.params):
+            n = len(ftype.params)
+            raise error(e.loc, f"{name} takes {n} argument{'s' if n != 1 else ''}, {len(e.args)} given")
+        for i, (a, p) in enumerate(zip(e.args, ftype.params)):
+            self.expect(a, p, f"argument {i + 1} of {name}")
+        return ftype.result if ftype.result is not None else VOID
+
+    def x_Index(self, e: ast.Index, want: Type | None) -> Type:
+        bt = self.expr(e.base)
+        if isinstance(bt, ArrayType):
+            elem = bt.elem
+        elif is_ptr(bt):
+            elem = bt.target
+        else:
+            raise error(e.loc, f"cannot index a value of type {bt}")
+        self.expect(e.index, U64, "index")
+        if isinstance(bt, ArrayType) and e.index.const is not None and e.index.const >= bt.count:
+            raise error(e.index.loc, f"index {e.index.const} is out of bounds for {bt}")
+        return elem
+
+    def x_FieldAccess(self, e: ast.FieldAccess, want: Type | None) -> Type:
+        bt = self.expr(e.base)
+        st = bt
+        if is_ptr(bt) and isinstance(bt.target, StructType):
+            st, e.deref = bt.target, True
+        if not isinstance(st, StructType):
+            raise error(e.name_loc, f"a {bt} has no field '{e.name}'")
+        f = st.info.field(e.name)
+        if f is None:
+            raise error(e.name_loc, f"struct '{st.name}' has no field '{e.name}'")
+        e.offset = f.offset
+        return f.type
+
+
+def _convertible(s: Type, t: Type) -> bool:
+    if s == t:
+        return True
+    if is_int(t):
+        return is_int(s) or s == BOOL or (t == U64 and isinstance(s, (PtrType, FnType)))
+    if is_ptr(t):
+        return is_ptr(s) or s == U64
+    if isinstance(t, FnType):
+        return isinstance(s, FnType) or s == U64
+    return False

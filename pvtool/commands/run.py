@@ -1,0 +1,114 @@
+"""`pvtool run`: run an image (or a .pvk source, built on the fly) on the bundled hypervisor.
+
+stdout carries exactly the guest's console output.  The exit status is the
+guest's own (the debug-exit byte or the shutdown hypercall's status); 124
+when the guest is stopped by --timeout or --max-exits; 125 when it faults
+or the image is refused, with one line on stderr; 1 when a .pvk source
+does not compile; 2 when the file cannot be read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from runtime.errors import ImageError
+from runtime.hypervisor import (DEFAULT_MEMORY_MIB, MAX_MEMORY_MIB, MIN_MEMORY_MIB, MODES, RunResult,
+                                run as run_guest)
+
+EPILOG = """\
+modes:
+  bare   a native image on a bare machine: privileged instructions act on the
+         virtual CPU directly, port I/O reaches the device model (the baseline)
+  trap   a native image under trap-and-emulate: every sensitive instruction
+         and every write to a live page table exits to the hypervisor
+  pv     a paravirtualized image: it reaches the hypervisor only through
+         hypercalls (the default for PV images; bare is the default for native)
+
+exit status: the guest's status; 124 timeout or --max-exits; 125 guest fault
+or refused image; 1 compile error (.pvk); 2 unreadable file."""
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "run", help="run an image on the bundled hypervisor",
+        description="Run an ELF64 image, or a .pvk source built on the fly for the mode's "
+                    "target, on the bundled Unicorn hypervisor. stdout is the guest's console.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("image", metavar="IMAGE|SRC.pvk", help="an ELF64 x86-64 image or a PVK source")
+    p.add_argument("--mode", choices=MODES, help="bare, trap or pv (default: pv for PV images "
+                                                 "and .pvk sources, bare for native images)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="stop a guest still running after S seconds, exit 124 (default 60; 0: never)")
+    p.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MIB, metavar="MiB",
+                   help=f"guest RAM in MiB (default {DEFAULT_MEMORY_MIB})")
+    p.add_argument("--max-exits", type=int, metavar="N", help="stop the guest after N exits, exit 124")
+    p.add_argument("--cmdline", default="", help="the command line in the start-info page")
+    p.add_argument("--stats", action="store_true",
+                   help="print exits by reason, guest and wall time to stderr")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON (stderr)")
+    p.add_argument("--stats-file", metavar="F", help="write the statistics as JSON to F")
+    p.add_argument("--trace", action="store_true", help="log every exit to stderr")
+    p.set_defaults(func=run)
+
+
+def _image(args: argparse.Namespace) -> tuple[bytes | None, int]:
+    """The image bytes, or None and the exit status after reporting why not."""
+    if args.image.endswith(".pvk"):
+        from .. import driver                    # the compiler loads only for sources
+        from ..errors import USER_ERRORS
+        try:
+            return driver.compile_file(args.image, "pv" if args.mode in (None, "pv") else "native"), 0
+        except USER_ERRORS as e:
+            print(e, file=sys.stderr)
+            return None, 1
+    try:
+        return Path(args.image).read_bytes(), 0
+    except OSError as e:
+        print(f"pvtool run: {args.image}: {e.strerror or e}", file=sys.stderr)
+        return None, 2
+
+
+def _console(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.timeout < 0 or (args.max_exits is not None and args.max_exits < 0):
+        print("pvtool run: --timeout and --max-exits must not be negative", file=sys.stderr)
+        return 2
+    if not MIN_MEMORY_MIB <= args.memory <= MAX_MEMORY_MIB:
+        print(f"pvtool run: --memory must be {MIN_MEMORY_MIB}..{MAX_MEMORY_MIB} MiB", file=sys.stderr)
+        return 2
+    image, status = _image(args)
+    if image is None:
+        return status
+    try:
+        result = run_guest(image, args.mode, args.timeout or None, args.memory,
+                           max_exits=args.max_exits, trace=sys.stderr if args.trace else None,
+                           console=_console, cmdline=args.cmdline)
+    except ImageError as e:
+        print(f"pvtool run: {args.image}: {e}", file=sys.stderr)
+        return 125
+    if result.message:
+        print(result.message, file=sys.stderr)
+    _report(args, result)
+    return result.status
+
+
+def _report(args: argparse.Namespace, result: RunResult) -> None:
+    if args.stats:
+        print(result.stats.render(), file=sys.stderr)
+    if args.json or args.stats_file:
+        doc = {"image": args.image, "status": result.status, "end": result.reason,
+               "message": result.message, **result.stats.as_dict()}
+        text = json.dumps(doc, indent=2)
+        if args.stats_file:
+            try:
+                Path(args.stats_file).write_text(text + "\n")
+            except OSError as e:
+                print(f"pvtool run: cannot write {args.stats_file}: {e.strerror or e}", file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)

@@ -1,0 +1,583 @@
+"""Checked syntax trees to IR (see pvtool.ir for the model it follows).
+
+Each function becomes an `ir.Function`: scalar locals and parameters whose
+address is never taken are virtual registers; other locals, arrays and
+structs get stack slots.  Globals become `ir.Data` objects (string literals
+are deduplicated read-only `.str.N` objects).  Narrow integers are kept
+canonical with `Ext` after every operation that can break the form; `&&`,
+`||` and conditions become branches.  Every instruction carries the `Loc`
+of the source construct it implements.
+"""
+from __future__ import annotations
+
+from . import ast, ir
+from .check import check
+from .diagnostics import CompileError, deep_recursion
+from .types import VOID, ArrayType, IntType, PtrType, Type, align_of, is_aggregate, is_int, size_of
+
+MASK = (1 << 64) - 1
+UNROLL_ZERO = 64        # bytes: zero larger slots with a loop
+
+_ARITH = {"+": "add", "-": "sub", "*": "mul", "&": "and", "|": "or", "^": "xor", "<<": "shl"}
+_NEEDS_EXT = ("add", "sub", "mul", "shl", "sdiv", "srem", "neg")
+_CMP_EQ = {"==": "eq", "!=": "ne"}
+_CMP_SIGNED = {"<": "slt", "<=": "sle", ">": "sgt", ">=": "sge"}
+_CMP_UNSIGNED = {"<": "ult", "<=": "ule", ">": "ugt", ">=": "uge"}
+
+
+def lower(program: ast.Program) -> ir.Module:
+    """The IR of a program (checked first if it has not been)."""
+    check(program)
+    with deep_recursion():
+        try:
+            return _Module(program).run()
+        except RecursionError:
+            raise CompileError(None, "program nested too deeply") from None
+
+
+def _imm(value: int) -> int:
+    return value & MASK
+
+
+def _narrow(t: Type | None) -> bool:
+    return isinstance(t, IntType) and t.bits < 64
+
+
+def _signed(t: Type | None) -> bool:
+    return isinstance(t, IntType) and t.signed
+
+
+class _Module:
+    def __init__(self, program: ast.Program):
+        self.program = program
+        self.strings: dict[bytes, str] = {}
+        self.string_data: list[ir.Data] = []
+
+    def run(self) -> ir.Module:
+        data, functions = [], []
+        for item in self.program.items:
+            if isinstance(item, ast.Global):
+                data.append(self.global_data(item))
+            elif isinstance(item, ast.Fn):
+                functions.append(_Function(self, item).run())
+        return ir.Module(functions, data + self.string_data, list(self.program.files))
+
+    def string(self, value: bytes, loc: ir.Loc | None = None) -> str:
+        """The name of the read-only copy of a string literal (one per distinct text)."""
+        if value not in self.strings:
+            name = f".str.{len(self.strings)}"
+            self.strings[value] = name
+            init = value + b"\0"
+            self.string_data.append(ir.Data(name, "rodata", len(init), 1, init, loc=loc))
+        return self.strings[value]
+
+    def global_data(self, item: ast.Global) -> ir.Data:
+        t = item.sym.type
+        size, align = size_of(t), align_of(t)
+        if item.value is None:
+            return ir.Data(item.name, "bss", size, align, loc=item.loc)
+        buf = bytearray(size)
+        relocs: list[ir.DataReloc] = []
+        self.serialize(item.value, t, buf, 0, relocs, item.loc)
+        if not relocs and not any(buf):
+            return ir.Data(item.name, "bss", size, align, loc=item.loc)
+        return ir.Data(item.name, "data", size, align, bytes(buf), relocs, loc=item.loc)
+
+    def serialize(self, v: ast.StaticValue, t: Type, buf: bytearray, at: int,
+                  relocs: list[ir.DataReloc], loc: ir.Loc) -> None:
+        if isinstance(v, list):
+            step = size_of(t.elem)
+            for i, x in enumerate(v):
+                self.serialize(x, t.elem, buf, at + i * step, relocs, loc)
+        elif isinstance(v, ast.AddrValue):
+            symbol = v.symbol if v.symbol is not None else self.string(v.string, loc)
+            relocs.append(ir.DataReloc(at, symbol, v.offset))
+        else:
+            n = size_of(t)
+            buf[at:at + n] = (v % (1 << (8 * n))).to_bytes(n, "little")
+
+
+class _Function:
+    """Lowers one function; `cur` is the block being filled."""
+
+    def __init__(self, module: _Module, fn: ast.Fn):
+        self.module = module
+        self.fn = fn
+        self.f = ir.Function(fn.name, [], [], returns_value=fn.result is not None,
+                             interrupt=fn.interrupt, loc=fn.loc)
+        self.home: dict[ast.Local, ir.VReg | int] = {}     # vreg, or slot index
+        self.loops: list[tuple[str, str]] = []             # (continue target, break target)
+        self.labels = 0
+        self.loc = fn.loc
+        self.cur: ir.Block | None = None
+
+    def run(self) -> ir.Function:
+        self.start("entry")
+        for p in self.fn.params:
+            v = self.f.new_vreg()
+            self.f.params.append(v)
+            self.loc = p.loc
+            if is_aggregate(p.sym.type) or p.sym.addr_taken:
+                self.allocate(p.sym)
+                self.store_local(p.sym, v)
+            else:
+                self.home[p.sym] = v
+        for s in self.fn.body.stmts:
+            self.stmt(s)
+        self.loc = self.fn.body.end
+        for b in self.f.blocks:
+            if b.term is None:
+                b.term = self.return_term(None)
+        self.thread_jumps()
+        self.drop_unreachable()
+        return self.f
+
+    # -- blocks ------------------------------------------------------------------------
+
+    def label(self, hint: str) -> str:
+        self.labels += 1
+        return f"{hint}{self.labels}"
+
+    def start(self, label: str) -> None:
+        self.cur = ir.Block(label, [])
+        self.f.blocks.append(self.cur)
+
+    def emit(self, instr: ir.Instr) -> ir.Instr:
+        instr.loc = self.loc
+        self.cur.instrs.append(instr)
+        return instr
+
+    def terminate(self, term: ir.Instr) -> None:
+        """End the current block; code that follows lands in a fresh block,
+        dropped later if nothing jumps there (code after return/break)."""
+        term.loc = self.loc
+        self.cur.term = term
+        self.start(self.label("dead"))
+
+    def jump(self, target: str) -> None:
+        self.terminate(ir.Jump(target))
+
+    def return_term(self, value: ir.Operand | None) -> ir.Instr:
+        if self.fn.interrupt:
+            t = ir.IRet()
+        elif self.fn.result is not None:
+            t = ir.Ret(0 if value is None else value)
+        else:
+            t = ir.Ret(None)
+        t.loc = self.loc
+        return t
+
+    def thread_jumps(self) -> None:
+        """Skip blocks that hold nothing but a jump (joins of empty arms, loop exits)."""
+        forward = {b.label: b.term.target for b in self.f.blocks[1:]
+                   if not b.instrs and isinstance(b.term, ir.Jump)}
+
+        def final(label: str) -> str:
+            seen = set()
+            while label in forward and label not in seen:
+                seen.add(label)
+                label = forward[label]
+            return label
+
+        for b in self.f.blocks:
+            if isinstance(b.term, ir.Jump):
+                b.term.target = final(b.term.target)
+            elif isinstance(b.term, ir.Branch):
+                b.term.then, b.term.else_ = final(b.term.then), final(b.term.else_)
+
+    def drop_unreachable(self) -> None:
+        by_label = {b.label: b for b in self.f.blocks}
+        seen, work = {"entry"}, ["entry"]
+        while work:
+            for s in by_label[work.pop()].successors():
+                if s not in seen:
+                    seen.add(s)
+                    work.append(s)
+        self.f.blocks = [b for b in self.f.blocks if b.label in seen]
+
+    def new(self) -> ir.VReg:
+        return self.f.new_vreg()
+
+    # -- locals ------------------------------------------------------------------------------
+
+    def allocate(self, local: ast.Local) -> None:
+        if local in self.home:
+            return
+        t = local.type
+        if is_aggregate(t):
+            size = (size_of(t) + 7) // 8 * 8          # whole words, for zeroing
+            self.home[local] = self.f.new_slot(size, max(align_of(t), 8))
+        elif local.addr_taken:
+            self.home[local] = self.f.new_slot(size_of(t), align_of(t))
+        else:
+            self.home[local] = self.new()
+
+    def slot_addr(self, slot: int) -> ir.VReg:
+        dst = self.new()
+        self.emit(ir.SlotAddr(dst, slot))
+        return dst
+
+    def store_local(self, local: ast.Local, v: ir.Operand) -> None:
+        home = self.home[local]
+        if isinstance(home, ir.VReg):
+            self.emit(ir.Copy(home, v))
+        else:
+            self.emit(ir.Store(self.slot_addr(home), 0, v, size_of(local.type)))
+
+    def zero_local(self, local: ast.Local) -> None:
+        home = self.home[local]
+        if isinstance(home, ir.VReg):
+            self.emit(ir.Copy(home, 0))
+            return
+        if not is_aggregate(local.type):
+            self.store_local(local, 0)
+            return
+        size = self.f.slots[home].size
+        base = self.slot_addr(home)
+        if size <= UNROLL_ZERO:
+            for off in range(0, size, 8):
+                self.emit(ir.Store(base, off, 0, 8))
+            return
+        p, c = self.new(), self.new()
+        head, body, done = self.label("zero"), self.label("zerobody"), self.label("zerodone")
+        self.emit(ir.Copy(p, base))
+        self.jump(head)
+        self.start(head)
+        self.emit(ir.BinOp("sub", c, p, base))
+        self.emit(ir.Cmp("ult", c, c, size))
+        self.terminate(ir.Branch(c, body, done))
+        self.start(body)
+        self.emit(ir.Store(p, 0, 0, 8))
+        self.emit(ir.BinOp("add", p, p, 8))
+        self.jump(head)
+        self.start(done)
+
+    def store_array(self, lit: ast.ArrayLit, base: ir.Operand, at: int) -> None:
+        step = size_of(lit.type.elem)
+        for i, x in enumerate(lit.elems):
+            if isinstance(x, ast.ArrayLit):
+                self.store_array(x, base, at + i * step)
+            else:
+                self.emit(ir.Store(base, at + i * step, self.rvalue(x), step))
+
+    # -- statements -----------------------------------------------------------------------------
+
+    def stmt(self, s: ast.Stmt) -> None:
+        saved, self.loc = self.loc, s.loc
+        getattr(self, "s_" + type(s).__name__)(s)
+        self.loc = saved
+
+    def s_Block(self, s: ast.Block) -> None:
+        for x in s.stmts:
+            self.stmt(x)
+
+    def s_VarStmt(self, s: ast.VarStmt) -> None:
+        local = s.sym
+        value = None
+        if s.init is not None and not isinstance(s.init, ast.ArrayLit):
+            value = self.rvalue(s.init)
+        self.allocate(local)
+        if value is not None:
+            self.store_local(local, value)
+            return
+        self.zero_local(local)
+        if isinstance(s.init, ast.ArrayLit):
+            self.store_array(s.init, self.slot_addr(self.home[local]), 0)
+
+    def s_Assign(self, s: ast.Assign) -> None:
+        target, t = s.target, s.target.type
+        if isinstance(target, ast.Name) and isinstance(self.home.get(target.sym), ir.VReg):
+            reg = self.home[target.sym]
+            if s.op == "=":
+                self.emit(ir.Copy(reg, self.rvalue(s.value)))
+            else:
+                self.arith(s.op, reg, self.rvalue(s.value), t, s.value.type, dst=reg)
+            return
+        base, off = self.address(target)
+        if s.op == "=":
+            value = self.rvalue(s.value)
+        else:
+            old = self.load(base, off, t)
+            value = self.arith(s.op, old, self.rvalue(s.value), t, s.value.type)
+        self.emit(ir.Store(base, off, value, size_of(t)))
+
+    def s_If(self, s: ast.If) -> None:
+        join = self.label("join")
+        for i, (cond, body) in enumerate(s.arms):
+            last = i == len(s.arms) - 1 and s.else_ is None
+            then, other = self.label("then"), join if last else self.label("else")
+            self.branch(cond, then, other)
+            self.start(then)
+            self.s_Block(body)
+            self.jump(join)
+            if other != join:
+                self.start(other)
+        if s.else_ is not None:
+            self.s_Block(s.else_)
+            self.jump(join)
+        self.start(join)
+
+    def s_While(self, s: ast.While) -> None:
+        head, body, done = self.label("while"), self.label("body"), self.label("done")
+        self.jump(head)
+        self.start(head)
+        self.branch(s.cond, body, done)
+        self.start(body)
+        self.loop_body(s.body, head, done)
+        self.start(done)
+
+    def s_For(self, s: ast.For) -> None:
+        """A hidden counter runs from start to end (evaluated once); the loop
+        variable is a copy, so the body may change it freely."""
+        t = s.sym.type
+        head, body, step, done = (self.label(h) for h in ("for", "body", "step", "done"))
+        counter, end = self.new(), self.new()
+        self.emit(ir.Copy(counter, self.rvalue(s.start)))
+        self.emit(ir.Copy(end, self.rvalue(s.end)))
+        self.allocate(s.sym)
+        self.jump(head)
+        self.start(head)
+        c = self.new()
+        self.emit(ir.Cmp("slt" if _signed(t) else "ult", c, counter, end))
+        self.terminate(ir.Branch(c, body, done))
+        self.start(body)
+        self.store_local(s.sym, counter)
+        self.loop_body(s.body, step, done)
+        self.start(step)
+        # counter < end <= max of t, so counter + 1 cannot wrap.
+        self.emit(ir.BinOp("add", counter, counter, 1))
+        self.jump(head)
+        self.start(done)
+
+    def loop_body(self, body: ast.Block, cont: str, brk: str) -> None:
+        self.loops.append((cont, brk))
+        self.s_Block(body)
+        self.loops.pop()
+        self.jump(cont)
+
+    def s_Break(self, s: ast.Break) -> None:
+        self.jump(self.loops[-1][1])
+
+    def s_Continue(self, s: ast.Continue) -> None:
+        self.jump(self.loops[-1][0])
+
+    def s_Return(self, s: ast.Return) -> None:
+        value = self.rvalue(s.value) if s.value is not None else None
+        self.terminate(self.return_term(value))
+
+    def s_ExprStmt(self, s: ast.ExprStmt) -> None:
+        if isinstance(s.expr, ast.Call):
+            self.with_loc(s.expr, self.r_Call)
+        elif s.expr.const is None:
+            self.rvalue(s.expr)
+
+    # -- conditions ---------------------------------------------------------------------------------
+
+    def branch(self, e: ast.Expr, yes: str, no: str) -> None:
+        """Jump to `yes` if the bool e is true, else to `no`."""
+        saved, self.loc = self.loc, e.loc
+        if e.const is not None:
+            self.jump(yes if e.const else no)
+        elif isinstance(e, ast.Unary) and e.op == "!":
+            self.branch(e.operand, no, yes)
+        elif isinstance(e, ast.Binary) and e.op in ("&&", "||"):
+            mid = self.label("and" if e.op == "&&" else "or")
+            if e.op == "&&":
+                self.branch(e.left, mid, no)
+            else:
+                self.branch(e.left, yes, mid)
+            self.start(mid)
+            self.branch(e.right, yes, no)
+        else:
+            self.terminate(ir.Branch(self.rvalue(e), yes, no))
+        self.loc = saved
+
+    # -- expressions ----------------------------------------------------------------------------------
+
+    def with_loc(self, e: ast.Expr, how):
+        saved, self.loc = self.loc, e.loc
+        try:
+            return how(e)
+        finally:
+            self.loc = saved
+
+    def rvalue(self, e: ast.Expr) -> ir.Operand:
+        """The value of a scalar expression, as a vreg or an immediate.  A
+        register-allocated local is returned as its own vreg (nothing in an
+        expression can assign to it)."""
+        if e.const is not None:
+            return _imm(e.const)
+        return self.with_loc(e, getattr(self, "r_" + type(e).__name__))
+
+    def r_StrLit(self, e: ast.StrLit) -> ir.Operand:
+        dst = self.new()
+        self.emit(ir.AddrOf(dst, self.module.string(e.value, e.loc)))
+        return dst
+
+    def r_Name(self, e: ast.Name) -> ir.Operand:
+        home = self.home.get(e.sym)
+        if isinstance(home, ir.VReg):
+            return home
+        return self.load(*self.address(e), e.type)
+
+    def r_Index(self, e: ast.Index) -> ir.Operand:
+        return self.load(*self.address(e), e.type)
+
+    r_FieldAccess = r_Index
+
+    def r_Unary(self, e: ast.Unary) -> ir.Operand:
+        op, t = e.op, e.type
+        if op == "&":
+            return self.materialize(*self.address(e.operand))
+        if op == "*":
+            return self.load(*self.address(e), t)
+        a = self.rvalue(e.operand)
+        dst = self.new()
+        if op == "!":
+            self.emit(ir.BinOp("xor", dst, a, 1))
+        elif op == "-":
+            self.emit(ir.UnOp("neg", dst, a))
+            self.ext(dst, t)
+        else:
+            self.emit(ir.UnOp("not", dst, a))
+            if not _signed(t):
+                self.ext(dst, t)          # ~ of a sign-extended value stays sign-extended
+        return dst
+
+    def r_Binary(self, e: ast.Binary) -> ir.Operand:
+        op = e.op
+        if op in ("&&", "||"):
+            dst = self.new()
+            yes, no, join = self.label("true"), self.label("false"), self.label("bool")
+            self.branch(e, yes, no)
+            for label, value in ((yes, 1), (no, 0)):
+                self.start(label)
+                self.emit(ir.Copy(dst, value))
+                self.jump(join)
+            self.start(join)
+            return dst
+        a, b = self.rvalue(e.left), self.rvalue(e.right)
+        if op in _CMP_EQ or op in _CMP_SIGNED:
+            t = e.left.type
+            cmp = _CMP_EQ.get(op) or (_CMP_SIGNED if _signed(t) else _CMP_UNSIGNED)[op]
+            dst = self.new()
+            self.emit(ir.Cmp(cmp, dst, a, b))
+            return dst
+        return self.arith(op, a, b, e.left.type, e.right.type)
+
+    def arith(self, op: str, a: ir.Operand, b: ir.Operand, t: Type, tb: Type,
+              dst: ir.VReg | None = None) -> ir.VReg:
+        """a OP b for a of type t (b of type tb), into dst (a fresh vreg by default)."""
+        dst = dst or self.new()
+        if isinstance(t, PtrType):
+            scale = size_of(t.target)
+            if scale != 1:
+                scaled = self.new()
+                self.emit(ir.BinOp("mul", scaled, b, scale))
+                b = scaled
+            self.emit(ir.BinOp("add" if op == "+" else "sub", dst, a, b))
+            return dst
+        signed = _signed(t)
+        if op == "/":
+            name = "sdiv" if signed else "udiv"
+        elif op == "%":
+            name = "srem" if signed else "urem"
+        elif op == ">>":
+            name = "sar" if signed else "shr"
+        else:
+            name = _ARITH[op]
+        self.emit(ir.BinOp(name, dst, a, b))
+        if name in _NEEDS_EXT:
+            self.ext(dst, t)
+        return dst
+
+    def ext(self, dst: ir.VReg, t: Type) -> None:
+        if _narrow(t):
+            self.emit(ir.Ext(dst, dst, t.bits, t.signed))
+
+    def r_Cast(self, e: ast.Cast) -> ir.Operand:
+        s, t = e.operand.type, e.type
+        v = self.rvalue(e.operand)
+        if not (is_int(s) and is_int(t)) or t.bits == 64:
+            return v                       # every other conversion keeps the bits
+        if (t.bits > s.bits and not s.signed) or (t.bits >= s.bits and s.signed == t.signed):
+            return v                       # already canonical for t
+        dst = self.new()
+        self.emit(ir.Ext(dst, v, t.bits, t.signed))
+        return dst
+
+    def r_Call(self, e: ast.Call) -> ir.Operand | None:
+        target = None
+        if e.intrinsic is None and e.func is None:
+            target = self.rvalue(e.callee)
+        args = [self.rvalue(a) for a in e.args]
+        result = None if e.type == VOID else e.type
+        dst = None if result is None else self.new()
+        if e.intrinsic is not None:
+            self.emit(ir.MachineOp(e.intrinsic.name, dst, args))
+            if dst is not None:
+                self.ext(dst, result)      # the result of `in` is canonical from here on
+        elif e.func is not None:
+            self.emit(ir.Call(dst, e.func.name, args))
+        else:
+            self.emit(ir.CallIndirect(dst, target, args))
+        return dst
+
+    # -- memory -----------------------------------------------------------------------------------------
+
+    def load(self, base: ir.Operand, off: int, t: Type) -> ir.VReg:
+        dst = self.new()
+        self.emit(ir.Load(dst, base, off, size_of(t), _signed(t)))
+        return dst
+
+    def materialize(self, base: ir.Operand, off: int) -> ir.Operand:
+        if off == 0:
+            return base
+        if isinstance(base, int):
+            return _imm(base + off)
+        dst = self.new()
+        self.emit(ir.BinOp("add", dst, base, _imm(off)))
+        return dst
+
+    def address(self, e: ast.Expr) -> tuple[ir.Operand, int]:
+        """Where an lvalue lives: a base operand plus a constant byte offset."""
+        saved, self.loc = self.loc, e.loc
+        try:
+            return self._address(e)
+        finally:
+            self.loc = saved
+
+    def _address(self, e: ast.Expr) -> tuple[ir.Operand, int]:
+        if isinstance(e, ast.Name):
+            if isinstance(e.sym, ast.Local):
+                return self.slot_addr(self.home[e.sym]), 0
+            dst = self.new()
+            self.emit(ir.AddrOf(dst, e.name))
+            return dst, 0
+        if isinstance(e, ast.Unary) and e.op == "*":
+            return self.rvalue(e.operand), 0
+        if isinstance(e, ast.FieldAccess):
+            if e.deref:
+                return self.rvalue(e.base), e.offset
+            base, off = self.address(e.base)
+            return base, off + e.offset
+        if isinstance(e, ast.Index):
+            if isinstance(e.base.type, ArrayType):
+                base, off = self.address(e.base)
+            else:
+                base, off = self.rvalue(e.base), 0
+            size = size_of(e.type)
+            if e.index.const is not None:
+                delta = _imm(e.index.const * size)
+                delta = delta - (1 << 64) if delta >> 63 else delta
+                if -(1 << 31) <= off + delta < 1 << 31:
+                    return base, off + delta
+            index = self.rvalue(e.index)
+            if size != 1:
+                scaled = self.new()
+                self.emit(ir.BinOp("mul", scaled, index, size))
+                index = scaled
+            dst = self.new()
+            self.emit(ir.BinOp("add", dst, base, index))
+            return dst, off
+        raise AssertionError(f"not an lvalue: {e}")

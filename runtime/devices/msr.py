@@ -1,0 +1,72 @@
+"""The MSR file: which model-specific registers exist and what writes they take.
+
+Registers the CPU itself uses (EFER, FS/GS base, the kernel GS base) live in
+Unicorn's vCPU and are written through, after checks that keep the
+hypervisor's invariants (long mode stays on; bases stay canonical).  The
+rest are plain storage.  The syscall MSRs are storage too: `syscall` is the
+hypercall instruction here and never jumps to LSTAR.  An unknown MSR, or a
+write the file refuses, raises `Refused(EINVAL)`: `-EINVAL` from the
+hypercall, #GP (a fault) when trapped.  `bare` mode does not come here:
+Unicorn cannot hook rdmsr/wrmsr, so a bare guest reads Unicorn's own MSRs.
+"""
+from __future__ import annotations
+
+from unicorn import Uc
+
+from pvtool import abi
+
+from ..clock import VirtualClock
+from ..errors import Refused
+
+IA32_TSC = 0x10
+IA32_APIC_BASE = 0x1B
+IA32_MISC_ENABLE = 0x1A0
+IA32_PAT = 0x277
+EFER = 0xC0000080
+STAR, LSTAR, CSTAR, SFMASK = 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
+FS_BASE, GS_BASE, KERNEL_GS_BASE = 0xC0000100, 0xC0000101, 0xC0000102
+TSC_AUX = 0xC0000103
+
+EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1 << 0, 1 << 8, 1 << 10, 1 << 11
+_EFER_FIXED = EFER_LME | EFER_LMA           # long mode cannot be left
+_EFER_WRITABLE = EFER_SCE | EFER_NXE | _EFER_FIXED
+_IN_CPU = (EFER, FS_BASE, GS_BASE, KERNEL_GS_BASE)
+_STORED = {IA32_PAT: 0x0007040600070406, IA32_MISC_ENABLE: 1, IA32_APIC_BASE: 0,
+           STAR: 0, LSTAR: 0, CSTAR: 0, SFMASK: 0, TSC_AUX: 0}
+_READ_ONLY = (IA32_MISC_ENABLE, IA32_APIC_BASE)
+
+
+def canonical(va: int) -> bool:
+    top = va >> 47
+    return top == 0 or top == (1 << 17) - 1
+
+
+class MsrFile:
+    def __init__(self, uc: Uc, clock: VirtualClock):
+        self.uc = uc
+        self.clock = clock
+        self.stored = dict(_STORED)
+
+    def read(self, msr: int) -> int:
+        if msr in _IN_CPU:
+            return self.uc.msr_read(msr)
+        if msr == IA32_TSC:
+            return self.clock.read_tsc()
+        if msr in self.stored:
+            return self.stored[msr]
+        raise Refused(abi.EINVAL, f"rdmsr of unknown MSR {msr:#x}")
+
+    def write(self, msr: int, value: int) -> None:
+        value &= (1 << 64) - 1
+        if msr == EFER:
+            if value & ~_EFER_WRITABLE or value & _EFER_FIXED != _EFER_FIXED:
+                raise Refused(abi.EINVAL, f"EFER value {value:#x} would leave long mode or sets reserved bits")
+            self.uc.msr_write(msr, value)
+        elif msr in (FS_BASE, GS_BASE, KERNEL_GS_BASE):
+            if not canonical(value):
+                raise Refused(abi.EINVAL, f"non-canonical base {value:#x} for MSR {msr:#x}")
+            self.uc.msr_write(msr, value)
+        elif msr in self.stored and msr not in _READ_ONLY:
+            self.stored[msr] = value
+        else:
+            raise Refused(abi.EINVAL, f"wrmsr to {'read-only' if msr in _READ_ONLY else 'unknown'} MSR {msr:#x}")

@@ -1,0 +1,151 @@
+"""Guest RAM: the only memory a guest can reach, with page permissions.
+
+RAM is one Unicorn mapping from guest-physical 0.  Each 4 KiB page carries
+permissions (read, write, execute) applied with `uc.mem_protect`.  Unicorn
+2.1.4 checks these *physical* permissions on every access the guest makes
+through its own page tables, and its invalid-access hooks report the
+guest-physical address (found by experiment; see tests/test_runtime_unicorn.py).
+So the protection here holds whatever the guest's page tables say:
+
+- text is read+execute and never writable, everything else is not
+  executable, so a guest can neither write code nor run data;
+- hypervisor pages below 1 MiB are unreachable, except the start-info page
+  (read-only), the shared page and the boot stack (read-write), the boot
+  page tables and GDT (read-only);
+- live page-table pages are *pinned*: write permission is removed while
+  they are reachable from CR3, so a direct store traps.
+
+`read`/`write` are the hypervisor's own bounds-checked accesses; they
+ignore permissions.  Guest pointers are checked with `guest_can`.
+
+RAM is a host buffer handed to Unicorn with `mem_map_ptr`: `mem_protect`
+on part of a region splits it, and Unicorn copies the whole region's
+contents on a split unless it does not own the memory (measured: about
+50 ms per split of a 64 MiB `mem_map` region, under 1 ms with
+`mem_map_ptr`).  Reads go straight to the buffer, and so do writes to
+pages that are not executable: Unicorn holds no translated code for them.
+A write touching an executable page goes through `uc.mem_write`, which
+drops the translations of code that changes (8 us against well under 1).
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+
+from unicorn import UC_PROT_EXEC, UC_PROT_NONE, UC_PROT_READ, UC_PROT_WRITE, Uc
+
+from pvtool import abi
+
+from .errors import Refused
+
+PAGE = abi.PAGE_SIZE
+NONE, R, W, X = UC_PROT_NONE, UC_PROT_READ, UC_PROT_WRITE, UC_PROT_EXEC
+RW, RX = R | W, R | X
+
+BOOT_TABLES = (abi.BOOT_PML4, abi.BOOT_PDPT, abi.BOOT_PD)
+BOOT_STACK = (abi.BOOT_STACK_TOP - abi.BOOT_STACK_SIZE, abi.BOOT_STACK_TOP)
+
+# Low memory: (start, end, permissions, what), the rest of [0, 1 MiB) is unreachable.
+LOW_MEMORY = [
+    (abi.START_INFO, abi.START_INFO + PAGE, R, "start-info page"),
+    (abi.SHARED_PAGE, abi.SHARED_PAGE + PAGE, RW, "shared page"),
+    (abi.BOOT_PML4, abi.BOOT_PD + PAGE, R, "boot page tables"),
+    (abi.BOOT_GDT, abi.BOOT_GDT + PAGE, R, "boot GDT"),
+    (BOOT_STACK[0], BOOT_STACK[1], RW, "boot stack"),
+]
+
+
+_U64 = struct.Struct("<Q")
+
+
+def page_of(pa: int) -> int:
+    return pa & ~(PAGE - 1)
+
+
+class GuestMemory:
+    def __init__(self, uc: Uc, size: int):
+        self.uc = uc
+        self.size = size
+        self.perm = bytearray([RW]) * (size // PAGE)
+        self._labels: list[tuple[int, int, str]] = [(0, size, "free RAM")]   # later ones win
+        self.pinned: set[int] = set()
+        self._ram = ctypes.create_string_buffer(size)     # zeroed; lives as long as this object
+        self._view = memoryview(self._ram).cast("B")
+        uc.mem_map_ptr(0, size, RW, ctypes.addressof(self._ram))
+        self.set_range(0, abi.RESERVED_END, NONE, "hypervisor memory")
+        for start, end, perm, what in LOW_MEMORY:
+            self.set_range(start, end, perm, what)
+
+    # -- layout -----------------------------------------------------------------
+    def set_range(self, start: int, end: int, perm: int, what: str, merge: bool = False) -> None:
+        """Give [start, end) (widened to whole pages) `perm`; `merge` ORs into what is there."""
+        first, last = start // PAGE, (end + PAGE - 1) // PAGE
+        for k in range(first, last):
+            self.perm[k] = self.perm[k] | perm if merge else perm
+        self._labels.append((first * PAGE, last * PAGE, what))
+
+    def commit(self) -> None:
+        """Apply the page permissions to Unicorn, one call per run of equal pages."""
+        run_start = 0
+        for k in range(1, len(self.perm) + 1):
+            if k == len(self.perm) or self.perm[k] != self.perm[run_start]:
+                self.uc.mem_protect(run_start * PAGE, (k - run_start) * PAGE, self.perm[run_start])
+                run_start = k
+
+    def what(self, pa: int) -> str:
+        return next(w for s, e, w in reversed(self._labels) if s <= pa < e)
+
+    def describe(self, pa: int) -> str:
+        if not 0 <= pa < self.size:
+            return f"{pa:#x} (beyond guest RAM of {self.size >> 20} MiB)"
+        extra = ", a live page table" if page_of(pa) in self.pinned else ""
+        return f"{pa:#x} ({self.what(pa)}{extra})"
+
+    # -- pinning live page tables -----------------------------------------------------
+    def pin(self, page: int) -> None:
+        self.pinned.add(page)
+        self.uc.mem_protect(page, PAGE, self.perm[page // PAGE] & ~W)
+
+    def unpin(self, page: int) -> None:
+        self.pinned.discard(page)
+        self.uc.mem_protect(page, PAGE, self.perm[page // PAGE])
+
+    # -- guest permissions -----------------------------------------------------------
+    def effective(self, pa: int) -> int:
+        """The permissions the guest has on the page holding `pa` right now."""
+        if not 0 <= pa < self.size:
+            return NONE
+        perm = self.perm[pa // PAGE]
+        return perm & ~W if page_of(pa) in self.pinned else perm
+
+    def guest_can(self, pa: int, size: int, perm: int) -> bool:
+        if size <= 0 or pa < 0 or pa + size > self.size:
+            return size == 0
+        return all(self.effective(p) & perm == perm for p in range(page_of(pa), pa + size, PAGE))
+
+    def base_writable(self, pa: int) -> bool:
+        """Whether the page is guest data by layout (pinned or not): where tables may live."""
+        return 0 <= pa < self.size and self.perm[pa // PAGE] == RW
+
+    # -- the hypervisor's own access --------------------------------------------------
+    def _check(self, pa: int, size: int) -> None:
+        if pa < 0 or size < 0 or pa + size > self.size:
+            raise Refused(abi.EFAULT, f"guest-physical range {pa:#x}+{size:#x} is outside RAM")
+
+    def read(self, pa: int, size: int) -> bytes:
+        self._check(pa, size)
+        return bytes(self._view[pa:pa + size])
+
+    def write(self, pa: int, data: bytes) -> None:
+        self._check(pa, len(data))
+        if any(self.perm[k] & X for k in range(pa // PAGE, (pa + len(data) + PAGE - 1) // PAGE)):
+            self.uc.mem_write(pa, bytes(data))
+        else:
+            self._view[pa:pa + len(data)] = data
+
+    def read_u64(self, pa: int) -> int:
+        self._check(pa, 8)
+        return _U64.unpack_from(self._view, pa)[0]
+
+    def write_u64(self, pa: int, value: int) -> None:
+        self.write(pa, _U64.pack(value & (1 << 64) - 1))

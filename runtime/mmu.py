@@ -1,0 +1,251 @@
+"""Guest page tables: translation for the hypervisor, validation, live-table tracking.
+
+The guest's own 4-level tables drive Unicorn's MMU (real guest paging).  In
+`pv` and `trap` the hypervisor validates every change before it can take
+effect, Xen-style:
+
+- a root (CR3) is validated as a whole when loaded: every table reachable
+  from it is checked entry by entry, then *pinned* (write-protected at the
+  guest-physical level, see memory.py) and the previous root's tables that
+  are no longer reachable are released;
+- a write to a live table (`set_pte` in pv, a trapped store in trap) is
+  checked at the level the table is live at; if it adds or removes a
+  subtree the live set is recomputed from the root.
+
+The entry rules (docs/abi.md section 6):
+
+- bits 52-62 must be clear; a PML4 entry cannot be a large page; a large
+  page must be aligned (-EINVAL);
+- a non-leaf entry must name a table inside RAM (-EINVAL), not in
+  hypervisor memory below 1 MiB except the boot tables, and not in text or
+  read-only data (-EPERM): a table page must be a page pinning can protect;
+- a 4 KiB leaf must not map a hypervisor page below 1 MiB writable, except
+  the shared page and the boot stack, which belong to the guest (-EPERM).
+  Large leaves may cover low memory (the boot map is one): the pages there
+  the guest must not write are protected at the guest-physical level, which
+  no page table can change;
+- a leaf whose frame starts at or beyond the end of RAM is rejected with
+  -EINVAL in pv; in trap it is accepted as an unbacked hole, as a shadow
+  pager would: an access through it faults.
+
+A page used as a table at two different levels is refused (-EINVAL).  A
+table page written while not live (a hierarchy being built) gets only the
+checks that need no level; the rest happen when it becomes live.
+
+Unicorn's TLB caches translations, so `flush` is needed where invlpg or a
+CR3 load requires it; unicorn 2.1.4's Python binding has no wrapper for
+UC_CTL_TLB_FLUSH, so it is issued with `uc.ctl`.  The flush is global:
+Unicorn offers no single-page invalidation.
+"""
+from __future__ import annotations
+
+import struct
+
+from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, Uc
+from unicorn.x86_const import UC_X86_REG_CR3
+
+from pvtool import abi
+
+from .devices.msr import canonical
+from .errors import Refused
+from .memory import BOOT_STACK, BOOT_TABLES, PAGE, R, W, GuestMemory, page_of
+
+P, RW, PS = 1 << 0, 1 << 1, 1 << 7
+ADDR = 0x000F_FFFF_FFFF_F000
+RESERVED = 0x7FF0_0000_0000_0000          # bits 52-62
+PAT_LARGE = 1 << 12                       # PAT bit of a large-page entry
+PAGE_SIZE_AT = {1: 1 << 12, 2: 1 << 21, 3: 1 << 30}
+LEVEL_NAME = {4: "PML4", 3: "PDPT", 2: "PD", 1: "PT"}
+CR3_FLAGS = 0x18                          # PWT, PCD
+_ENTRIES = struct.Struct("<512Q")
+
+
+def is_leaf(level: int, entry: int) -> bool:
+    return level == 1 or (level in (2, 3) and bool(entry & PS))
+
+
+def links(level: int, entry: int) -> bool:
+    """Whether `entry` names a next-level table."""
+    return bool(entry & P) and not is_leaf(level, entry)
+
+
+def guest_low_page(frame: int) -> bool:
+    """Pages below 1 MiB that the boot contract gives the guest."""
+    return frame == abi.SHARED_PAGE or BOOT_STACK[0] <= frame < BOOT_STACK[1]
+
+
+class Mmu:
+    def __init__(self, uc: Uc, mem: GuestMemory, holes: bool):
+        self.uc = uc
+        self.mem = mem
+        self.holes = holes                   # trap: leaves beyond RAM are unbacked holes
+        self.tables: dict[int, int] = {}     # live table page -> level
+        self.root = 0
+        # The hypervisor's own TLB for `translate`, kept only while it tracks
+        # the tables (not in bare mode): dropped on every flush, root load and
+        # validated write, so it is never staler than the guest's TLB.
+        self._tlb: dict[tuple[int, bool], int] = {}
+
+    # -- rules ----------------------------------------------------------------------
+    def check_table(self, table: int) -> None:
+        if table + PAGE > self.mem.size:
+            raise Refused(abi.EINVAL, f"page table at {table:#x} is beyond RAM")
+        if table < abi.RESERVED_END and table not in BOOT_TABLES:
+            raise Refused(abi.EPERM, f"page table at {table:#x} is in hypervisor memory")
+        if table not in BOOT_TABLES and not self.mem.base_writable(table):
+            raise Refused(abi.EPERM, f"page table at {self.mem.describe(table)} is not in guest data memory")
+
+    def check_entry(self, level: int, entry: int) -> None:
+        """Refuse an entry that may not stand at `level` (see the module docstring)."""
+        if not entry & P:
+            return
+        if entry & RESERVED:
+            raise Refused(abi.EINVAL, f"{LEVEL_NAME[level]} entry {entry:#x} sets reserved bits 52-62")
+        addr = entry & ADDR
+        if level == 4 and entry & PS:
+            raise Refused(abi.EINVAL, f"PML4 entry {entry:#x} cannot map a page")
+        if not is_leaf(level, entry):
+            self.check_table(addr)
+            return
+        size = PAGE_SIZE_AT[level]
+        if level > 1 and addr & (size - 1) & ~PAT_LARGE:
+            raise Refused(abi.EINVAL, f"{LEVEL_NAME[level]} entry {entry:#x} maps a misaligned large page")
+        frame = addr & ~(size - 1)
+        if frame >= self.mem.size and not self.holes:
+            raise Refused(abi.EINVAL, f"{LEVEL_NAME[level]} entry {entry:#x} maps a frame beyond RAM")
+        if level == 1 and entry & RW and frame < abi.RESERVED_END and not guest_low_page(frame):
+            raise Refused(abi.EPERM, f"PT entry {entry:#x} maps hypervisor page {frame:#x} writable")
+
+    def walk(self, root: int) -> dict[int, int]:
+        """Validate the hierarchy under `root`; its table pages and their levels."""
+        self.check_table(root)
+        found: dict[int, int] = {}
+        todo = [(root, 4)]
+        while todo:
+            table, level = todo.pop()
+            if table in found:
+                if found[table] != level:
+                    raise Refused(abi.EINVAL, f"page {table:#x} is used as a table at two levels")
+                continue
+            found[table] = level
+            for entry in _ENTRIES.unpack(self.mem.read(table, PAGE)):
+                if entry & P:
+                    self.check_entry(level, entry)
+                    if links(level, entry):
+                        todo.append((entry & ADDR, level - 1))
+        return found
+
+    # -- changes --------------------------------------------------------------------
+    def load_root(self, cr3: int) -> None:
+        """Validate, pin and switch to a new root (CR3 load, new_baseptr)."""
+        if cr3 & ~(ADDR | CR3_FLAGS):
+            raise Refused(abi.EINVAL, f"CR3 value {cr3:#x} sets reserved bits")
+        root = cr3 & ADDR
+        if root != self.root:
+            self._repin(self.walk(root))
+            self.root = root
+        self.uc.reg_write(UC_X86_REG_CR3, cr3)
+        self.flush()
+
+    def adopt_root(self, root: int) -> None:
+        """Track and pin the boot hierarchy the hypervisor built itself."""
+        self.root = root
+        self._repin(self.walk(root))
+        self._tlb.clear()
+
+    def write_entry(self, pa: int, value: int) -> None:
+        """A validated page-table write of the u64 at guest-physical `pa`."""
+        value &= (1 << 64) - 1
+        if pa & 7:
+            raise Refused(abi.EFAULT, f"page-table entry pointer {pa:#x} is not 8-byte aligned")
+        level = self.tables.get(page_of(pa))
+        if level is None:
+            self._write_unpinned(pa, value)
+            return
+        old = self.mem.read_u64(pa)
+        self.check_entry(level, value)
+        self.mem.write_u64(pa, value)
+        self._tlb.clear()
+        if links(level, old) or links(level, value):
+            try:
+                tables = self.walk(self.root)
+            except Refused:
+                self.mem.write_u64(pa, old)
+                raise
+            self._repin(tables)
+
+    def _write_unpinned(self, pa: int, value: int) -> None:
+        if not self.mem.guest_can(pa, 8, W):   # guest data only, never text or hypervisor pages
+            raise Refused(abi.EFAULT, f"set_pte target {self.mem.describe(pa)} is not guest-writable memory")
+        if value & P:
+            if value & RESERVED:
+                raise Refused(abi.EINVAL, f"entry {value:#x} sets reserved bits 52-62")
+            if value & ADDR >= self.mem.size and not self.holes:
+                raise Refused(abi.EINVAL, f"entry {value:#x} points beyond RAM")
+        self.mem.write_u64(pa, value)
+
+    def _repin(self, tables: dict[int, int]) -> None:
+        for page in self.tables.keys() - tables.keys():
+            self.mem.unpin(page)
+        for page in tables.keys() - self.tables.keys():
+            self.mem.pin(page)
+        self.tables = tables
+
+    def flush(self) -> None:
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        self._tlb.clear()
+
+    # -- translation for the hypervisor ----------------------------------------------
+    def translate(self, va: int, write: bool = False) -> int:
+        """Guest-virtual to guest-physical through the current CR3, or Refused(EFAULT)."""
+        hit = self._tlb.get((va & ~(PAGE - 1), write))
+        if hit is not None:
+            return hit | (va & (PAGE - 1))
+        if not canonical(va):
+            raise Refused(abi.EFAULT, f"non-canonical address {va:#x}")
+        pa = self._walk_to(va, write)
+        if self.tables:
+            if len(self._tlb) > 4096:
+                self._tlb.clear()
+            self._tlb[(va & ~(PAGE - 1), write)] = page_of(pa)
+        return pa
+
+    def _walk_to(self, va: int, write: bool) -> int:
+        # pv and trap keep CR3 == root; bare lets the guest load CR3 itself
+        table = self.root if self.tables else self.uc.reg_read(UC_X86_REG_CR3) & ADDR
+        for level in (4, 3, 2, 1):
+            index = (va >> (12 + 9 * (level - 1))) & 0x1FF
+            entry = self.mem.read_u64(table + 8 * index)
+            if not entry & P or (write and not entry & RW):
+                why = "not mapped" if not entry & P else "mapped read-only"
+                raise Refused(abi.EFAULT, f"guest address {va:#x} is {why}")
+            if is_leaf(level, entry):
+                size = PAGE_SIZE_AT[level]
+                return (entry & ADDR & ~(size - 1)) | (va & (size - 1))
+            table = entry & ADDR
+        raise AssertionError("unreachable")
+
+    def read_virt(self, va: int, size: int) -> bytes:
+        """Guest memory the guest itself may read, by virtual address."""
+        return b"".join(self.mem.read(pa, n) for pa, n in self._pieces(va, size, write=False))
+
+    def write_virt(self, va: int, data: bytes) -> None:
+        """Store into guest memory the guest itself may write, by virtual address."""
+        pieces = self._pieces(va, len(data), write=True)    # check everything before writing
+        off = 0
+        for pa, n in pieces:
+            self.mem.write(pa, data[off:off + n])
+            off += n
+
+    def _pieces(self, va: int, size: int, write: bool) -> list[tuple[int, int]]:
+        out = []
+        perm = W if write else R
+        while size > 0:
+            n = min(size, PAGE - (va & (PAGE - 1)))
+            pa = self.translate(va, write)
+            if not self.mem.guest_can(pa, n, perm):
+                raise Refused(abi.EFAULT, f"guest address {va:#x} -> {self.mem.describe(pa)} is not "
+                                          f"{'writable' if write else 'readable'} by the guest")
+            out.append((pa, n))
+            va, size = va + n, size - n
+        return out

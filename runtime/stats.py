@@ -1,0 +1,53 @@
+"""Exit counters and times for `pvtool run --stats/--json` and the benchmarks.
+
+An *exit* is one trip from guest code into the hypervisor: a hypercall, a
+trapped instruction, a trapped page-table write, a port access or cpuid
+caught by an instruction hook.  Entries run inside a multicall are counted
+apart (`batched`): they cost no exit of their own.
+
+Times: `wall` is the whole run including set-up; `run` is the time inside
+Unicorn's emulation loop; `hypervisor` the part of that spent in exit
+handlers; guest time is the difference.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Stats:
+    mode: str
+    exits: Counter = field(default_factory=Counter)
+    batched: Counter = field(default_factory=Counter)
+    total_exits: int = 0
+    wall_seconds: float = 0.0
+    run_seconds: float = 0.0
+    hypervisor_seconds: float = 0.0
+    tsc: int = 0
+
+    @property
+    def guest_seconds(self) -> float:
+        return max(0.0, self.run_seconds - self.hypervisor_seconds)
+
+    def as_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "exits": self.total_exits,
+            "exits_by_reason": dict(self.exits.most_common()),
+            "multicall_entries": dict(self.batched.most_common()),
+            "guest_seconds": round(self.guest_seconds, 6),
+            "hypervisor_seconds": round(self.hypervisor_seconds, 6),
+            "wall_seconds": round(self.wall_seconds, 6),
+            "virtual_tsc": self.tsc,
+        }
+
+    def render(self) -> str:
+        lines = [f"mode {self.mode}: {self.total_exits} exits; guest {self.guest_seconds:.3f} s, "
+                 f"hypervisor {self.hypervisor_seconds:.3f} s, wall {self.wall_seconds:.3f} s"]
+        width = max((len(r) for r in list(self.exits) + list(self.batched)), default=0)
+        lines += [f"  {reason.ljust(width)}  {n:>9}" for reason, n in self.exits.most_common()]
+        if self.batched:
+            lines.append("  batched in multicalls (no exit of their own):")
+            lines += [f"  {name.ljust(width)}  {n:>9}" for name, n in self.batched.most_common()]
+        return "\n".join(lines)

@@ -1,0 +1,231 @@
+"""`pvtool bench` and bench/code_quality.py: rows, checks, progress line, errors."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pvtool import bench, cli
+from runtime.hypervisor import RunResult
+from runtime.stats import Stats
+
+ROOT = Path(__file__).resolve().parents[1]
+HELLO = str(ROOT / "kernels" / "hello.pvk")
+CRITICAL = str(ROOT / "kernels" / "critical.pvk")
+ROW_KEYS = {"kernel", "mode", "seconds", "exits", "exits_by_reason", "ratio_to_bare", "repeats", "status"}
+
+
+def bench_json(capsys, *argv: str) -> list[dict]:
+    assert cli.main(["bench", *argv, "--json"]) == 0
+    out = capsys.readouterr()
+    assert out.err == ""                      # no progress line when stderr is not a terminal
+    return json.loads(out.out)
+
+
+def fake_result(mode: str, console: bytes = b"ok\n", status: int = 0, reason: str = "shutdown",
+                exits: dict[str, int] | None = None) -> RunResult:
+    stats = Stats(mode, exits=Counter(exits or {}))
+    stats.total_exits = sum(stats.exits.values())
+    return RunResult(status, reason, "" if reason == "shutdown" else f"{reason}: stopped", console, stats)
+
+
+def fake_kernels(*names: str) -> list[bench.Kernel]:
+    return [bench.Kernel(n, {"native": f"{n}-native".encode(), "pv": f"{n}-pv".encode()}) for n in names]
+
+
+class TtyBuffer(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+# -- the command on real kernels ---------------------------------------------------------
+
+def test_hello_rows_for_every_mode(capsys):
+    rows = bench_json(capsys, HELLO, "--repeat", "1")
+    assert [(r["kernel"], r["mode"]) for r in rows] == [("hello", m) for m in ("bare", "trap", "pv")]
+    for r in rows:
+        assert ROW_KEYS <= r.keys()
+        assert r["repeats"] == 1 and r["status"] == 0
+        assert r["seconds"] > 0
+        assert r["exits"] == sum(r["exits_by_reason"].values()) > 0
+    assert rows[0]["ratio_to_bare"] == 1.0
+    assert any(k.startswith("hypercall") for k in rows[2]["exits_by_reason"])
+    assert rows[2]["exits_vs_trap"] == pytest.approx(rows[2]["exits"] / rows[1]["exits"], rel=1e-3)
+
+
+def test_table_on_stdout(capsys):
+    assert cli.main(["bench", HELLO, "--repeat", "1", "--modes", "pv,bare"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["kernel", "mode", "seconds"]
+    assert lines[1].split()[:2] == ["hello", "bare"] and lines[2].split()[0] == "pv"
+    assert "trap" not in out.split("exits by reason:")[0].replace("pv/trap", "")
+    assert "hello pv: hypercall" in out
+
+
+def test_critical_pv_exits_fewer_than_trap(capsys):
+    rows = {r["mode"]: r for r in bench_json(capsys, CRITICAL, "--repeat", "1", "--modes", "trap,pv")}
+    assert rows["pv"]["exits"] < rows["trap"]["exits"]
+    assert rows["pv"]["exits_vs_trap"] < 0.01       # 30,000 critical sections cost pv no exit
+    assert rows["trap"]["exits_by_reason"]["trap pushfq"] >= 30000
+    assert rows["trap"]["ratio_to_bare"] is None      # bare not run
+
+
+# -- measure(): interleaving and checks, with a fake hypervisor ----------------------------
+
+def test_runs_interleave_repeat_kernel_mode():
+    calls = []
+
+    def runner(image, mode, timeout):
+        calls.append((image.decode(), mode))
+        return fake_result(mode)
+
+    rows = bench.measure(fake_kernels("a", "b"), ["bare", "trap", "pv"], 2, runner=runner)
+    one_round = [("a-native", "bare"), ("a-native", "trap"), ("a-pv", "pv"),
+                 ("b-native", "bare"), ("b-native", "trap"), ("b-pv", "pv")]
+    assert calls == one_round * 2
+    assert [(r.kernel, r.mode, r.repeats) for r in rows] == [(k, m, 2) for k in "ab" for m in ("bare", "trap", "pv")]
+
+
+def test_ratios_from_exits():
+    exits = {"trap": {"trap cli": 90, "trap out": 10}, "pv": {"hypercall multicall": 5}, "bare": {}}
+    rows = bench.measure(fake_kernels("k"), ["bare", "trap", "pv"], 1,
+                         runner=lambda image, mode, t: fake_result(mode, exits=exits[mode]))
+    pv = rows[2]
+    assert pv.exits == 5 and pv.exits_vs_trap == pytest.approx(0.05)
+    assert rows[1].exits_by_reason == {"trap cli": 90, "trap out": 10}
+    assert rows[0].exits_vs_trap is None and rows[1].time_vs_trap is None
+
+
+def test_console_mismatch_is_an_error():
+    runner = lambda image, mode, t: fake_result(mode, b"ok\n" if mode != "pv" else b"oops\n")  # noqa: E731
+    with pytest.raises(bench.BenchError, match=r"k: console output in pv mode differs from bare.*'ok' vs 'oops'"):
+        bench.measure(fake_kernels("k"), ["bare", "trap", "pv"], 1, runner=runner)
+
+
+def test_status_mismatch_and_no_shutdown_are_errors():
+    with pytest.raises(bench.BenchError, match="exit status 3 in trap mode but 0 in bare"):
+        bench.measure(fake_kernels("k"), ["bare", "trap"], 1,
+                      runner=lambda image, mode, t: fake_result(mode, status=3 if mode == "trap" else 0))
+    with pytest.raises(bench.BenchError, match="k in pv mode did not shut down: timeout"):
+        bench.measure(fake_kernels("k"), ["pv"], 1,
+                      runner=lambda image, mode, t: fake_result(mode, reason="timeout"))
+
+
+def test_mismatch_through_the_command(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "_default_runner",
+                        lambda image, mode, t: fake_result(mode, b"pv\n" if mode == "pv" else b"native\n"))
+    assert cli.main(["bench", HELLO, "--repeat", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pvtool bench: hello: console output in pv mode differs")
+    assert err.count("\n") == 1
+
+
+# -- progress line ----------------------------------------------------------------------
+
+def test_progress_line_only_on_a_terminal(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "_default_runner", lambda image, mode, t: fake_result(mode))
+    tty = TtyBuffer()
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert cli.main(["bench", HELLO, "--repeat", "2", "--json"]) == 0
+    shown = tty.getvalue()
+    assert shown.count("\r") >= 6 and "[6/6] repeat 2/2: hello pv" in shown
+    assert shown.endswith("\r") and shown.rsplit("\r", 2)[1].strip() == ""    # cleared at the end
+    assert len(json.loads(capsys.readouterr().out)) == 3
+
+    piped = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", piped)
+    assert cli.main(["bench", HELLO, "--repeat", "2", "--json"]) == 0
+    assert piped.getvalue() == ""
+
+
+# -- bad input --------------------------------------------------------------------------
+
+def test_missing_and_wrong_kernels(capsys, tmp_path):
+    assert cli.main(["bench", str(tmp_path / "none.pvk")]) == 2
+    assert capsys.readouterr().err.strip().endswith("none.pvk: no such kernel")
+    elf = tmp_path / "k.elf"
+    elf.write_bytes(b"\x7fELF")
+    assert cli.main(["bench", str(elf)]) == 2
+    assert "not a .pvk kernel source" in capsys.readouterr().err
+
+
+def test_compile_error_exits_1(capsys, tmp_path):
+    bad = tmp_path / "bad.pvk"
+    bad.write_text("fn kmain() -> u64 { return nothing; }\n")
+    assert cli.main(["bench", str(bad), "--repeat", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "error: unknown name 'nothing'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["--repeat", "0"], ["--repeat", "x"], ["--modes", "bare,fast"],
+                                  ["--modes", ","], ["--timeout", "-1"]])
+def test_bad_options_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", HELLO, *argv])
+    assert e.value.code == 2
+    assert "pvtool bench: error: argument" in capsys.readouterr().err
+
+
+def test_guest_that_never_stops(capsys, tmp_path):
+    loop = tmp_path / "loop.pvk"
+    loop.write_text("fn kmain() -> u64 {\n    var x: u64 = 1;\n    while x > 0 { x = x + 1; }\n    return 0;\n}\n")
+    assert cli.main(["bench", str(loop), "--modes", "bare", "--repeat", "1", "--timeout", "0.2"]) == 1
+    assert "loop in bare mode did not shut down: timeout" in capsys.readouterr().err
+
+
+def test_parse_modes_orders_and_dedups():
+    assert bench.parse_modes("pv, bare,pv") == ["bare", "pv"]
+    with pytest.raises(ValueError, match="'qemu'"):
+        bench.parse_modes("bare,qemu")
+
+
+# -- bench/code_quality.py --------------------------------------------------------------
+
+def load_code_quality():
+    if "code_quality" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("code_quality", ROOT / "bench" / "code_quality.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["code_quality"] = module            # dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules["code_quality"]
+
+
+def test_code_quality_knows_each_sources_own_functions():
+    cq = load_code_quality()
+    assert cq.defined_functions(ROOT / "bench" / "c" / "sort.c") == {"sift_down", "heapsort", "kmain"}
+    assert cq.defined_functions(ROOT / "kernels" / "checksum.pvk") == {"fill", "adler32", "fnv1a", "kmain"}
+    assert cq.expected(ROOT / "kernels" / "sieve.pvk").console.startswith(b"primes below 1000000: 78498\n")
+
+
+def run_code_quality(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "code_quality.py"), *argv],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
+def test_code_quality_smoke():
+    proc = run_code_quality("--repeat", "1", "--json", "sieve")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert [(r["kernel"], r["variant"]) for r in rows] == [("sieve", v) for v in ("pvk", "gcc-O0", "gcc-O2")]
+    for r in rows:
+        assert r["seconds"] > 0 and r["text_bytes"] >= r["kernel_bytes"] > 0 and r["repeats"] == 1
+    assert rows[0]["pvk_time_ratio"] is None
+    assert all(r["pvk_time_ratio"] > 0 and r["pvk_size_ratio"] > 0 for r in rows[1:])
+
+
+def test_code_quality_without_gcc_and_bad_kernel():
+    proc = run_code_quality("--repeat", "1", "--json", "--cc", "no-such-cc", "sieve")
+    assert proc.returncode == 0, proc.stderr
+    assert "no-such-cc not found; skipping the gcc variants" in proc.stderr
+    assert [r["variant"] for r in json.loads(proc.stdout)] == ["pvk"]
+    proc = run_code_quality("quicksort")
+    assert proc.returncode == 2 and "unknown kernel 'quicksort'" in proc.stderr

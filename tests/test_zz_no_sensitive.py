@@ -1,0 +1,165 @@
+"""The last word: no PV image built in this session contains a sensitive instruction.
+
+conftest.py records every image `pvtool.driver.compile_file` returned during
+the session.  This file (named to run last) disassembles each recorded PV
+image with its own linear capstone pass, written here and on purpose
+sharing nothing with pvtool.sweep: every executable PT_LOAD segment, minus
+the hypercall page the image declares (PVTool note type 4; the hypervisor
+fills it), decoded instruction by instruction and checked against the list
+below.  The same pass must flag every native image, or it proves nothing.
+Run alone, it first builds every kernel for both targets.
+"""
+from __future__ import annotations
+
+import io
+import re
+import struct
+from dataclasses import dataclass
+
+import capstone
+import pytest
+from elftools.elf.constants import P_FLAGS
+from elftools.elf.elffile import ELFFile
+
+import kernels
+from pvtool import driver
+
+PAGE = 4096
+NOTE_OWNER = b"PVTool"
+NOTE_HYPERCALL_PAGE = 4
+
+# Instructions a deprivileged guest must not run: they fault outside ring 0,
+# or run there but read or change state the hypervisor virtualizes.
+PRIVILEGED = {
+    "cli", "sti", "hlt", "in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd",
+    "lgdt", "lidt", "lldt", "ltr", "lmsw", "clts", "invlpg", "invlpga", "invpcid", "invd", "wbinvd",
+    "wbnoinvd", "rdmsr", "wrmsr", "rdpmc", "iret", "iretd", "iretq", "sysret", "sysretq", "sysexit",
+    "swapgs", "rsm", "xsetbv", "monitor", "mwait", "clac", "stac", "vmxon", "vmxoff", "vmlaunch",
+    "vmresume", "vmptrld", "vmclear", "vmread", "vmwrite", "vmrun", "vmload", "vmsave", "stgi", "clgi",
+}
+SENSITIVE_UNPRIVILEGED = {
+    "pushf", "pushfd", "pushfq", "popf", "popfd", "popfq", "sgdt", "sidt", "sldt", "str", "smsw",
+    "lar", "lsl", "verr", "verw", "lss", "lfs", "lgs", "cpuid", "rdtsc", "rdtscp",
+    "ljmp", "lcall", "retf", "retfq", "lret", "wrfsbase", "wrgsbase",
+}
+CONTROL_OR_DEBUG = re.compile(r"\b[cd]r\d+\b")
+SEGMENT_REGISTER = re.compile(r"(^|,\s*)(cs|ds|es|fs|gs|ss)\s*(,|$)")   # not a `fs:[...]` override
+
+
+@dataclass(frozen=True)
+class Hit:
+    address: int
+    text: str
+
+
+def is_sensitive(mnemonic: str, operands: str, raw: bytes) -> bool:
+    name = mnemonic.split()[-1]            # drop rep/lock prefixes
+    if name in PRIVILEGED or name in SENSITIVE_UNPRIVILEGED:
+        return True
+    if name == "mov" and (CONTROL_OR_DEBUG.search(operands) or SEGMENT_REGISTER.search(operands)):
+        return True
+    if name in ("push", "pop") and SEGMENT_REGISTER.search(operands):
+        return True
+    if name in ("call", "jmp") and far_indirect(raw):
+        return True
+    return False
+
+
+def far_indirect(raw: bytes) -> bool:
+    """ff /3 (call far) or ff /5 (jmp far), after any prefixes."""
+    i = 0
+    while i < len(raw) - 1 and (raw[i] in (0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x3E, 0x26, 0x64, 0x65, 0x36)
+                                or 0x40 <= raw[i] <= 0x4F):
+        i += 1
+    return raw[i] == 0xFF and i + 1 < len(raw) and (raw[i + 1] >> 3) & 7 in (3, 5)
+
+
+def hypercall_page(elf: ELFFile) -> int | None:
+    """The address in the PVTool note of type 4, read from the raw note segments."""
+    for seg in elf.iter_segments():
+        if seg["p_type"] != "PT_NOTE":
+            continue
+        data, off = seg.data(), 0
+        while off + 12 <= len(data):
+            namesz, descsz, ntype = struct.unpack_from("<III", data, off)
+            name = data[off + 12:off + 12 + namesz].rstrip(b"\0")
+            desc_at = off + 12 + (namesz + 3 & ~3)
+            if name == NOTE_OWNER and ntype == NOTE_HYPERCALL_PAGE:
+                return struct.unpack_from("<Q", data, desc_at)[0]
+            off = desc_at + (descsz + 3 & ~3)
+    return None
+
+
+def sweep(image: bytes) -> list[Hit]:
+    """Every sensitive instruction in the executable segments, decoded linearly."""
+    elf = ELFFile(io.BytesIO(image))
+    skip = hypercall_page(elf)
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    hits = []
+    for seg in elf.iter_segments():
+        if seg["p_type"] != "PT_LOAD" or not seg["p_flags"] & P_FLAGS.PF_X:
+            continue
+        hits += sweep_code(md, seg.data(), seg["p_vaddr"], skip)
+    return hits
+
+
+def sweep_code(md: capstone.Cs, code: bytes, base: int, skip: int | None) -> list[Hit]:
+    """Decode [base, base+len) in runs; capstone stops at a byte it cannot
+    decode, which is stepped over.  The page at `skip` is not decoded."""
+    spans = [(0, len(code))]
+    if skip is not None and base < skip + PAGE and skip < base + len(code):
+        spans = [(0, max(skip - base, 0)), (min(skip + PAGE - base, len(code)), len(code))]
+    hits = []
+    for start, end in spans:
+        off = start
+        while off < end:
+            for addr, size, mnemonic, operands in md.disasm_lite(code[off:end], base + off):
+                if is_sensitive(mnemonic, operands, code[addr - base:addr - base + size]):
+                    hits.append(Hit(addr, f"{mnemonic} {operands}".strip()))
+                off = addr - base + size
+            if off < end:      # capstone stopped early: not an instruction, step over a byte
+                off += 1
+    return hits
+
+
+@pytest.fixture(scope="module")
+def recorded(built_images):
+    if not built_images.of_target("pv"):     # run alone: build every kernel first
+        for path in kernels.all_kernels():
+            for target in driver.TARGETS:
+                driver.compile_file(str(path), target)
+    return built_images
+
+
+def test_no_pv_image_built_this_session_has_a_sensitive_instruction(recorded):
+    pv = recorded.of_target("pv")
+    assert pv, "no PV image was recorded"
+    dirty = {}
+    for built in pv:
+        hits = sweep(built.image)
+        if hits:
+            dirty[built.source] = [f"{h.address:#x}: {h.text}" for h in hits[:5]]
+    assert not dirty, f"{len(dirty)} of {len(pv)} PV images have sensitive instructions: {dirty}"
+
+
+def test_the_same_pass_flags_every_native_image(recorded):
+    native = recorded.of_target("native")
+    assert native, "no native image was recorded"
+    clean = [b.source for b in native if not sweep(b.image)]
+    assert not clean, f"the sweep found nothing in these native images: {clean}"
+
+
+def test_the_pass_knows_the_instructions_it_looks_for():
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    samples = {
+        b"\xfa": True, b"\xee": True, b"\xec": True, b"\x0f\x22\xd8": True,   # cli, out, in, mov cr3, rax
+        b"\x9c": True, b"\x0f\xa2": True, b"\x0f\x01\x38": True,               # pushfq, cpuid, invlpg [rax]
+        b"\x8e\xd8": True, b"\x0f\xa0": True, b"\xff\x18": True,               # mov ds, ax; push fs; call far
+        b"\x48\x89\xd8": False, b"\xf3\x90": False, b"\x0f\x05": False,        # mov rax, rbx; pause; syscall
+        b"\xff\x10": False, b"\x64\x48\x8b\x04\x25\x00\x00\x00\x00": False,    # call [rax]; mov rax, fs:[0]
+    }
+    for code, flagged in samples.items():
+        assert bool(sweep_code(md, code, 0x1000, None)) == flagged, code.hex()
+    # the hypercall page is skipped, whatever it holds
+    page = b"\x90" * 16 + b"\xfa" * PAGE + b"\xf4"
+    assert [h.address for h in sweep_code(md, page, 0x1000, 0x1010)] == [0x1000 + 16 + PAGE]
