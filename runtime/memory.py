@@ -148,4 +148,8 @@ class GuestMemory:
         return _U64.unpack_from(self._view, pa)[0]
 
     def write_u64(self, pa: int, value: int) -> None:
-        self.write(pa, _U64.pack(value & (1 << 64) - 1))
+        if pa & 7 or self.perm[pa // PAGE] & X:      # unaligned or code: the general path
+            self.write(pa, _U64.pack(value & (1 << 64) - 1))
+            return
+        self._check(pa, 8)
+        _U64.pack_into(self._view, pa, value & (1 << 64) - 1)

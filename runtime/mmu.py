@@ -60,6 +60,19 @@ CR3_FLAGS = 0x18                          # PWT, PCD
 _ENTRIES = struct.Struct("<512Q")
 
 
+class _Batch:
+    def __init__(self, mmu: Mmu):
+        self.mmu = mmu
+
+    def __enter__(self) -> None:
+        self.mmu._flush_deferred = False
+
+    def __exit__(self, *exc) -> None:
+        pending, self.mmu._flush_deferred = self.mmu._flush_deferred, None
+        if pending:
+            self.mmu.flush()
+
+
 def is_leaf(level: int, entry: int) -> bool:
     return level == 1 or (level in (2, 3) and bool(entry & PS))
 
@@ -83,8 +96,11 @@ class Mmu:
         self.root = 0
         # The hypervisor's own TLB for `translate`, kept only while it tracks
         # the tables (not in bare mode): dropped on every flush, root load and
-        # validated write, so it is never staler than the guest's TLB.
+        # validated write to a table one of its walks went through, so it is
+        # never staler than the tables themselves.
         self._tlb: dict[tuple[int, bool], int] = {}
+        self._tlb_tables: set[int] = set()   # table pages the cached walks read
+        self._flush_deferred: bool | None = None   # inside a batch: None = flush now
 
     # -- rules ----------------------------------------------------------------------
     def check_table(self, table: int) -> None:
@@ -151,7 +167,24 @@ class Mmu:
         """Track and pin the boot hierarchy the hypervisor built itself."""
         self.root = root
         self._repin(self.walk(root))
-        self._tlb.clear()
+        self._drop_tlb()
+
+    def set_pte(self, va: int, value: int) -> None:
+        """The set_pte hypercall and multicall entry: a validated write of the
+        entry at guest-virtual `va`.  The common case, a 4 KiB leaf written into
+        a live page table, takes a short path with the same rules."""
+        if va & 7:
+            raise Refused(abi.EFAULT, f"page-table entry pointer {va:#x} is not 8-byte aligned")
+        page = self._tlb.get((va & ~(PAGE - 1), False))
+        pa = page | (va & (PAGE - 1)) if page is not None else self.translate(va)
+        frame = value & ADDR
+        if (self.tables.get(pa & ~(PAGE - 1)) == 1 and 0 <= value < 1 << 63 and not value & RESERVED
+                and frame < self.mem.size and (frame >= abi.RESERVED_END or not value & (P | RW) == P | RW)):
+            self.mem.write_u64(pa, value)
+            if pa & ~(PAGE - 1) in self._tlb_tables:
+                self._drop_tlb()
+            return
+        self.write_entry(pa, value)
 
     def write_entry(self, pa: int, value: int) -> None:
         """A validated page-table write of the u64 at guest-physical `pa`."""
@@ -165,7 +198,8 @@ class Mmu:
         old = self.mem.read_u64(pa)
         self.check_entry(level, value)
         self.mem.write_u64(pa, value)
-        self._tlb.clear()
+        if page_of(pa) in self._tlb_tables:
+            self._drop_tlb()
         if links(level, old) or links(level, value):
             try:
                 tables = self.walk(self.root)
@@ -192,8 +226,21 @@ class Mmu:
         self.tables = tables
 
     def flush(self) -> None:
+        """Flush the guest's TLB (Unicorn's is global), or note it while a batch runs."""
+        if self._flush_deferred is not None:
+            self._flush_deferred = True
+            return
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        self._drop_tlb()
+
+    def batch(self) -> "_Batch":
+        """`with mmu.batch():` flushes once at the end, for a multicall: no guest
+        instruction runs in between, so one flush is as good as many."""
+        return _Batch(self)
+
+    def _drop_tlb(self) -> None:
         self._tlb.clear()
+        self._tlb_tables.clear()
 
     # -- translation for the hypervisor ----------------------------------------------
     def translate(self, va: int, write: bool = False) -> int:
@@ -203,17 +250,20 @@ class Mmu:
             return hit | (va & (PAGE - 1))
         if not canonical(va):
             raise Refused(abi.EFAULT, f"non-canonical address {va:#x}")
-        pa = self._walk_to(va, write)
+        path: list[int] = []
+        pa = self._walk_to(va, write, path)
         if self.tables:
             if len(self._tlb) > 4096:
-                self._tlb.clear()
+                self._drop_tlb()
             self._tlb[(va & ~(PAGE - 1), write)] = page_of(pa)
+            self._tlb_tables.update(path)
         return pa
 
-    def _walk_to(self, va: int, write: bool) -> int:
+    def _walk_to(self, va: int, write: bool, path: list[int]) -> int:
         # pv and trap keep CR3 == root; bare lets the guest load CR3 itself
         table = self.root if self.tables else self.uc.reg_read(UC_X86_REG_CR3) & ADDR
         for level in (4, 3, 2, 1):
+            path.append(table)
             index = (va >> (12 + 9 * (level - 1))) & 0x1FF
             entry = self.mem.read_u64(table + 8 * index)
             if not entry & P or (write and not entry & RW):
