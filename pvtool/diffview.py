@@ -342,13 +342,14 @@ def _where(sp: SitePair) -> str:
     return f"{_short(sp.file)}:{sp.line}" if sp.file else "boot code"
 
 
-def render(d: Diff, color: bool = False, full: bool = False, context: int = 3) -> str:
+def render(d: Diff, color: bool = False, full: bool = False, context: int = 3,
+           summary_only: bool = False) -> str:
     """The side-by-side listing and the summary; runs of more than 2*context
     identical instructions are folded unless `full`."""
     paint = _Paint(color)
     width = 46
     out = [paint("head", f"native: {d.native_name}    pv: {d.pv_name}"), ""]
-    for f in d.functions:
+    for f in [] if summary_only else d.functions:
         out += _render_function(f, paint, width, full, context)
     out += render_summary(d, paint)
     return "\n".join(out)

@@ -58,6 +58,7 @@ PAGE_SIZE_AT = {1: 1 << 12, 2: 1 << 21, 3: 1 << 30}
 LEVEL_NAME = {4: "PML4", 3: "PDPT", 2: "PD", 1: "PT"}
 CR3_FLAGS = 0x18                          # PWT, PCD
 _ENTRIES = struct.Struct("<512Q")
+MAX_REMEMBERED_ROOTS = 16
 
 
 class _Batch:
@@ -101,6 +102,7 @@ class Mmu:
         self._tlb: dict[tuple[int, bool], int] = {}
         self._tlb_tables: set[int] = set()   # table pages the cached walks read
         self._flush_deferred: bool | None = None   # inside a batch: None = flush now
+        self._roots: dict[int, tuple[dict[int, int], dict[int, bytes]]] = {}   # see _remember
 
     # -- rules ----------------------------------------------------------------------
     def check_table(self, table: int) -> None:
@@ -158,7 +160,8 @@ class Mmu:
             raise Refused(abi.EINVAL, f"CR3 value {cr3:#x} sets reserved bits")
         root = cr3 & ADDR
         if root != self.root:
-            self._repin(self.walk(root))
+            self._remember(self.root, self.tables)
+            self._repin(self._recall(root) or self.walk(root))
             self.root = root
         self.uc.reg_write(UC_X86_REG_CR3, cr3)
         self.flush()
@@ -217,6 +220,23 @@ class Mmu:
             if value & ADDR >= self.mem.size and not self.holes:
                 raise Refused(abi.EINVAL, f"entry {value:#x} points beyond RAM")
         self.mem.write_u64(pa, value)
+
+    # Switching back to a hierarchy validated before is common (one per
+    # process).  The hierarchy being left was valid (every write to it while
+    # live was validated), so keep a copy of its pages; if they still hold the
+    # same bytes when it is loaded again, the validation still holds.
+    def _remember(self, root: int, tables: dict[int, int]) -> None:
+        if not tables:
+            return
+        if len(self._roots) >= MAX_REMEMBERED_ROOTS:
+            self._roots.pop(next(iter(self._roots)))
+        self._roots[root] = (tables, {page: self.mem.read(page, PAGE) for page in tables})
+
+    def _recall(self, root: int) -> dict[int, int] | None:
+        tables, pages = self._roots.pop(root, (None, {}))
+        if tables is None or any(self.mem.read(page, PAGE) != data for page, data in pages.items()):
+            return None
+        return tables
 
     def _repin(self, tables: dict[int, int]) -> None:
         for page in self.tables.keys() - tables.keys():

@@ -43,6 +43,7 @@ def register(sub) -> None:
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="ANSI colour: auto (the default) colours only a terminal")
     p.add_argument("--full", action="store_true", help="list every instruction; do not fold identical runs")
+    p.add_argument("--summary", action="store_true", help="print only the summary, not the listing")
     p.set_defaults(func=run)
 
 
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(to_json(d), indent=2))
     else:
-        print(render(d, color=_want_color(args.color), full=args.full))
+        print(render(d, color=_want_color(args.color), full=args.full, summary_only=args.summary))
     return 0
 
 
