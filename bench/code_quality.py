@@ -32,6 +32,7 @@ from elftools.elf.elffile import ELFFile                      # noqa: E402
 from pvtool import driver, elfinfo                            # noqa: E402
 from pvtool.bench import Progress, median, ratio              # noqa: E402
 from pvtool.errors import USER_ERRORS                         # noqa: E402
+from pvtool.expect import Expectation, expectation             # noqa: E402
 from runtime.errors import ImageError                         # noqa: E402
 from runtime.hypervisor import RunResult, run as run_guest    # noqa: E402
 
@@ -46,12 +47,6 @@ GCC_FLAGS = ("-ffreestanding", "-fno-pic", "-no-pie", "-nostdlib", "-static", "-
 
 class BenchError(Exception):
     """A build or run that went wrong; str() is one line."""
-
-
-@dataclass
-class Expected:
-    console: bytes
-    status: int
 
 
 @dataclass
@@ -85,14 +80,11 @@ class Row:
 
 # -- building -----------------------------------------------------------------------------
 
-def expected(path: Path) -> Expected:
-    """What a kernel's header says it prints and exits with."""
-    text = path.read_text()
-    m = re.search(r"^// expect-exit: (\d+)$", text, re.M)
-    if not m:
-        raise BenchError(f"{path}: no '// expect-exit:' header")
-    lines = re.findall(r"^// \| (.*)$", text, re.M)
-    return Expected("".join(line + "\n" for line in lines).encode(), int(m.group(1)))
+def expected(path: Path) -> Expectation:
+    try:
+        return expectation(path)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
 
 
 def gcc_image(cc: str, level: str, source: Path, workdir: Path) -> bytes:
@@ -137,16 +129,16 @@ def code_size(v: Variant) -> tuple[int, int]:
 
 # -- running ------------------------------------------------------------------------------
 
-def run_once(v: Variant, want: Expected, timeout: float | None) -> tuple[float, RunResult]:
+def run_once(v: Variant, want: Expectation, timeout: float | None) -> tuple[float, RunResult]:
     start = perf_counter()
     result = run_guest(v.image, "bare", timeout)
     seconds = perf_counter() - start
     if result.reason != "shutdown":
         raise BenchError(f"{v.kernel} ({v.name}) did not shut down: {result.reason} {result.message}".rstrip())
-    if result.console != want.console or result.status != want.status:
+    if result.console != want.output.encode() or result.status != want.status:
         got = result.console.decode(errors="replace").splitlines()
         raise BenchError(f"{v.kernel} ({v.name}) printed {got!r} and exited {result.status}; "
-                         f"the header expects {want.console.decode().splitlines()!r}, exit {want.status}")
+                         f"the header expects {want.output.splitlines()!r}, exit {want.status}")
     return seconds, result
 
 

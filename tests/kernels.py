@@ -6,34 +6,14 @@ kernels in ../shared/conformance/ (beside the repository, optional).
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
+
+from pvtool.expect import Expectation, expectation  # noqa: F401  (re-exported for tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 CONFORMANCE = SHARED / "conformance"
 PROJECT_KERNELS = ROOT / "kernels"
-
-
-@dataclass(frozen=True)
-class Expectation:
-    path: Path
-    output: str
-    status: int
-
-    @property
-    def name(self) -> str:
-        return self.path.stem
-
-
-def expectation(path: Path) -> Expectation:
-    text = path.read_text()
-    m = re.search(r"^// expect-exit: (\d+)$", text, re.M)
-    if not m:
-        raise ValueError(f"{path}: no expect-exit header")
-    lines = re.findall(r"^// \| (.*)$", text, re.M)
-    return Expectation(path, "".join(line + "\n" for line in lines), int(m.group(1)))
 
 
 def kernels_in(folder: Path) -> list[Path]:

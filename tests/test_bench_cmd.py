@@ -202,7 +202,7 @@ def test_code_quality_knows_each_sources_own_functions():
     cq = load_code_quality()
     assert cq.defined_functions(ROOT / "bench" / "c" / "sort.c") == {"sift_down", "heapsort", "kmain"}
     assert cq.defined_functions(ROOT / "kernels" / "checksum.pvk") == {"fill", "adler32", "fnv1a", "kmain"}
-    assert cq.expected(ROOT / "kernels" / "sieve.pvk").console.startswith(b"primes below 1000000: 78498\n")
+    assert cq.expected(ROOT / "kernels" / "sieve.pvk").output.startswith("primes below 1000000: 78498\n")
 
 
 def run_code_quality(*argv: str) -> subprocess.CompletedProcess:

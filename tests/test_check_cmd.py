@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from pvtool import driver
+
 from pvtool.cli import main
 
 GCC = shutil.which("gcc")
@@ -158,21 +160,12 @@ def test_help_names_the_exit_codes(capsys):
 
 # -- our own builds of the conformance kernels -------------------------------------------
 
-def compiler():
-    try:
-        from pvtool import driver
-    except ImportError as e:
-        pytest.skip(f"the compiler is not integrated yet ({e})")
-    return driver
-
-
 KERNELS = sorted(CONFORMANCE.glob("*.pvk")) if CONFORMANCE.is_dir() else []
 
 
 @pytest.mark.skipif(not KERNELS, reason=f"no conformance kernels at {CONFORMANCE}")
 @pytest.mark.parametrize("kernel", KERNELS, ids=[k.stem for k in KERNELS])
 def test_conformance_builds(kernel, tmp_path, capsys):
-    driver = compiler()
     for target, want in (("pv", 0), ("native", 1)):
         image = tmp_path / f"{kernel.stem}.{target}.elf"
         image.write_bytes(driver.compile_file(str(kernel), target))

@@ -15,6 +15,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from pvtool import driver
 from elftools.elf.elffile import ELFFile
 
 from pvtool import abi, elfinfo
@@ -226,26 +228,17 @@ def test_bad_inputs_exit_2(pair, capsys, tmp_path):
 
 # -- the conformance kernels, built both ways -------------------------------------------
 
-def compiler():
-    try:
-        from pvtool import driver
-    except ImportError as e:
-        pytest.skip(f"the compiler is not integrated yet ({e})")
-    return driver
-
-
 KERNELS = sorted(CONFORMANCE.glob("*.pvk")) if CONFORMANCE.is_dir() else []
 
 
 @pytest.mark.skipif(not KERNELS, reason=f"no conformance kernels at {CONFORMANCE}")
 @pytest.mark.parametrize("kernel", KERNELS, ids=[k.stem for k in KERNELS])
 def test_conformance_diff(kernel, capsys):
-    compiler()
     status, out, err = run_diff(capsys, kernel, "--json")
     assert status == 0, err
     d = json.loads(out)
-    native = elfinfo.load(compiler().compile_file(str(kernel), "native"))
-    pv = elfinfo.load(compiler().compile_file(str(kernel), "pv"))
+    native = elfinfo.load(driver.compile_file(str(kernel), "native"))
+    pv = elfinfo.load(driver.compile_file(str(kernel), "pv"))
     nsites = [s for s in native.sites if not s.rewritten]
     psites = [s for s in pv.sites if s.rewritten]
     shown = [s for f in d["functions"] for s in f["sites"]]
@@ -275,7 +268,6 @@ def test_conformance_diff(kernel, capsys):
 
 
 def test_compile_error_exit_1(tmp_path, capsys):
-    compiler()
     bad = tmp_path / "bad.pvk"
     bad.write_text("fn kmain() -> u64 {\n    return undefined_name;\n}\n")
     status, out, err = run_diff(capsys, bad)
