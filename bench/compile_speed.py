@@ -158,7 +158,8 @@ fn run{k}(seed: u64) -> u64 {{
 
 def group(k: int, rng: random.Random) -> str:
     """One group; run{k} also calls into a few groups defined before it."""
-    calls = "".join(f"    s ^= walk{j}(s & 0xff) >> {rng.randrange(1, 9)};\n" for j in rng.sample(range(k), min(k, 2)))
+    earlier = rng.sample(range(k), min(k, 2))
+    calls = "".join(f"    s ^= walk{j}(s & 0xff) >> {rng.randrange(1, 9)};\n" for j in earlier)
     calls += "".join(f"    s += mix{j}(s, {rng.randrange(1, 1000)});\n" for j in rng.sample(range(k), min(k, 2)))
     n = rng.choice((8, 12, 16, 24))
     return GROUP.format(

@@ -343,7 +343,7 @@ class _Checker:
         sym = self.globals.get("kmain")
         if sym is None:
             main = self.program.files[0] if self.program.files else "<input>"
-            raise error(Loc(main, 0, 0), "the program has no 'fn kmain() -> u64'")
+            raise error(Loc(main, 1, 1), "the program has no 'fn kmain() -> u64'")
         if not isinstance(sym, ast.FnSym) or sym.item.interrupt or sym.type != FnType((), U64):
             raise error(sym.item.loc, "'kmain' must be declared 'fn kmain() -> u64'")
 

@@ -182,15 +182,12 @@ class ExprGen:
     # leaves
 
     def literal(self, t: IntType) -> Expr:
-        rng = self.rng
-        v = interesting(t, rng)
-        if v < 0 or (rng.random() < 0.1 and v > 0 and not t.signed):
-            # `-N` under unary minus; N may be one past the signed maximum (-128 as i8)
-            n = -v if v < 0 else (1 << t.bits) - v
-            if n > (1 << t.bits) - 1 or (t.signed and n > 1 << (t.bits - 1)):
-                return Expr(literal_text(abs(v), rng), t.name, t.wrap(abs(v)), True)
-            return Expr(f"(-{literal_text(n, rng)})", t.name, t.wrap(-n), True)
-        return Expr(literal_text(v, rng), t.name, v, True)
+        v = interesting(t, self.rng)
+        if v < 0:       # `-N`: N may be one past the signed maximum (-128 is an i8)
+            return Expr(f"(-{literal_text(-v, self.rng)})", t.name, v, True)
+        if v > 0 and not t.signed and self.rng.random() < 0.1:   # `-N` wraps for unsigned types
+            return Expr(f"(-{literal_text((1 << t.bits) - v, self.rng)})", t.name, v, True)
+        return Expr(literal_text(v, self.rng), t.name, v, True)
 
     def leaf(self, t: IntType) -> Expr:
         r = self.rng.random()
@@ -259,7 +256,9 @@ class ExprGen:
         return self.int_expr(U64, depth) if a.flexible else a
 
     def compound(self, t: IntType, depth: int, name: str) -> tuple[Case, str]:
-        """`var NAME: t = a; NAME op= b;`: the case (its value after the update) and that source."""
+        """`x = a; x op= b;` on a local, a global array element or, through a
+        pointer, an address-taken local; then `var NAME: t = x;`.  The case
+        (the value after the update) and that source."""
         a = self.int_expr(t, depth - 1)
         op = self.rng.choice(ARITH + ("<<", ">>"))
         if op in ("<<", ">>"):
@@ -268,8 +267,19 @@ class ExprGen:
             b = self.int_expr(t, depth - 1)
             if op in "/%":
                 b = safe_divisor(t, a, b)
-        case = Case(f"{name} = {a.text}; {name} {op}= {b.text}", t.name, binary(op, t, a.value, b.value))
-        return case, f"var {name}: {t.name} = {a.text}; {name} {op}= {b.text};"
+        where = self.rng.choice(("local", "global", "pointer"))
+        if where == "local":
+            x, first = name, f"var {name}: {t.name} = {a.text};"
+            last = ""
+        elif where == "global":
+            x = f"s_{t.name}[{self.rng.randrange(2)}]"
+            first, last = f"{x} = {a.text};", f" var {name}: {t.name} = {x};"
+        else:
+            x = f"(*q{name})"
+            first = f"var w{name}: {t.name} = {a.text}; var q{name} = &w{name};"
+            last = f" var {name}: {t.name} = w{name};"
+        case = Case(f"{x} = {a.text}; {x} {op}= {b.text}", t.name, binary(op, t, a.value, b.value))
+        return case, f"{first} {x} {op}= {b.text};{last}"
 
     # bool-valued nodes
 
@@ -364,40 +374,58 @@ def program(seed: int, count: int = 200, per_function: int = 25, depth: int = 4)
     """A kernel printing `count` random expressions, `per_function` to a function.
 
     Each function gets values of every type through parameters (passed
-    narrow, so the calling convention's extension rules are exercised) and
-    through locals loaded from global tables, so nothing can be folded
-    away; literal-only subexpressions are still folded by the compiler,
-    which tests its constant folder against the same oracle.
+    narrow, so the calling convention's extension rules are exercised),
+    locals loaded from global tables, loads through pointers, global array
+    elements and struct fields (narrow loads must extend by the type's
+    sign), so nothing can be folded away; literal-only subexpressions are
+    still folded by the compiler, which tests its constant folder against
+    the same oracle.
     """
     rng = random.Random(seed)
     tables = {t: [interesting(INT_TYPES[t], rng) for _ in range(6)] for t in INT_TYPES}
     identities = "\n".join(f"fn id_{t}(x: {t}) -> {t} {{ return x; }}" for t in INT_TYPES)
     lines = [PRELUDE.format(seed=seed, count=count, identities=identities)]
     for t, values in tables.items():
-        lines.append(f"var g_{t}: [{t}; {len(values)}] = [{', '.join(map(str, values))}];")
+        lines.append(f"var g_{t}: [{t}; {len(values)}] = [{', '.join(map(str, values))}];\n"
+                     f"var s_{t}: [{t}; 2];")
+    lines.append("struct Mix {\n" + "".join(f"    f_{t}: {t},\n" for t in INT_TYPES) + "}\nvar mix: Mix;")
     cases: list[Case] = []
     calls = []
+    constants = ExprGen(rng, [])
     for f in range(0, count, per_function):
         params = [(f"p{i}", rng.choice(list(INT_TYPES)), rng.randrange(6)) for i in range(rng.randint(1, 6))]
         local_vars = [(f"v{i}", t, rng.randrange(6)) for i, t in enumerate(INT_TYPES)]
         local_vars += [(f"v{i + 8}", rng.choice(list(INT_TYPES)), rng.randrange(6)) for i in range(4)]
+        pointers = [(f"q{i}", t, rng.randrange(6)) for i, t in enumerate(INT_TYPES)]
         scope = [Var(n, t, tables[t][k]) for n, t, k in params + local_vars]
+        scope += [Var(f"(*{n})", t, tables[t][k]) for n, t, k in pointers]          # loads through pointers
+        elements = [(t, rng.randrange(6)) for t in INT_TYPES]
+        scope += [Var(f"g_{t}[{k}]", t, tables[t][k]) for t, k in elements]          # global array elements
+        scope += [Var(f"pm.f_{t}", t, tables[t][5]) for t in INT_TYPES]             # struct fields
         gen = ExprGen(rng, scope)
         sig = ", ".join(f"{n}: {t}" for n, t, _ in params)
         body = [f"    var {n}: {t} = g_{t}[{k}];" for n, t, k in local_vars]
+        body += [f"    var {n}: *{t} = &g_{t}[{k}];" for n, t, k in pointers]
+        body.append("    var pm = &mix;")
         for i in range(f, min(f + per_function, count)):
-            r = rng.random()
+            r, t = rng.random(), rng.choice(list(INT_TYPES.values()))
             if r < 0.1:
-                case, source = gen.compound(rng.choice(list(INT_TYPES.values())), depth, f"r{i}")
+                case, source = gen.compound(t, depth, f"r{i}")
             else:
-                e = gen.bool_expr(depth) if r < 0.2 else gen.int_expr(rng.choice(list(INT_TYPES.values())), depth)
+                if r < 0.2:
+                    e = gen.bool_expr(depth)
+                elif r < 0.3:
+                    e = constants.int_expr(t, depth)     # all literals: the compiler folds it
+                else:
+                    e = gen.int_expr(t, depth)
                 case, source = Case(e.text, e.type, e.value), f"var r{i}: {e.type} = {e.text};"
             cases.append(case)
             body.append("    " + source)
             body.append(f"    put_hex(r{i} as u64);")
         lines.append(f"fn chunk{f // per_function}({sig}) {{\n" + "\n".join(body) + "\n}")
         calls.append(f"    chunk{f // per_function}({', '.join(f'g_{t}[{k}]' for _, t, k in params)});")
-    lines.append("fn kmain() -> u64 {\n" + "\n".join(calls)
+    fill = [f"    mix.f_{t} = g_{t}[5];" for t in INT_TYPES]
+    lines.append("fn kmain() -> u64 {\n" + "\n".join(fill + calls)
                  + "\n    putc('d'); putc('o'); putc('n'); putc('e'); putc('\\n');\n    return 0;\n}")
     return Program(seed, "\n\n".join(lines) + "\n", cases)
 

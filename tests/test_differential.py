@@ -10,8 +10,6 @@ oracle's values.  To reproduce a failing seed: `python tests/gen_exprs.py SEED`.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 import gen_exprs
@@ -20,7 +18,7 @@ from gen_exprs import INT_TYPES, Case, Program, binary, convert
 from pvtool import driver
 from runtime import hypervisor
 
-WAYS = ("qemu", "bare", "trap", "pv")
+WAYS = (pytest.param("qemu", marks=pytest.mark.qemu), "bare", "trap", "pv")
 FAST_SEEDS = (1, 2, 3)
 SLOW_SEEDS = tuple(range(10, 16))
 
@@ -115,7 +113,7 @@ def test_a_wrong_value_is_reported_with_its_expression():
     assert prog.mismatches("2\n") and not prog.mismatches("2\nffffffffffffffff\ndone\n")
 
 
-def test_a_generated_kernel_names_what_it_is(tmp_path: Path):
+def test_a_generated_kernel_names_what_it_is():
     prog = gen_exprs.program(3, 30)
     assert "seed 3" in prog.text and "fn kmain() -> u64" in prog.text
     assert prog.expected_output().count("\n") == 31
