@@ -22,7 +22,7 @@ from runtime.hypervisor import MODES, RunResult, run as run_guest
 from . import driver
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_KERNELS = tuple(ROOT / "kernels" / f"{name}.pvk" for name in ("churn", "critical", "sieve"))
+DEFAULT_KERNELS = tuple(ROOT / "kernels" / f"{name}.pvk" for name in ("churn", "critical", "sieve", "tasks"))
 TARGET_OF = {"bare": "native", "trap": "native", "pv": "pv"}
 
 Runner = Callable[[bytes, str, float | None], RunResult]

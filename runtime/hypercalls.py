@@ -20,6 +20,12 @@ The dispatcher also checks that CR3 is still the root the MMU validated:
 a `mov cr3` hidden from the sweep (inside another instruction's bytes)
 is caught at the guest's next hypercall.
 
+Events (docs/abi.md section 7): `block` idles the vCPU until an event can
+be taken, `iret` pops an interrupt frame, `set_timer` arms the one-shot
+timer on IRQ 0, `event_check` is an exit and nothing more.  Delivery itself
+is `Vcpu.deliver_events`, which runs after every hypercall, once the result
+is in rax: an upcall's frame returns to the stub's `ret` with the result.
+
 The shared page mirrors the virtual CPU: `publish` rewrites the control
 registers and descriptor-table images after every hypercall that changes
 them, and SH_TIME gets the virtual TSC at each exit.
@@ -100,7 +106,8 @@ def on_syscall(vm: Machine) -> None:
         result = -e.errno
         if vm.vcpu.trace:
             print(f"  hypercall {call.name if call else nr} refused: -{e.errno}: {e.why}", file=vm.vcpu.trace)
-    uc.reg_write(U.UC_X86_REG_RAX, result & MASK64)
+    if result is not None:                # None: the hypercall does not return (iret)
+        uc.reg_write(U.UC_X86_REG_RAX, result & MASK64)
     if vm.clock.ticks != vm.published_tsc:
         vm.published_tsc = vm.clock.ticks
         vm.mem.write_u64(abi.SHARED_PAGE + abi.SH_TIME, vm.clock.ticks)
@@ -236,7 +243,8 @@ def io_out(vm: Machine, port: int, size: int, value: int) -> int:
 
 @hypercall(abi.HC_BLOCK)
 def block(vm: Machine) -> int:
-    vm.vcpu.halt(interrupts_enabled=not _shared(vm, abi.SH_UPCALL_MASK, 1))
+    """Idle until an event is pending; the upcall follows at once if events are unmasked."""
+    vm.vcpu.halt(interrupts_enabled=vm.vcpu.interrupts_enabled())
     return 0
 
 
@@ -285,15 +293,19 @@ def _batched(vm: Machine, nr: int, a0: int, a1: int, a2: int) -> int:
 
 @hypercall(abi.HC_EVENT_CHECK)
 def event_check(vm: Machine) -> int:
-    vm.vcpu.deliver_events()
+    """The exit is the point: pending events are delivered after every exit (Vcpu.deliver_events)."""
     return 0
 
 
 @hypercall(abi.HC_IRET)
-def iret(vm: Machine) -> int:
-    raise Refused(abi.ENOSYS, "iret: no event has been delivered (events arrive in a later version)")
+def iret(vm: Machine) -> None:
+    """Pop the frame at rsp; the mask follows the saved IF.  Anything still pending follows at once."""
+    vm.vcpu.iret()
+    return None
 
 
 @hypercall(abi.HC_SET_TIMER)
 def set_timer(vm: Machine, deadline: int) -> int:
-    raise Refused(abi.ENOSYS, "set_timer: timers arrive with interrupt delivery in a later version")
+    """One-shot: raise IRQ 0 when the virtual clock reaches `deadline` ns (0 cancels; a past one fires now)."""
+    vm.clock.arm(vm.oneshot, deadline or None)
+    return 0

@@ -13,6 +13,12 @@ devices, and the exits of the chosen mode:
 - `pv`: a PV image; it reaches the hypervisor only through the hypercall
   page (hypercalls.py).  Port I/O or cpuid run directly are faults.
 
+In every mode the machine has the same devices: a 16550 UART, the debug-exit
+port, the two 8259 PICs and the 8254 PIT (its channel 0 on IRQ 0), and the
+virtual clock they run on.  It has no local APIC (CPUID leaf 1 says so):
+the PICs are wired straight to the CPU, whose interrupts the vCPU delivers
+(vcpu.py).  A pv guest also has a one-shot timer (`set_timer`) on IRQ 0.
+
 In every mode the guest sees the same low memory: the start-info page, the
 shared page, the boot page tables (an identity map of the first GiB, as far
 as RAM reaches, with 2 MiB pages) and the boot GDT.  Images whose kind
@@ -31,19 +37,21 @@ from unicorn import x86_const as U
 from pvtool import abi
 
 from . import hypercalls, trap
-from .clock import VirtualClock
+from .clock import Timer, VirtualClock
 from .devices import IoBus
 from .devices.cpuid import Cpuid
 from .devices.debug_exit import PORT as DEBUG_EXIT_PORT, DebugExit
 from .devices.msr import MsrFile
 from .devices.pic import PicPair
+from .devices.pit import BASE as PIT_BASE, IRQ as TIMER_IRQ, Pit8254
 from .devices.uart import COM1, Uart16550
 from .errors import GuestFault, ImageError
+from .events import PvEvents
 from .loader import Image, hypercall_page_bytes, load_image
 from .memory import NONE, RX, W, X, GuestMemory
 from .mmu import Mmu
 from .stats import Stats
-from .vcpu import Stop, Vcpu
+from .vcpu import INSN, SYSCALL, Stop, Vcpu
 
 MODES = ("bare", "trap", "pv")
 DEFAULT_MEMORY_MIB = abi.DEFAULT_RAM >> 20
@@ -90,14 +98,17 @@ class Machine:
         self.published_tsc = 0           # the SH_TIME value last written to the shared page
         self.stats = Stats(mode)
         self.console = Console(console)
-        self.vcpu = Vcpu(uc, self.mmu, self.stats, image.describe, trace, max_exits)
+        self.pics = PicPair()
+        self.vcpu = Vcpu(uc, self.mmu, self.stats, image.describe, self.clock, self.pics, trace, max_exits)
         self.cpuid = Cpuid()
         self.msrs = MsrFile(uc, self.clock)
         self.bus = IoBus()
         self.bus.attach(Uart16550(self.console.write), COM1, 8)
         self.bus.attach(DebugExit(), DEBUG_EXIT_PORT)
-        self.pics = PicPair()
         self.pics.attach(self.bus)
+        self.pit = Pit8254(self.clock, self.pics.raise_irq)
+        self.bus.attach(self.pit, PIT_BASE, 4)
+        self.oneshot = self.clock.add(Timer("set_timer", TIMER_IRQ, self._oneshot_expired))
         self._load(cmdline)
         self.vcpu.reset(image.entry)
         self._install()
@@ -143,14 +154,18 @@ class Machine:
 
     def _install(self) -> None:
         uc, guard = self.uc, self.vcpu.guard
-        uc.hook_add(UC_HOOK_INSN, guard(self._on_syscall), None, 1, 0, U.UC_X86_INS_SYSCALL)
-        uc.hook_add(UC_HOOK_INSN, guard(self._on_in), None, 1, 0, U.UC_X86_INS_IN)
-        uc.hook_add(UC_HOOK_INSN, guard(self._on_out), None, 1, 0, U.UC_X86_INS_OUT)
-        uc.hook_add(UC_HOOK_INSN, guard(self._on_cpuid), None, 1, 0, U.UC_X86_INS_CPUID)
-        if self.mode == "trap":
+        uc.hook_add(UC_HOOK_INSN, guard(self._on_syscall, SYSCALL), None, 1, 0, U.UC_X86_INS_SYSCALL)
+        uc.hook_add(UC_HOOK_INSN, guard(self._on_in, INSN), None, 1, 0, U.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, guard(self._on_out, INSN), None, 1, 0, U.UC_X86_INS_OUT)
+        uc.hook_add(UC_HOOK_INSN, guard(self._on_cpuid, INSN), None, 1, 0, U.UC_X86_INS_CPUID)
+        if self.mode == "bare":           # Unicorn runs hlt itself and stops after it
+            self.vcpu.hlt_sites = frozenset(f.address for f in self.image.sensitive if f.mnemonic == "hlt")
+        elif self.mode == "trap":
             trap.install(self)
-        elif self.mode == "pv":
+        else:
             self.vcpu.on_write_protect = self._pv_write_protect
+            self.vcpu.pv = PvEvents(self.mem, self.image.hypercall_page, self.image.info.sites,
+                                    lambda: hypercalls.multicall(self))
             hypercalls.publish(self)
 
     # -- exits common to the modes -------------------------------------------------------
@@ -176,6 +191,9 @@ class Machine:
         self._direct("cpuid")
         self.cpuid.execute(self.uc)
         return 1                                  # skip Unicorn's own cpuid
+
+    def _oneshot_expired(self, deadline: int) -> None:
+        self.pics.raise_irq(TIMER_IRQ)
 
     def _pv_write_protect(self, pa: int, size: int, value: int) -> bool:
         table = self.mmu.tables.get(pa & ~(abi.PAGE_SIZE - 1))

@@ -3,7 +3,14 @@
 An *exit* is one trip from guest code into the hypervisor: a hypercall, a
 trapped instruction, a trapped page-table write, a port access or cpuid
 caught by an instruction hook.  Entries run inside a multicall are counted
-apart (`batched`): they cost no exit of their own.
+apart (`batched`): they cost no exit of their own.  Interrupts delivered to
+the guest count as exits too, by vector ("interrupt 32" in bare and trap,
+"upcall 32" in pv): on real hardware each is an exit and an injection.
+
+Also counted: idle skips (a `hlt` or `block` that jumped the virtual clock
+to the next timer deadline) and the virtual time they skipped, upcalls
+deferred because the guest was inside a batched site, and instruction-count
+slices that ran out (clock.py).
 
 Times: `wall` is the whole run including set-up; `run` is the time inside
 Unicorn's emulation loop; `hypervisor` the part of that spent in exit
@@ -25,6 +32,10 @@ class Stats:
     run_seconds: float = 0.0
     hypervisor_seconds: float = 0.0
     tsc: int = 0
+    idle_skips: int = 0
+    idle_ns: int = 0
+    deferred: int = 0
+    slices: int = 0
 
     @property
     def guest_seconds(self) -> float:
@@ -40,6 +51,10 @@ class Stats:
             "hypervisor_seconds": round(self.hypervisor_seconds, 6),
             "wall_seconds": round(self.wall_seconds, 6),
             "virtual_tsc": self.tsc,
+            "idle_skips": self.idle_skips,
+            "idle_virtual_ns": self.idle_ns,
+            "deferred_upcalls": self.deferred,
+            "slices": self.slices,
         }
 
     def render(self) -> str:
@@ -47,6 +62,9 @@ class Stats:
                  f"hypervisor {self.hypervisor_seconds:.3f} s, wall {self.wall_seconds:.3f} s"]
         width = max((len(r) for r in list(self.exits) + list(self.batched)), default=0)
         lines += [f"  {reason.ljust(width)}  {n:>9}" for reason, n in self.exits.most_common()]
+        if self.idle_skips or self.deferred or self.slices:
+            lines.append(f"  idle skips {self.idle_skips} ({self.idle_ns / 1e6:.3f} ms virtual), "
+                         f"deferred upcalls {self.deferred}, slices run out {self.slices}")
         if self.batched:
             lines.append("  batched in multicalls (no exit of their own):")
             lines += [f"  {name.ljust(width)}  {n:>9}" for name, n in self.batched.most_common()]

@@ -14,9 +14,13 @@ bytes) would run unhooked: that is the limit of static hooking, and the
 guest-physical protection in memory.py bounds what such code can reach.
 
 Instructions whose whole effect is on state Unicorn's vCPU models exactly
-(segment loads, swapgs, far transfers, iretq, ...) are "emulated" by
-letting the vCPU run them once the exit is counted.  An instruction with
-no emulation is a fault.
+(segment loads, swapgs, far transfers, ...) are "emulated" by letting the
+vCPU run them once the exit is counted.  An instruction with no emulation
+is a fault.  The ones that change IF (cli, sti, popf, iretq) are emulated
+on the virtual CPU, so an interrupt waiting for IF is delivered right after
+the instruction that sets it (by the check after every exit; the one-
+instruction shadow of a real `sti` is not modelled).  `hlt` idles: the
+virtual clock skips to the next deadline that can wake the guest.
 
 Page tables are shadowed the classic way: the live tables are
 write-protected (memory.py), a store to one traps, and the store is
@@ -39,7 +43,7 @@ from unicorn import x86_const as U
 from .devices.msr import FS_BASE, GS_BASE, TSC_AUX
 from .errors import GuestFault, Refused
 from .memory import PAGE, page_of
-from .vcpu import DESCRIPTOR, RFLAGS_IF
+from .vcpu import CODE, DESCRIPTOR, RFLAGS_IF
 
 if TYPE_CHECKING:
     from .hypervisor import Machine
@@ -48,7 +52,7 @@ MASK64 = (1 << 64) - 1
 # RFLAGS bits popf may change at CPL 0 (not TF: single-stepping is not emulated)
 POPF_MASK = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x200 | 0x400 | 0x800 | 0x3000 | 0x4000 | 0x40000 | 0x200000
 PUSHF_MASK = ~((1 << 16) | (1 << 17)) & MASK64   # RF and VM read as 0
-PASS_THROUGH = {"swapgs", "iretq", "iret", "iretd", "ljmp", "lcall", "retf", "retfq", "lar", "lsl",
+PASS_THROUGH = {"swapgs", "iret", "iretd", "ljmp", "lcall", "retf", "retfq", "lar", "lsl",
                 "verr", "verw", "sldt", "str", "smsw", "lldt", "ltr", "clts", "lmsw", "xsetbv",
                 "rdpmc", "sysretq", "sysret", "sysexit", "push", "pop", "mov", "lss", "lfs", "lgs",
                 "wrfsbase", "wrgsbase", "stac", "clac"}
@@ -134,6 +138,10 @@ def hlt(vm: Machine, insn) -> None:
     vm.vcpu.halt(interrupts_enabled=bool(_rflags(vm) & RFLAGS_IF))
 
 
+def iretq(vm: Machine, insn) -> None:
+    vm.vcpu.iret()
+
+
 def pushf(vm: Machine, insn) -> None:
     rsp = (vm.uc.reg_read(U.UC_X86_REG_RSP) - 8) & MASK64
     vm.mmu.write_virt(rsp, struct.pack("<Q", _rflags(vm) & PUSHF_MASK))
@@ -215,7 +223,7 @@ def nothing(vm: Machine, insn) -> None:
 
 
 EMULATE: dict[str, Callable] = {
-    "cli": cli, "sti": sti, "hlt": hlt, "pushfq": pushf, "pushf": pushf, "popfq": popf, "popf": popf,
+    "cli": cli, "sti": sti, "hlt": hlt, "iretq": iretq, "pushfq": pushf, "pushf": pushf, "popfq": popf, "popf": popf,
     "in": port_in, "out": port_out, "invlpg": invlpg,
     "lgdt": _load_table("gdt"), "lidt": _load_table("idt"),
     "sgdt": _store_table("gdt"), "sidt": _store_table("idt"),
@@ -254,7 +262,7 @@ def install(vm: Machine) -> int:
         if insn is None:
             continue
         emulate, skip = emulator_for(insn)
-        vm.uc.hook_add(UC_HOOK_CODE, vm.vcpu.guard(_trap(vm, insn, emulate, skip)), None,
+        vm.uc.hook_add(UC_HOOK_CODE, vm.vcpu.guard(_trap(vm, insn, emulate, skip), CODE), None,
                        finding.address, finding.address)
     decoded: dict[int, object] = {}          # page-table-writing instructions by guest-physical address
     vm.vcpu.on_write_protect = lambda pa, size, value: page_table_write(vm, decoded, pa, size, value)
@@ -280,13 +288,15 @@ def _trap(vm: Machine, insn, emulate: Callable | None, skip: bool) -> Callable:
 
     def on_trap(address: int, size: int) -> None:
         vm.vcpu.count(reason)
+        if skip:                # first: an emulation may send the guest elsewhere (iretq)
+            vm.uc.reg_write(U.UC_X86_REG_RIP, address + insn.size)
         if emulate is not None:
             try:
                 emulate(vm, insn)
             except Refused as e:
-                raise GuestFault(f"{_text(insn)} refused: {e.why}") from None
-        if skip:
-            vm.uc.reg_write(U.UC_X86_REG_RIP, address + insn.size)
+                raise GuestFault(f"{_text(insn)} refused: {e.why}", address) from None
+            except GuestFault as e:
+                raise GuestFault(e.what, address if e.rip is None else e.rip) from None
     return on_trap
 
 

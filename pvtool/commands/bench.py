@@ -44,8 +44,8 @@ def register(sub) -> None:
                     "run time, exits by reason and the ratios between the modes.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("kernels", nargs="*", metavar="KERNEL.pvk",
-                   help="kernels to measure (default: kernels/churn.pvk, kernels/critical.pvk, "
-                        "kernels/sieve.pvk)")
+                   help="kernels to measure (default: " + ", ".join(
+                       f"kernels/{k.name}" for k in bench.DEFAULT_KERNELS) + ")")
     p.add_argument("--repeat", type=_positive_int, default=5, metavar="N",
                    help="runs per kernel and mode; the median is reported (default 5)")
     p.add_argument("--modes", type=_modes, default=list(bench.MODES), metavar="M,M",

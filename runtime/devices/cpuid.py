@@ -1,7 +1,8 @@
 """The virtual CPUID: what the guest learns about its CPU and hypervisor.
 
 Leaf 0 names a printable vendor; leaf 1 reports the features the vCPU
-really has (Unicorn's x86-64) plus the "hypervisor present" bit; leaf
+really has (Unicorn's x86-64) plus the "hypervisor present" bit, and no
+local APIC: the runtime's machine wires the PIC straight to the CPU; leaf
 0x40000000 names this hypervisor, as KVM ("KVMKVMKVM") and Xen do, and
 0x40000001 gives the PV ABI version.  Leaves we do not define read as
 zeros.  Every mode uses this table (bare through Unicorn's cpuid hook).
@@ -21,7 +22,8 @@ MAX_BASIC = 1
 MAX_HYPERVISOR = 0x40000001
 MAX_EXTENDED = 0x80000001
 
-# leaf 1: family 6; edx FPU TSC MSR PAE CX8 PGE CMOV PAT FXSR SSE SSE2
+# leaf 1: family 6; edx FPU TSC MSR PAE CX8 PGE CMOV PAT FXSR SSE SSE2.  Not APIC (bit 9): the
+# machine has no local APIC, its PICs are wired straight to the CPU (so kernels skip the LAPIC).
 LEAF1_EAX = 0x000006F1
 LEAF1_EDX = (1 << 0) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 13) | (1 << 15) \
     | (1 << 16) | (1 << 24) | (1 << 25) | (1 << 26)

@@ -1,0 +1,98 @@
+"""What the CPU reads and writes when it takes an interrupt and returns from it.
+
+Gates: a 64-bit IDT holds 16-byte gates (offset bits 0-15, selector, IST,
+type/DPL/present, offset bits 16-31, offset bits 32-63, reserved).  The
+runtime takes a present interrupt (0xE) or trap (0xF) gate inside the IDT
+limit, on the current code segment, with no IST stack (there is no TSS);
+anything else stops the guest with a fault that names the vector and what
+is wrong, as a real CPU would escalate to a double fault.
+
+Frames: the 64-bit interrupt frame, lowest address first: RIP, CS, RFLAGS,
+RSP, SS.  The CPU aligns the stack down to 16 bytes before pushing it
+(always, in 64-bit mode); `iretq` pops it and loads RSP from it.  Frames are
+read and written through the guest's page tables with the guest's own
+permissions, so a frame on an unmapped or read-only page is a fault, never
+a host crash.  The runtime never changes privilege or segments: a frame or
+gate that asks for another code segment is refused.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .devices.msr import canonical
+from .errors import GuestFault, Refused
+from .mmu import Mmu
+
+MASK64 = (1 << 64) - 1
+GATE = struct.Struct("<HHBBHII")
+FRAME = struct.Struct("<5Q")
+INTERRUPT_GATE, TRAP_GATE = 0xE, 0xF
+# RFLAGS bits an iretq at CPL 0 restores: CF PF AF ZF SF IF DF OF IOPL NT AC ID (not TF: no single-stepping)
+RESTORABLE = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x200 | 0x400 | 0x800 | 0x3000 | 0x4000 | 0x40000 | 0x200000
+CLEARED_ON_ENTRY = (1 << 8) | (1 << 14) | (1 << 16)       # TF NT RF
+
+
+@dataclass(frozen=True)
+class Gate:
+    handler: int
+    trap: bool            # a trap gate leaves IF as it was
+
+
+@dataclass(frozen=True)
+class Frame:
+    rip: int
+    cs: int
+    rflags: int
+    rsp: int
+    ss: int
+
+
+def read_gate(mmu: Mmu, table: tuple[int, int], vector: int, cs: int) -> Gate:
+    """The gate for `vector` in the IDT (limit, base); GuestFault if it cannot be used."""
+    limit, base = table
+    if vector * 16 + 15 > limit:
+        raise GuestFault(f"vector {vector} lies beyond the IDT limit {limit:#x}"
+                         + (" (no IDT loaded)" if limit == 0 and base == 0 else ""))
+    try:
+        low, selector, ist, kind, mid, high, _ = GATE.unpack(mmu.read_virt(base + vector * 16, 16))
+    except Refused as e:
+        raise GuestFault(f"cannot read gate {vector} of the IDT at {base:#x}: {e.why}") from None
+    handler = low | mid << 16 | high << 32
+    if not kind & 0x80:
+        raise GuestFault(f"gate {vector} of the IDT at {base:#x} is not present")
+    if kind & 0xF not in (INTERRUPT_GATE, TRAP_GATE):
+        raise GuestFault(f"gate {vector} has type {kind & 0xF:#x}, not a 64-bit interrupt or trap gate")
+    if ist & 7:
+        raise GuestFault(f"gate {vector} asks for IST stack {ist & 7}, and there is no TSS")
+    if selector != cs:
+        raise GuestFault(f"gate {vector} selector {selector:#x} is not the code segment {cs:#x}")
+    if not canonical(handler):
+        raise GuestFault(f"gate {vector} handler {handler:#x} is not canonical")
+    return Gate(handler, kind & 0xF == TRAP_GATE)
+
+
+def push_frame(mmu: Mmu, frame: Frame) -> int:
+    """Push `frame` below frame.rsp aligned down to 16; returns the new RSP."""
+    rsp = ((frame.rsp & ~0xF) - FRAME.size) & MASK64
+    try:
+        mmu.write_virt(rsp, FRAME.pack(frame.rip, frame.cs, frame.rflags, frame.rsp, frame.ss))
+    except Refused as e:
+        raise GuestFault(f"cannot push the interrupt frame at {rsp:#x}: {e.why}") from None
+    return rsp
+
+
+def pop_frame(mmu: Mmu, rsp: int, cs: int, ss: int) -> Frame:
+    """Read and check the iretq frame at `rsp` against the current CS and SS."""
+    try:
+        frame = Frame(*FRAME.unpack(mmu.read_virt(rsp, FRAME.size)))
+    except Refused as e:
+        raise GuestFault(f"iret: cannot read the frame at rsp {rsp:#x}: {e.why}") from None
+    if frame.cs != cs:
+        raise GuestFault(f"iret: bad frame at {rsp:#x}: CS {frame.cs:#x} is not the code segment {cs:#x}")
+    if frame.ss not in (0, ss):
+        raise GuestFault(f"iret: bad frame at {rsp:#x}: SS {frame.ss:#x} is not the stack segment {ss:#x}")
+    for what, value in (("RIP", frame.rip), ("RSP", frame.rsp)):
+        if not canonical(value):
+            raise GuestFault(f"iret: bad frame at {rsp:#x}: {what} {value:#x} is not canonical")
+    return frame
