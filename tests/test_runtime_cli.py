@@ -109,30 +109,15 @@ def test_native_image_defaults_to_bare_and_accepts_trap(capfd):
     assert "trap out" in capfd.readouterr().err
 
 
-def _compiles(path: Path) -> bool:
-    try:
-        from pvtool import driver
-        driver.compile_file(str(path), "pv")
-        return True
-    except Exception:
-        return False
-
-
 def test_pvk_source_is_built_for_the_mode(tmp_path, capfd):
     src = tmp_path / "three.pvk"
     src.write_text("fn kmain() -> u64 { return 3; }\n")
-    if not _compiles(src):
-        pytest.skip("the PVK compiler cannot build a trivial kernel yet")
     for mode in ("pv", "bare", "trap"):
         assert run_command.run(args(src, mode=mode)) == 3
     assert run_command.run(args(src)) == 3
 
 
 def test_pvk_compile_error_exits_1(tmp_path, capfd):
-    good = tmp_path / "ok.pvk"
-    good.write_text("fn kmain() -> u64 { return 0; }\n")
-    if not _compiles(good):
-        pytest.skip("the PVK compiler cannot build a trivial kernel yet")
     bad = tmp_path / "bad.pvk"
     bad.write_text("fn kmain() -> u64 { return nope; }\n")
     assert run_command.run(args(bad)) == 1
