@@ -196,6 +196,9 @@ class Machine:
         self.pics.raise_irq(TIMER_IRQ)
 
     def _pv_write_protect(self, pa: int, size: int, value: int) -> bool:
+        if self.mmu.release(pa, size, value):
+            self.vcpu.count("table page released")
+            return True
         table = self.mmu.tables.get(pa & ~(abi.PAGE_SIZE - 1))
         if table is not None:
             raise GuestFault(f"direct write to a live page table at {pa:#x} (level {table}); "

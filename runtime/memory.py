@@ -68,7 +68,8 @@ class GuestMemory:
         self.size = size
         self.perm = bytearray([RW]) * (size // PAGE)
         self._labels: list[tuple[int, int, str]] = [(0, size, "free RAM")]   # later ones win
-        self.pinned: set[int] = set()
+        self.pinned: set[int] = set()       # live page tables: read-only to the guest
+        self.guarded: set[int] = set()      # write-protected in Unicorn: pinned, or kept (mmu.py)
         self._ram = ctypes.create_string_buffer(size)     # zeroed; lives as long as this object
         self._view = memoryview(self._ram).cast("B")
         uc.mem_map_ptr(0, size, RW, ctypes.addressof(self._ram))
@@ -104,11 +105,24 @@ class GuestMemory:
     # -- pinning live page tables -----------------------------------------------------
     def pin(self, page: int) -> None:
         self.pinned.add(page)
-        self.uc.mem_protect(page, PAGE, self.perm[page // PAGE] & ~W)
+        self.guard(page)
 
-    def unpin(self, page: int) -> None:
+    def unpin(self, page: int, keep_guard: bool = False) -> None:
+        """The page stops being a live table; with `keep_guard` it stays
+        write-protected in Unicorn until `unguard` (a write then faults once)."""
         self.pinned.discard(page)
-        self.uc.mem_protect(page, PAGE, self.perm[page // PAGE])
+        if not keep_guard:
+            self.unguard(page)
+
+    def guard(self, page: int) -> None:
+        if page not in self.guarded:
+            self.guarded.add(page)
+            self.uc.mem_protect(page, PAGE, self.perm[page // PAGE] & ~W)
+
+    def unguard(self, page: int) -> None:
+        if page in self.guarded:
+            self.guarded.discard(page)
+            self.uc.mem_protect(page, PAGE, self.perm[page // PAGE])
 
     # -- guest permissions -----------------------------------------------------------
     def effective(self, pa: int) -> int:

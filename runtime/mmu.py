@@ -222,9 +222,13 @@ class Mmu:
         self.mem.write_u64(pa, value)
 
     # Switching back to a hierarchy validated before is common (one per
-    # process).  The hierarchy being left was valid (every write to it while
-    # live was validated), so keep a copy of its pages; if they still hold the
-    # same bytes when it is loaded again, the validation still holds.
+    # process), so, like Xen's pinning, its validation is kept.  The
+    # hierarchy being left was valid (every write to it while live was
+    # validated): keep a copy of its pages, and keep them write-protected in
+    # Unicorn.  If they still hold the same bytes when the root is loaded
+    # again, the validation still holds and nothing needs re-protecting.  The
+    # guest may still write a table that is no longer live: its first store
+    # faults, and `release` forgets the roots using that page and performs it.
     def _remember(self, root: int, tables: dict[int, int]) -> None:
         if not tables:
             return
@@ -238,12 +242,33 @@ class Mmu:
             return None
         return tables
 
+    def release(self, pa: int, size: int, value: int) -> bool:
+        """A guest store of `size` bytes hit write-protected `pa`: if only a
+        remembered (not live) root kept the page so, forget those roots and
+        perform the store (Unicorn drops a store whose fault hook returns
+        True, so the hypervisor makes it).  Stores wider than 8 bytes cannot
+        be replayed from the hook: they stay faults."""
+        page = page_of(pa)
+        if page in self.tables or page not in self.mem.guarded or size > 8:
+            return False
+        for root in [r for r, (tables, _) in self._roots.items() if page in tables]:
+            del self._roots[root]
+        self._unguard_forgotten()
+        self.mem.write(pa, (value & ((1 << 8 * size) - 1)).to_bytes(size, "little"))
+        return True
+
     def _repin(self, tables: dict[int, int]) -> None:
         for page in self.tables.keys() - tables.keys():
-            self.mem.unpin(page)
+            self.mem.unpin(page, keep_guard=True)
         for page in tables.keys() - self.tables.keys():
             self.mem.pin(page)
         self.tables = tables
+        self._unguard_forgotten()
+
+    def _unguard_forgotten(self) -> None:
+        kept = self.tables.keys() | {page for tables, _ in self._roots.values() for page in tables}
+        for page in self.mem.guarded - kept:
+            self.mem.unguard(page)
 
     def flush(self) -> None:
         """Flush the guest's TLB (Unicorn's is global), or note it while a batch runs."""

@@ -302,6 +302,9 @@ def _trap(vm: Machine, insn, emulate: Callable | None, skip: bool) -> Callable:
 
 def page_table_write(vm: Machine, decoded: dict, pa: int, size: int, value: int) -> bool:
     """A store hit a write-protected page: emulate it if it is a live page-table entry."""
+    if vm.mmu.release(pa, size, value):
+        vm.vcpu.count("table page released")
+        return True
     if page_of(pa) not in vm.mmu.tables:
         return False
     vm.vcpu.count("page-table write")
