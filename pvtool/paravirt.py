@@ -65,6 +65,14 @@ def observes(ins: Instr) -> bool:
     return not (isinstance(ins, PURE) or is_queued(ins) or isinstance(ins, (Jump, Branch)))
 
 
+def pending_after(ins: Instr, pending: bool) -> bool:
+    """The transfer function: can the queue be non-empty after `ins`?  (An
+    observer finds it flushed in front of it.)"""
+    if is_queued(ins):
+        return True
+    return pending and not observes(ins)
+
+
 def pending_at_entry(fn: Function) -> dict[str, bool]:
     """Forward may-analysis: can the multicall queue be non-empty on entry to each block?"""
     preds: dict[str, list[str]] = {b.label: [] for b in fn.blocks}
@@ -80,10 +88,7 @@ def pending_at_entry(fn: Function) -> dict[str, bool]:
             state = any(out[p] for p in preds[b.label])
             entry[b.label] = state
             for ins in b.instrs:
-                if is_queued(ins):
-                    state = True
-                elif observes(ins):
-                    state = False
+                state = pending_after(ins, state)
             if state != out[b.label]:
                 out[b.label] = state
                 changed = True
@@ -113,9 +118,9 @@ class _Rewriter:
                     pending = False
                 if isinstance(ins, MachineOp) and INTRINSICS[ins.op].sensitive:
                     self.rewrite(ins)
-                    pending = pending or ins.op in QUEUED
                 else:
                     self.emit(ins)
+                pending = pending_after(ins, pending)
             self.loc = block.term.loc if block.term else None
             if observes(block.term) and pending:
                 self.flush()
