@@ -24,7 +24,10 @@ BOOT_PML4 = 0x3000           # initial page tables: identity map of the first Gi
 BOOT_PDPT = 0x4000           # 2 MiB pages; live, so write-protected
 BOOT_PD = 0x5000
 BOOT_GDT = 0x6000            # null, 64-bit code (0x08), data (0x10)
-BOOT_GDT_LIMIT = 3 * 8 - 1
+# The descriptors, with accessed bits preset so the CPU never writes to a
+# read-only table when it loads a selector.
+BOOT_GDT_ENTRIES = struct.pack("<3Q", 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
+BOOT_GDT_LIMIT = len(BOOT_GDT_ENTRIES) - 1
 BOOT_STACK_TOP = 0x80000     # 64 KiB below it
 BOOT_STACK_SIZE = 0x10000
 KERNEL_CS = 0x08

@@ -38,9 +38,9 @@ CR0_PE_PG = 0x80000001
 PDE_LARGE = 0x83          # present, writable, 2 MiB page
 PTE_TABLE = 0x03          # present, writable
 
-# GDT: null, 64-bit code (0x08), data (0x10); accessed bits preset so the
-# CPU never writes to the (read-only) table when loading a selector.
-GDT = struct.pack("<3Q", 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
+# The GDT of the boot contract (null, 64-bit code 0x08, data 0x10), so a native
+# image sees the same segments on QEMU as on the runtime.
+GDT = abi.BOOT_GDT_ENTRIES
 
 
 @dataclass

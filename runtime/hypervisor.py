@@ -56,7 +56,6 @@ from .vcpu import INSN, SYSCALL, Stop, Vcpu
 MODES = ("bare", "trap", "pv")
 DEFAULT_MEMORY_MIB = abi.DEFAULT_RAM >> 20
 MIN_MEMORY_MIB, MAX_MEMORY_MIB = 2, 4096
-BOOT_GDT = struct.pack("<3Q", 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)   # accessed bits preset
 
 
 @dataclass
@@ -129,7 +128,7 @@ class Machine:
             mem.write(image.hypercall_page, hypercall_page_bytes())
             mem.set_range(image.hypercall_page, image.hypercall_page + abi.PAGE_SIZE, RX, "hypercall page")
         mem.commit()
-        mem.write(abi.BOOT_GDT, BOOT_GDT)
+        mem.write(abi.BOOT_GDT, abi.BOOT_GDT_ENTRIES)
         self._boot_tables()
         mem.write(abi.START_INFO, self._start_info(cmdline))
         mem.write(abi.SHARED_PAGE + abi.SH_UPCALL_MASK, b"\x01")
