@@ -13,6 +13,8 @@ from pathlib import Path
 
 import capstone
 import pytest
+
+from pvtool.expect import expectation
 from unicorn import UcError
 
 from pvtool import abi, ir, obj
@@ -992,12 +994,6 @@ def fake_hypervisor(m: Machine, nr: int, args: tuple[int, ...]) -> int:
     return 0
 
 
-def expectations(path: Path) -> tuple[list[str], int]:
-    text = path.read_text()
-    lines = [line[5:] for line in text.splitlines() if line.startswith("// | ")]
-    return lines, int(re.search(r"expect-exit:\s*(\d+)", text).group(1))
-
-
 @needs_shared
 @pytest.mark.parametrize("target", ["native", "pv"])
 def test_conformance_kernels_compile(target):
@@ -1019,14 +1015,14 @@ def test_conformance_kernels_compile(target):
 def test_conformance_kernel_runs_on_unicorn(name, target):
     from pvtool import driver
     path = CONFORMANCE / name
-    want_lines, want_status = expectations(path)
+    want = expectation(path)
     oc = codegen.generate(driver.compile_ir(str(path), target))
     m = Machine(oc.functions, oc.data, on_hypercall=fake_hypervisor)
     m.in_value = 0x20
     status = m.call("kmain", limit=5_000_000)
     console = m.console + bytes(v for port, _, v in m.outs if port == 0x3F8 and v is not None)
-    assert console.decode().splitlines() == want_lines
-    assert status == want_status
+    assert console.decode() == want.output
+    assert status == want.status
     assert not m.misaligned
 
 

@@ -2,11 +2,12 @@
 programs, and the integer semantics of every type against a Python oracle."""
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
 import pytest
+
+from pvtool.expect import expectation
 
 from pvtool import ast, ir
 from pvtool.check import check
@@ -74,12 +75,6 @@ def validate(m: ir.Module) -> None:
 
 # -- the conformance kernels ---------------------------------------------------------------------------
 
-def expectations(path: Path) -> tuple[str, int]:
-    text = path.read_text()
-    console = "".join(line[5:] + "\n" for line in text.splitlines() if line.startswith("// | "))
-    return console, int(re.search(r"// expect-exit: (\d+)", text).group(1))
-
-
 @pytest.mark.skipif(not KERNELS, reason=f"no conformance kernels in {SHARED}")
 @pytest.mark.parametrize("path", KERNELS, ids=lambda p: p.stem)
 def test_conformance_kernel_runs(path):
@@ -88,9 +83,9 @@ def test_conformance_kernel_runs(path):
     module = lower(parse_program(str(path)))
     validate(module)
     assert module.files[0] == str(path)
-    console, status = expectations(path)
+    want = expectation(path)
     result = ir_interp.run(module)
-    assert (result.console, result.exit_status) == (console, status)
+    assert (result.console, result.exit_status) == (want.output, want.status)
 
 
 # -- small programs -------------------------------------------------------------------------------------
