@@ -174,36 +174,29 @@ class Mmu:
 
     def set_pte(self, va: int, value: int) -> None:
         """The set_pte hypercall and multicall entry: a validated write of the
-        entry at guest-virtual `va`.  The common case, a 4 KiB leaf written into
-        a live page table, takes a short path with the same rules."""
+        entry at guest-virtual `va` (translated through the cache first: a
+        batch writes many entries of one table)."""
         if va & 7:
             raise Refused(abi.EFAULT, f"page-table entry pointer {va:#x} is not 8-byte aligned")
         page = self._tlb.get((va & ~(PAGE - 1), False))
-        pa = page | (va & (PAGE - 1)) if page is not None else self.translate(va)
-        frame = value & ADDR
-        if (self.tables.get(pa & ~(PAGE - 1)) == 1 and 0 <= value < 1 << 63 and not value & RESERVED
-                and frame < self.mem.size and (frame >= abi.RESERVED_END or not value & (P | RW) == P | RW)):
-            self.mem.write_u64(pa, value)
-            if pa & ~(PAGE - 1) in self._tlb_tables:
-                self._drop_tlb()
-            return
-        self.write_entry(pa, value)
+        self.write_entry(page | (va & (PAGE - 1)) if page is not None else self.translate(va), value)
 
     def write_entry(self, pa: int, value: int) -> None:
         """A validated page-table write of the u64 at guest-physical `pa`."""
         value &= (1 << 64) - 1
         if pa & 7:
             raise Refused(abi.EFAULT, f"page-table entry pointer {pa:#x} is not 8-byte aligned")
-        level = self.tables.get(page_of(pa))
+        page = pa & ~(PAGE - 1)
+        level = self.tables.get(page)
         if level is None:
             self._write_unpinned(pa, value)
             return
-        old = self.mem.read_u64(pa)
         self.check_entry(level, value)
+        old = self.mem.read_u64(pa) if level > 1 else 0     # a leaf table has no subtrees
         self.mem.write_u64(pa, value)
-        if page_of(pa) in self._tlb_tables:
+        if page in self._tlb_tables:
             self._drop_tlb()
-        if links(level, old) or links(level, value):
+        if level > 1 and (links(level, old) or links(level, value)):
             try:
                 tables = self.walk(self.root)
             except Refused:
