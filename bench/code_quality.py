@@ -29,8 +29,9 @@ sys.path.insert(0, str(ROOT))        # a script beside the package, not installe
 
 from elftools.elf.elffile import ELFFile                      # noqa: E402
 
-from pvtool import driver, elfinfo                            # noqa: E402
-from pvtool.bench import Progress, median, ratio              # noqa: E402
+from pvtool import driver
+from pvimage import elfread as elfinfo                            # noqa: E402
+from pvtool.tools.bench import Progress, median, ratio              # noqa: E402
 from pvtool.errors import USER_ERRORS                         # noqa: E402
 from pvtool.expect import Expectation, expectation             # noqa: E402
 from runtime.errors import ImageError                         # noqa: E402

@@ -24,7 +24,7 @@ from time import perf_counter
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pvtool import check, driver, elf, link, lower, paravirt, parse  # noqa: E402
+from pvtool import driver, elfwrite as elf, link, lower, paravirt, parse, typecheck as check  # noqa: E402
 from pvtool.errors import USER_ERRORS  # noqa: E402
 from pvtool.x86 import codegen  # noqa: E402
 

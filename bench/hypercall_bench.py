@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from unicorn import UC_ARCH_X86, UC_MODE_64, Uc                # noqa: E402
 from unicorn import x86_const as U                             # noqa: E402
 
-from pvtool import abi                                         # noqa: E402
+from pvimage import abi                                         # noqa: E402
 from runtime.hypervisor import run                             # noqa: E402
 
 TEXT = abi.LOAD_BASE

@@ -26,7 +26,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from . import abi
+from pvimage import abi
 from .ir import Data, DataReloc
 from .obj import ABS32, PC32, FunctionCode, Reloc, SiteRow
 

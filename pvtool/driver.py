@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import check, elf, ir, link, lower, parse, paravirt
+from . import elfwrite, ir, link, lower, parse, paravirt, typecheck
 from .x86 import codegen
 
 TARGETS = ("pv", "native")
@@ -17,7 +17,7 @@ def compile_ir(path: str, target: str = "pv") -> ir.Module:
     """Source file to IR for `target` (the PV pass applied for 'pv')."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}")
-    program = check.check(parse.parse_program(path))
+    program = typecheck.check(parse.parse_program(path))
     module = lower.lower(program)
     if target == "pv":
         module = paravirt.paravirtualize(module)
@@ -28,4 +28,4 @@ def compile_file(path: str, target: str = "pv") -> bytes:
     """Source file to the bytes of an ELF64 image for `target`."""
     obj = codegen.generate(compile_ir(path, target))
     obj.name = Path(path).stem
-    return elf.write(link.link(obj))
+    return elfwrite.write(link.link(obj))

@@ -1,6 +1,6 @@
 """The linker: places object code and data at final addresses and resolves relocations.
 
-Input is the back end's `ObjectCode`; output is an `Image`, a finished,
+Input is the back end's `ObjectCode`; output is a `LinkedImage` (linked.py), a finished,
 file-format-free picture of the guest's memory (sections with addresses and
 bytes, symbols, line rows, sensitive sites, ELF notes, entry points) that
 `pvtool.elf.write` turns into an ELF file.
@@ -18,9 +18,12 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from . import abi, boot, dwarf
+from pvimage import abi
+
+from . import boot, dwarf
 from .intrinsics import OP_NUMBERS
 from .ir import Data
+from .linked import LinkedImage, Note, Section, Symbol
 from .obj import ABS32, ABS32S, ABS64, PC32, FunctionCode, ObjectCode
 
 PAGE = abi.PAGE_SIZE
@@ -30,60 +33,6 @@ HYPERCALL_PAGE = "__hypercall_page"
 
 class LinkError(Exception):
     """A one-line, user-facing link failure (undefined symbol, value out of range, ...)."""
-
-
-@dataclass
-class Section:
-    name: str
-    addr: int
-    data: bytes          # file contents; empty for nobits
-    size: int            # bytes in memory
-    kind: str            # 'progbits', 'nobits' or 'note'
-    perm: str            # 'rx', 'r' or 'rw'
-    align: int
-
-
-@dataclass
-class Symbol:
-    name: str
-    addr: int
-    size: int
-    kind: str            # 'func', 'object' or 'notype'
-    section: str
-
-
-@dataclass
-class Note:
-    owner: str
-    type: int
-    desc: bytes
-
-
-@dataclass
-class Image:
-    """A linked guest: everything at its final address, ready for `pvtool.elf.write`."""
-    name: str
-    target: str
-    entry: int                       # _start, 64-bit
-    entry32: int | None              # _start32, the PVH entry (native only)
-    hypercall_page: int | None       # pv only
-    sections: list[Section]          # allocated sections in address order
-    symbols: list[Symbol]
-    files: list[str]
-    lines: list[dwarf.Row] = field(default_factory=list)
-    funcs: list[dwarf.Func] = field(default_factory=list)   # source functions, for .debug_info
-    sites: list[abi.Site] = field(default_factory=list)
-    notes: list[Note] = field(default_factory=list)
-
-    def section(self, name: str) -> Section:
-        return next(s for s in self.sections if s.name == name)
-
-    def symbol(self, name: str) -> Symbol:
-        return next(s for s in self.symbols if s.name == name)
-
-    @property
-    def end(self) -> int:
-        return max(s.addr + s.size for s in self.sections)
 
 
 def align_up(n: int, a: int) -> int:
@@ -270,7 +219,7 @@ def _section(name: str, placed: list[_Placed], start: int, end: int, perm: str,
     return Section(name, start, blob, end - start, "progbits", perm, _max_align(placed))
 
 
-def link(obj: ObjectCode) -> Image:
+def link(obj: ObjectCode) -> LinkedImage:
     """Place `obj` (plus boot code) from abi.LOAD_BASE on and resolve every relocation."""
     if obj.target not in ("native", "pv"):
         raise LinkError(f"unknown target '{obj.target}' (expected 'native' or 'pv')")
@@ -312,7 +261,7 @@ def link(obj: ObjectCode) -> Image:
                 *notes,
                 _section(".data", data, data_start, data_end, "rw", init),
                 Section(".bss", bss_start, b"", bss_end - bss_start, "nobits", "rw", _max_align(scratch + bss))]
-    return Image(
+    return LinkedImage(
         name=obj.name, target=obj.target, entry=syms.addr["_start"],
         entry32=syms.addr.get("_start32"), hypercall_page=hc_page,
         sections=sections, symbols=syms.table, files=_file_list(obj),

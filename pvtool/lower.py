@@ -11,7 +11,7 @@ of the source construct it implements.
 from __future__ import annotations
 
 from . import ast, ir
-from .check import check
+from .typecheck import check
 from .diagnostics import CompileError, deep_recursion
 from .types import VOID, ArrayType, IntType, PtrType, Type, align_of, is_aggregate, is_int, size_of
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import abi
+from pvimage import abi
 from .intrinsics import INTRINSICS
 from .ir import (AddrOf, BinOp, Block, Branch, Cmp, Copy, Ext, Function, Hypercall, Instr, IRet, Jump,
                  Load, Loc, MachineOp, Module, Operand, SiteBegin, SiteEnd, SlotAddr, Store, UnOp, VReg)

@@ -10,7 +10,7 @@ except `ImageError`.
 """
 from __future__ import annotations
 
-from pvtool.elfinfo import ImageError
+from pvimage.elfread import ImageError
 
 __all__ = ["ImageError", "Refused", "GuestFault", "Shutdown", "ExitLimit"]
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import Callable
 
-from pvtool import abi
+from pvimage import abi
 
 from .errors import GuestFault, Refused
 from .memory import GuestMemory

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Callable
 
 from unicorn import x86_const as U
 
-from pvtool import abi
+from pvimage import abi
 
 from .devices import SIZES
 from .devices.msr import canonical

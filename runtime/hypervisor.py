@@ -34,7 +34,7 @@ from typing import Callable, TextIO
 from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, Uc
 from unicorn import x86_const as U
 
-from pvtool import abi
+from pvimage import abi
 
 from . import hypercalls, trap
 from .clock import Timer, VirtualClock

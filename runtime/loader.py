@@ -1,6 +1,6 @@
 """The loader: an ELF64 x86-64 ET_EXEC image, checked before anything runs.
 
-`load_image` reads the image with `pvtool.elfinfo` (which turns junk and
+`load_image` reads the image with `pvimage.elfread` (which turns junk and
 truncation into a one-line `ImageError`), then refuses anything the
 hypervisor cannot run safely:
 
@@ -11,7 +11,7 @@ hypervisor cannot run safely:
 - the PVTool notes are well formed; a PV image declares a page-aligned
   hypercall page inside a text segment;
 - a PV image contains no sensitive instruction: the same capstone sweep as
-  `pvtool check` (`pvtool.sweep`), which skips the hypercall page.
+  `pvtool check` (`pvimage.sweep`), which skips the hypercall page.
 
 The sweep's findings are kept: trap mode hooks exactly those addresses.
 """
@@ -20,9 +20,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from pvtool import abi
-from pvtool.elfinfo import ElfInfo, load
-from pvtool.sweep import Finding, sweep_image
+from pvimage import abi
+from pvimage.elfread import ElfInfo, load
+from pvimage.sweep import Finding, sweep_image
 
 from .errors import ImageError
 from .memory import PAGE, R, W, X

@@ -34,7 +34,7 @@ import struct
 
 from unicorn import UC_PROT_EXEC, UC_PROT_NONE, UC_PROT_READ, UC_PROT_WRITE, Uc
 
-from pvtool import abi
+from pvimage import abi
 
 from .errors import Refused
 

@@ -44,7 +44,7 @@ import struct
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, Uc
 from unicorn.x86_const import UC_X86_REG_CR3
 
-from pvtool import abi
+from pvimage import abi
 
 from .devices.msr import canonical
 from .errors import Refused

@@ -3,7 +3,7 @@
 A real trap-and-emulate hypervisor runs the guest kernel deprivileged
 (ring 1 or 3), so each privileged instruction faults into it.  Unicorn
 cannot deprivilege the guest: its vCPU runs the guest at CPL 0 and would
-simply execute `cli` or `mov cr3`.  So the static sweep (`pvtool.sweep`,
+simply execute `cli` or `mov cr3`.  So the static sweep (`pvimage.sweep`,
 the code `pvtool check` runs) picks the addresses, and each one gets a
 Unicorn code hook with begin = end = that address.  The hook is the trap:
 the hypervisor decodes the instruction (capstone, once, at set-up),

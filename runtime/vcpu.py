@@ -46,7 +46,7 @@ from unicorn import (UC_ERR_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_MEM_INVALID, UC_
                      UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_PROT, UC_MEM_WRITE_UNMAPPED, Uc, UcError)
 from unicorn import x86_const as U
 
-from pvtool import abi
+from pvimage import abi
 
 from . import interrupts
 from .clock import EXIT_NS, NEVER, SLICE_INSNS, SLICE_NS, VirtualClock

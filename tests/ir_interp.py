@@ -21,7 +21,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from pvtool import abi, ir
+from pvimage import abi
+from pvtool import ir
 
 M64 = (1 << 64) - 1
 SIGN = 1 << 63

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pvtool import bench, cli
+from pvtool import cli
+from pvtool.tools import bench
 from runtime.hypervisor import RunResult
 from runtime.stats import Stats
 

@@ -14,7 +14,8 @@ import unicorn
 from elftools.elf.elffile import ELFFile
 from unicorn import x86_const as ux
 
-from pvtool import abi, boot, elf
+from pvimage import abi
+from pvtool import boot, elfwrite as elf
 from pvtool.link import link
 from pvtool.obj import PC32, FunctionCode, ObjectCode, Reloc
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pvtool import elfinfo
+from pvimage import elfread as elfinfo
 from pvtool.cli import COMMANDS, main
 
 KERNEL = "fn kmain() -> u64 { cli(); outb(0x80, 1); return 5; }\n"

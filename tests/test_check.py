@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pvtool import ast
-from pvtool.check import check
+from pvtool.typecheck import check
 from pvtool.diagnostics import MAX_NESTING, CompileError
 from pvtool.lower import lower
 from pvtool.parse import parse_program, parse_text

@@ -17,7 +17,8 @@ import pytest
 from pvtool.expect import expectation
 from unicorn import UcError
 
-from pvtool import abi, ir, obj
+from pvimage import abi
+from pvtool import ir, obj
 from pvtool.intrinsics import INTRINSICS
 from pvtool.x86 import codegen, isel
 from pvtool.x86.codegen import CodegenError, FunctionGen

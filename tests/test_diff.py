@@ -19,9 +19,9 @@ import pytest
 from pvtool import driver
 from elftools.elf.elffile import ELFFile
 
-from pvtool import abi, elfinfo
+from pvimage import abi, elfread as elfinfo
 from pvtool.cli import main
-from pvtool.diffview import diff_images, match_sites, outcome, render, to_json
+from pvtool.tools.diffview import diff_images, match_sites, outcome, render, to_json
 from pvtool.intrinsics import OP_NAMES, OP_NUMBERS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -10,7 +10,8 @@ import pytest
 from elftools.elf.elffile import ELFFile
 from hypothesis import given, settings, strategies as st
 
-from pvtool import abi, elf
+from pvimage import abi
+from pvtool import elfwrite as elf
 from pvtool.intrinsics import OP_NUMBERS
 from pvtool.ir import Data, DataReloc, Loc
 from pvtool.link import LinkError, link

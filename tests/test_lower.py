@@ -10,7 +10,7 @@ import pytest
 from pvtool.expect import expectation
 
 from pvtool import ast, ir
-from pvtool.check import check
+from pvtool.typecheck import check
 from pvtool.intrinsics import INTRINSICS
 from pvtool.lower import lower
 from pvtool.parse import parse_program, parse_text

@@ -16,7 +16,9 @@ import pytest
 
 import ir_interp
 import kernels
-from pvtool import abi, check, ir, lower, paravirt, parse
+from pvimage import abi
+from pvtool import ir, lower, paravirt, parse
+from pvtool import typecheck as check
 from pvtool.intrinsics import INTRINSICS
 
 S = abi.SHARED_PAGE

@@ -6,7 +6,7 @@ import struct
 import pytest
 from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
 
-from pvtool import abi
+from pvimage import abi
 from runtime.clock import TSC_STEP, VirtualClock
 from runtime.devices import IoBus
 from runtime.devices.cpuid import Cpuid

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guests.build import HERE, build, have_gcc
-from pvtool import abi
+from pvimage import abi
 from runtime.hypervisor import Machine, run
 from runtime.loader import load_image
 from runtime.memory import NONE, R, RW, RX

@@ -16,7 +16,8 @@ import pytest
 from unicorn import UC_HOOK_CODE, UC_HOOK_INSN
 from unicorn import x86_const as U
 
-from pvtool import abi, driver
+from pvimage import abi
+from pvtool import driver
 from runtime import hypercalls
 from runtime.clock import EXIT_NS, TSC_STEP, Timer, VirtualClock
 from runtime.devices import IoBus

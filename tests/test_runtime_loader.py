@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from guests.build import build, have_gcc
-from pvtool import abi
+from pvimage import abi
 from runtime.errors import ImageError
 from runtime.hypervisor import run
 from runtime.loader import hypercall_page_bytes, load_image

@@ -12,9 +12,9 @@ from capstone import x86_const as X
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pvtool import abi, elfinfo
-from pvtool.elfinfo import ImageError
-from pvtool.sweep import PRIVILEGED, SENSITIVE, UNPRIVILEGED, SweepError, classify, sweep_bytes, sweep_elf
+from pvimage import abi, elfread as elfinfo
+from pvimage.elfread import ImageError
+from pvimage.sweep import PRIVILEGED, SENSITIVE, UNPRIVILEGED, SweepError, classify, sweep_bytes, sweep_elf
 
 P, U = PRIVILEGED, UNPRIVILEGED
 BASE = 0x401000
@@ -119,7 +119,7 @@ CLEAN = [
 
 
 def decode_one(hexbytes: str, bits: int = 64):
-    from pvtool.sweep import decode
+    from pvimage.sweep import decode
     code = bytes.fromhex(hexbytes)
     insn = next(decode(code, BASE, bits))
     assert insn.size == len(code), f"{hexbytes} decodes as {insn.mnemonic} {insn.op_str} ({insn.size} bytes)"

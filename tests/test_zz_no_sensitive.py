@@ -3,7 +3,7 @@
 conftest.py records every image `pvtool.driver.compile_file` returned during
 the session.  This file (named to run last) disassembles each recorded PV
 image with its own linear capstone pass, written here and on purpose
-sharing nothing with pvtool.sweep: every executable PT_LOAD segment, minus
+sharing nothing with pvimage.sweep: every executable PT_LOAD segment, minus
 the hypercall page the image declares (PVTool note type 4; the hypervisor
 fills it), decoded instruction by instruction and checked against the list
 below.  The same pass must flag every native image, or it proves nothing.

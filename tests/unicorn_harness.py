@@ -16,7 +16,8 @@ from typing import Callable
 from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INSN, UC_MODE_64, Uc
 from unicorn import x86_const as X
 
-from pvtool import abi, ir, obj
+from pvimage import abi
+from pvtool import ir, obj
 
 LOW = 0x1000              # start-info and shared page (PV code reads them), then the GDT
 GDT = abi.BOOT_GDT

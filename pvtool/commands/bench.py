@@ -2,7 +2,7 @@
 
 Each kernel is built both ways in memory, then run in every mode, repeats
 interleaved; the table (or `--json`) goes to stdout.  The logic lives in
-pvtool/bench.py; this module is the command line around it.
+pvtool/tools/bench.py; this module is the command line around it.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from runtime.errors import ImageError
 
-from .. import bench
+from ..tools import bench
 from ..errors import USER_ERRORS
 
 EPILOG = """\

@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 
-from ..elfinfo import ElfInfo, ImageError, load_file
-from ..sweep import Finding, sweep_image
+from pvimage.elfread import ElfInfo, ImageError, load_file
+from pvimage.sweep import Finding, sweep_image
 
 EPILOG = """\
 categories:

@@ -1,7 +1,7 @@
 """`pvtool diff`: a kernel's native and paravirtual builds side by side.
 
 Given one PVK source it builds both targets in memory; given two images it
-reads them (native first).  The view itself lives in pvtool/diffview.py.
+reads them (native first).  The view itself lives in pvtool/tools/diffview.py.
 """
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-from ..diffview import diff_images, render, to_json
-from ..elfinfo import ElfInfo, ImageError, load, load_file
+from pvimage.elfread import ElfInfo, ImageError, load, load_file
+
+from ..tools.diffview import diff_images, render, to_json
 
 EPILOG = """\
 examples:

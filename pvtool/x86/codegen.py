@@ -17,7 +17,9 @@ Public: `generate(module) -> obj.ObjectCode`.
 """
 from __future__ import annotations
 
-from .. import abi, ir, obj
+from pvimage import abi
+
+from .. import ir, obj
 from ..diagnostics import CompileError
 from ..intrinsics import INTRINSICS
 from . import isel

@@ -14,7 +14,7 @@ import struct
 from unicorn import Uc
 from unicorn import x86_const as U
 
-from pvtool import abi
+from pvimage import abi
 
 VENDOR = b"PVToolVCPU64"        # 12 printable bytes: ebx, edx, ecx order
 HYPERVISOR = b"PVToolHV\0\0\0\0"  # ebx, ecx, edx order

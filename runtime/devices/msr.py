@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from unicorn import Uc
 
-from pvtool import abi
+from pvimage import abi
 
 from ..clock import VirtualClock
 from ..errors import Refused

@@ -17,10 +17,11 @@ import re
 from dataclasses import dataclass, field
 from itertools import zip_longest
 
-from . import abi
-from .elfinfo import ElfInfo, Function
-from .intrinsics import OP_NAMES
-from .sweep import decode
+from pvimage import abi
+from pvimage.elfread import ElfInfo, Function
+from pvimage.sweep import decode
+
+from ..intrinsics import OP_NAMES
 
 NO_FUNCTION = "(outside any function)"
 

@@ -19,7 +19,7 @@ from typing import Callable, TextIO
 
 from runtime.hypervisor import MODES, RunResult, run as run_guest
 
-from . import driver
+from .. import driver
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_KERNELS = tuple(ROOT / "kernels" / f"{name}.pvk" for name in ("churn", "critical", "sieve", "tasks"))

@@ -23,7 +23,7 @@ import capstone
 from capstone import x86_const as X
 
 from . import abi
-from .elfinfo import ElfInfo, ImageError, load
+from .elfread import ElfInfo, ImageError, load
 
 PRIVILEGED = "privileged"
 UNPRIVILEGED = "sensitive-unprivileged"

@@ -1,4 +1,4 @@
-"""The ELF64 writer: turns a linked `Image` into an ET_EXEC file for x86-64.
+"""The ELF64 writer: turns a `LinkedImage` into an ET_EXEC file for x86-64.
 
 File layout:
 
@@ -17,8 +17,10 @@ import os
 import struct
 from dataclasses import dataclass
 
-from . import abi, dwarf
-from .link import Image, Section
+from pvimage import abi
+
+from . import dwarf
+from .linked import LinkedImage, Section
 
 # ELF constants (System V gABI, x86-64 psABI)
 ET_EXEC, EM_X86_64, EV_CURRENT = 2, 62, 1
@@ -73,7 +75,7 @@ def file_offset(addr: int) -> int:
     return addr - abi.LOAD_BASE + HEADER_ROOM
 
 
-def _segments(image: Image) -> list[bytes]:
+def _segments(image: LinkedImage) -> list[bytes]:
     phdrs = []
     for perm in ("rx", "r", "rw"):
         group = [s for s in image.sections if s.perm == perm]
@@ -91,7 +93,7 @@ def _segments(image: Image) -> list[bytes]:
     return phdrs
 
 
-def _symtab(image: Image, index: dict[str, int], strtab: _Strtab) -> tuple[bytes, int]:
+def _symtab(image: LinkedImage, index: dict[str, int], strtab: _Strtab) -> tuple[bytes, int]:
     """.symtab contents and the index of the first global symbol."""
     entries = [SYM.pack(0, 0, 0, 0, 0, 0)]
     for f in image.files:
@@ -103,13 +105,13 @@ def _symtab(image: Image, index: dict[str, int], strtab: _Strtab) -> tuple[bytes
     return b"".join(entries), first_global
 
 
-def _debug(image: Image) -> dict[str, bytes]:
+def _debug(image: LinkedImage) -> dict[str, bytes]:
     text = image.section(".text")
     return dwarf.debug_sections(image.lines, image.funcs, image.files,
                                 text.addr, text.addr + text.size, os.getcwd())
 
 
-def write(image: Image) -> bytes:
+def write(image: LinkedImage) -> bytes:
     """The ELF64 executable for `image`."""
     alloc: list[Section] = image.sections
     extra = {abi.SITES_SECTION: abi.pack_sites(image.sites), **_debug(image)}
