@@ -138,21 +138,54 @@ def hypercall_stub(nr: int) -> bytes:
 # UTF-8, offset 0 is the empty string).
 SITES_SECTION = ".pv.sites"
 SITES_MAGIC = b"PVSITES\0"
-SITES_VERSION = 1
+SITES_VERSION = 2
 _HEADER = struct.Struct("<8sIIII")
-_RECORD = struct.Struct("<QIHHIII")   # address, length, op, flags, line, file str, becomes str
-SITE_REWRITTEN = 1                    # flags bit: a paravirtual replacement, not the instruction
+_RECORD = struct.Struct("<QIHHIII")   # address, length, op, kind, line, file str, becomes str
+
+# A record's kind: what stands at the site.
+SITE_NATIVE = 0          # the sensitive instruction itself (a native build, or boot code)
+SITE_NO_EXIT = 1         # a paravirtual form that never leaves the guest (shared-page access)
+SITE_HYPERCALL = 2       # a paravirtual form that makes a hypercall
+SITE_BATCHED = 3         # an append to the multicall queue: an upcall must wait until it ends
+SITE_KINDS = {SITE_NATIVE: "native", SITE_NO_EXIT: "no-exit", SITE_HYPERCALL: "hypercall",
+              SITE_BATCHED: "batched"}
+
+# The operation a site stands for.  Numbers are stored in images: never
+# renumber, only add.
+SITE_OPS: dict[int, str] = {
+    0: "cli", 1: "sti", 2: "hlt", 3: "save_flags", 4: "restore_flags",
+    5: "outb", 6: "outw", 7: "outl", 8: "inb", 9: "inw", 10: "inl",
+    11: "read_cr0", 12: "read_cr2", 13: "read_cr3", 14: "read_cr4",
+    15: "write_cr0", 16: "write_cr3", 17: "write_cr4",
+    18: "invlpg", 19: "set_pte", 20: "lgdt", 21: "lidt", 22: "sgdt", 23: "sidt",
+    24: "rdmsr", 25: "wrmsr", 26: "cpuid", 27: "rdtsc", 28: "wbinvd",
+    29: "pause", 30: "swtch", 31: "iret",
+}
+OP_NUMBERS: dict[str, int] = {name: n for n, name in SITE_OPS.items()}
 
 
 @dataclass
 class Site:
     address: int
     length: int
-    op: int             # pvtool.intrinsics.OP_NUMBERS
-    rewritten: bool
+    op: int             # a key of SITE_OPS
+    kind: int           # SITE_NATIVE, SITE_NO_EXIT, SITE_HYPERCALL or SITE_BATCHED
     file: str
     line: int
-    becomes: str = ""
+    becomes: str = ""   # pv: what the operation became, in words
+
+    @property
+    def rewritten(self) -> bool:
+        """A paravirtual replacement, not the sensitive instruction itself."""
+        return self.kind != SITE_NATIVE
+
+    @property
+    def batched(self) -> bool:
+        return self.kind == SITE_BATCHED
+
+    @property
+    def op_name(self) -> str:
+        return SITE_OPS.get(self.op, f"op{self.op}")
 
 
 def pack_sites(sites: list[Site]) -> bytes:
@@ -166,8 +199,7 @@ def pack_sites(sites: list[Site]) -> bytes:
         return offsets[s]
 
     records = b"".join(
-        _RECORD.pack(s.address, s.length, s.op, SITE_REWRITTEN if s.rewritten else 0,
-                     s.line, intern(s.file), intern(s.becomes))
+        _RECORD.pack(s.address, s.length, s.op, s.kind, s.line, intern(s.file), intern(s.becomes))
         for s in sites)
     str_off = _HEADER.size + len(records)
     return _HEADER.pack(SITES_MAGIC, SITES_VERSION, len(sites), str_off, len(strings)) + records + bytes(strings)
@@ -192,6 +224,8 @@ def unpack_sites(blob: bytes) -> list[Site]:
 
     sites = []
     for k in range(count):
-        addr, length, op, flags, line, file_off, becomes_off = _RECORD.unpack_from(blob, _HEADER.size + k * _RECORD.size)
-        sites.append(Site(addr, length, op, bool(flags & SITE_REWRITTEN), string(file_off), line, string(becomes_off)))
+        addr, length, op, kind, line, file_off, becomes_off = _RECORD.unpack_from(blob, _HEADER.size + k * _RECORD.size)
+        if kind not in SITE_KINDS:
+            raise ValueError(f"unknown site kind {kind} in .pv.sites")
+        sites.append(Site(addr, length, op, kind, string(file_off), line, string(becomes_off)))
     return sites

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pvimage import abi
+
 
 @dataclass(frozen=True)
 class Intrinsic:
@@ -60,6 +62,6 @@ INTRINSICS: dict[str, Intrinsic] = {i.name: i for i in _TABLE}
 # `interrupt fn` is `iretq` natively and a hypercall in a PV build.
 EXTRA_OPS = ("iret",)
 
-# Stable numbers for the `.pv.sites` table (append only: images store them).
-OP_NUMBERS: dict[str, int] = {name: n for n, name in enumerate([i.name for i in _TABLE] + list(EXTRA_OPS))}
+# The `.pv.sites` numbers are the ABI's (pvimage.abi.SITE_OPS); every operation has one.
+OP_NUMBERS: dict[str, int] = {name: abi.OP_NUMBERS[name] for name in [i.name for i in _TABLE] + list(EXTRA_OPS)}
 OP_NAMES: dict[int, str] = {n: name for name, n in OP_NUMBERS.items()}

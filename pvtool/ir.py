@@ -217,6 +217,7 @@ class SiteBegin(Instr):
     site: int      # unique within the function
     op: str        # the machine operation it replaces
     becomes: str   # short description of the paravirtual form, e.g. "shared-page store"
+    kind: int = 0  # pvimage.abi.SITE_*: what the replacement is (no exit, hypercall, batched)
 
 
 @dataclass

@@ -184,8 +184,7 @@ def _sites(text: list[_Placed], target: str) -> list[abi.Site]:
                 raise LinkError(f"{p.name}: unknown operation '{s.op}' in site table")
             if s.offset < 0 or s.length < 0 or s.offset + s.length > p.size:
                 raise LinkError(f"{p.name}: site at offset {s.offset:#x} is outside the function")
-            sites.append(abi.Site(p.addr + s.offset, s.length, OP_NUMBERS[s.op],
-                                  target == "pv" and s.becomes != "",
+            sites.append(abi.Site(p.addr + s.offset, s.length, OP_NUMBERS[s.op], s.kind,
                                   s.loc.file if s.loc else "", s.loc.line if s.loc else 0, s.becomes))
     return sorted(sites, key=lambda s: s.address)
 

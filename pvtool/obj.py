@@ -41,6 +41,7 @@ class SiteRow:
     op: str           # intrinsic name, see pvtool.intrinsics
     loc: Loc | None
     becomes: str = "" # pv: what it became, e.g. "hypercall set_pte (batched)"; native: ""
+    kind: int = 0     # pvimage.abi.SITE_*; 0 (SITE_NATIVE) for the sensitive instruction itself
 
 
 @dataclass

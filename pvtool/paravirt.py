@@ -191,49 +191,49 @@ class _Rewriter:
         site = self.next_site
         self.next_site += 1
         begin = self.emit(SiteBegin(site, ins.op, ""))
-        begin.becomes = self.replace(ins)
+        begin.kind, begin.becomes = self.replace(ins)
         self.emit(SiteEnd(site))
 
-    def replace(self, ins: MachineOp) -> str:
-        """Emit the paravirtual form of `ins`; return what it became, in words."""
+    def replace(self, ins: MachineOp) -> tuple[int, str]:
+        """Emit the paravirtual form of `ins`; return its site kind and what it became, in words."""
         op, args, dst = ins.op, ins.args, ins.dst
         if op in QUEUED:
             self.enqueue(QUEUED[op], self.queued_args(op, args))
-            return f"multicall queue entry: {abi.HYPERCALL_NAMES[QUEUED[op]]} (batched)"
+            return abi.SITE_BATCHED, f"multicall queue entry: {abi.HYPERCALL_NAMES[QUEUED[op]]} (batched)"
         if op == "cli":
             self.emit(Store(S, abi.SH_UPCALL_MASK, 1, 1))
-            return "shared-page store: upcall_mask = 1 (no exit)"
+            return abi.SITE_NO_EXIT, "shared-page store: upcall_mask = 1 (no exit)"
         if op == "sti":
             self.set_mask_and_check(0, enabling=1)
-            return "shared-page store: upcall_mask = 0; event_check only if pending"
+            return abi.SITE_NO_EXIT, "shared-page store: upcall_mask = 0; event_check only if pending"
         if op == "restore_flags":
             enabled = self.op("and", self.op("shr", args[0], IF_BIT), 1)
             self.set_mask_and_check(self.op("xor", enabled, 1), enabling=enabled)
-            return "shared-page store: upcall_mask = !IF; event_check only if pending"
+            return abi.SITE_NO_EXIT, "shared-page store: upcall_mask = !IF; event_check only if pending"
         if op == "save_flags":
             enabled = self.op("xor", self.load(abi.SH_UPCALL_MASK, 1), 1)
             self.emit(BinOp("or", dst, self.op("shl", enabled, IF_BIT), 2))
-            return "shared-page load: IF = !upcall_mask (no exit)"
+            return abi.SITE_NO_EXIT, "shared-page load: IF = !upcall_mask (no exit)"
         if op in CR_FIELD:
             self.emit(Load(dst, S, CR_FIELD[op], 8))
-            return "shared-page load: virtual " + op[5:] + " (no exit)"
+            return abi.SITE_NO_EXIT, "shared-page load: virtual " + op[5:] + " (no exit)"
         if op in DT_FIELD:
             for offset, size in ((0, 8), (8, 2)):
                 self.emit(Store(args[0], offset, self.load(DT_FIELD[op] + offset, size), size))
-            return f"shared-page copy: virtual {op[1:].upper()}R (no exit)"
+            return abi.SITE_NO_EXIT, f"shared-page copy: virtual {op[1:].upper()}R (no exit)"
         if op in ("inb", "inw", "inl"):
             self.emit(self.hypercall(abi.HC_IO_IN, [args[0], PORT_SIZE[op]], dst))
-            return "hypercall io_in"
+            return abi.SITE_HYPERCALL, "hypercall io_in"
         if op in ("write_cr0", "write_cr4"):
             self.emit(self.hypercall(abi.HC_WRITE_CR, [int(op[-1]), args[0]]))
-            return "hypercall write_cr"
+            return abi.SITE_HYPERCALL, "hypercall write_cr"
         if op == "rdmsr":
             self.emit(self.hypercall(abi.HC_RDMSR, args))
             self.emit(Load(dst, S, abi.SH_HC_VALUE, 8))
-            return "hypercall rdmsr"
+            return abi.SITE_HYPERCALL, "hypercall rdmsr"
         nr = SIMPLE_HYPERCALLS[op]
         self.emit(self.hypercall(nr, args, dst))
-        return f"hypercall {abi.HYPERCALL_NAMES[nr]}"
+        return abi.SITE_HYPERCALL, f"hypercall {abi.HYPERCALL_NAMES[nr]}"
 
     @staticmethod
     def queued_args(op: str, args: list[Operand]) -> list[Operand]:

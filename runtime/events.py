@@ -11,7 +11,7 @@ An upcall is also held back while the guest is appending to its multicall
 queue: between reading the queue's count and storing the new count, an
 upcall (whose handler queues and flushes entries of its own) would leave
 the guest writing a stale slot.  The compiler records those stretches in
-`.pv.sites` (`becomes` contains "batched"); an interrupt arriving inside one
+`.pv.sites` (records of kind SITE_BATCHED); an interrupt arriving inside one
 waits for the next exit or slice end, as Xen fixes up an event that hits
 a critical region.  Otherwise the hypervisor runs a non-empty queue itself
 before the upcall, so a handler never sees half-applied updates.
@@ -37,7 +37,7 @@ class PvEvents:
         self.mem = mem
         self.hypercall_page = hypercall_page
         self.run_queue = run_queue
-        spans = sorted((s.address, s.address + s.length) for s in sites if "batched" in s.becomes)
+        spans = sorted((s.address, s.address + s.length) for s in sites if s.batched)
         self._starts = [a for a, _ in spans]
         self._ends = [b for _, b in spans]
 

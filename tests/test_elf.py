@@ -38,7 +38,8 @@ def sample(target: str = "native") -> ObjectCode:
     helper = FunctionCode("helper", bytes.fromhex("66 ba f8 03 b0 41 ee c3"),   # mov dx; mov al; out; ret
                           lines=[LineRow(0, Loc(LIB, 7, 1))],
                           sites=[SiteRow(6, 1, "outb", Loc(LIB, 7, 5),
-                                         "hypercall io_out" if target == "pv" else "")],
+                                         "hypercall io_out" if target == "pv" else "",
+                                         abi.SITE_HYPERCALL if target == "pv" else abi.SITE_NATIVE)],
                           loc=Loc(LIB, 6, 1))
     data = [Data("msg", "rodata", 4, 1, b"hey\0"),
             Data("ptr", "data", 16, 8, bytes(16), [DataReloc(8, "msg", 2)]),

@@ -95,11 +95,9 @@ class Diff:
 
 # -- what a PV site became -----------------------------------------------------
 
-def outcome(becomes: str) -> str:
+def outcome(site: abi.Site) -> str:
     """'batched' (queued for one multicall), 'hypercall' (still an exit) or 'no-exit'."""
-    if "batched" in becomes:
-        return "batched"
-    return "hypercall" if becomes.startswith("hypercall") else "no-exit"
+    return abi.SITE_KINDS[site.kind]
 
 
 def op_name(site: abi.Site) -> str:
@@ -266,7 +264,7 @@ def _summary(native: ElfInfo, pv: ElfInfo) -> Summary:
         if s.rewritten:
             c = ops.setdefault(op_name(s), OpCount())
             c.pv += 1
-            kind = outcome(s.becomes)
+            kind = outcome(s)
             c.exits_avoided += kind == "no-exit"
             c.batched += kind == "batched"
             c.hypercalls += kind == "hypercall"
@@ -291,7 +289,7 @@ def _site_json(sp: SitePair) -> dict:
         "native": {"address": sp.native.address, "length": sp.native.length,
                    "asm": _asm(sp.native_asm)} if sp.native else None,
         "pv": {"address": sp.pv.address, "length": sp.pv.length, "asm": _asm(sp.pv_asm),
-               "becomes": sp.pv.becomes, "outcome": outcome(sp.pv.becomes)} if sp.pv else None,
+               "becomes": sp.pv.becomes, "outcome": outcome(sp.pv)} if sp.pv else None,
     }
 
 

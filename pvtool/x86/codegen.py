@@ -192,8 +192,8 @@ class FunctionGen:
                 return
         self.lines.append(obj.LineRow(self.a.offset, loc))
 
-    def site(self, start: int, op: str, loc: ir.Loc | None, becomes: str = "") -> None:
-        self.sites.append(obj.SiteRow(start, self.a.offset - start, op, loc, becomes))
+    def site(self, start: int, op: str, loc: ir.Loc | None, becomes: str = "", kind: int = abi.SITE_NATIVE) -> None:
+        self.sites.append(obj.SiteRow(start, self.a.offset - start, op, loc, becomes, kind))
 
     # -- operands -------------------------------------------------------------
 
@@ -354,7 +354,7 @@ class FunctionGen:
             else:
                 a.jmp_symbol(HYPERCALL_PAGE, t.hypercall * abi.HYPERCALL_STRIDE)
                 name = abi.HYPERCALL_NAMES.get(t.hypercall, str(t.hypercall))
-                self.site(start, "iret", t.loc, f"hypercall {name}")
+                self.site(start, "iret", t.loc, f"hypercall {name}", abi.SITE_HYPERCALL)
         else:
             raise CodegenError(self.fn.loc, f"{self.fn.name}: unknown terminator {t!r}")
 
@@ -594,7 +594,7 @@ class FunctionGen:
         if i.site not in self.open_sites:
             raise CodegenError(self.fn.loc, f"{self.fn.name}: SiteEnd {i.site} without SiteBegin")
         start, begin = self.open_sites.pop(i.site)
-        self.site(start, begin.op, begin.loc, begin.becomes)
+        self.site(start, begin.op, begin.loc, begin.becomes, begin.kind)
 
     # -- machine operations ----------------------------------------------------
 
