@@ -11,7 +11,8 @@ So the protection here holds whatever the guest's page tables say:
   executable, so a guest can neither write code nor run data;
 - hypervisor pages below 1 MiB are unreachable, except the start-info page
   (read-only), the shared page and the boot stack (read-write), the boot
-  page tables and GDT (read-only);
+  page tables and GDT (read-only where the hypervisor tracks page tables,
+  read-write on a bare machine);
 - live page-table pages are *pinned*: write permission is removed while
   they are reachable from CR3, so a direct store traps.
 
@@ -45,14 +46,22 @@ RW, RX = R | W, R | X
 BOOT_TABLES = (abi.BOOT_PML4, abi.BOOT_PDPT, abi.BOOT_PD)
 BOOT_STACK = (abi.BOOT_STACK_TOP - abi.BOOT_STACK_SIZE, abi.BOOT_STACK_TOP)
 
-# Low memory: (start, end, permissions, what), the rest of [0, 1 MiB) is unreachable.
-LOW_MEMORY = [
-    (abi.START_INFO, abi.START_INFO + PAGE, R, "start-info page"),
-    (abi.SHARED_PAGE, abi.SHARED_PAGE + PAGE, RW, "shared page"),
-    (abi.BOOT_PML4, abi.BOOT_PD + PAGE, R, "boot page tables"),
-    (abi.BOOT_GDT, abi.BOOT_GDT + PAGE, R, "boot GDT"),
-    (BOOT_STACK[0], BOOT_STACK[1], RW, "boot stack"),
-]
+
+
+def low_memory(hypervisor_owns_tables: bool) -> list[tuple[int, int, int, str]]:
+    """Low memory: (start, end, permissions, what); the rest of [0, 1 MiB) is unreachable.
+
+    Where the hypervisor tracks page tables (pv, trap) the boot tables and GDT
+    are read-only to the guest; on a bare machine they are just RAM the
+    guest may write, as on hardware."""
+    boot = R if hypervisor_owns_tables else RW
+    return [
+        (abi.START_INFO, abi.START_INFO + PAGE, R, "start-info page"),
+        (abi.SHARED_PAGE, abi.SHARED_PAGE + PAGE, RW, "shared page"),
+        (abi.BOOT_PML4, abi.BOOT_PD + PAGE, boot, "boot page tables"),
+        (abi.BOOT_GDT, abi.BOOT_GDT + PAGE, boot, "boot GDT"),
+        (BOOT_STACK[0], BOOT_STACK[1], RW, "boot stack"),
+    ]
 
 
 _U64 = struct.Struct("<Q")
@@ -63,7 +72,7 @@ def page_of(pa: int) -> int:
 
 
 class GuestMemory:
-    def __init__(self, uc: Uc, size: int):
+    def __init__(self, uc: Uc, size: int, hypervisor_owns_tables: bool = True):
         self.uc = uc
         self.size = size
         self.perm = bytearray([RW]) * (size // PAGE)
@@ -74,7 +83,7 @@ class GuestMemory:
         self._view = memoryview(self._ram).cast("B")
         uc.mem_map_ptr(0, size, RW, ctypes.addressof(self._ram))
         self.set_range(0, abi.RESERVED_END, NONE, "hypervisor memory")
-        for start, end, perm, what in LOW_MEMORY:
+        for start, end, perm, what in low_memory(hypervisor_owns_tables):
             self.set_range(start, end, perm, what)
 
     # -- layout -----------------------------------------------------------------

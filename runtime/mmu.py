@@ -24,9 +24,9 @@ The entry rules (docs/abi.md section 6):
   Large leaves may cover low memory (the boot map is one): the pages there
   the guest must not write are protected at the guest-physical level, which
   no page table can change;
-- a leaf whose frame starts at or beyond the end of RAM is rejected with
-  -EINVAL in pv; in trap it is accepted as an unbacked hole, as a shadow
-  pager would: an access through it faults.
+- a leaf whose frame lies beyond the end of RAM is accepted as an unbacked
+  hole, as on hardware (a kernel's identity map may cover more than the
+  machine has): an access through it faults.
 
 A page used as a table at two different levels is refused (-EINVAL).  A
 table page written while not live (a hierarchy being built) gets only the
@@ -40,6 +40,7 @@ Unicorn offers no single-page invalidation.
 from __future__ import annotations
 
 import struct
+from typing import Callable
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, Uc
 from unicorn.x86_const import UC_X86_REG_CR3
@@ -89,10 +90,10 @@ def guest_low_page(frame: int) -> bool:
 
 
 class Mmu:
-    def __init__(self, uc: Uc, mem: GuestMemory, holes: bool):
+    def __init__(self, uc: Uc, mem: GuestMemory, set_cr3: Callable[[int], None]):
         self.uc = uc
         self.mem = mem
-        self.holes = holes                   # trap: leaves beyond RAM are unbacked holes
+        self.set_cr3 = set_cr3               # the CPU's half of a root switch (cpu.py)
         self.tables: dict[int, int] = {}     # live table page -> level
         self.root = 0
         # The hypervisor's own TLB for `translate`, kept only while it tracks
@@ -129,8 +130,6 @@ class Mmu:
         if level > 1 and addr & (size - 1) & ~PAT_LARGE:
             raise Refused(abi.EINVAL, f"{LEVEL_NAME[level]} entry {entry:#x} maps a misaligned large page")
         frame = addr & ~(size - 1)
-        if frame >= self.mem.size and not self.holes:
-            raise Refused(abi.EINVAL, f"{LEVEL_NAME[level]} entry {entry:#x} maps a frame beyond RAM")
         if level == 1 and entry & RW and frame < abi.RESERVED_END and not guest_low_page(frame):
             raise Refused(abi.EPERM, f"PT entry {entry:#x} maps hypervisor page {frame:#x} writable")
 
@@ -163,7 +162,7 @@ class Mmu:
             self._remember(self.root, self.tables)
             self._repin(self._recall(root) or self.walk(root))
             self.root = root
-        self.uc.reg_write(UC_X86_REG_CR3, cr3)
+        self.set_cr3(cr3)
         self.flush()
 
     def adopt_root(self, root: int) -> None:
@@ -210,8 +209,6 @@ class Mmu:
         if value & P:
             if value & RESERVED:
                 raise Refused(abi.EINVAL, f"entry {value:#x} sets reserved bits 52-62")
-            if value & ADDR >= self.mem.size and not self.holes:
-                raise Refused(abi.EINVAL, f"entry {value:#x} points beyond RAM")
         self.mem.write_u64(pa, value)
 
     # Switching back to a hierarchy validated before is common (one per

@@ -1,6 +1,8 @@
 """`pvtool run`: stdout is the guest's console, the exit status is the guest's (or 124/125/1/2)."""
 from __future__ import annotations
 
+import re
+
 import argparse
 import json
 import subprocess
@@ -97,8 +99,10 @@ def test_json_to_stderr_and_to_a_file(hello, tmp_path, capfd):
 def test_trace_logs_each_exit(hello, capfd):
     assert run_command.run(args(hello, trace=True)) == 7
     err = capfd.readouterr().err.splitlines()
-    assert len(err) == 72 and err[0].startswith("exit 1: hypercall console_write at 0x")
+    assert len(err) == 72 and err[0].startswith("exit 1 [1.000 us]: hypercall console_write at 0x")
     assert "guest_main+" in err[0]
+    stamps = [float(re.search(r"\[([\d.]+) us\]", line).group(1)) for line in err]
+    assert stamps == sorted(stamps) and stamps[-1] > stamps[0]        # virtual time, never backwards
 
 
 def test_native_image_defaults_to_bare_and_accepts_trap(capfd):
