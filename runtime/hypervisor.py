@@ -22,7 +22,7 @@ not match the mode are refused.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Callable, TextIO
 
@@ -42,7 +42,7 @@ from .engine import Engine
 from .errors import ImageError
 from .exits import hypercalls
 from .loader import Image, hypercall_page_bytes, load_image
-from .machine import Vm
+from .machine import Deadline, Vm
 from .memory import NONE, RX, W, X, GuestMemory
 from .mmu import Mmu
 from .modes import MODES, Mode, choose
@@ -62,6 +62,8 @@ class RunResult:
     console: bytes         # what the guest printed (the last console.TAIL_MAX bytes of it)
     stats: Stats
     console_bytes: int = 0 # how much it printed, all told
+    console_lost: bool = False   # the console sink failed (a closed pipe) and was dropped
+    profile: list[tuple[int, str, str]] = field(default_factory=list)   # (exits, reason, where), most first
 
 
 def create(image: Image, mode: str | None, ram: int, *, cmdline: str = "",
@@ -71,6 +73,7 @@ def create(image: Image, mode: str | None, ram: int, *, cmdline: str = "",
     """Put a guest's machine together, ready to run."""
     chosen = choose(mode, image)
     _check_segments(image, chosen)
+    deadline = Deadline(timeout)
     engine = Engine()
     uc = engine.uc
     mem = GuestMemory(uc, ram, hypervisor_owns_tables=chosen.tracks_tables)
@@ -79,11 +82,11 @@ def create(image: Image, mode: str | None, ram: int, *, cmdline: str = "",
     pics = PicPair()
     stats = Stats(chosen.name, profile=profile)
     vm = Vm(image=image, mode=chosen, engine=engine, mem=mem,
-            mmu=Mmu(uc, mem, set_cr3=cpu.load_cr3),
+            mmu=Mmu(uc, mem, set_cr3=cpu.load_cr3, check_time=deadline.check),
             cpu=cpu, clock=clock, pics=pics, bus=IoBus(), cpuid=Cpuid(), msrs=MsrFile(uc, clock),
             oneshot=clock.add(Timer("set_timer", TIMER_IRQ, lambda deadline: pics.raise_irq(TIMER_IRQ))),
             console=Console(console), stats=stats, patches=Patches(mem), trace=trace)
-    vm.run = Runner(vm, timeout, max_exits=max_exits, trace=trace, lenient_batches=lenient_batches)
+    vm.run = Runner(vm, deadline, max_exits=max_exits, trace=trace, lenient_batches=lenient_batches)
     _attach_devices(vm)
     _load(vm, cmdline)
     cpu.reset(image.entry)
@@ -155,7 +158,10 @@ def finish(vm: Vm) -> RunResult:
     """Run the guest to its end and collect the result."""
     stop = vm.run.run()
     vm.stats.tsc = vm.clock.ticks
-    return RunResult(stop.status, stop.kind, stop.message, vm.console.tail, vm.stats, vm.console.total)
+    profile = sorted(((n, reason, vm.image.describe(at)) for reason, sites in vm.stats.sites.items()
+                      for at, n in sites.items()), key=lambda row: -row[0])
+    return RunResult(stop.status, stop.kind, stop.message, vm.console.tail, vm.stats, vm.console.total,
+                     vm.console.sink_error is not None, profile)
 
 
 def run(image: bytes, mode: str | None = None, timeout: float | None = 60.0,

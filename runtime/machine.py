@@ -2,15 +2,19 @@
 
 Like lguest's `struct lguest` in lg.h: an exit handler, a mode or the run
 loop gets a `Vm` and reaches the guest's memory, MMU, CPU, devices and
-clock through it.  This module imports no other part of the runtime (the
-field types are named, not imported), so every part can import it.
+clock through it.  This module imports no other part of the runtime but its
+exceptions (the field types are named, not imported), so every part can
+import it.
 
 `Stop` is how a run ends; `Vm.kill` is the one path that ends it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from time import perf_counter
 from typing import TextIO
+
+from .errors import TimeUp
 
 
 @dataclass
@@ -23,6 +27,21 @@ class Stop:
     kind: str
     status: int
     message: str = ""
+
+
+class Deadline:
+    """The run's host-time limit (--timeout), for loops that might run long inside one exit."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.at = perf_counter() + seconds if seconds else None
+
+    def left(self) -> float | None:
+        return None if self.at is None else self.at - perf_counter()
+
+    def check(self) -> None:
+        if self.at is not None and perf_counter() >= self.at:
+            raise TimeUp()
 
 
 @dataclass(eq=False)

@@ -45,9 +45,9 @@ from unicorn import UC_ERR_INSN_INVALID, UcError
 from . import delivery
 from .clock import EXIT_NS, NEVER, SLICE_INSNS, SLICE_NS
 from .cpu import CODE, FAULT, INSN, LOOP, SYSCALL, TRAP
-from .errors import ExitLimit, GuestFault, Refused, Shutdown
+from .errors import ExitLimit, GuestFault, Refused, Shutdown, TimeUp
 from .exits import faults, hypercalls, io, pagetables, trapped
-from .machine import Stop, Vm
+from .machine import Deadline, Stop, Vm
 
 END = (1 << 64) - 1                 # emu_start's `until`: never reached (non-canonical)
 
@@ -96,11 +96,10 @@ def _timed_out(timeout: float, where: str) -> Stop:
 class Runner:
     """The run loop and its state; `vm.run` is this, for the exit handlers."""
 
-    def __init__(self, vm: Vm, timeout: float | None, *, max_exits: int | None = None,
+    def __init__(self, vm: Vm, deadline: Deadline, *, max_exits: int | None = None,
                  trace: TextIO | None = None, lenient_batches: bool = False):
         self.vm = vm
-        self.timeout = timeout
-        self.deadline: float | None = None
+        self.deadline = deadline
         self.max_exits = max_exits
         self.trace = trace
         self.lenient_batches = lenient_batches
@@ -133,19 +132,22 @@ class Runner:
             engine.hook_cpuid(self._hook(Exit.CPUID))
 
     def _hook(self, kind: Exit) -> Callable:
-        vm, cpu, regs, stats = self.vm, self.vm.cpu, self.vm.cpu.regs, self.vm.stats
+        vm, cpu, regs, stats, mem = self.vm, self.vm.cpu, self.vm.cpu.regs, self.vm.stats, self.vm.mem
         hook_kind, on_kill, exit_like = _HOOK_KIND[kind], _ON_KILL.get(kind), kind is not Exit.MEMORY
         check = vm.mode.watches_control_state
 
         def hook(*args):
             start = perf_counter()
             cpu.exit_kind = hook_kind
+            rebuilds = mem.rebuilds
             try:
                 if check:
                     cpu.check_control_state()
                 result = _dispatch(vm, kind, args)
                 if vm.stop is None and (exit_like or result):
                     self._after_exit()
+                if mem.rebuilds != rebuilds:       # Unicorn stops after its memory map is rebuilt
+                    self._want_loop()
                 return result
             except BaseException as e:
                 self._end(e)
@@ -166,6 +168,8 @@ class Runner:
                 vm.kill(self.fault(e))
             case ExitLimit():
                 vm.kill(Stop("exit-limit", 124, f"stopped after {self.max_exits} exits (--max-exits)"))
+            case TimeUp():
+                vm.kill(_timed_out(self.deadline.seconds, self.where(self._rip())))
             case KeyboardInterrupt():
                 vm.kill(Stop("interrupted", 130, "interrupted"))
             case _:                   # a hypervisor bug must not crash the host either
@@ -295,7 +299,6 @@ class Runner:
     # -- the run loop ------------------------------------------------------------------------
     def run(self) -> Stop:
         vm = self.vm
-        self.deadline = perf_counter() + self.timeout if self.timeout else None
         vm.cpu.regs.finish()               # whatever set-up read, the hooks start from a fresh copy
         while vm.stop is None:
             if not self._step:
@@ -307,10 +310,11 @@ class Runner:
     def _enter_guest(self) -> None:
         vm = self.vm
         budget_us = 0
-        if self.deadline is not None:
-            budget_us = int((self.deadline - perf_counter()) * 1e6)
+        left = self.deadline.left()
+        if left is not None:
+            budget_us = int(left * 1e6)
             if budget_us <= 0:
-                vm.kill(_timed_out(self.timeout, self.where(vm.cpu.rip)))
+                vm.kill(_timed_out(self.deadline.seconds, self.where(vm.cpu.rip)))
                 return
         step, native = self._step, self._native
         self._step, self._native = False, None
@@ -347,8 +351,9 @@ class Runner:
         """emu_start came back on its own: a hlt, the slice's or the run's end, or a hook's request."""
         vm = self.vm
         rip = vm.cpu.rip
-        if self.deadline is not None and perf_counter() >= self.deadline:
-            vm.kill(_timed_out(self.timeout, self.where(rip)))
+        left = self.deadline.left()
+        if left is not None and left <= 0:
+            vm.kill(_timed_out(self.deadline.seconds, self.where(rip)))
         elif rip - 1 in self.hlt_sites or not (self._sliced or self._loop_wanted) and self._after_hlt(rip):
             try:
                 self.halt(vm.cpu.interrupt_flag)

@@ -12,7 +12,10 @@ faults into the hypervisor instead of changing a translation unchecked:
   fault (docs/abi.md section 6).
 
 In both, a store to a table page that only a remembered, no longer live
-hierarchy kept protected releases it (mmu.py, `release`).  Any other
+hierarchy kept protected releases it (mmu.py, `release`); and a store to a
+page protected only because a table shares its granule (when the guest
+scatters so many tables that memory.py protects whole granules) is
+performed by the hypervisor.  Any other
 access that Unicorn refuses is a real fault; its description is kept for
 the report (faults.describe_access).
 """
@@ -34,6 +37,10 @@ def on_invalid_access(vm: Vm, access: int, address: int, size: int, value: int) 
         value &= (1 << 8 * size) - 1 if size <= 8 else -1
         if vm.mmu.release(address, size, value):
             vm.run.count("table page released", vm.cpu.rip)
+            return True
+        if vm.mem.beside_table(address):
+            vm.run.count("write beside a page table", vm.cpu.rip)
+            vm.mem.write(address, (value & ((1 << 8 * size) - 1)).to_bytes(size, "little"))
             return True
         level = vm.mmu.tables.get(page_of(address))
         if level is not None:
