@@ -7,6 +7,8 @@ import struct
 import subprocess
 
 import pytest
+
+from pvtool import driver
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -236,3 +238,24 @@ def _entry_offset(data: bytes) -> int:
         if p_type == 1 and vaddr <= entry < vaddr + filesz:
             return offset + entry - vaddr
     raise AssertionError("entry point not in a segment")
+
+
+# -- a bare machine is bare ------------------------------------------------------------------------------------
+
+BOOT_TABLE_STORE = """
+fn kmain() -> u64 {
+    var pml4 = read_cr3() as *u64;
+    pml4[5] = 0;                  // a plain store into the live boot PML4 (an empty slot)
+    return 5;
+}
+"""
+
+
+@pytest.mark.parametrize("mode", ["bare", "trap"])
+def test_a_plain_store_to_the_boot_page_tables_works_as_on_hardware(tmp_path, mode):
+    """Bare mode leaves the boot tables writable; trap mode validates the store and performs it."""
+    src = tmp_path / "store.pvk"
+    src.write_text(BOOT_TABLE_STORE)
+    result = run(driver.compile_file(str(src), "native"), mode, timeout=30)
+    assert (result.reason, result.status) == ("shutdown", 5), result.message
+    assert result.stats.exits.get("page-table write", 0) == (1 if mode == "trap" else 0)

@@ -673,3 +673,52 @@ def test_a_tick_without_a_gate_stops_the_guest_with_one_clear_line(tmp_path, mod
     assert (result.status, result.reason) == (125, "fault")
     assert re.match(rf"guest fault: {kind} 32: gate 32 of the IDT at 0x[0-9a-f]+ is not present at 0x", result.message)
     assert "\n" not in result.message
+
+
+# -- the interrupt window and sti's shadow ------------------------------------------------------------
+
+SHADOW = """
+var flag: u64;
+var seen: u64;
+var ticks: u64;
+interrupt fn timer() {
+    seen = flag + 1;               // 1: the tick came before the store after sti; 2: after it
+    ticks += 1;
+    pic_eoi();
+}
+fn kmain() -> u64 {
+    set_gate(IRQ_BASE, &timer as u64);
+    load_idt();
+    pic_init(0xfe);
+    pit_start(1000);
+    while !timer_pending() { pause(); }
+    sti();
+    flag = 1;
+    cli();
+    pit_stop();
+    put_kv("seen", seen);
+    put_kv("ticks", ticks);
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("way", ["bare", "trap", "qemu"])
+def test_a_held_tick_arrives_one_instruction_after_sti(tmp_path, way):
+    """sti opens interrupts after the instruction that follows it (the store), before the cli."""
+    if way == "qemu":
+        import qemu
+        if not qemu.available():
+            pytest.skip(f"{qemu.QEMU} is not installed")
+        console, status = qemu.boot(build(tmp_path, "shadow", SHADOW, "native"), timeout=60)
+        got = values(console.encode())
+    else:
+        got = values(run_kernel(tmp_path, "shadow", SHADOW, way).console)
+    assert got == {"seen": 2, "ticks": 1}
+
+
+def test_bare_opens_the_interrupt_window_only_while_a_tick_is_held(tmp_path):
+    """In bare mode sti/popf/iretq exit only while an interrupt waits for IF (none in the window kernel's spins)."""
+    result = run(driver.compile_file("kernels/window.pvk", "native"), "bare", timeout=60)
+    assert result.reason == "shutdown" and result.status == 0
+    assert result.stats.exits["interrupt window"] == 3        # the two sti and the popf that let a tick in
