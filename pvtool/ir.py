@@ -27,16 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator, Union
 
-
-@dataclass(frozen=True)
-class Loc:
-    """A source position: file path as given to the compiler, 1-based line and column."""
-    file: str
-    line: int
-    col: int
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.col}"
+from .source import Loc
 
 
 @dataclass(frozen=True)
