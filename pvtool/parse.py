@@ -22,7 +22,7 @@ from pathlib import Path
 import lark
 
 from . import ast
-from .diagnostics import MAX_NESTING, CompileError, deep_recursion
+from .diagnostics import MAX_NESTING, CompileError, deep_recursion, quoting
 from .errors import InternalError
 from .source import Loc
 
@@ -45,11 +45,10 @@ def parse_text(text: str, path: str = "<input>") -> list[ast.Item]:
 
 def read_source(path: str, loc: Loc | None = None) -> str:
     """The text of a source file; errors are reported at `loc` (the import), if given."""
-    where = loc or Loc(path, 0, 0)
     try:
-        data = Path(path).read_bytes()
-    except (OSError, ValueError) as e:        # ValueError: a NUL byte in the path
-        raise CompileError(where, f"cannot read '{_shown_path(path)}': {_reason(e)}") from None
+        data = Path(_checked_path(path, loc)).read_bytes()
+    except OSError as e:
+        raise _cannot_read(path, loc, e.strerror or str(e)) from None
     try:
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
@@ -61,14 +60,16 @@ def read_source(path: str, loc: Loc | None = None) -> str:
         raise error from None
 
 
-def _reason(e: Exception) -> str:
-    if isinstance(e, OSError):
-        return e.strerror or str(e)
-    return "the path contains a NUL byte" if "null" in str(e) else str(e)
+def _checked_path(path: str, loc: Loc | None) -> str:
+    """`path`, if the system could open it at all."""
+    if "\0" in path:
+        raise _cannot_read(path, loc, "the path contains a NUL byte")
+    return path
 
 
-def _shown_path(path: str) -> str:
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
+def _cannot_read(path: str, loc: Loc | None, why: str) -> CompileError:
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
+    return CompileError(loc or Loc(shown, 0, 0), f"cannot read '{shown}': {why}")
 
 
 # -- imports ----------------------------------------------------------------------------------------
@@ -82,11 +83,8 @@ class _Program:
         self.seen: set[str] = set()
 
     def run(self) -> ast.Program:
-        try:
+        with quoting(self.sources):
             self.visit(self.main, None, [])
-        except CompileError as e:
-            e.sources = self.sources
-            raise
         return ast.Program(self.items, self.files, self.sources)
 
     def visit(self, path: str, at: Loc | None, chain: list[tuple[str, str]]) -> None:
@@ -118,13 +116,7 @@ class _Program:
 
 def _real_path(path: str, at: Loc | None) -> str:
     """The canonical name of a file, to recognise it however it is imported."""
-    if "\0" in path:
-        raise CompileError(at or Loc(path, 0, 0),
-                           f"cannot read '{_shown_path(path)}': the path contains a NUL byte")
-    try:
-        return os.path.realpath(path)
-    except (OSError, ValueError) as e:
-        raise CompileError(at or Loc(path, 0, 0), f"cannot read '{_shown_path(path)}': {_reason(e)}") from None
+    return os.path.realpath(_checked_path(path, at))
 
 
 # -- lexing --------------------------------------------------------------------------------------------
@@ -310,9 +302,13 @@ class _Parser:
 
     def import_item(self) -> ast.Import:
         at = self.expect("import")
-        path = self.string(self.expect("STRING"))
+        path_at = self.expect("STRING")
         self.expect(";")
-        return ast.Import(self.loc(at), path.decode("utf-8", errors="replace"))
+        try:
+            path = self.string(path_at).decode()
+        except UnicodeDecodeError:
+            raise CompileError(self.loc(path_at), "the import path is not valid UTF-8") from None
+        return ast.Import(self.loc(at), path)
 
     def const_item(self) -> ast.Const:
         self.enter()
