@@ -145,15 +145,20 @@ class _Function:
 
     def emit(self, instr: ir.Instr) -> ir.Instr:
         instr.loc = self.loc
+        if self.cur is None:
+            self.start(self.label("dead"))
         self.cur.instrs.append(instr)
         return instr
 
     def terminate(self, term: ir.Instr) -> None:
-        """End the current block; code that follows lands in a fresh block,
-        dropped later if nothing jumps there (code after return/break)."""
+        """End the current block.  Code that follows before the next `start`
+        (code after return/break) lands in a fresh block, dropped later if
+        nothing jumps there."""
         term.loc = self.loc
+        if self.cur is None:
+            self.start(self.label("dead"))
         self.cur.term = term
-        self.start(self.label("dead"))
+        self.cur = None
 
     def jump(self, target: str) -> None:
         self.terminate(ir.Jump(target))

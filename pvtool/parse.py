@@ -126,21 +126,23 @@ KEYWORDS = frozenset(("as", "break", "const", "continue", "else", "false", "fn",
 
 # One match per token, with the blanks and comments before it (taken
 # possessively: a comment is never re-read as operators).  Groups: 1 a name or
-# keyword, 2 an integer, 3 a character literal, 4 a string literal, 5 the start
-# of an unterminated comment or literal, 6 an operator or punctuation, longer
-# operators first.  INT is loose on purpose: the parser checks digits and `_`
-# so `12ab` gets a precise message.
+# keyword, 2 an integer, 3 a character literal, 4 a string literal, 5 an
+# unterminated comment, 6 an operator or punctuation (the longest that fits),
+# 7 any other character (an unterminated literal's quote, or a character no
+# token starts with), 8 the end of the text.  INT is loose on purpose: the parser checks digits and
+# `_` so `12ab` gets a precise message.
 _BLANKS = r"(?:[ \t\r\n\f]+|//[^\n]*|/\*[^*]*\*+(?:[^/*][^*]*\*+)*/)*+"
 _TOKEN = re.compile(_BLANKS + r"""
     (?: ([A-Za-z_][A-Za-z0-9_]*)
       | ([0-9][0-9A-Za-z_]*)
       | ('(?:[^'\\\n]|\\[^\n])*')
       | ("(?:[^"\\\n]|\\[^\n])*")
-      | (/\*|["'])
-      | (<<=|>>=|\|\||&&|==|!=|<=|>=|<<|>>|\+=|-=|\*=|/=|%=|&=|\|=|\^=|->|\.\.|[-+*/%&|^!~<>=(){}\[\];:,.])
-    )""", re.VERBOSE)
-_SKIP = re.compile(_BLANKS)
-_KIND = (None, "NAME", "INT", "CHAR", "STRING", "ERROR", None)
+      | (/\*)
+      | ([(){}\[\];:,~]|->|\.\.?|<<=?|>>=?|&[&=]?|\|[|=]?|[-+*/%^!=<>]=?)
+      | (.)
+      | (\Z)
+    )""", re.VERBOSE | re.DOTALL)
+_KIND = (None, "NAME", "INT", "CHAR", "STRING", "ERROR", None, "ERROR", "$END")
 
 
 class _Tokens:
@@ -159,30 +161,22 @@ class _Tokens:
 def _lex(text: str) -> _Tokens:
     tokens = _Tokens(text)
     kinds, texts, starts = tokens.kinds, tokens.texts, tokens.starts
-    pos = 0
+    keywords = KEYWORDS
     for m in _TOKEN.finditer(text):
-        if m.start() != pos:
-            break
         group = m.lastindex
-        word = m.group(group)
+        word = m[group]
         kind = _KIND[group] or word
-        if kind == "NAME" and word in KEYWORDS:
+        if kind == "NAME" and word in keywords:
             kind = word
         kinds.append(kind)
         texts.append(word)
         starts.append(m.start(group))
-        pos = m.end()
-        if kind == "ERROR":
+        if kind == "ERROR" or kind == "$END":
             break
-    if not kinds or kinds[-1] != "ERROR":
-        pos = _SKIP.match(text, pos).end()
-        if pos < len(text):             # a character that starts no token
-            kinds.append("ERROR")
-            texts.append(text[pos])
-            starts.append(pos)
-    kinds.append("$END")
-    texts.append("")
-    starts.append(len(text))
+    if kinds[-1] == "ERROR":
+        kinds.append("$END")
+        texts.append("")
+        starts.append(len(text))
     return tokens
 
 
@@ -568,7 +562,9 @@ class _Parser:
                 return left
             self.i = at + 1
             self.enter()
-            right = self.binary(precedence + 1, self.cast())
+            right = self.cast()
+            if _PRECEDENCE.get(kinds[self.i], 0) > precedence:
+                right = self.binary(precedence + 1, right)
             self.depth -= 1
             height = self.nest(max(height, self.height) + 1, at)
             left = ast.Binary(self.loc(at), op, left, right)
@@ -581,7 +577,12 @@ class _Parser:
         start = self.i
         while kinds[start] == "(":
             start += 1
-        operand = self.unary() if kinds[self.i] in _PREFIX else self.postfix(start)
+        if kinds[self.i] in _PREFIX:
+            operand = self.unary()
+        else:
+            operand = self.primary()
+            if kinds[self.i] in _POSTFIX:
+                operand = self.postfix(start, operand)
         return self.casts(start, operand) if kinds[self.i] == "as" else operand
 
     def casts(self, start: int, operand: ast.Expr) -> ast.Expr:
@@ -605,7 +606,10 @@ class _Parser:
         if self.depth + count > MAX_NESTING:
             raise self.too_deep(first + max(0, MAX_NESTING - self.depth))
         self.depth += count
-        operand = self.postfix(self.first_token())
+        start = self.first_token()
+        operand = self.primary()
+        if kinds[self.i] in _POSTFIX:
+            operand = self.postfix(start, operand)
         self.depth -= count
         height = self.nest(self.height + count, first)
         for at in range(first + count - 1, first - 1, -1):
@@ -613,14 +617,9 @@ class _Parser:
         self.height = height
         return operand
 
-    def postfix(self, start: int) -> ast.Expr:
-        """A primary expression and any calls, indexes and field accesses after it;
-        `start` is where it is located."""
-        base = self.primary()
-        return self.postfix_ops(start, base) if self.kinds[self.i] in _POSTFIX else base
-
-    def postfix_ops(self, start: int, base: ast.Expr) -> ast.Expr:
-        """`base` followed by any number of calls, indexes and field accesses."""
+    def postfix(self, start: int, base: ast.Expr) -> ast.Expr:
+        """`base`, a primary expression located at `start`, and the calls,
+        indexes and field accesses after it."""
         kinds = self.kinds
         height = self.height
         while True:
@@ -694,7 +693,7 @@ class _Parser:
         e = self.expr()
         self.expect(")")
         for _ in range(start - first - 1):
-            e = self.binary(1, self.casts(start, self.postfix_ops(start, e)))
+            e = self.binary(1, self.casts(start, self.postfix(start, e)))
             self.expect(")")
         return e
 

@@ -19,15 +19,16 @@ from .errors import InternalError
 from .intrinsics import INTRINSICS
 from .source import Loc
 from .types import (BOOL, BUILTIN, U8, U64, VOID, ArrayType, BoolType, Field, FnType,
-                    PtrType, StructType, Type, align_of, fits, fold_binary, fold_compare,
+                    PtrType, StructType, Type, VoidType, align_of, fits, fold_binary, fold_compare,
                     is_aggregate, is_int, is_ptr, is_scalar, parse_type_string, size_of, wrap)
 
 MAX_PARAMS = 6
 MAX_OBJECT = 1 << 31        # bytes: keeps every offset a signed 32-bit displacement
-ARITH = ("+", "-", "*", "/", "%", "&", "|", "^")
-SHIFTS = ("<<", ">>")
-COMPARE = ("==", "!=", "<", "<=", ">", ">=")
-LOGIC = ("&&", "||")
+ARITH = frozenset(("+", "-", "*", "/", "%", "&", "|", "^"))
+SHIFTS = frozenset(("<<", ">>"))
+COMPARE = frozenset(("==", "!=", "<", "<=", ">", ">="))
+LOGIC = frozenset(("&&", "||"))
+_NOT_VALUES = (VoidType, ArrayType, StructType)    # what a register cannot hold
 
 _INTRINSIC_TYPES = {
     name: (tuple(parse_type_string(p) for p in i.params),
@@ -531,15 +532,15 @@ class _Checker:
     def value(self, e: ast.Expr, want: Type | None = None) -> Type:
         """Check e as a value that fits in a register."""
         t = self.expr(e, want)
-        if t == VOID:
-            raise error(e.loc, "this call returns no value")
-        if is_aggregate(t):
+        if isinstance(t, _NOT_VALUES):
+            if t is VOID:
+                raise error(e.loc, "this call returns no value")
             raise error(e.loc, f"a {t} cannot be used as a value (use & or index it)")
         return t
 
     def expect(self, e: ast.Expr, t: Type, what: str) -> None:
         got = self.value(e, t)
-        if got != t:
+        if got is not t and got != t:
             raise error(e.loc, f"{what}: expected {t}, found {got}")
 
     def operands(self, left: ast.Expr, right: ast.Expr, want: Type | None,
