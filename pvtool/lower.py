@@ -16,6 +16,7 @@ from __future__ import annotations
 from . import ast, ir
 from .diagnostics import deep_recursion
 from .errors import InternalError
+from .source import Loc
 from .types import VOID, ArrayType, IntType, PtrType, Type, align_of, is_aggregate, is_int, size_of
 
 MASK = (1 << 64) - 1
@@ -63,7 +64,7 @@ class _Module:
                 functions.append(_Function(self, item).run())
         return ir.Module(functions, data + self.string_data, list(self.program.files))
 
-    def string(self, value: bytes, loc: ir.Loc | None = None) -> str:
+    def string(self, value: bytes, loc: Loc | None = None) -> str:
         """The name of the read-only copy of a string literal (one per distinct text)."""
         if value not in self.strings:
             name = f".str.{len(self.strings)}"
@@ -85,7 +86,7 @@ class _Module:
         return ir.Data(item.name, "data", size, align, bytes(buf), relocs, loc=item.loc)
 
     def serialize(self, v: ast.StaticValue, t: Type, buf: bytearray, at: int,
-                  relocs: list[ir.DataReloc], loc: ir.Loc) -> None:
+                  relocs: list[ir.DataReloc], loc: Loc) -> None:
         if isinstance(v, list):
             step = size_of(t.elem)
             for i, x in enumerate(v):
@@ -422,28 +423,25 @@ class _Function:
         expression can assign to it)."""
         if e.const is not None:
             return _imm(e.const)
+        rule = _VALUES.get(type(e))
+        if rule is None:
+            raise InternalError("lower", f"no value for {type(e).__name__}")
         saved, self.loc = self.loc, e.loc
-        match e:
-            case ast.Name():
-                home = self.home.get(e.sym)
-                value = home if isinstance(home, ir.VReg) else self.load(*self.address(e), e.type)
-            case ast.Binary():
-                value = self.binary(e)
-            case ast.Index() | ast.FieldAccess():
-                value = self.load(*self.address(e), e.type)
-            case ast.Cast():
-                value = self.cast(e)
-            case ast.Call():
-                value = self.call(e)
-            case ast.Unary():
-                value = self.unary(e)
-            case ast.StrLit():
-                value = self.new()
-                self.emit(ir.AddrOf(value, self.module.string(e.value, e.loc)))
-            case _:
-                raise InternalError("lower", f"no value for {type(e).__name__}")
+        value = rule(self, e)
         self.loc = saved
         return value
+
+    def name(self, e: ast.Name) -> ir.Operand:
+        home = self.home.get(e.sym)
+        return home if isinstance(home, ir.VReg) else self.load(*self.address(e), e.type)
+
+    def element(self, e: ast.Index | ast.FieldAccess) -> ir.Operand:
+        return self.load(*self.address(e), e.type)
+
+    def string_literal(self, e: ast.StrLit) -> ir.Operand:
+        dst = self.new()
+        self.emit(ir.AddrOf(dst, self.module.string(e.value, e.loc)))
+        return dst
 
     def unary(self, e: ast.Unary) -> ir.Operand:
         op, t = e.op, e.type
@@ -577,7 +575,7 @@ class _Function:
                     base, off = self.address(e.base)
                     where = base, off + e.offset
             case ast.Index():
-                where = self.element(e)
+                where = self.index_address(e)
             case ast.Unary(op="*"):
                 where = self.rvalue(e.operand), 0
             case _:
@@ -585,7 +583,7 @@ class _Function:
         self.loc = saved
         return where
 
-    def element(self, e: ast.Index) -> tuple[ir.Operand, int]:
+    def index_address(self, e: ast.Index) -> tuple[ir.Operand, int]:
         if isinstance(e.base.type, ArrayType):
             base, off = self.address(e.base)
         else:
@@ -604,3 +602,12 @@ class _Function:
         dst = self.new()
         self.emit(ir.BinOp("add", dst, base, index))
         return dst, off
+
+
+# How each kind of expression yields its value: (function lowerer, expression) -> operand.
+# A table rather than a match statement: this is lowering's hottest dispatch.
+_VALUES = {
+    ast.Name: _Function.name, ast.Binary: _Function.binary, ast.Index: _Function.element,
+    ast.FieldAccess: _Function.element, ast.Cast: _Function.cast, ast.Call: _Function.call,
+    ast.Unary: _Function.unary, ast.StrLit: _Function.string_literal,
+}

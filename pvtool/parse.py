@@ -125,23 +125,23 @@ KEYWORDS = frozenset(("as", "break", "const", "continue", "else", "false", "fn",
                       "in", "interrupt", "return", "struct", "true", "var", "while"))
 
 # One match per token, with the blanks and comments before it (taken
-# possessively: a comment is never re-read as operators).  Groups: 1 a name or
-# keyword, 2 an integer, 3 a character literal, 4 a string literal, 5 an
-# unterminated comment, 6 an operator or punctuation (the longest that fits),
-# 7 any other character (an unterminated literal's quote, or a character no
-# token starts with), 8 the end of the text.  INT is loose on purpose: the parser checks digits and
-# `_` so `12ab` gets a precise message.
-_BLANKS = r"(?:[ \t\r\n\f]+|//[^\n]*|/\*[^*]*\*+(?:[^/*][^*]*\*+)*/)*+"
+# possessively: a comment is never re-read as operators).  Groups: 1 a name
+# or keyword, 2 an integer, 3 a character literal, 4 a string literal, 5 an
+# unterminated comment, 6 an operator or punctuation (the longest that
+# fits), 7 any other character (an unterminated literal's quote, or a
+# character no token starts with), 8 the end of the text.  INT is loose on
+# purpose: the parser checks digits and `_` so `12ab` gets a precise message.
+_BLANKS = r"[ \t\r\n\f]*+(?:(?://[^\n]*|/\*[^*]*\*+(?:[^/*][^*]*\*+)*/)[ \t\r\n\f]*+)*+"
 _TOKEN = re.compile(_BLANKS + r"""
-    (?: ([A-Za-z_][A-Za-z0-9_]*)
-      | ([0-9][0-9A-Za-z_]*)
+    (?: ([A-Za-z_]\w*)
+      | ([0-9]\w*)
       | ('(?:[^'\\\n]|\\[^\n])*')
       | ("(?:[^"\\\n]|\\[^\n])*")
       | (/\*)
       | ([(){}\[\];:,~]|->|\.\.?|<<=?|>>=?|&[&=]?|\|[|=]?|[-+*/%^!=<>]=?)
       | (.)
       | (\Z)
-    )""", re.VERBOSE | re.DOTALL)
+    )""", re.VERBOSE | re.DOTALL | re.ASCII)
 _KIND = (None, "NAME", "INT", "CHAR", "STRING", "ERROR", None, "ERROR", "$END")
 
 
@@ -662,24 +662,25 @@ class _Parser:
 
     def primary(self) -> ast.Expr:
         at = self.i
-        kind = self.kinds[at]
-        if kind == "(":
-            return self.group()
-        if kind == "[":
-            return self.array_lit()
         self.i = at + 1
         self.height = 1
-        match kind:
+        match self.kinds[at]:
             case "NAME":
                 return ast.Name(self.loc(at), self.texts[at])
             case "INT":
                 return ast.IntLit(self.loc(at), self.integer(at))
+            case "(":
+                self.i = at
+                return self.group()
+            case "[":
+                self.i = at
+                return self.array_lit()
             case "CHAR":
                 return ast.CharLit(self.loc(at), self.char(at))
             case "STRING":
                 return ast.StrLit(self.loc(at), self.string(at))
-            case "true" | "false":
-                return ast.BoolLit(self.loc(at), kind == "true")
+            case "true" | "false" as word:
+                return ast.BoolLit(self.loc(at), word == "true")
         self.i = at
         raise self.stuck()
 

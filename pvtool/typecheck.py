@@ -19,7 +19,7 @@ from .errors import InternalError
 from .intrinsics import INTRINSICS
 from .source import Loc
 from .types import (BOOL, BUILTIN, U8, U64, VOID, ArrayType, BoolType, Field, FnType,
-                    PtrType, StructType, Type, VoidType, align_of, fits, fold_binary, fold_compare,
+                    IntType, PtrType, StructType, Type, VoidType, align_of, fits, fold_binary, fold_compare,
                     is_aggregate, is_int, is_ptr, is_scalar, parse_type_string, size_of, wrap)
 
 MAX_PARAMS = 6
@@ -368,8 +368,9 @@ class _Checker:
 
     def lookup(self, name: str) -> ast.Symbol | None:
         for scope in reversed(self.scopes):
-            if name in scope:
-                return scope[name]
+            local = scope.get(name)
+            if local is not None:
+                return local
         return self.globals.get(name)
 
     # -- statements --------------------------------------------------------------------------
@@ -497,37 +498,25 @@ class _Checker:
     def expr(self, e: ast.Expr, want: Type | None = None) -> Type:
         """Check e; `want` is the type its context would like (it decides the
         type of integer literals only).  Aggregates and VOID are allowed."""
-        match e:
-            case ast.Name():
-                t = self.name(e)
-            case ast.IntLit():
-                t = self.int_lit(e, want)
-            case ast.Binary():
-                t = self.binary(e, want)
-            case ast.FieldAccess():
-                t = self.field_access(e)
-            case ast.Index():
-                t = self.index(e)
-            case ast.Call():
-                t = self.call(e)
-            case ast.Cast():
-                t = self.cast(e)
-            case ast.Unary():
-                t = self.unary(e, want)
-            case ast.CharLit():
-                e.const = e.value
-                t = U8
-            case ast.BoolLit():
-                e.const = int(e.value)
-                t = BOOL
-            case ast.StrLit():
-                t = PtrType(U8)
-            case ast.ArrayLit():
-                raise error(e.loc, "an array literal can only initialise an array variable")
-            case _:
-                raise InternalError("typecheck", f"not an expression: {type(e).__name__}")
-        e.type = t
+        rule = _EXPRESSIONS.get(type(e))
+        if rule is None:
+            raise InternalError("typecheck", f"not an expression: {type(e).__name__}")
+        t = e.type = rule(self, e, want)
         return t
+
+    def char_lit(self, e: ast.CharLit, want: Type | None) -> Type:
+        e.const = e.value
+        return U8
+
+    def bool_lit(self, e: ast.BoolLit, want: Type | None) -> Type:
+        e.const = int(e.value)
+        return BOOL
+
+    def str_lit(self, e: ast.StrLit, want: Type | None) -> Type:
+        return PtrType(U8)
+
+    def array_lit(self, e: ast.ArrayLit, want: Type | None) -> Type:
+        raise error(e.loc, "an array literal can only initialise an array variable")
 
     def value(self, e: ast.Expr, want: Type | None = None) -> Type:
         """Check e as a value that fits in a register."""
@@ -565,14 +554,14 @@ class _Checker:
         return tl
 
     def int_lit(self, e: ast.IntLit, want: Type | None, negated: bool = False) -> Type:
-        t = want if is_int(want) else U64
+        t = want if isinstance(want, IntType) else U64
         ok = fits(e.value, t) or (negated and t.signed and e.value == 1 << (t.bits - 1))
         if not ok:
             raise error(e.loc, f"integer literal {e.value} does not fit in {t}")
         e.const = e.value
         return t
 
-    def name(self, e: ast.Name) -> Type:
+    def name(self, e: ast.Name, want: Type | None) -> Type:
         sym = self.lookup(e.name)
         if sym is None:
             if e.name in INTRINSICS:
@@ -677,7 +666,7 @@ class _Checker:
             e.const = fold_binary(op, tl, l.const, r.const)
         return tl
 
-    def cast(self, e: ast.Cast) -> Type:
+    def cast(self, e: ast.Cast, want: Type | None) -> Type:
         s = self.value(e.operand)
         t = self.resolve(e.target)
         if not _convertible(s, t):
@@ -686,7 +675,7 @@ class _Checker:
             e.const = wrap(e.operand.const, t)
         return t
 
-    def call(self, e: ast.Call) -> Type:
+    def call(self, e: ast.Call, want: Type | None) -> Type:
         callee = e.callee
         ftype: FnType | None = None
         name = "this function"
@@ -716,7 +705,7 @@ class _Checker:
             self.expect(a, p, f"argument {i + 1} of {name}")
         return ftype.result if ftype.result is not None else VOID
 
-    def index(self, e: ast.Index) -> Type:
+    def index(self, e: ast.Index, want: Type | None) -> Type:
         bt = self.expr(e.base)
         if isinstance(bt, ArrayType):
             elem = bt.elem
@@ -729,7 +718,7 @@ class _Checker:
             raise error(e.index.loc, f"index {e.index.const} is out of bounds for {bt}")
         return elem
 
-    def field_access(self, e: ast.FieldAccess) -> Type:
+    def field_access(self, e: ast.FieldAccess, want: Type | None) -> Type:
         bt = self.expr(e.base)
         st = bt
         if is_ptr(bt) and isinstance(bt.target, StructType):
@@ -741,6 +730,16 @@ class _Checker:
             raise error(e.name_loc, f"struct '{st.name}' has no field '{e.name}'")
         e.offset = f.offset
         return f.type
+
+
+# How each kind of expression is checked: (checker, expression, wanted type) -> its type.
+# A table rather than a match statement: this is the checker's hottest dispatch.
+_EXPRESSIONS = {
+    ast.Name: _Checker.name, ast.IntLit: _Checker.int_lit, ast.Binary: _Checker.binary,
+    ast.FieldAccess: _Checker.field_access, ast.Index: _Checker.index, ast.Call: _Checker.call,
+    ast.Cast: _Checker.cast, ast.Unary: _Checker.unary, ast.CharLit: _Checker.char_lit,
+    ast.BoolLit: _Checker.bool_lit, ast.StrLit: _Checker.str_lit, ast.ArrayLit: _Checker.array_lit,
+}
 
 
 def _convertible(s: Type, t: Type) -> bool:
