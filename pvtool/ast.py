@@ -1,10 +1,11 @@
 """The PVK syntax tree, and the annotations the checker adds to it.
 
 The parser builds these nodes, each with the `Loc` of its first token (binary
-and assignment operators carry the operator's position).  `pvtool.check`
+and assignment operators carry the operator's position).  `pvtool.typecheck`
 fills in the fields marked "checker:" (types, resolved symbols, constant
 values, field offsets); `pvtool.lower` reads them.  `dump` prints a tree
-without positions, for tests and `--emit-ast`.
+without positions, for tests.  The classes have slots: a program has tens of
+thousands of nodes.
 """
 from __future__ import annotations
 
