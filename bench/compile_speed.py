@@ -273,7 +273,8 @@ def print_table(report: dict, out=sys.stdout) -> None:
         row(stage, [r["stages"].get(stage) for r in targets.values()])
     row("front end (parse..pv)", [r["front_end"] for r in targets.values()])
     row("end to end (driver)", [r["end_to_end"] for r in targets.values()])
-    print(f"{'image bytes':24}" + "".join(f"{r['image_bytes']:10d}{'':10}" for r in targets.values()), file=out)
+    sizes = "".join(f"{r['image_bytes']:10d}{'':10}" for r in targets.values())
+    print(f"{'image bytes':24}{sizes}", file=out)
     for target, r in targets.items():
         speed = r["end_to_end"]["lines_per_second"]
         verdict = "meets" if speed >= TARGET_LINES_PER_SECOND else "misses"

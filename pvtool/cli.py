@@ -14,7 +14,6 @@ from types import ModuleType
 
 from .errors import InternalError
 
-COMMANDS = ("build", "check", "diff", "run", "bench")
 EXIT_INTERNAL = 70
 
 DESCRIPTION = """\

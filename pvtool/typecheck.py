@@ -18,8 +18,8 @@ from .diagnostics import CompileError, deep_recursion
 from .errors import InternalError
 from .intrinsics import INTRINSICS
 from .source import Loc
-from .types import (BOOL, BUILTIN, U8, U64, VOID, ArrayType, BoolType, Field, FnType,
-                    IntType, PtrType, StructType, Type, VoidType, align_of, fits, fold_binary, fold_compare,
+from .types import (BOOL, BUILTIN, U8, U64, VOID, ArrayType, BoolType, Field, FnType, IntType,
+                    PtrType, StructType, Type, VoidType, align_of, fits, fold_binary, fold_compare,
                     is_aggregate, is_int, is_ptr, is_scalar, parse_type_string, size_of, wrap)
 
 MAX_PARAMS = 6

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from pvimage import elfread as elfinfo
-from pvtool.cli import COMMANDS, main
+from pvtool.cli import main
 
 KERNEL = "fn kmain() -> u64 { cli(); outb(0x80, 1); return 5; }\n"
 
@@ -66,7 +66,7 @@ def test_every_command_is_registered(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for name in COMMANDS:
+    for name in ("build", "check", "diff", "run", "bench"):
         assert f"    {name}" in out
 
 
