@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pvimage import abi
 
 from . import boot, dwarf
+from .errors import UserError
 from .intrinsics import OP_NUMBERS
 from .ir import Data
 from .linked import LinkedImage, Note, Section, Symbol
@@ -31,7 +32,7 @@ FILL = 0xCC                      # int3 between functions and in the hypercall p
 HYPERCALL_PAGE = "__hypercall_page"
 
 
-class LinkError(Exception):
+class LinkError(UserError):
     """A one-line, user-facing link failure (undefined symbol, value out of range, ...)."""
 
 

@@ -13,7 +13,8 @@ from hypothesis import given, settings, strategies as st
 from pvimage import abi
 from pvtool import elfwrite as elf
 from pvtool.intrinsics import OP_NUMBERS
-from pvtool.ir import Data, DataReloc, Loc
+from pvtool.ir import Data, DataReloc
+from pvtool.source import Loc
 from pvtool.link import LinkError, link
 from pvtool.obj import ABS32, ABS32S, ABS64, PC32, FunctionCode, LineRow, ObjectCode, Reloc, SiteRow
 
