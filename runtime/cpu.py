@@ -51,8 +51,8 @@ class Cpu:
         self.uc = engine.uc
         self.regs = engine.regs
         self.exit_kind = LOOP
-        # The control state the hypervisor last set (pv and trap check it at every exit).
-        self.expected: dict[str, int] | None = None
+        # CR0, CR3, CR4, EFER as the hypervisor last set them (pv and trap check them at every exit).
+        self.expected: tuple[int, int, int, int] | None = None
 
     # -- boot ----------------------------------------------------------------------------
     def reset(self, entry: int) -> None:
@@ -186,14 +186,10 @@ class Cpu:
     def remember_control_state(self) -> None:
         """Record CR0, CR3, CR4 and EFER as the hypervisor has just set them."""
         if self.expected is not None:
-            self.expected = self._control_state()
+            self.expected = self.regs.control()
 
     def watch_control_state(self) -> None:
-        self.expected = self._control_state()
-
-    def _control_state(self) -> dict[str, int]:
-        regs = self.regs
-        return {"CR0": regs.cr(0), "CR3": regs.cr(3), "CR4": regs.cr(4), "EFER": regs.efer}
+        self.expected = self.regs.control()
 
     def check_control_state(self) -> None:
         """At an exit: CR0, CR3, CR4 and EFER must still hold what the hypervisor set.
@@ -201,11 +197,9 @@ class Cpu:
         Only the hypervisor changes them in pv and trap mode; a difference
         means an instruction ran that the validator (or trap mode's sweep)
         did not see."""
-        expected = self.expected
-        if expected is None:
-            return
-        regs = self.regs
-        for name, value in (("CR0", regs.cr(0)), ("CR3", regs.cr(3)), ("CR4", regs.cr(4)), ("EFER", regs.efer)):
-            if value != expected[name]:
-                raise GuestFault(f"{name} changed behind the hypervisor's back ({expected[name]:#x} -> {value:#x}): "
-                                 f"a sensitive instruction ran unchecked")
+        now = self.regs.control()
+        if now != self.expected:
+            for name, was, value in zip(("CR0", "CR3", "CR4", "EFER"), self.expected, now):
+                if was != value:
+                    raise GuestFault(f"{name} changed behind the hypervisor's back ({was:#x} -> {value:#x}): "
+                                     f"a sensitive instruction ran unchecked")

@@ -188,6 +188,10 @@ _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
 
+GPR_INDEX = {name: k for k, name in enumerate(GPR_ORDER)}
+RIP_INDEX = len(GPR_ORDER)
+
+
 class RegisterFile:
     """The vCPU's registers during one exit: loaded with one context save, written back with one restore.
 
@@ -197,7 +201,8 @@ class RegisterFile:
     (a CR0 write, RIP from a code hook) must `store` first and `invalidate`
     after, so neither copy overwrites the other."""
 
-    __slots__ = ("handle", "buf", "view", "loaded", "dirty", "_gpr", "_rip", "_eflags", "_hflags", "_cr", "_efer")
+    __slots__ = ("handle", "buf", "view", "loaded", "dirty", "_gpr", "_rip", "_eflags", "_hflags", "_cr", "_efer",
+                 "_block", "_control", "_control_at")
 
     def __init__(self, uc: Uc):
         lay = layout()
@@ -207,6 +212,14 @@ class RegisterFile:
         self.loaded = self.dirty = False
         self._gpr, self._rip, self._eflags, self._hflags = lay.gpr, lay.rip, lay.eflags, lay.hflags
         self._cr, self._efer = lay.cr, lay.efer
+        self._block = struct.Struct(f"<{RIP_INDEX + 1}Q")        # the GPRs then RIP: contiguous
+        # CR0, CR3, CR4 and EFER in one unpack: the fields sit in that order after CR0
+        at = sorted((lay.cr[0], lay.cr[3], lay.cr[4], lay.efer))
+        if at != [lay.cr[0], lay.cr[3], lay.cr[4], lay.efer]:
+            raise EngineError(f"unicorn's control registers are not laid out as expected; "
+                              f"the runtime is pinned to unicorn {PINNED_VERSION}")
+        fmt = "<Q" + "".join(f"{b - a - 8}xQ" if b - a > 8 else "Q" for a, b in zip(at, at[1:]))
+        self._control, self._control_at = struct.Struct(fmt), at[0]
 
     def load(self) -> None:
         if not self.loaded:
@@ -243,6 +256,18 @@ class RegisterFile:
             self.load()
         view, gpr = self.view, self._gpr
         return tuple(_U64.unpack_from(view, gpr[n])[0] for n in names)
+
+    def block(self) -> tuple[int, ...]:
+        """All general registers (GPR_ORDER) and RIP (at RIP_INDEX), in one read."""
+        if not self.loaded:
+            self.load()
+        return self._block.unpack_from(self.view, self._gpr["rax"])
+
+    def control(self) -> tuple[int, int, int, int]:
+        """(CR0, CR3, CR4, EFER), in one read."""
+        if not self.loaded:
+            self.load()
+        return self._control.unpack_from(self.view, self._control_at)
 
     @property
     def rip(self) -> int:

@@ -103,6 +103,7 @@ class Runner:
         self.max_exits = max_exits
         self.trace = trace
         self.lenient_batches = lenient_batches
+        self.wants_where = bool(trace) or vm.stats.profile    # exits must say where the guest was
         self.window: list | None = None       # bare: the interrupt window's patches while it is open
         self.hlt_sites: frozenset[int] = frozenset()   # bare: where the image's hlt instructions are
         self.bad_access: tuple[int, int, int] | None = None   # (access, guest-physical, size) of a failed access
@@ -188,19 +189,23 @@ class Runner:
             cpu.regs.finish()
 
     # -- accounting ------------------------------------------------------------------------
-    def count(self, reason: str, where: int | Callable[[], int | None] | None = None) -> None:
-        """Account one exit; every exit handler calls this first (`where`: the guest address, or how to find it).
+    def count(self, reason: str, where: int | Callable[[Vm], int | None] | None = None) -> None:
+        """Account one exit; every exit handler calls this first (`where`: the guest address, or how
+        to find it, needed only when tracing or profiling: `wants_where`).
 
         An exit costs the guest EXIT_NS of virtual time (clock.py)."""
         vm = self.vm
-        vm.clock.advance(EXIT_NS)
+        clock = vm.clock
+        clock.ticks += EXIT_NS
+        if clock.ticks >= clock.next_deadline:
+            clock.advance(0)
         stats = vm.stats
-        if stats.profile or self.trace:
-            at = where() if callable(where) else where
+        if self.wants_where:
+            at = where(vm) if callable(where) else where
             stats.account(reason, at)
             if self.trace:
                 place = self.where(at) if at is not None else "?"
-                print(f"exit {stats.total_exits} [{vm.clock.ticks / 1000:.3f} us]: {reason} at {place}",
+                print(f"exit {stats.total_exits} [{clock.ticks / 1000:.3f} us]: {reason} at {place}",
                       file=self.trace)
         else:
             stats.exits[reason] += 1

@@ -39,6 +39,7 @@ from .. import delivery
 from ..cpu import DESCRIPTOR
 from ..devices.bus import SIZES
 from ..devices.msr import canonical
+from ..engine import GPR_INDEX, RIP_INDEX
 from ..errors import GuestFault, Refused, Shutdown
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ class Hypercall:
     reason: str           # its name in the exit statistics
     fn: Callable
     arity: int
+    args: tuple[int, ...]  # where its arguments are in RegisterFile.block()
 
 
 HYPERCALLS: dict[int, Hypercall] = {}
@@ -70,7 +72,9 @@ def hypercall(nr: int):
     """Register the decorated function as the handler of hypercall `nr`."""
     def register(fn: Callable) -> Callable:
         name = abi.HYPERCALL_NAMES[nr]
-        HYPERCALLS[nr] = Hypercall(nr, name, f"hypercall {name}", fn, fn.__code__.co_argcount - 1)
+        arity = fn.__code__.co_argcount - 1
+        HYPERCALLS[nr] = Hypercall(nr, name, f"hypercall {name}", fn, arity,
+                                   tuple(GPR_INDEX[reg] for reg in ARGS[:arity]))
         return fn
     return register
 
@@ -80,16 +84,17 @@ def hypercall(nr: int):
 def on_syscall(vm: Vm) -> None:
     """The syscall hook in pv mode: one hypercall exit."""
     regs = vm.cpu.regs
-    rip = regs.rip
+    block = regs.block()
+    rip = block[RIP_INDEX]
     if not vm.mode.in_hypercall_page(rip):
         raise GuestFault("syscall outside the hypercall page")
-    nr = regs["rax"]
+    nr = block[0]
     call = HYPERCALLS.get(nr)
-    vm.run.count(call.reason if call else "hypercall unknown", lambda: call_site(vm))
+    vm.run.count(call.reason if call else "hypercall unknown", call_site if vm.run.wants_where else None)
     try:
         if call is None:
             raise Refused(abi.ENOSYS, f"no hypercall number {nr}")
-        result = call.fn(vm, *regs.read(*ARGS[:call.arity])) if call.arity else call.fn(vm)
+        result = call.fn(vm, *[block[k] for k in call.args])
     except GuestFault as e:
         if e.rip is None:             # report the guest code that called, not the stub
             e.rip = call_site(vm)
@@ -99,7 +104,7 @@ def on_syscall(vm: Vm) -> None:
         if vm.trace:
             print(f"  hypercall {call.name if call else nr} refused: -{e.errno}: {e.why}", file=vm.trace)
     if result is not None:                # None: the hypercall does not return (iret)
-        regs["rax"] = result & MASK64
+        regs["rax"] = result
     vm.mem.write_u64(SH_TIME, vm.clock.ticks)
 
 
