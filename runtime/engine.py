@@ -93,6 +93,32 @@ class Layout:
     cr: dict[int, int]
     efer: int
     size: int
+    privilege: "Privilege | None" = None
+
+
+@dataclass(frozen=True)
+class Privilege:
+    """Where the CPU keeps its privilege level, and what it looks like in kernel and in user mode.
+
+    Unicorn runs `iretq`/`sysretq` to ring 3 itself, but never enters ring 0
+    from ring 3 (it has no exception delivery, and its `syscall` is a hook).
+    The runtime does that by writing, into the saved context, the code and
+    stack segment caches and TB flags a real entry would leave: `kernel`
+    and `user` are those bytes as Unicorn itself loaded them, by running
+    `iretq` to the ABI's flat kernel (0x08/0x10) and user (0x23/0x1b)
+    selectors in a probe.  Also here: the error code of the exception
+    being delivered, and QEMU's 'exception in flight' record, which must be
+    cleared after each delivery or the next page fault becomes a #DF."""
+    hflags: int
+    cs: int               # the CS segment cache: selector u32, base u64, limit u32, flags u32
+    ss: int
+    error_code: int       # i32
+    old_exception: int    # i32: -1 when no exception is in flight
+    kernel: bytes         # hflags (4 bytes), CS cache, SS cache in kernel mode
+    user: bytes           # the same in user mode
+
+
+SEGMENT_CACHE = 24
 
 
 HF_CPL_MASK = 3
@@ -141,7 +167,74 @@ def _probe() -> Layout:
     efer = _changed_u64(before, _save(uc, buf), uc.msr_read(0xC0000080))
     layout = Layout(gpr, rip, eflags, hflags, cr, efer, size)
     _verify(uc, buf, layout, gpr_ids)
-    return layout
+    return Layout(gpr, rip, eflags, hflags, cr, efer, size, _probe_privilege(hflags))
+
+
+# The probe machine: the ABI's GDT, one 2 MiB user page, code that goes to ring 3 and faults there.
+_PROBE_GDT = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00CFF3000000FFFF, 0x00AFFB000000FFFF)
+
+
+def _probe_privilege(hflags: int) -> Privilege:
+    runs = [_ring_trip(sel) for sel in (0x1238, 0x2468)]      # two faults with different error codes
+    (kernel, user, fault1), (_, _, fault2) = runs
+    cs = _field(kernel, user, 0x08, 0x23)
+    ss = _field(kernel, user, 0x10, 0x1B)
+    error = _field(fault1, fault2, 0x1238, 0x2468)
+    old = _field(kernel, fault1, 0xFFFFFFFF, 13)
+    if user[hflags] & HF_CPL_MASK != 3 or kernel[hflags] & HF_CPL_MASK != 0:
+        raise EngineError(f"unicorn's privilege level is not where expected; the runtime is pinned to "
+                          f"unicorn {PINNED_VERSION}")
+    take = lambda snap: snap[hflags:hflags + 4] + snap[cs:cs + SEGMENT_CACHE] + snap[ss:ss + SEGMENT_CACHE]
+    return Privilege(hflags, cs, ss, error, old, take(kernel), take(user))
+
+
+def _ring_trip(selector: int) -> tuple[bytes, bytes, bytes]:
+    """Context snapshots: after an iretq to kernel selectors, after one to user selectors,
+    and inside the #GP(selector) that the user code raises by loading a bad selector."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    buf = _context_buffer(uc)
+    uc.mem_map(0, 4 << 20)
+    pml4, pdpt, pd, gdt, stack = 0x10000, 0x11000, 0x12000, 0x13000, 0x8000
+    uc.mem_write(pml4, struct.pack("<Q", pdpt | 7))
+    uc.mem_write(pdpt, struct.pack("<Q", pd | 7))
+    uc.mem_write(pd, struct.pack("<2Q", 0x87, 0x200000 | 0x87))
+    uc.mem_write(gdt, struct.pack(f"<{len(_PROBE_GDT)}Q", *_PROBE_GDT))
+    uc.reg_write(U.UC_X86_REG_CR3, pml4)
+    uc.reg_write(U.UC_X86_REG_CR4, uc.reg_read(U.UC_X86_REG_CR4) | 0x20)
+    uc.msr_write(0xC0000080, 0xD01)
+    uc.reg_write(U.UC_X86_REG_CR0, 0x80010033)
+    uc.reg_write(U.UC_X86_REG_GDTR, (0, gdt, 8 * len(_PROBE_GDT) - 1, 0))
+    frames = struct.pack("<10Q", 0x1002, 0x08, 0x2, stack - 40, 0x10,     # iretq to the kernel ...
+                         0x2000, 0x23, 0x202, 0x9000, 0x1B)                # ... then to user mode
+    uc.mem_write(stack - 80, frames)
+    uc.mem_write(0x1000, bytes.fromhex("48cf 48cf"))                      # iretq; iretq
+    uc.mem_write(0x2000, b"\x66\xb8" + struct.pack("<H", selector) + b"\x8e\xd8")   # mov ax, sel; mov ds, ax
+    uc.reg_write(U.UC_X86_REG_RSP, stack - 80)
+    seen: list[bytes] = []
+
+    def on_fault(uc, intno, data):
+        seen.append(_save(uc, buf) if intno == 13 else b"")
+        uc.emu_stop()
+    uc.hook_add(UC_HOOK_INTR, on_fault)
+    snaps = []
+    for begin in (0x1000, 0x1002):
+        uc.emu_start(begin, 0x1004, count=1)
+        snaps.append(_save(uc, buf))
+    uc.emu_start(0x2000, 0x2006, count=4)
+    if len(seen) != 1 or not seen[0]:
+        raise EngineError(f"unicorn did not raise #GP in ring 3 as expected; the runtime is pinned to "
+                          f"unicorn {PINNED_VERSION}")
+    return snaps[0], snaps[1], seen[0]
+
+
+def _field(a: bytes, b: bytes, value_a: int, value_b: int) -> int:
+    """The offset of the one u32 field past the registers that holds value_a in snapshot a and value_b in b."""
+    hits = [k for k in range(HEADER + 8 * (len(GPR_ORDER) + 2), min(len(a), len(b)) - 3, 4)
+            if struct.unpack_from("<I", a, k)[0] == value_a and struct.unpack_from("<I", b, k)[0] == value_b]
+    if len(hits) != 1:
+        raise EngineError(f"cannot locate a CPU field in unicorn's saved context ({len(hits)} candidates); "
+                          f"the runtime is pinned to unicorn {PINNED_VERSION}")
+    return hits[0]
 
 
 def _save(uc: Uc, buf) -> bytes:
