@@ -6,7 +6,7 @@ invariant inside pvtool, a bug: commands report it as "internal error" with
 the stage and what broke, so it is never mistaken for the user's mistake.
 """
 from .diagnostics import CompileError
-from .link import LinkError
+from .linked import LinkError
 
 
 class InternalError(Exception):

@@ -8,6 +8,8 @@ from codegen_support import FB, LOC, build, fib_function, function
 from pvtool import ir, obj
 from pvtool.intrinsics import INTRINSICS
 from pvtool.x86 import codegen, isel
+from pvtool.diagnostics import CompileError
+from pvtool.errors import InternalError
 from pvtool.x86.codegen import CodegenError
 from unicorn_harness import HYPERCALL_PAGE, HarnessError, Machine
 
@@ -34,11 +36,11 @@ def test_object_code_passes_module_data_through():
     assert [f.name for f in oc.functions] == ["fib"] and all(f.align == 16 for f in oc.functions)
 
 
-def test_unbalanced_site_markers_are_errors():
+def test_unbalanced_site_markers_are_internal_errors():
     b = FB("f")
     b(ir.SiteBegin(1, "cli", "x"))
     b.ret(0)
-    with pytest.raises(CodegenError, match="SiteBegin"):
+    with pytest.raises(InternalError, match="^codegen: f: SiteBegin without SiteEnd$"):
         build([b])
     b = FB("g")
     b(ir.SiteEnd(3))
@@ -88,11 +90,23 @@ def bad_functions():
 
 
 @pytest.mark.parametrize("fn,message", list(bad_functions()), ids=lambda x: getattr(getattr(x, "f", None), "name", ""))
-def test_bad_input_is_a_one_line_codegen_error(fn, message):
+def test_ir_the_back_end_cannot_compile_is_a_one_line_internal_error(fn, message):
     with pytest.raises(CodegenError) as e:
         build([fn])
-    assert message in str(e.value) and fn.f.name in str(e.value)
-    assert "\n" not in e.value.message
+    assert isinstance(e.value, InternalError) and not isinstance(e.value, CompileError)
+    assert e.value.stage == "codegen" and str(e.value).startswith(f"codegen: {fn.f.name}: ")
+    assert message in e.value.message and "\n" not in e.value.message
+
+
+def test_a_frame_beyond_2_gib_is_the_programs_error_at_its_function():
+    b = FB("huge")
+    b.f.new_slot(1 << 30, 8)
+    b.f.new_slot(1 << 30, 8)
+    b.ret(0)
+    with pytest.raises(CompileError) as e:
+        build([b])
+    assert e.value.loc == LOC and not isinstance(e.value, InternalError)
+    assert e.value.message.startswith("function 'huge' needs a 2147483")
 
 
 def test_clobber_table_matches_the_intrinsics():

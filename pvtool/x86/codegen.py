@@ -21,11 +21,12 @@ from pvimage import abi
 
 from .. import ir, obj
 from ..diagnostics import CompileError
+from ..errors import InternalError
 from ..intrinsics import INTRINSICS
 from . import isel
 from .encode import (Asm, EncodeError, Mem, Reg, fits_s32, RAX, RBX, RCX, RDX, RSP, RBP,
                      RSI, RDI, R8, R9, R10, R11, R12, R13, R14, R15)
-from .frame import FrameError, layout
+from .frame import FrameError, FrameTooLarge, layout
 from .isel import CmpBranch, MLoad, MStore
 from .regalloc import allocate
 
@@ -51,8 +52,13 @@ INVERSE = {"e": "ne", "ne": "e", "b": "ae", "ae": "b", "be": "a", "a": "be",
 COMMUTATIVE = ("add", "mul", "and", "or", "xor")
 
 
-class CodegenError(CompileError):
-    """A function the back end cannot compile; the message names it."""
+class CodegenError(InternalError):
+    """IR the back end cannot compile: a broken invariant of an earlier stage
+    (or of the back end itself), never the program's fault.  The message
+    names the function."""
+
+    def __init__(self, message: str):
+        super().__init__("codegen", message)
 
 
 def signed64(v: int) -> int:
@@ -67,8 +73,10 @@ def generate(module: ir.Module, registers: list[Reg] | None = None) -> obj.Objec
     for fn in module.functions:
         try:
             functions.append(FunctionGen(fn, registers).run())
+        except FrameTooLarge as e:
+            raise CompileError(fn.loc, f"function '{fn.name}' {e}") from None
         except (isel.SelectError, FrameError, EncodeError) as e:
-            raise CodegenError(fn.loc, f"{fn.name}: {e}") from None
+            raise CodegenError(f"{fn.name}: {e}") from None
         need_swtch |= any(isinstance(i, ir.MachineOp) and i.op == "swtch" for i in fn.instructions())
     if need_swtch:
         functions.append(swtch_helper())
@@ -124,23 +132,23 @@ class FunctionGen:
             self.mark(b.term.loc)
             self.terminator(b.term)
         if self.open_sites:
-            raise CodegenError(fn.loc, f"{fn.name}: SiteBegin without SiteEnd")
+            raise self.fail("SiteBegin without SiteEnd")
         code = self.a.finish()
         return obj.FunctionCode(fn.name, code, self.a.relocs, self.lines, self.sites, loc=fn.loc)
 
     def check(self) -> None:
         fn = self.fn
         if not fn.blocks:
-            raise CodegenError(fn.loc, f"{fn.name}: function has no blocks")
+            raise self.fail("function has no blocks")
         if len(fn.params) > len(ARG_REGS):
-            raise CodegenError(fn.loc, f"{fn.name}: more than {len(ARG_REGS)} parameters")
+            raise self.fail(f"more than {len(ARG_REGS)} parameters")
         if fn.interrupt and fn.params:
-            raise CodegenError(fn.loc, f"{fn.name}: an interrupt function takes no parameters")
+            raise self.fail("an interrupt function takes no parameters")
         for b in fn.blocks:
             if isinstance(b.term, ir.IRet) and not fn.interrupt:
-                raise CodegenError(fn.loc, f"{fn.name}: IRet outside an interrupt function")
+                raise self.fail("IRet outside an interrupt function")
             if isinstance(b.term, ir.Ret) and fn.interrupt:
-                raise CodegenError(fn.loc, f"{fn.name}: an interrupt function must end in IRet, not Ret")
+                raise self.fail("an interrupt function must end in IRet, not Ret")
 
     def hints(self) -> dict:
         """Preferred registers: parameters where they arrive, arguments where
@@ -177,6 +185,9 @@ class FunctionGen:
 
     # -- bookkeeping ----------------------------------------------------------
 
+    def fail(self, message: str) -> CodegenError:
+        return CodegenError(f"{self.fn.name}: {message}")
+
     def label(self, name: str) -> str:
         return ".L" + name
 
@@ -203,7 +214,7 @@ class FunctionGen:
             return signed64(v)
         h = self.alloc.home.get(v)
         if h is None:       # never live: a dead definition or an undefined read
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: {v!r} has no location")
+            raise self.fail(f"{v!r} has no location")
         return h if isinstance(h, Reg) else self.frame.spill(h)
 
     def load_imm(self, r: Reg, v: int) -> None:
@@ -278,7 +289,7 @@ class FunctionGen:
             return Mem(symbol=addr.symbol, disp=addr.disp)
         if addr.slot is not None:
             if not 0 <= addr.slot < len(self.frame.slot_disp):
-                raise CodegenError(self.fn.loc, f"{self.fn.name}: no stack slot {addr.slot}")
+                raise self.fail(f"no stack slot {addr.slot}")
             return self.frame.slot(addr.slot, addr.disp)
         if addr.reg is None:
             v = signed64(addr.disp)
@@ -356,7 +367,7 @@ class FunctionGen:
                 name = abi.HYPERCALL_NAMES.get(t.hypercall, str(t.hypercall))
                 self.site(start, "iret", t.loc, f"hypercall {name}", abi.SITE_HYPERCALL)
         else:
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: unknown terminator {t!r}")
+            raise self.fail(f"unknown terminator {t!r}")
 
     def jump(self, target: str) -> None:
         if target != self.next_label:
@@ -372,7 +383,7 @@ class FunctionGen:
     def compare(self, op: str, a: ir.Operand, b: ir.Operand) -> str:
         """Emit a 64-bit compare of a with b; return the condition code for `op`."""
         if op not in CC:
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: unknown comparison {op}")
+            raise self.fail(f"unknown comparison {op}")
         A, B = self.where(a), self.where(b)
         if isinstance(A, int):
             if isinstance(B, int):
@@ -395,23 +406,23 @@ class FunctionGen:
     # -- instructions ---------------------------------------------------------
 
     def instr(self, ins: ir.Instr) -> None:
-        method = getattr(self, "i_" + type(ins).__name__, None)
-        if method is None:
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: cannot compile {ins!r}")
-        method(ins)
+        emit = EMITTERS.get(type(ins))
+        if emit is None:
+            raise self.fail(f"cannot compile {ins!r}")
+        emit(self, ins)
 
-    def i_Copy(self, i: ir.Copy) -> None:
+    def copy(self, i: ir.Copy) -> None:
         self.move(self.where(i.dst), self.where(i.src))
 
-    def i_BinOp(self, i: ir.BinOp) -> None:
+    def binop(self, i: ir.BinOp) -> None:
         if i.op in isel.DIVISIONS:
             self.divide(i)
         elif i.op in isel.SHIFTS:
             self.shift(i)
-        elif i.op in ("add", "sub", "and", "or", "xor", "mul"):
+        elif i.op in ALU_OPS or i.op == "mul":
             self.arith(i.op, i.dst, i.a, i.b)
         else:
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: unknown binary operator {i.op}")
+            raise self.fail(f"unknown binary operator {i.op}")
 
     def arith(self, op: str, dst: ir.VReg, a: ir.Operand, b: ir.Operand) -> None:
         D, A, B = self.where(dst), self.where(a), self.where(b)
@@ -446,21 +457,21 @@ class FunctionGen:
             else:
                 self.a.imul(R, B)
             return
-        getattr(self.a, {"and": "and_", "or": "or_"}.get(op, op))(R, B)
+        ALU_OPS[op](self.a, R, B)
 
     def shift(self, i: ir.BinOp) -> None:
-        emit = getattr(self.a, i.op)
+        emit = SHIFT_OPS[i.op]
         if isinstance(i.b, int):
             D, A = self.where(i.dst), self.where(i.a)
             R = self.target(i.dst)
             self.move(R, A)
             if i.b % 64:
-                emit(R, i.b % 64)
+                emit(self.a, R, i.b % 64)
             self.move(D, R)
             return
         self.move(R11, self.where(i.a))
         self.move(RCX, self.where(i.b))
-        emit(R11, RCX)
+        emit(self.a, R11, RCX)
         self.result(i.dst, R11)
 
     def divide(self, i: ir.BinOp) -> None:
@@ -477,22 +488,22 @@ class FunctionGen:
         (self.a.idiv if signed else self.a.div)(B)
         self.result(i.dst, RAX if i.op in ("udiv", "sdiv") else RDX)
 
-    def i_UnOp(self, i: ir.UnOp) -> None:
-        emit = {"neg": self.a.neg, "not": self.a.not_}.get(i.op)
+    def unop(self, i: ir.UnOp) -> None:
+        emit = UNARY_OPS.get(i.op)
         if emit is None:
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: unknown unary operator {i.op}")
+            raise self.fail(f"unknown unary operator {i.op}")
         D, A = self.where(i.dst), self.where(i.a)
         if isinstance(D, Mem) and A == D:
-            emit(D)
+            emit(self.a, D)
             return
         R = self.target(i.dst)
         self.move(R, A)
-        emit(R)
+        emit(self.a, R)
         self.move(D, R)
 
-    def i_Ext(self, i: ir.Ext) -> None:
+    def ext(self, i: ir.Ext) -> None:
         if i.bits not in (8, 16, 32):
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: cannot extend from {i.bits} bits")
+            raise self.fail(f"cannot extend from {i.bits} bits")
         A = self.where(i.src)
         if isinstance(A, int):
             v = A % (1 << i.bits)
@@ -519,24 +530,24 @@ class FunctionGen:
         else:
             a.movzx(R, src, size)
 
-    def i_Cmp(self, i: ir.Cmp) -> None:
+    def cmp(self, i: ir.Cmp) -> None:
         cc = self.compare(i.op, i.a, i.b)
         R = self.target(i.dst)
         self.a.setcc(cc, R)
         self.a.movzx(R, R, 1)
         self.result(i.dst, R)
 
-    def i_MLoad(self, i: MLoad) -> None:
+    def load(self, i: MLoad) -> None:
         if i.size not in (1, 2, 4, 8):
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: load of {i.size} bytes")
+            raise self.fail(f"load of {i.size} bytes")
         m = self.address(i.addr)
         R = self.target(i.dst, RAX)
         self.extend(R, m, i.size, i.signed)
         self.result(i.dst, R)
 
-    def i_MStore(self, i: MStore) -> None:
+    def store(self, i: MStore) -> None:
         if i.size not in (1, 2, 4, 8):
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: store of {i.size} bytes")
+            raise self.fail(f"store of {i.size} bytes")
         m = self.address(i.addr)
         V = self.where(i.value)
         if isinstance(V, int):
@@ -550,62 +561,97 @@ class FunctionGen:
             V = RAX
         self.a.mov(m, V, size=i.size)
 
-    def i_AddrOf(self, i: ir.AddrOf) -> None:
+    def addr_of(self, i: ir.AddrOf) -> None:
         R = self.target(i.dst)
         self.a.lea(R, Mem(symbol=i.symbol, disp=i.offset))
         self.result(i.dst, R)
 
-    def i_SlotAddr(self, i: ir.SlotAddr) -> None:
+    def slot_addr(self, i: ir.SlotAddr) -> None:
         if not 0 <= i.slot < len(self.frame.slot_disp):
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: no stack slot {i.slot}")
+            raise self.fail(f"no stack slot {i.slot}")
         R = self.target(i.dst)
         self.a.lea(R, self.frame.slot(i.slot, i.offset))
         self.result(i.dst, R)
 
     def call_args(self, args: list[ir.Operand], regs: tuple[Reg, ...], what: str) -> None:
         if len(args) > len(regs):
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: {what} with more than {len(regs)} arguments")
+            raise self.fail(f"{what} with more than {len(regs)} arguments")
         self.parallel_move([(r, self.where(v)) for v, r in zip(args, regs)])
 
-    def i_Call(self, i: ir.Call) -> None:
+    def call(self, i: ir.Call) -> None:
         self.call_args(i.args, ARG_REGS, f"call of {i.func}")
         self.a.call(i.func)
         self.result(i.dst, RAX)
 
-    def i_CallIndirect(self, i: ir.CallIndirect) -> None:
+    def call_indirect(self, i: ir.CallIndirect) -> None:
         self.move(RAX, self.where(i.target))
         self.call_args(i.args, ARG_REGS, "indirect call")
         self.a.call_reg(RAX)
         self.result(i.dst, RAX)
 
-    def i_Hypercall(self, i: ir.Hypercall) -> None:
+    def hypercall(self, i: ir.Hypercall) -> None:
         if not 0 <= i.nr < abi.PAGE_SIZE // abi.HYPERCALL_STRIDE:
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: hypercall number {i.nr} out of range")
+            raise self.fail(f"hypercall number {i.nr} out of range")
         self.call_args(i.args, HYPERCALL_REGS, f"hypercall {i.nr}")
         self.a.call(HYPERCALL_PAGE, i.nr * abi.HYPERCALL_STRIDE)
         self.result(i.dst, RAX)
 
-    def i_SiteBegin(self, i: ir.SiteBegin) -> None:
+    def site_begin(self, i: ir.SiteBegin) -> None:
         if i.site in self.open_sites:
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: site {i.site} begins twice")
+            raise self.fail(f"site {i.site} begins twice")
         self.open_sites[i.site] = (self.a.offset, i)
 
-    def i_SiteEnd(self, i: ir.SiteEnd) -> None:
+    def site_end(self, i: ir.SiteEnd) -> None:
         if i.site not in self.open_sites:
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: SiteEnd {i.site} without SiteBegin")
+            raise self.fail(f"SiteEnd {i.site} without SiteBegin")
         start, begin = self.open_sites.pop(i.site)
         self.site(start, begin.op, begin.loc, begin.becomes, begin.kind)
 
     # -- machine operations ----------------------------------------------------
 
-    def i_MachineOp(self, i: ir.MachineOp) -> None:
+    def machine_op(self, i: ir.MachineOp) -> None:
         intrinsic = INTRINSICS.get(i.op)
-        emit = getattr(self, "m_" + i.op, None)
-        if intrinsic is None or emit is None:
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: unknown machine operation {i.op}")
+        if intrinsic is None:
+            raise self.fail(f"unknown machine operation {i.op}")
         if len(i.args) != len(intrinsic.params):
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: {i.op} takes {len(intrinsic.params)} arguments")
-        emit(i)
+            raise self.fail(f"{i.op} takes {len(intrinsic.params)} arguments")
+        a, op = self.a, i.op
+        if op in PLAIN_OPS:
+            self.sensitive(i, lambda: PLAIN_OPS[op](a))
+        elif op in PORT_OUT:
+            self.port_out(i, PORT_OUT[op])
+        elif op in PORT_IN:
+            self.port_in(i, PORT_IN[op])
+        elif op in READ_CR:
+            self.read_cr(i, READ_CR[op])
+        elif op in WRITE_CR:
+            self.write_cr(i, WRITE_CR[op])
+        elif op in MEMORY_OPS:
+            self.memory_op(i, MEMORY_OPS[op])
+        else:
+            match op:
+                case "pause":
+                    a.pause()
+                case "save_flags":
+                    self.save_flags(i)
+                case "restore_flags":
+                    self.restore_flags(i)
+                case "set_pte":
+                    self.set_pte(i)
+                case "rdmsr":
+                    self.rdmsr(i)
+                case "wrmsr":
+                    self.wrmsr(i)
+                case "rdtsc":
+                    self.sensitive(i, a.rdtsc)
+                    self.edx_eax_result(i.dst)
+                case "cpuid":
+                    self.cpuid(i)
+                case "swtch":
+                    self.call_args(i.args, ARG_REGS, "swtch")
+                    a.call(SWTCH)
+                case _:
+                    raise self.fail(f"no code for machine operation {op}")
 
     def sensitive(self, i: ir.MachineOp, emit) -> None:
         """Emit the sensitive instruction(s) and record their site row."""
@@ -613,22 +659,7 @@ class FunctionGen:
         emit()
         self.site(start, i.op, i.loc)
 
-    def m_cli(self, i):
-        self.sensitive(i, self.a.cli)
-
-    def m_sti(self, i):
-        self.sensitive(i, self.a.sti)
-
-    def m_hlt(self, i):
-        self.sensitive(i, self.a.hlt)
-
-    def m_wbinvd(self, i):
-        self.sensitive(i, self.a.wbinvd)
-
-    def m_pause(self, i):
-        self.a.pause()
-
-    def m_save_flags(self, i):
+    def save_flags(self, i: ir.MachineOp) -> None:
         R = self.target(i.dst) if i.dst is not None else R11
 
         def emit():
@@ -637,7 +668,7 @@ class FunctionGen:
         self.sensitive(i, emit)
         self.result(i.dst, R)
 
-    def m_restore_flags(self, i):
+    def restore_flags(self, i: ir.MachineOp) -> None:
         R = self.reg(i.args[0], R11)
 
         def emit():
@@ -645,112 +676,54 @@ class FunctionGen:
             self.a.popfq()
         self.sensitive(i, emit)
 
-    def _out(self, i, size):
+    def port_out(self, i: ir.MachineOp, size: int) -> None:
         self.move(RAX, self.where(i.args[1]))     # value first: the port load clobbers rdx
         self.move(RDX, self.where(i.args[0]))
         self.sensitive(i, lambda: self.a.out(size))
 
-    def m_outb(self, i):
-        self._out(i, 1)
-
-    def m_outw(self, i):
-        self._out(i, 2)
-
-    def m_outl(self, i):
-        self._out(i, 4)
-
-    def _in(self, i, size):
+    def port_in(self, i: ir.MachineOp, size: int) -> None:
         self.move(RDX, self.where(i.args[0]))
         self.sensitive(i, lambda: self.a.in_(size))
         if size < 4:
             self.a.movzx(RAX, RAX, size)
         self.result(i.dst, RAX)
 
-    def m_inb(self, i):
-        self._in(i, 1)
-
-    def m_inw(self, i):
-        self._in(i, 2)
-
-    def m_inl(self, i):
-        self._in(i, 4)
-
-    def _read_cr(self, i, n):
+    def read_cr(self, i: ir.MachineOp, n: int) -> None:
         R = self.target(i.dst) if i.dst is not None else R11
         self.sensitive(i, lambda: self.a.mov_from_cr(R, n))
         self.result(i.dst, R)
 
-    def _write_cr(self, i, n):
+    def write_cr(self, i: ir.MachineOp, n: int) -> None:
         R = self.reg(i.args[0], R11)
         self.sensitive(i, lambda: self.a.mov_to_cr(n, R))
 
-    def m_read_cr0(self, i):
-        self._read_cr(i, 0)
-
-    def m_read_cr2(self, i):
-        self._read_cr(i, 2)
-
-    def m_read_cr3(self, i):
-        self._read_cr(i, 3)
-
-    def m_read_cr4(self, i):
-        self._read_cr(i, 4)
-
-    def m_write_cr0(self, i):
-        self._write_cr(i, 0)
-
-    def m_write_cr3(self, i):
-        self._write_cr(i, 3)
-
-    def m_write_cr4(self, i):
-        self._write_cr(i, 4)
-
-    def _mem_op(self, i, emit):
+    def memory_op(self, i: ir.MachineOp, emit) -> None:
         R = self.reg(i.args[0], R11)
-        self.sensitive(i, lambda: emit(Mem(R)))
+        self.sensitive(i, lambda: emit(self.a, Mem(R)))
 
-    def m_invlpg(self, i):
-        self._mem_op(i, self.a.invlpg)
-
-    def m_lgdt(self, i):
-        self._mem_op(i, self.a.lgdt)
-
-    def m_lidt(self, i):
-        self._mem_op(i, self.a.lidt)
-
-    def m_sgdt(self, i):
-        self._mem_op(i, self.a.sgdt)
-
-    def m_sidt(self, i):
-        self._mem_op(i, self.a.sidt)
-
-    def m_set_pte(self, i):
+    def set_pte(self, i: ir.MachineOp) -> None:
         P = self.reg(i.args[0], R11)
         V = self.reg(i.args[1], RAX)      # always `mov [r], r`, the form trap-and-emulate decodes
         self.sensitive(i, lambda: self.a.mov(Mem(P), V))
 
-    def m_rdmsr(self, i):
+    def rdmsr(self, i: ir.MachineOp) -> None:
         self.move(RCX, self.where(i.args[0]))
         self.sensitive(i, self.a.rdmsr)
         self.edx_eax_result(i.dst)
 
-    def edx_eax_result(self, dst):
+    def edx_eax_result(self, dst: ir.VReg | None) -> None:
         self.a.shl(RDX, 32)              # the CPU cleared both high halves
         self.a.or_(RAX, RDX)
         self.result(dst, RAX)
 
-    def m_rdtsc(self, i):
-        self.sensitive(i, self.a.rdtsc)
-        self.edx_eax_result(i.dst)
-
-    def m_wrmsr(self, i):
+    def wrmsr(self, i: ir.MachineOp) -> None:
         self.move(RAX, self.where(i.args[1]))     # value first: msr may sit in rdx
         self.move(RCX, self.where(i.args[0]))
         self.a.mov(RDX, RAX)
         self.a.shr(RDX, 32)
         self.sensitive(i, self.a.wrmsr)
 
-    def m_cpuid(self, i):
+    def cpuid(self, i: ir.MachineOp) -> None:
         self.move(R11, self.where(i.args[1]))     # out pointer survives in r11
         self.move(RAX, self.where(i.args[0]))
         self.a.xor(RCX, RCX, size=4)
@@ -758,6 +731,27 @@ class FunctionGen:
         for k, r in enumerate((RAX, RBX, RCX, RDX)):
             self.a.mov(Mem(R11, 4 * k), r, size=4)
 
-    def m_swtch(self, i):
-        self.call_args(i.args, ARG_REGS, "swtch")
-        self.a.call(SWTCH)
+
+# How each selected instruction is emitted.
+EMITTERS = {
+    ir.Copy: FunctionGen.copy, ir.BinOp: FunctionGen.binop, ir.UnOp: FunctionGen.unop,
+    ir.Ext: FunctionGen.ext, ir.Cmp: FunctionGen.cmp, MLoad: FunctionGen.load, MStore: FunctionGen.store,
+    ir.AddrOf: FunctionGen.addr_of, ir.SlotAddr: FunctionGen.slot_addr, ir.Call: FunctionGen.call,
+    ir.CallIndirect: FunctionGen.call_indirect, ir.Hypercall: FunctionGen.hypercall,
+    ir.SiteBegin: FunctionGen.site_begin, ir.SiteEnd: FunctionGen.site_end,
+    ir.MachineOp: FunctionGen.machine_op,
+}
+
+# Operators by encoder method.
+ALU_OPS = {"add": Asm.add, "sub": Asm.sub, "and": Asm.and_, "or": Asm.or_, "xor": Asm.xor}
+SHIFT_OPS = {"shl": Asm.shl, "shr": Asm.shr, "sar": Asm.sar}
+UNARY_OPS = {"neg": Asm.neg, "not": Asm.not_}
+
+# Machine operations by shape: one sensitive instruction without operands,
+# port I/O of a size, control-register moves, an instruction on [reg].
+PLAIN_OPS = {"cli": Asm.cli, "sti": Asm.sti, "hlt": Asm.hlt, "wbinvd": Asm.wbinvd}
+PORT_OUT = {"outb": 1, "outw": 2, "outl": 4}
+PORT_IN = {"inb": 1, "inw": 2, "inl": 4}
+READ_CR = {"read_cr0": 0, "read_cr2": 2, "read_cr3": 3, "read_cr4": 4}
+WRITE_CR = {"write_cr0": 0, "write_cr3": 3, "write_cr4": 4}
+MEMORY_OPS = {"invlpg": Asm.invlpg, "lgdt": Asm.lgdt, "lidt": Asm.lidt, "sgdt": Asm.sgdt, "sidt": Asm.sidt}
