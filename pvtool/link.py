@@ -12,6 +12,9 @@ ELF writer can give it its own W^X segment:
     .rodata  boot GDT, string literals; then the note sections             R
     .data    initialised globals                                           RW
     .bss     boot page tables + boot stack | __bss_start  globals  __bss_end
+
+A bundled image (the PV code rules) has its functions on 32-byte bundles and
+.text filled with int3 to the end of its last bundle.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from .intrinsics import OP_NUMBERS
 from .ir import Data, Loc
 from .linked import LinkError, LinkedImage, Note, Section, Symbol
 from .obj import ABS32, ABS32S, ABS64, PC32, FunctionCode, ObjectCode
+from .x86.encode import BUNDLE
 
 PAGE = abi.PAGE_SIZE
 FILL = 0xCC                      # int3 between functions and in the hypercall page
@@ -253,12 +257,14 @@ def link(obj: ObjectCode) -> LinkedImage:
         raise _internal(f"unknown target '{obj.target}' (expected 'native' or 'pv')")
     for d in obj.data:
         _check_data(d)
-    bc = boot.boot_code(obj.target)
+    bc = boot.boot_code(obj.target, obj.bundled)
     in_section = lambda s: [d for d in obj.data if d.section == s]
     page = [FunctionCode(HYPERCALL_PAGE, bytes([FILL]) * PAGE, align=PAGE)] if obj.target == "pv" else []
     syms = _Symbols()
 
     text, text_end = _place(page + bc.functions + obj.functions, abi.LOAD_BASE)
+    if obj.bundled:      # int3 to the end of the last bundle: every bundle decodes whole
+        text_end = align_up(text_end, BUNDLE)
     rodata_start = align_up(text_end, PAGE)
     rodata, rodata_end = _place(bc.rodata + in_section("rodata"), rodata_start)
     syms.define_all(text, "func", ".text")

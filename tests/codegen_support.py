@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import capstone
 
+import bundle_rules
 from pvtool import ir, obj
-from pvtool.x86 import codegen
+from pvtool.x86 import codegen, isel
 from pvtool.x86.encode import RCX, RDX
 from unicorn_harness import Machine
 
 M64 = 1 << 64
 REGISTER_SETS = {"all": None, "none": [], "rcx-rdx": [RCX, RDX]}
+LAYOUTS = {"plain": False, "bundled": True}     # bundled: the PV code rules
 VALUES = (0, 1, 2, 7, 63, 64, 0x7F, 0x80, 0xFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF,
           0x100000000, (1 << 63) - 1, 1 << 63, M64 - 1, M64 - 2, 0x123456789ABCDEF0)
 IMMEDIATES = (1, 5, M64 - 1, 0x7FFFFFFF, 0x80000000, 1 << 63, 0x123456789)
@@ -118,12 +120,18 @@ class FB:
         self.cur.term = ir.Branch(cond, then, else_)
 
 
-def build(fns, data=(), registers=None) -> obj.ObjectCode:
-    return codegen.generate(ir.Module([f.f if isinstance(f, FB) else f for f in fns], list(data)), registers)
+def build(fns, data=(), registers=None, bundled=False) -> obj.ObjectCode:
+    """Object code for the functions; bundled code is checked against the PV code rules."""
+    oc = codegen.generate(ir.Module([f.f if isinstance(f, FB) else f for f in fns], list(data)),
+                          registers, bundled)
+    for fc in oc.functions if bundled else ():
+        findings = bundle_rules.code_findings(fc.code)
+        assert not findings, f"{fc.name}: " + "; ".join(findings[:5])
+    return oc
 
 
-def machine(fns, data=(), registers=None) -> Machine:
-    return Machine(build(fns, data, registers).functions, list(data))
+def machine(fns, data=(), registers=None, bundled=False) -> Machine:
+    return Machine(build(fns, data, registers, bundled).functions, list(data))
 
 
 def disasm(fc: obj.FunctionCode) -> list[tuple[int, int, str]]:
@@ -154,4 +162,82 @@ def fib_function() -> FB:
     r1 = b.call("fib", b.op("sub", n, 1))
     r2 = b.call("fib", b.op("sub", n, 2))
     b.ret(b.op("add", r1, r2))
+    return b
+
+
+def random_program(data, nparams: int) -> FB:
+    """A random function of straight-line code, branches, loops, calls and slot
+    accesses, drawn with hypothesis `data`; returns a checksum of every variable."""
+    from hypothesis import strategies as st
+    b = FB("rand", nparams)
+    nvars = data.draw(st.integers(1, 24), label="vars")
+    imms = st.sampled_from(VALUES + IMMEDIATES)
+    vars_ = list(b.p) + [b.copy(data.draw(imms)) for _ in range(nvars)]
+    slot = b.f.new_slot(8, 8)
+    labels = iter(range(10 ** 6))
+
+    def operand():
+        return data.draw(st.sampled_from(vars_)) if data.draw(st.booleans()) or not vars_ else data.draw(imms)
+
+    def statements(depth: int, n: int) -> None:
+        for _ in range(n):
+            kind = data.draw(st.sampled_from(["bin", "bin", "bin", "un", "ext", "cmp", "call", "mem"]
+                                             + (["if", "loop"] if depth < 2 else [])))
+            dst = data.draw(st.sampled_from(vars_))
+            if kind == "bin":
+                op = data.draw(st.sampled_from(ir.BINOPS))
+                a, c = operand(), operand()
+                if op in isel.DIVISIONS:               # divisor in 1..0x7fff: never faults
+                    c = b.op("or", b.op("and", c, 0x7FFF), 1)
+                b(ir.BinOp(op, dst, a, c))
+            elif kind == "un":
+                b(ir.UnOp(data.draw(st.sampled_from(ir.UNOPS)), dst, operand()))
+            elif kind == "ext":
+                b(ir.Ext(dst, operand(), data.draw(st.sampled_from((8, 16, 32))), data.draw(st.booleans())))
+            elif kind == "cmp":
+                b(ir.Cmp(data.draw(st.sampled_from(ir.CMPOPS)), dst, operand(), operand()))
+            elif kind == "call":
+                args = [operand() for _ in range(data.draw(st.integers(0, 6)))]
+                b(ir.Call(dst, "mix", args + [0] * (6 - len(args))))
+            elif kind == "mem":
+                size = data.draw(st.sampled_from((1, 2, 4, 8)))
+                b.store(b(ir.SlotAddr(b.v(), slot)), 0, operand(), size)
+                b(ir.Load(dst, b(ir.SlotAddr(b.v(), slot)), 0, size, data.draw(st.booleans())))
+            elif kind == "if":
+                k = next(labels)
+                b.branch(b.cmp(data.draw(st.sampled_from(ir.CMPOPS)), operand(), operand()), f"t{k}", f"e{k}")
+                b.block(f"t{k}")
+                statements(depth + 1, data.draw(st.integers(0, 3)))
+                b.jump(f"j{k}")
+                b.block(f"e{k}")
+                statements(depth + 1, data.draw(st.integers(0, 3)))
+                b.jump(f"j{k}")
+                b.block(f"j{k}")
+            else:
+                k = next(labels)
+                i = b.copy(0)
+                b.jump(f"h{k}")
+                b.block(f"h{k}")
+                b.branch(b.cmp("ult", i, data.draw(st.integers(0, 4))), f"b{k}", f"x{k}")
+                b.block(f"b{k}")
+                statements(depth + 1, data.draw(st.integers(1, 4)))
+                b(ir.BinOp("add", i, i, 1))
+                b.jump(f"h{k}")
+                b.block(f"x{k}")
+
+    statements(0, data.draw(st.integers(1, 12)))
+    acc = b.copy(0)
+    for k, v in enumerate(vars_):
+        b(ir.BinOp("add", acc, acc, b.op("mul", v, 2 * k + 1)))
+    b.ret(acc)
+    return b
+
+
+def mix_function() -> FB:
+    b = FB("mix", 6)
+    acc = b.copy(0x9E3779B97F4A7C15)
+    for p in b.p:
+        b(ir.BinOp("xor", acc, acc, p))
+        b(ir.BinOp("mul", acc, acc, 0x100000001B3))
+    b.ret(acc)
     return b

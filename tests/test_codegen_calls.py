@@ -6,22 +6,24 @@ import struct
 
 import pytest
 
-from codegen_support import (FB, M64, REGISTER_SETS, build, fib_function, function, machine, texts)
+from codegen_support import (FB, LAYOUTS, M64, REGISTER_SETS, build, fib_function, function, machine, texts)
 from pvtool import ir
 from pvtool.x86 import codegen
 from unicorn_harness import RAM, Machine
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("regs", REGISTER_SETS)
-def test_recursion_fib(regs):
-    m = machine([fib_function()], registers=REGISTER_SETS[regs])
+def test_recursion_fib(regs, layout):
+    m = machine([fib_function()], registers=REGISTER_SETS[regs], bundled=LAYOUTS[layout])
     assert [m.call("fib", n) for n in range(12)] == [0, 1, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89]
     assert m.call("fib", 20) == 6765
     assert not m.misaligned
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("regs", REGISTER_SETS)
-def test_six_arguments_in_every_order(regs):
+def test_six_arguments_in_every_order(regs, layout):
     callee = FB("weigh", 6)                 # sum of arg_i * (i+1) ... with distinct weights
     acc = callee.copy(0)
     for i, p in enumerate(callee.p):
@@ -32,7 +34,7 @@ def test_six_arguments_in_every_order(regs):
     r2 = caller.call("weigh", caller.p[5], caller.p[4], caller.p[3], caller.p[2], caller.p[1], caller.p[0])
     r3 = caller.call("weigh", caller.p[0], caller.p[0], 7, caller.p[3], 0x123456789, caller.p[2])
     caller.ret(caller.op("add", caller.op("add", r1, r2), r3))
-    m = machine([callee, caller], registers=REGISTER_SETS[regs])
+    m = machine([callee, caller], registers=REGISTER_SETS[regs], bundled=LAYOUTS[layout])
 
     def weigh(*a):
         return sum(v * 10 ** i for i, v in enumerate(a))
@@ -42,19 +44,21 @@ def test_six_arguments_in_every_order(regs):
     assert not m.misaligned
 
 
-def test_indirect_call():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_indirect_call(layout):
     callee = FB("twice", 1)
     callee.ret(callee.op("add", callee.p[0], callee.p[0]))
     b = FB("f", 1)
     fp = b(ir.AddrOf(b.v(), "twice"))
     r = b(ir.CallIndirect(b.v(), fp, [b.p[0]]))
     b.ret(b(ir.CallIndirect(b.v(), fp, [r])))
-    m = machine([callee, b])
+    m = machine([callee, b], bundled=LAYOUTS[layout])
     assert m.call("f", 5) == 20
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("regs", REGISTER_SETS)
-def test_values_live_across_calls(regs):
+def test_values_live_across_calls(regs, layout):
     leaf = FB("clobber", 1)              # a callee that dirties every caller-saved register
     vs = [leaf.op("mul", leaf.p[0], k + 3) for k in range(12)]
     acc = leaf.copy(0)
@@ -68,7 +72,7 @@ def test_values_live_across_calls(regs):
     for k, v in enumerate(live):
         b(ir.BinOp("add", acc, acc, b.op("mul", v, k + 1)))
     b.ret(acc)
-    m = machine([leaf, b], registers=REGISTER_SETS[regs])
+    m = machine([leaf, b], registers=REGISTER_SETS[regs], bundled=LAYOUTS[layout])
     x = 1000
     cl = 0
     for k in range(12):
@@ -88,7 +92,8 @@ def test_leaf_function_saves_no_registers():
 
 
 
-def test_swtch_between_two_stacks():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_swtch_between_two_stacks(layout):
     data = [ir.Data("main_sp", "bss", 8, 8), ir.Data("task_sp", "bss", 8, 8), ir.Data("count", "bss", 8, 8)]
     task = FB("task")                            # forever: count += 1; swtch(&task_sp, main_sp)
     task.jump("loop")
@@ -112,7 +117,7 @@ def test_swtch_between_two_stacks():
     b.jump("head")
     b.block("done")
     b.ret(b.op("add", keep, b.load(b(ir.AddrOf(b.v(), "count")), 0, 8)))
-    oc = build([task, b], data)
+    oc = build([task, b], data, bundled=LAYOUTS[layout])
     assert oc.functions[-1].name == codegen.SWTCH
     m = Machine(oc.functions, data)
     top = RAM + 0x1000                            # 6 zero qwords, then the entry address

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import pytest
 
-from codegen_support import (CMP_REF, FB, IMMEDIATES, M64, REGISTER_SETS, VALUES, build, function,
+from codegen_support import (CMP_REF, FB, IMMEDIATES, LAYOUTS, M64, REGISTER_SETS, VALUES, build, function,
                              machine, texts)
 from pvtool import ir
 from unicorn_harness import Machine
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("regs", REGISTER_SETS)
-def test_compare_as_value_and_as_branch(regs):
+def test_compare_as_value_and_as_branch(regs, layout):
     fns = []
     for op in ir.CMPOPS:
         b = FB(f"{op}_v", 2)
@@ -41,7 +42,7 @@ def test_compare_as_value_and_as_branch(regs):
             b = FB(f"{op}_ir{k}", 1)
             b.ret(b.cmp(op, imm, b.p[0]))
             fns.append(b)
-    m = machine(fns, registers=REGISTER_SETS[regs])
+    m = machine(fns, registers=REGISTER_SETS[regs], bundled=LAYOUTS[layout])
     bad = []
     for op in ir.CMPOPS:
         ref = CMP_REF[op]

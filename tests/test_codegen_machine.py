@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from codegen_support import (FB, LOC, REGISTER_SETS, build, disasm, disasm_range, function, machine,
+from codegen_support import (FB, LAYOUTS, LOC, REGISTER_SETS, build, disasm, disasm_range, function, machine,
                              texts)
 from pvimage import abi
 from pvtool import ir, obj
@@ -71,12 +71,13 @@ def test_every_intrinsic_has_an_expected_native_form():
     assert set(NATIVE_TEXT) | {"pause", "swtch"} == set(INTRINSICS)
 
 
-def test_machine_ops_run_on_unicorn():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_machine_ops_run_on_unicorn(layout):
     fns = [mop_function(op) for op in ("outb", "outw", "outl", "inb", "inw", "inl", "save_flags",
                                        "restore_flags", "cpuid", "set_pte", "read_cr3", "write_cr3",
                                        "sgdt", "rdtsc", "cli", "sti")]
     for regs in REGISTER_SETS.values():
-        m = machine(fns, registers=regs)
+        m = machine(fns, registers=regs, bundled=LAYOUTS[layout])
         m.call("m_outb", 0x3F8, 0x1241)
         m.call("m_outw", 0x3F9, 0x12345)
         m.call("m_outl", 0xCF8, 0x1_8000_0000)
@@ -130,12 +131,13 @@ def test_cpuid_preserves_rbx_and_the_out_pointer_across_pressure():
     assert struct.unpack("<I", m.read(RAM + 0x40, 4))[0] != 0
 
 
-def test_hypercall_relocation_and_arguments():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_hypercall_relocation_and_arguments(layout):
     b = FB("f", 2)
     r = b(ir.Hypercall(b.v(), abi.HC_SET_PTE, [b.p[1], b.p[0]]))
     b(ir.Hypercall(None, abi.HC_IO_OUT, [0x3F8, 1, b.p[0], 4, 5]))
     b.ret(b.op("add", r, 1))
-    fc = function(build([b]), "f")
+    fc = function(build([b], bundled=LAYOUTS[layout]), "f")
     calls = [r for r in fc.relocs if r.symbol == "__hypercall_page"]
     assert [(r.kind, r.addend) for r in calls] == [
         (obj.PC32, abi.HC_SET_PTE * abi.HYPERCALL_STRIDE - 4), (obj.PC32, abi.HC_IO_OUT * 32 - 4)]
@@ -188,8 +190,9 @@ def interrupt_handler(calls: bool, hypercall: int | None = None) -> FB:
     return b
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("calls", [False, True])
-def test_interrupt_function_preserves_every_register(calls):
+def test_interrupt_function_preserves_every_register(calls, layout):
     helper = FB("helper", 1)
     hv = [helper.op("xor", helper.p[0], k) for k in range(10)]           # dirties caller-saved regs
     acc = helper.copy(0)
@@ -197,7 +200,7 @@ def test_interrupt_function_preserves_every_register(calls):
         helper(ir.BinOp("add", acc, acc, v))
     helper.ret(acc)
     data = [ir.Data("ticks", "data", 8, 8, struct.pack("<Q", 1))]
-    oc = build([interrupt_handler(calls), helper], data)
+    oc = build([interrupt_handler(calls), helper], data, bundled=LAYOUTS[layout])
     fc = function(oc, "isr")
     t = texts(fc)
     assert t[-1] == "iretq" and not any(x == "ret" for x in t)

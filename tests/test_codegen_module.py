@@ -33,7 +33,12 @@ def test_object_code_passes_module_data_through():
     m = ir.Module([fib_function().f], data, files=["a.pvk", "lib/b.pvk"], target="pv")
     oc = codegen.generate(m)
     assert oc.data is data and oc.files == ["a.pvk", "lib/b.pvk"] and oc.target == "pv"
-    assert [f.name for f in oc.functions] == ["fib"] and all(f.align == 16 for f in oc.functions)
+    assert [f.name for f in oc.functions] == ["fib"]
+    assert oc.bundled and all(f.align == 32 for f in oc.functions)      # pv: the code rules
+    m.target = "native"
+    oc = codegen.generate(m)
+    assert not oc.bundled and all(f.align == 16 for f in oc.functions)
+    assert codegen.generate(m, bundled=True).bundled
 
 
 def test_unbalanced_site_markers_are_internal_errors():

@@ -1,7 +1,9 @@
 """Register pressure: more live values than registers, in straight-line code and in loops around calls."""
 from __future__ import annotations
 
-from codegen_support import FB, M64, machine
+import pytest
+
+from codegen_support import FB, LAYOUTS, M64, machine
 from pvtool import ir
 from pvtool.x86.codegen import FunctionGen
 from unicorn_harness import Machine
@@ -42,7 +44,8 @@ def test_register_pressure_spills_only_what_it_must():
     assert g.alloc.spill_slots == 0
 
 
-def test_pressure_in_a_loop_across_calls():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pressure_in_a_loop_across_calls(layout):
     b = FB("loop", 1)                           # 16 accumulators updated in a loop around calls
     accs = [b.copy(k) for k in range(16)]
     i = b.copy(0)
@@ -62,7 +65,7 @@ def test_pressure_in_a_loop_across_calls():
     b.ret(tot)
     leaf = FB("clobber", 1)
     leaf.ret(leaf.op("mul", leaf.p[0], 3))
-    m = machine([b, leaf])
+    m = machine([b, leaf], bundled=LAYOUTS[layout])
     n = 5
     accs_ref = [k + sum(3 * i + k for i in range(n)) for k in range(16)]
     assert m.call("loop", n) == sum(a * (k + 1) for k, a in enumerate(accs_ref))

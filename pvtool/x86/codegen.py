@@ -12,6 +12,10 @@ Conventions inside a function body:
   allocatable; values live across a call get callee-saved registers.
 * Flags never live across an emitter, except cmp -> jcc in `CmpBranch`,
   which emits nothing between the two.
+* Bundled code (the pv target's default; see encode.py for the layout)
+  returns with `pop r11; and r11, -32; jmp r11` (r11 is free at a return)
+  and calls indirectly with `and rax, -32; call rax`.  An interrupt
+  return in pv is a direct jump to the `iret` hypercall entry.
 
 Public: `generate(module) -> obj.ObjectCode`.
 """
@@ -24,7 +28,7 @@ from ..diagnostics import CompileError
 from ..errors import InternalError
 from ..intrinsics import INTRINSICS
 from . import isel
-from .encode import (Asm, EncodeError, Mem, Reg, fits_s32, RAX, RBX, RCX, RDX, RSP, RBP,
+from .encode import (BUNDLE, Asm, EncodeError, Mem, Reg, fits_s32, RAX, RBX, RCX, RDX, RSP, RBP,
                      RSI, RDI, R8, R9, R10, R11, R12, R13, R14, R15)
 from .frame import FrameError, FrameTooLarge, layout
 from .isel import CmpBranch, MLoad, MStore
@@ -66,24 +70,29 @@ def signed64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def generate(module: ir.Module, registers: list[Reg] | None = None) -> obj.ObjectCode:
+def generate(module: ir.Module, registers: list[Reg] | None = None,
+             bundled: bool | None = None) -> obj.ObjectCode:
     """Compile every function of `module`; data and files pass through.
-    `registers` narrows the allocatable set (tests use it to force spills)."""
+    `registers` narrows the allocatable set (tests use it to force spills).
+    `bundled` lays the code out by the PV code rules (encode.py); it is the
+    default for the pv target, and for native it measures the layout's cost."""
+    if bundled is None:
+        bundled = module.target == "pv"
     functions, need_swtch = [], False
     for fn in module.functions:
         try:
-            functions.append(FunctionGen(fn, registers).run())
+            functions.append(FunctionGen(fn, registers, bundled).run())
         except FrameTooLarge as e:
             raise CompileError(fn.loc, f"function '{fn.name}' {e}") from None
         except (isel.SelectError, FrameError, EncodeError) as e:
             raise CodegenError(f"{fn.name}: {e}") from None
         need_swtch |= any(isinstance(i, ir.MachineOp) and i.op == "swtch" for i in fn.instructions())
     if need_swtch:
-        functions.append(swtch_helper())
-    return obj.ObjectCode(functions, module.data, module.files, target=module.target)
+        functions.append(swtch_helper(bundled))
+    return obj.ObjectCode(functions, module.data, module.files, target=module.target, bundled=bundled)
 
 
-def swtch_helper() -> obj.FunctionCode:
+def swtch_helper(bundled: bool) -> obj.FunctionCode:
     """__pvk_swtch(old: *u64 in rdi, new: u64 in rsi).
 
     Pushes the callee-saved registers, stores rsp to *old, switches to
@@ -92,7 +101,7 @@ def swtch_helper() -> obj.FunctionCode:
     zeros will do) and then the address where it starts; make `new` 16-byte
     aligned so the entry function sees rsp = 8 (mod 16) as after a call.
     The entry function must never return."""
-    a = Asm()
+    a = Asm(bundled)
     order = (RBP, RBX, R12, R13, R14, R15)
     for r in order:
         a.push(r)
@@ -100,15 +109,27 @@ def swtch_helper() -> obj.FunctionCode:
     a.mov(RSP, RSI)
     for r in reversed(order):
         a.pop(r)
-    a.ret()
-    return obj.FunctionCode(SWTCH, a.finish(), a.relocs)
+    return_(a)
+    return obj.FunctionCode(SWTCH, a.finish(), a.relocs, align=function_align(bundled))
+
+
+def return_(a: Asm) -> None:
+    """Return to the caller; bundled code masks the return address (r11 is free at a return)."""
+    if a.bundled:
+        a.masked_ret(R11)
+    else:
+        a.ret()
+
+
+def function_align(bundled: bool) -> int:
+    return BUNDLE if bundled else 16
 
 
 class FunctionGen:
-    def __init__(self, fn: ir.Function, registers: list[Reg] | None = None) -> None:
+    def __init__(self, fn: ir.Function, registers: list[Reg] | None = None, bundled: bool = False) -> None:
         self.fn = fn
         self.registers = ALLOCATABLE if registers is None else [r for r in ALLOCATABLE if r in registers]
-        self.a = Asm()
+        self.a = Asm(bundled)
         self.lines: list[obj.LineRow] = []
         self.sites: list[obj.SiteRow] = []
         self.open_sites: dict[int, tuple[int, ir.SiteBegin]] = {}
@@ -134,7 +155,8 @@ class FunctionGen:
         if self.open_sites:
             raise self.fail("SiteBegin without SiteEnd")
         code = self.a.finish()
-        return obj.FunctionCode(fn.name, code, self.a.relocs, self.lines, self.sites, loc=fn.loc)
+        return obj.FunctionCode(fn.name, code, self.a.relocs, self.lines, self.sites, loc=fn.loc,
+                                align=function_align(self.a.bundled))
 
     def check(self) -> None:
         fn = self.fn
@@ -204,6 +226,8 @@ class FunctionGen:
         self.lines.append(obj.LineRow(self.a.offset, loc))
 
     def site(self, start: int, op: str, loc: ir.Loc | None, becomes: str = "", kind: int = abi.SITE_NATIVE) -> None:
+        """A site row for the code emitted since offset `start` (padding at `start` excluded)."""
+        start = self.a.start_of(start)
         self.sites.append(obj.SiteRow(start, self.a.offset - start, op, loc, becomes, kind))
 
     # -- operands -------------------------------------------------------------
@@ -355,7 +379,7 @@ class FunctionGen:
             if t.value is not None:
                 self.move(RAX, self.where(t.value))
             self.epilogue()
-            a.ret()
+            return_(a)
         elif isinstance(t, ir.IRet):
             self.epilogue()
             start = a.offset
@@ -586,7 +610,10 @@ class FunctionGen:
     def call_indirect(self, i: ir.CallIndirect) -> None:
         self.move(RAX, self.where(i.target))
         self.call_args(i.args, ARG_REGS, "indirect call")
-        self.a.call_reg(RAX)
+        if self.a.bundled:
+            self.a.masked_call(RAX)
+        else:
+            self.a.call_reg(RAX)
         self.result(i.dst, RAX)
 
     def hypercall(self, i: ir.Hypercall) -> None:
