@@ -168,13 +168,12 @@ def _start(target: str, bundled: bool) -> FunctionCode:
     the same code rules as the functions: kmain's masked return lands on the
     bundle start after its call."""
     a = Asm(bundled)
-    sites: list[SiteRow] = []
+    sites: list[tuple[int, int, str]] = []
 
     def sensitive(op: str, emit) -> None:
-        start = a.offset
+        start = a.anchor()
         emit()
-        start = a.start_of(start)
-        sites.append(SiteRow(start, a.offset - start, op, None))
+        sites.append((start, a.anchor(), op))
 
     if target == "native":
         sensitive("cli", a.cli)
@@ -198,7 +197,9 @@ def _start(target: str, bundled: bool) -> FunctionCode:
         a.mov(RDI, RAX, size=4)
         a.call("__hypercall_page", abi.HC_SHUTDOWN * abi.HYPERCALL_STRIDE)
         a.jmp("down")
-    return FunctionCode("_start", a.finish(), a.relocs, [], sites, align=BUNDLE if bundled else 16)
+    code = a.finish()
+    rows = [SiteRow(*a.span(start, end), op, None) for start, end, op in sites]
+    return FunctionCode("_start", code, a.relocs, [], rows, align=BUNDLE if bundled else 16)
 
 
 def _page(name: str) -> Data:

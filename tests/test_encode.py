@@ -373,7 +373,7 @@ CASES = {
     "rep_stosb": plain("rep_stosb", "rep stosb byte ptr [rdi], al"),
 }
 
-NOT_INSTRUCTIONS = {"label", "finish", "offset", "start_of"}
+NOT_INSTRUCTIONS = {"label", "finish", "offset", "anchor", "at", "span"}
 
 
 def test_every_method_has_round_trip_cases():
@@ -552,19 +552,24 @@ def test_bundled_code_never_crosses_a_bundle_and_keeps_its_instructions():
             if text.startswith(("jmp r", "call r")):
                 prev = insns[k - 1]
                 assert prev[2] == f"and {text.split()[1]}, 0xffffffffffffffe0" and prev[0] // 32 == addr // 32
-        # padding aside, the same instructions in the same order (branch targets moved)
-        def shape(t):
-            mnemonic, _, operand = t.partition(" ")
-            return mnemonic if operand[:1].isdigit() else t
-        want = [shape(t) for _, _, t in _insns(plain.finish())]
-        assert [shape(t) for a_, _, t in insns if a_ not in padding] == want
-        # branches to labels land on the labelled instruction, past any padding
-        labelled = set(bundled.labels.values())
-        relocated = {r.offset for r in bundled.relocs}
-        for addr, size, text in insns:
-            mnemonic, _, operand = text.partition(" ")
-            if mnemonic in ("jmp", "jne", "je") and operand[:1].isdigit() and addr + size - 4 not in relocated:
-                assert int(operand, 0) in labelled, f"{text} at {addr:#x}"
+        # padding aside, the same instructions in the same order, and each branch to a
+        # label lands on the same instruction as in the plain code
+        plain_code = plain.finish()
+        plain_insns = _insns(plain_code)
+        real = [i for i in insns if i[0] not in padding]
+
+        def shape(t):                 # prefix padding shows as "cs:" on lea
+            mnemonic, _, operand = t.replace("cs:", "").partition(" ")
+            return mnemonic if operand[:1].isdigit() else f"{mnemonic} {operand}"
+        assert [shape(t) for _, _, t in real] == [shape(t) for _, _, t in plain_insns]
+
+        def targets(listing, code, asm):
+            index = {addr: k for k, (addr, _, _) in enumerate(listing)} | {len(code): len(listing)}
+            relocated = {r.offset for r in asm.relocs}
+            return [index.get(int(t.split()[1], 0)) for addr, size, t in listing
+                    if t.split()[0] in ("jmp", "jne", "je") and t.split()[1][:1].isdigit()
+                    and addr + size - 4 not in relocated]
+        assert targets(real, code, bundled) == targets(plain_insns, plain_code, plain)
     check()
 
 
@@ -581,26 +586,48 @@ def test_padding_is_the_fewest_nops():
         assert len(insns) == -(-n // E.NOP_MAX)
 
 
-def test_bundled_calls_end_on_a_bundle_end_and_labels_skip_the_padding():
+def test_bundled_calls_end_on_a_bundle_end_and_padding_prefers_prefixes():
     a = Asm(bundled=True)
-    a.push(E.RBP)                              # 1 byte
-    a.call("f")                                # padded to end at 32
+    a.push(E.RBP)                              # 1 byte, grows by 5 prefixes
+    a.call("f")                                # then 21 bytes of NOPs: the call ends at 32
     a.label("top")
     a.mov(E.RAX, 0x1122334455667788)           # 10 bytes at 32
     a.add(E.RAX, 1)                            # 4 bytes: 42..46
     a.mov(E.RBX, 0x1122334455667788)           # 46..56
-    at = a.offset
-    a.mov(E.RBX, 0x1122334455667788)           # 10 bytes would cross 64: padded
-    a.masked_call(E.RAX)
+    here = a.anchor()
+    a.mov(E.RBX, 0x1122334455667788)           # would cross 64: the two before grow by 5 and 3
+    a.masked_call(E.RAX)                       # 5 prefixes on the mov before, NOPs, ends at 96
     a.jmp("top")
     code = a.finish()
     insns = bundle_text(code)
+    assert code[:6] == b"\x2e" * 5 + b"\x55" and insns[0][2] == "push rbp"
     call = next(i for i in insns if i[2].startswith("call 0x"))
     assert call[0] + call[1] == 32 and a.relocs[0].offset == 28
-    assert a.labels["top"] == 32 and a.start_of(at) == 64 and a.start_of(64) == 64
+    assert a.labels["top"] == 32 and a.at(here) == 64
+    assert [t for addr, _, t in insns if 32 <= addr < 64] == [
+        "movabs rax, 0x1122334455667788", "add rax, 1", "movabs rbx, 0x1122334455667788"]
     (mcall,) = [i for i in insns if i[2] == "call rax"]
     assert mcall[0] + mcall[1] == 96
     assert insns[-1][2] == "jmp 0x20" and insns[-1][1] == 2
+
+
+def test_prefix_padding_moves_what_follows_and_leaves_branches_alone():
+    a = Asm(bundled=True)
+    a.lea(E.RAX, Mem(symbol="sym"))            # 7 bytes, grows; its rip-relative field moves along
+    a.label("mid")
+    a.mov(E.RCX, E.RDX)                        # 3 bytes, grows
+    a.jcc("ne", "mid")                         # a branch: nothing before it grows afterwards
+    a.mov(E.RCX, E.RDX)                        # 3 bytes at 12, grows
+    start = a.anchor()
+    a.mov(E.RDX, 0x1122334455667788)           # 10 bytes at 15
+    a.mov(E.RSI, 0x1122334455667788)           # needs 7 bytes of room: 5 + 2 from the two movs after the branch
+    end = a.anchor()
+    code = a.finish()
+    insns = bundle_text(code)
+    assert [t for _, _, t in insns][:3] == ["lea rax, [rip]", "mov rcx, rdx", "jne 7"]
+    assert a.relocs[0].offset == 3 and a.labels["mid"] == 7
+    assert a.span(start, end) == (12 + 3 + 2, 5 + 10 + 10)      # movabs rdx: 2 prefixes before, 5 its own
+    assert [i[0] for i in insns if i[2].startswith("movabs rsi")] == [32]
 
 
 def test_bundled_code_refuses_unmasked_returns_and_calls():

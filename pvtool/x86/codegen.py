@@ -130,9 +130,9 @@ class FunctionGen:
         self.fn = fn
         self.registers = ALLOCATABLE if registers is None else [r for r in ALLOCATABLE if r in registers]
         self.a = Asm(bundled)
-        self.lines: list[obj.LineRow] = []
-        self.sites: list[obj.SiteRow] = []
-        self.open_sites: dict[int, tuple[int, ir.SiteBegin]] = {}
+        self.lines: list[tuple[int, ir.Loc]] = []        # (anchor, where the code from there comes from)
+        self.sites: list[tuple[int, int, str, ir.Loc | None, str, int]] = []   # anchors, op, loc, becomes, kind
+        self.open_sites: dict[int, tuple[int, ir.SiteBegin]] = {}              # site -> (anchor, begin)
 
     # -- driver -------------------------------------------------------------
 
@@ -154,9 +154,13 @@ class FunctionGen:
             self.terminator(b.term)
         if self.open_sites:
             raise self.fail("SiteBegin without SiteEnd")
-        code = self.a.finish()
-        return obj.FunctionCode(fn.name, code, self.a.relocs, self.lines, self.sites, loc=fn.loc,
-                                align=function_align(self.a.bundled))
+        a = self.a
+        code = a.finish()
+        lines = [obj.LineRow(a.at(k), loc) for k, loc in self.lines]
+        sites = [obj.SiteRow(*a.span(start, end), op, loc, becomes, kind)
+                 for start, end, op, loc, becomes, kind in self.sites]
+        return obj.FunctionCode(fn.name, code, a.relocs, lines, sites, loc=fn.loc,
+                                align=function_align(a.bundled))
 
     def check(self) -> None:
         fn = self.fn
@@ -215,20 +219,21 @@ class FunctionGen:
 
     def mark(self, loc: ir.Loc | None) -> None:
         """A line row whenever the source line changes."""
-        def same(row: obj.LineRow) -> bool:
-            return (row.loc.file, row.loc.line) == (loc.file, loc.line)
-        if loc is None or (self.lines and same(self.lines[-1])):
+        lines = self.lines
+
+        def same(row: tuple[int, ir.Loc]) -> bool:
+            return (row[1].file, row[1].line) == (loc.file, loc.line)
+        if loc is None or (lines and same(lines[-1])):
             return
-        if self.lines and self.lines[-1].offset == self.a.offset:
-            self.lines.pop()                 # that line produced no code
-            if self.lines and same(self.lines[-1]):
+        if lines and self.a.at(lines[-1][0]) == self.a.offset:
+            lines.pop()                      # that line produced no code
+            if lines and same(lines[-1]):
                 return
-        self.lines.append(obj.LineRow(self.a.offset, loc))
+        lines.append((self.a.anchor(), loc))
 
     def site(self, start: int, op: str, loc: ir.Loc | None, becomes: str = "", kind: int = abi.SITE_NATIVE) -> None:
-        """A site row for the code emitted since offset `start` (padding at `start` excluded)."""
-        start = self.a.start_of(start)
-        self.sites.append(obj.SiteRow(start, self.a.offset - start, op, loc, becomes, kind))
+        """A site row for the code emitted since anchor `start`."""
+        self.sites.append((start, self.a.anchor(), op, loc, becomes, kind))
 
     # -- operands -------------------------------------------------------------
 
@@ -382,7 +387,7 @@ class FunctionGen:
             return_(a)
         elif isinstance(t, ir.IRet):
             self.epilogue()
-            start = a.offset
+            start = a.anchor()
             if t.hypercall is None:
                 a.iretq()
                 self.site(start, "iret", t.loc)
@@ -626,7 +631,7 @@ class FunctionGen:
     def site_begin(self, i: ir.SiteBegin) -> None:
         if i.site in self.open_sites:
             raise self.fail(f"site {i.site} begins twice")
-        self.open_sites[i.site] = (self.a.offset, i)
+        self.open_sites[i.site] = (self.a.anchor(), i)
 
     def site_end(self, i: ir.SiteEnd) -> None:
         if i.site not in self.open_sites:
@@ -682,7 +687,7 @@ class FunctionGen:
 
     def sensitive(self, i: ir.MachineOp, emit) -> None:
         """Emit the sensitive instruction(s) and record their site row."""
-        start = self.a.offset
+        start = self.a.anchor()
         emit()
         self.site(start, i.op, i.loc)
 

@@ -162,6 +162,17 @@ def _modrm(out: bytearray, reg: int, rm: Reg | Mem) -> int:
     return 0
 
 
+# How an instruction may be laid out in bundled code: FIXED as encoded;
+# PREFIXABLE may grow by redundant CS prefixes (register-only instructions
+# and lea: no memory access the prefix could touch, nothing sensitive);
+# BACKWARD, a jump whose displacement is fixed at emission, so nothing
+# between its target and itself may grow afterwards.  (Forward jumps are
+# patched by finish() and relocations by the linker: both move along.)
+FIXED, PREFIXABLE, BACKWARD = 0, 1, 2
+PREFIX = 0x2E                  # CS override: ignored in 64-bit mode
+MAX_PREFIXES = 5               # added to one instruction, as gas's prefix padding (never beyond 15 bytes)
+
+
 class Asm:
     """Machine code for one function: bytes, relocations, local labels."""
 
@@ -170,17 +181,32 @@ class Asm:
         self.relocs: list[Reloc] = []
         self.labels: dict[str, int] = {}
         self.fixups: list[tuple[int, str]] = []   # (offset of rel32 field, label)
+        self.anchors: list[int] = []              # offsets others hold on to (line and site rows)
         self.bundled = bundled
         self.pending: list[str] = []              # bundled: labels bound at the next instruction
-        self.pads: dict[int, int] = {}            # bundled: where padding starts -> where it ends
+        self.pads: dict[int, int] = {}            # bundled: where NOP padding starts -> where it ends
+        self.run: list[list[int]] = []            # bundled: [start, room] of each PREFIXABLE
+        self.bundle = 0                           #   instruction since the last BACKWARD in this bundle
+        self.recent: list[str] = []               # bundled: labels bound in this bundle
 
     @property
     def offset(self) -> int:
         return len(self.code)
 
-    def start_of(self, at: int) -> int:
-        """The first instruction start at or after offset `at` (skips padding placed at `at`)."""
-        return self.pads.get(at, at)
+    def anchor(self) -> int:
+        """Remember the current offset; `at(anchor)` is where it ends up once later
+        padding has grown the instructions before it."""
+        self.anchors.append(len(self.code))
+        return len(self.anchors) - 1
+
+    def at(self, anchor: int) -> int:
+        return self.anchors[anchor]
+
+    def span(self, start: int, end: int) -> tuple[int, int]:
+        """(offset, length) of the code between two anchors, without padding at its start."""
+        first = self.anchors[start]
+        first = self.pads.get(first, first)
+        return first, self.anchors[end] - first
 
     # -- labels -------------------------------------------------------------
 
@@ -205,6 +231,7 @@ class Asm:
     def _bind(self, at: int) -> None:
         for name in self.pending:
             self.labels[name] = at
+        self.recent += self.pending
         self.pending.clear()
 
     # -- placement ----------------------------------------------------------
@@ -218,21 +245,78 @@ class Asm:
             return at + (-(at + size) % BUNDLE)
         return at if at % BUNDLE + size <= BUNDLE else at - at % BUNDLE + BUNDLE
 
-    def _put(self, ins: bytes | bytearray, end_on_bundle: bool = False) -> int:
+    def _put(self, ins: bytes | bytearray, end_on_bundle: bool = False, kind: int = FIXED) -> int:
         """Append one instruction (or an inseparable group, e.g. a masked pair),
         padding first in bundled code; return where it starts."""
+        if not self.bundled:
+            at = len(self.code)
+            self.code += ins
+            return at
+        at = self._place(len(ins), end_on_bundle)
+        self.code += ins
+        if kind == PREFIXABLE:
+            self.run.append([at, min(MAX_PREFIXES, 15 - len(ins))])
+        elif kind == BACKWARD:
+            self.run = []
+        return at
+
+    def _place(self, size: int, end_on_bundle: bool = False) -> int:
+        """Bundled: make the code end where the next `size` bytes may start --
+        prefixes on earlier instructions first, then NOPs -- and bind pending labels there."""
         code = self.code
         at = len(code)
-        if self.bundled:
-            start = self._start_for(len(ins), end_on_bundle)
+        if at // BUNDLE != self.bundle:
+            self._enter_bundle(at)
+        start = self._start_for(size, end_on_bundle)
+        if start != at:
+            at = self._grow(min(start, at - at % BUNDLE + BUNDLE) - at)
             if start != at:
                 code += _PADDING[at % BUNDLE][start - at]
                 self.pads[at] = start
-            if self.pending:
-                self._bind(start)
-            at = start
-        code += ins
-        return at
+            if start // BUNDLE != self.bundle:
+                self._enter_bundle(start)
+        if self.pending:
+            self._bind(start)
+        return start
+
+    def _enter_bundle(self, at: int) -> None:
+        """Nothing before a new bundle grows any more."""
+        self.bundle, self.run, self.recent = at // BUNDLE, [], []
+
+    def _grow(self, need: int) -> int:
+        """Pad by adding up to `need` prefixes to this bundle's PREFIXABLE instructions
+        since its last backward jump, the latest first (no NOP to execute); return the new end."""
+        for entry in reversed(self.run):
+            k = min(entry[1], need)
+            if k:
+                self._insert(entry[0], k)
+                entry[1] -= k
+                need -= k
+        return len(self.code)
+
+    def _insert(self, at: int, k: int) -> None:
+        """k prefixes in front of the instruction at `at`; everything after it moves."""
+        self.code[at:at] = bytes((PREFIX,)) * k
+        for r in reversed(self.relocs):
+            if r.offset <= at:
+                break
+            r.offset += k
+        fixups = self.fixups
+        i = len(fixups) - 1
+        while i >= 0 and fixups[i][0] > at:
+            fixups[i] = (fixups[i][0] + k, fixups[i][1])
+            i -= 1
+        for name in self.recent:
+            if self.labels[name] > at:
+                self.labels[name] += k
+        anchors = self.anchors
+        i = len(anchors) - 1
+        while i >= 0 and anchors[i] > at:
+            anchors[i] += k
+            i -= 1
+        for entry in self.run:
+            if entry[0] > at:
+                entry[0] += k
 
     def _reloc(self, at: int, symbol: str, addend: int) -> None:
         self.relocs.append(Reloc(at, PC32, symbol, addend))
@@ -240,10 +324,12 @@ class Asm:
     # -- the core: prefixes, REX, ModRM, SIB, displacement ------------------
 
     def _emit(self, opcode: bytes, reg: int, rm: Reg | Mem, size: int, *,
-              imm: bytes = b"", byte_regs: tuple[int, ...] = (), rex_w: bool | None = None) -> None:
+              imm: bytes = b"", byte_regs: tuple[int, ...] = (), rex_w: bool | None = None,
+              kind: int | None = None) -> None:
         """One instruction with a ModRM byte.  `reg` is a register number or
         an opcode extension; `byte_regs` are the register numbers used as
-        8-bit registers (spl..dil need an empty REX)."""
+        8-bit registers (spl..dil need an empty REX).  By default a
+        register-only form is PREFIXABLE and a memory form FIXED."""
         w = size == 8 if rex_w is None else rex_w
         b = rm.n >> 3 if type(rm) is Reg else (rm.base.n >> 3 if rm.base is not None else 0)
         rex = 0x40 | (w << 3) | ((reg >> 3) << 2) | b
@@ -253,7 +339,9 @@ class Asm:
         out += opcode
         rip = _modrm(out, reg & 7, rm)
         out += imm
-        at = self._put(out)
+        if kind is None:
+            kind = PREFIXABLE if type(rm) is Reg else FIXED
+        at = self._put(out, kind=kind)
         if rip:
             self._reloc(at + rip, rm.symbol, rm.disp - 4 - len(imm))
 
@@ -277,7 +365,7 @@ class Asm:
         if isinstance(src, int):
             if isinstance(dst, Reg) and size == 8 and not fits_s32(src):
                 rex = 0x48 | dst.n >> 3
-                self._put(bytes((rex, 0xB8 + (dst.n & 7))) + imm_bytes(src, 8))
+                self._put(bytes((rex, 0xB8 + (dst.n & 7))) + imm_bytes(src, 8), kind=PREFIXABLE)
             elif isinstance(dst, Reg) and size < 8:
                 self._emit_short_reg(0xB0 if op8 else 0xB8, dst, size, imm_bytes(src, size))
             else:
@@ -303,7 +391,7 @@ class Asm:
         if r.n >= 8 or (size == 1 and r.n >= 4):
             out.append(0x40 | r.n >> 3)
         out += bytes((base + (r.n & 7),)) + imm
-        self._put(out)
+        self._put(out, kind=PREFIXABLE)
 
     def movzx(self, dst: Reg, src: Reg | Mem, src_size: int, size: int = 4) -> None:
         """Zero-extend an 8- or 16-bit source (a 32-bit one: use mov r32, r/m32)."""
@@ -327,7 +415,7 @@ class Asm:
         _check_size(size, (4, 8))
         if not isinstance(src, Mem):
             raise EncodeError("lea takes a memory operand")
-        self._emit(b"\x8D", dst.n, src, size)
+        self._emit(b"\x8D", dst.n, src, size, kind=PREFIXABLE)     # computes, touches no memory
 
     def push(self, r: Reg) -> None:
         self._short_op(0x50, r)
@@ -336,7 +424,7 @@ class Asm:
         self._short_op(0x58, r)
 
     def _short_op(self, base: int, r: Reg) -> None:
-        self._put(bytes((0x41, base + (r.n & 7))) if r.n >= 8 else bytes((base + r.n,)))
+        self._put(bytes((0x41, base + (r.n & 7))) if r.n >= 8 else bytes((base + r.n,)), kind=PREFIXABLE)
 
     # -- arithmetic ---------------------------------------------------------
 
@@ -456,18 +544,17 @@ class Asm:
     # -- control flow -------------------------------------------------------
 
     def _jump(self, short: int, near: bytes, name: str) -> None:
-        """Short form for a bound label in reach, else rel32 (patched later if forward)."""
+        """Short form for a bound label in reach, else rel32 (patched later if forward).
+        Padding only brings a backward target closer, so the size is chosen first."""
         target = self.labels.get(name)
-        if target is not None:
-            rel = target - (self._start_for(2) + 2)
-            if -0x80 <= rel < 0x80:
-                self._put(bytes((short, rel & 0xFF)))
-                return
-            size = len(near) + 4
-            self._put(near + struct.pack("<i", target - (self._start_for(size) + size)))
+        if target is None:
+            at = self._put(near + b"\0\0\0\0")
+            self.fixups.append((at + len(near), name))
             return
-        at = self._put(near + b"\0\0\0\0")
-        self.fixups.append((at + len(near), name))
+        size = 2 if -0x80 <= target - (self._start_for(2) + 2) < 0x80 else len(near) + 4
+        at = self._place(size) if self.bundled else len(self.code)
+        rel = self.labels[name] - (at + size)
+        self._put(bytes((short, rel & 0xFF)) if size == 2 else near + struct.pack("<i", rel), kind=BACKWARD)
 
     def jmp(self, name: str) -> None:
         """Jump to a local label."""
@@ -549,13 +636,13 @@ class Asm:
         """mov r64, crN."""
         if cr not in CONTROL_REGS:
             raise EncodeError(f"no control register cr{cr}")
-        self._emit(b"\x0F\x20", cr, dst, 4)
+        self._emit(b"\x0F\x20", cr, dst, 4, kind=FIXED)
 
     def mov_to_cr(self, cr: int, src: Reg) -> None:
         """mov crN, r64."""
         if cr not in CONTROL_REGS:
             raise EncodeError(f"no control register cr{cr}")
-        self._emit(b"\x0F\x22", cr, src, 4)
+        self._emit(b"\x0F\x22", cr, src, 4, kind=FIXED)
 
     def _group7(self, ext: int, m: Mem) -> None:
         if not isinstance(m, Mem):
