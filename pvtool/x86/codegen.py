@@ -41,8 +41,6 @@ CALLEE_SAVED = (RBX, R12, R13, R14, R15)
 # those (shifts, division and port I/O want them), then callee-saved.
 ALLOCATABLE = [RSI, RDI, R8, R9, R10, RCX, RDX, RBX, R12, R13, R14, R15]
 SCRATCH = (RAX, R11)
-# Everything a call may destroy; an interrupt handler that calls saves all of it.
-CALL_CLOBBERED = (RAX, RCX, RDX, RSI, RDI, R8, R9, R10, R11)
 
 SWTCH = "__pvk_swtch"
 HYPERCALL_PAGE = "__hypercall_page"
@@ -176,37 +174,31 @@ class FunctionGen:
             if isinstance(b.term, ir.Ret) and fn.interrupt:
                 raise self.fail("an interrupt function must end in IRet, not Ret")
 
-    def hints(self) -> dict:
-        """Preferred registers: parameters where they arrive, arguments where
-        the call wants them, copies where their source is."""
-        h: dict = {}
+    def hints(self) -> dict[int, list[Reg | int]]:
+        """Preferred registers by vreg number: parameters where they arrive,
+        arguments where the call wants them, copies where their source is."""
+        h: dict[int, list[Reg | int]] = {}
         for p, r in zip(self.fn.params, ARG_REGS):
-            h.setdefault(p, []).append(r)
+            h.setdefault(p.id, []).append(r)
         for b in self.blocks:
             for ins in b.instrs:
-                regs = (ARG_REGS if isinstance(ins, ir.Call) else
-                        HYPERCALL_REGS if isinstance(ins, ir.Hypercall) else ())
-                for v, r in zip(ins.uses(), regs):
-                    if isinstance(v, ir.VReg):
-                        h.setdefault(v, []).append(r)
-                if isinstance(ins, ir.Copy) and isinstance(ins.src, ir.VReg):
-                    h.setdefault(ins.dst, []).append(ins.src)
+                kind = type(ins)
+                if kind is ir.Copy:
+                    if type(ins.src) is ir.VReg:
+                        h.setdefault(ins.dst.id, []).append(ins.src.id)
+                elif kind is ir.Call or kind is ir.Hypercall:
+                    for v, r in zip(ins.args, ARG_REGS if kind is ir.Call else HYPERCALL_REGS):
+                        if type(v) is ir.VReg:
+                            h.setdefault(v.id, []).append(r)
         return h
 
-    def all_instrs(self):
-        for b in self.blocks:
-            yield from b.instrs
-
     def saved_registers(self) -> list[Reg]:
-        touched = set(self.alloc.used)
-        for ins in self.all_instrs():
-            touched |= isel.clobbers(ins)
+        touched = self.alloc.used | self.alloc.clobbered
         if not self.fn.interrupt:
             return [r for r in CALLEE_SAVED if r in touched]
-        # A handler preserves every register it touches, and everything a callee may.
+        # A handler preserves every register it touches, the scratch ones too; a call
+        # in it clobbers every caller-saved register, so those are saved as well.
         touched |= set(SCRATCH)
-        if any(isel.is_call(i) for i in self.all_instrs()):
-            touched |= set(CALL_CLOBBERED)
         return sorted(touched - {RSP, RBP}, key=lambda r: r.n)
 
     # -- bookkeeping ----------------------------------------------------------
@@ -220,14 +212,12 @@ class FunctionGen:
     def mark(self, loc: ir.Loc | None) -> None:
         """A line row whenever the source line changes."""
         lines = self.lines
-
-        def same(row: tuple[int, ir.Loc]) -> bool:
-            return (row[1].file, row[1].line) == (loc.file, loc.line)
-        if loc is None or (lines and same(lines[-1])):
+        if loc is None or (lines and (lines[-1][1] is loc or (
+                lines[-1][1].line == loc.line and lines[-1][1].file == loc.file))):
             return
         if lines and self.a.at(lines[-1][0]) == self.a.offset:
             lines.pop()                      # that line produced no code
-            if lines and same(lines[-1]):
+            if lines and lines[-1][1].line == loc.line and lines[-1][1].file == loc.file:
                 return
         lines.append((self.a.anchor(), loc))
 
@@ -239,12 +229,14 @@ class FunctionGen:
 
     def where(self, v: ir.Operand) -> Reg | Mem | int:
         """The current location of an operand: register, spill slot or immediate."""
-        if isinstance(v, int):
+        if type(v) is int:
             return signed64(v)
-        h = self.alloc.home.get(v)
+        h = self.alloc.home.get(v.id)
+        if type(h) is Reg:
+            return h
         if h is None:       # never live: a dead definition or an undefined read
             raise self.fail(f"{v!r} has no location")
-        return h if isinstance(h, Reg) else self.frame.spill(h)
+        return self.frame.spill(h)
 
     def load_imm(self, r: Reg, v: int) -> None:
         v = signed64(v)
@@ -282,7 +274,7 @@ class FunctionGen:
         return scratch
 
     def result(self, dst: ir.VReg | None, src: Reg) -> None:
-        if dst is not None and dst in self.alloc.home:
+        if dst is not None and dst.id in self.alloc.home:
             self.move(self.where(dst), src)
 
     def target(self, dst: ir.VReg, scratch: Reg = R11) -> Reg:
@@ -345,12 +337,8 @@ class FunctionGen:
             a.push(r)
         if f.size:
             a.sub(RSP, f.size)
-        live = [(self.where(p), r) for p, r in zip(self.fn.params, ARG_REGS)
-                if p in self.alloc.home and self._live_param(p)]
-        self.parallel_move(live)
-
-    def _live_param(self, p: ir.VReg) -> bool:
-        return any(iv.vreg == p and iv.end > 0 for iv in self.alloc.intervals)
+        used = {iv.vreg for iv in self.alloc.intervals if iv.end > 0}
+        self.parallel_move([(self.where(p), r) for p, r in zip(self.fn.params, ARG_REGS) if p.id in used])
 
     def epilogue(self) -> None:
         a, f = self.a, self.frame

@@ -33,9 +33,26 @@ class EncodeError(Exception):
     pass
 
 
-@dataclass(frozen=True)
 class Reg:
-    n: int    # hardware number 0-15
+    """A general register by hardware number 0-15.  There is one object per
+    register, so equality is identity and hashing is cheap."""
+    __slots__ = ("n",)
+    _each: dict[int, Reg] = {}
+
+    def __new__(cls, n: int) -> Reg:
+        r = cls._each.get(n)
+        if r is None:
+            if not 0 <= n < 16:
+                raise EncodeError(f"no general register {n}")
+            r = cls._each[n] = object.__new__(cls)
+            object.__setattr__(r, "n", n)
+        return r
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("registers are immutable")
+
+    def __reduce__(self):
+        return Reg, (self.n,)
 
     def __repr__(self) -> str:
         return REG_NAMES[8][self.n]
@@ -248,12 +265,16 @@ class Asm:
     def _put(self, ins: bytes | bytearray, end_on_bundle: bool = False, kind: int = FIXED) -> int:
         """Append one instruction (or an inseparable group, e.g. a masked pair),
         padding first in bundled code; return where it starts."""
+        code = self.code
+        at = len(code)
         if not self.bundled:
-            at = len(self.code)
-            self.code += ins
+            code += ins
             return at
-        at = self._place(len(ins), end_on_bundle)
-        self.code += ins
+        if end_on_bundle or at % BUNDLE + len(ins) > BUNDLE or self.pending:
+            at = self._place(len(ins), end_on_bundle)
+        elif at // BUNDLE != self.bundle:
+            self._enter_bundle(at)
+        code += ins
         if kind == PREFIXABLE:
             self.run.append([at, min(MAX_PREFIXES, 15 - len(ins))])
         elif kind == BACKWARD:
@@ -331,17 +352,24 @@ class Asm:
         8-bit registers (spl..dil need an empty REX).  By default a
         register-only form is PREFIXABLE and a memory form FIXED."""
         w = size == 8 if rex_w is None else rex_w
-        b = rm.n >> 3 if type(rm) is Reg else (rm.base.n >> 3 if rm.base is not None else 0)
-        rex = 0x40 | (w << 3) | ((reg >> 3) << 2) | b
         out = bytearray(b"\x66") if size == 2 else bytearray()
-        if rex != 0x40 or any(4 <= r < 8 for r in byte_regs):
+        if type(rm) is Reg:                    # the common case, inline
+            n = rm.n
+            rex = 0x40 | w << 3 | (reg >> 3) << 2 | n >> 3
+            if rex != 0x40 or (byte_regs and any(4 <= r < 8 for r in byte_regs)):
+                out.append(rex)
+            out += opcode
+            out.append(0xC0 | (reg & 7) << 3 | n & 7)
+            out += imm
+            self._put(out, kind=PREFIXABLE if kind is None else kind)
+            return
+        rex = 0x40 | w << 3 | (reg >> 3) << 2 | (rm.base.n >> 3 if rm.base is not None else 0)
+        if rex != 0x40 or (byte_regs and any(4 <= r < 8 for r in byte_regs)):
             out.append(rex)
         out += opcode
         rip = _modrm(out, reg & 7, rm)
         out += imm
-        if kind is None:
-            kind = PREFIXABLE if type(rm) is Reg else FIXED
-        at = self._put(out, kind=kind)
+        at = self._put(out, kind=FIXED if kind is None else kind)
         if rip:
             self._reloc(at + rip, rm.symbol, rm.disp - 4 - len(imm))
 
@@ -360,8 +388,11 @@ class Asm:
 
     def mov(self, dst: Reg | Mem, src: Reg | Mem | int, size: int = 8) -> None:
         """mov; a 64-bit immediate that does not fit in imm32 becomes movabs."""
-        _check_size(size)
         op8 = size == 1
+        if type(src) is Reg and size == 8:     # the common case first
+            self._emit(b"\x89", src.n, dst, 8)
+            return
+        _check_size(size)
         if isinstance(src, int):
             if isinstance(dst, Reg) and size == 8 and not fits_s32(src):
                 rex = 0x48 | dst.n >> 3
