@@ -145,9 +145,15 @@ class FunctionGen:
         for k, b in enumerate(self.blocks):
             self.next_label = self.blocks[k + 1].label if k + 1 < len(self.blocks) else None
             self.a.label(self.label(b.label))
+            loc = None
             for ins in b.instrs:
-                self.mark(ins.loc)
-                self.instr(ins)
+                if ins.loc is not loc:          # most neighbours share their statement's position
+                    loc = ins.loc
+                    self.mark(loc)
+                emit = EMITTERS.get(type(ins))
+                if emit is None:
+                    raise self.fail(f"cannot compile {ins!r}")
+                emit(self, ins)
             self.mark(b.term.loc)
             self.terminator(b.term)
         if self.open_sites:
@@ -249,6 +255,11 @@ class FunctionGen:
 
     def move(self, dst: Reg | Mem, src: Reg | Mem | int, scratch: Reg = R11) -> None:
         """A 64-bit move between any two locations."""
+        if dst is src:
+            return
+        if type(src) is Reg:                   # the common case first
+            self.a.mov(dst, src)
+            return
         if dst == src:
             return
         if isinstance(src, int):
@@ -421,12 +432,6 @@ class FunctionGen:
         return CC[op]
 
     # -- instructions ---------------------------------------------------------
-
-    def instr(self, ins: ir.Instr) -> None:
-        emit = EMITTERS.get(type(ins))
-        if emit is None:
-            raise self.fail(f"cannot compile {ins!r}")
-        emit(self, ins)
 
     def copy(self, i: ir.Copy) -> None:
         self.move(self.where(i.dst), self.where(i.src))

@@ -361,7 +361,7 @@ class Asm:
             out += opcode
             out.append(0xC0 | (reg & 7) << 3 | n & 7)
             out += imm
-            self._put(out, kind=PREFIXABLE if kind is None else kind)
+            self._put(out, False, PREFIXABLE if kind is None else kind)
             return
         rex = 0x40 | w << 3 | (reg >> 3) << 2 | (rm.base.n >> 3 if rm.base is not None else 0)
         if rex != 0x40 or (byte_regs and any(4 <= r < 8 for r in byte_regs)):
@@ -369,7 +369,7 @@ class Asm:
         out += opcode
         rip = _modrm(out, reg & 7, rm)
         out += imm
-        at = self._put(out, kind=FIXED if kind is None else kind)
+        at = self._put(out, False, FIXED if kind is None else kind)
         if rip:
             self._reloc(at + rip, rm.symbol, rm.disp - 4 - len(imm))
 
@@ -396,7 +396,7 @@ class Asm:
         if isinstance(src, int):
             if isinstance(dst, Reg) and size == 8 and not fits_s32(src):
                 rex = 0x48 | dst.n >> 3
-                self._put(bytes((rex, 0xB8 + (dst.n & 7))) + imm_bytes(src, 8), kind=PREFIXABLE)
+                self._put(bytes((rex, 0xB8 + (dst.n & 7))) + imm_bytes(src, 8), False, PREFIXABLE)
             elif isinstance(dst, Reg) and size < 8:
                 self._emit_short_reg(0xB0 if op8 else 0xB8, dst, size, imm_bytes(src, size))
             else:
@@ -422,7 +422,7 @@ class Asm:
         if r.n >= 8 or (size == 1 and r.n >= 4):
             out.append(0x40 | r.n >> 3)
         out += bytes((base + (r.n & 7),)) + imm
-        self._put(out, kind=PREFIXABLE)
+        self._put(out, False, PREFIXABLE)
 
     def movzx(self, dst: Reg, src: Reg | Mem, src_size: int, size: int = 4) -> None:
         """Zero-extend an 8- or 16-bit source (a 32-bit one: use mov r32, r/m32)."""
@@ -455,7 +455,7 @@ class Asm:
         self._short_op(0x58, r)
 
     def _short_op(self, base: int, r: Reg) -> None:
-        self._put(bytes((0x41, base + (r.n & 7))) if r.n >= 8 else bytes((base + r.n,)), kind=PREFIXABLE)
+        self._put(bytes((0x41, base + (r.n & 7))) if r.n >= 8 else bytes((base + r.n,)), False, PREFIXABLE)
 
     # -- arithmetic ---------------------------------------------------------
 
@@ -585,7 +585,7 @@ class Asm:
         size = 2 if -0x80 <= target - (self._start_for(2) + 2) < 0x80 else len(near) + 4
         at = self._place(size) if self.bundled else len(self.code)
         rel = self.labels[name] - (at + size)
-        self._put(bytes((short, rel & 0xFF)) if size == 2 else near + struct.pack("<i", rel), kind=BACKWARD)
+        self._put(bytes((short, rel & 0xFF)) if size == 2 else near + struct.pack("<i", rel), False, BACKWARD)
 
     def jmp(self, name: str) -> None:
         """Jump to a local label."""

@@ -125,14 +125,21 @@ def clobbers(ins: ir.Instr) -> frozenset[Reg]:
 
 def select(fn: ir.Function) -> list[MBlock]:
     """Copy the function's blocks into MBlocks, fusing the patterns above."""
+    VReg = ir.VReg
     uses: dict[int, int] = {}                   # VReg.id -> how many reads, how many writes
     defs: dict[int, int] = {}
-    for ins in fn.instructions():
-        for u in ins.uses():
-            if type(u) is ir.VReg:
-                uses[u.id] = uses.get(u.id, 0) + 1
-        for d in ins.defs():
-            defs[d.id] = defs.get(d.id, 0) + 1
+    for b in fn.blocks:
+        for ins in b.instrs:
+            for u in ins.uses():
+                if type(u) is VReg:
+                    uses[u.id] = uses.get(u.id, 0) + 1
+            d = getattr(ins, "dst", None)        # ir.Instr.defs(), without the list
+            if type(d) is VReg:
+                defs[d.id] = defs.get(d.id, 0) + 1
+        if b.term is not None:
+            for u in b.term.uses():
+                if type(u) is VReg:
+                    uses[u.id] = uses.get(u.id, 0) + 1
     blocks = []
     for b in fn.blocks:
         if b.term is None:

@@ -98,14 +98,15 @@ def liveness(blocks) -> tuple[dict[str, int], dict[str, int], list[list[tuple[li
     return live_in, live_out, flow
 
 
-def build_intervals(blocks, params: list[ir.VReg]) -> tuple[list[Interval], list[tuple[int, ir.Instr]]]:
-    """Live intervals sorted by start, and every instruction with its program point."""
+def build_intervals(blocks, params: list[ir.VReg], clobbers: Callable[[ir.Instr], Iterable[Reg]]
+                    ) -> tuple[list[Interval], list[tuple[int, Iterable[Reg]]]]:
+    """Live intervals sorted by start, and the program points where registers are clobbered."""
     live_in, live_out, flow = liveness(blocks)
     start: dict[int, int] = {}
     end: dict[int, int] = {}
     for v in params:
         start[v.id] = end[v.id] = 0
-    points = []
+    clobber_points = []
     p = 0
     for b, rows in zip(blocks, flow):        # points only grow: the first sight is the start
         p += 1
@@ -114,18 +115,20 @@ def build_intervals(blocks, params: list[ir.VReg]) -> tuple[list[Interval], list
             end[v] = p
         for ins, (uses, defs) in zip([*b.instrs, b.term], rows):
             p += 1
-            points.append((p, ins))
             for v in uses:
                 start.setdefault(v, p)
                 end[v] = p
             for v in defs:
                 start.setdefault(v, p)
                 end[v] = p
+            lost = clobbers(ins)
+            if lost:
+                clobber_points.append((p, lost))
         for v in bits(live_out[b.label]):
             end[v] = p
     intervals = [Interval(v, s, end[v]) for v, s in start.items()]
     intervals.sort(key=lambda iv: (iv.start, iv.vreg))
-    return intervals, points
+    return intervals, clobber_points
 
 
 def allocate(blocks, params: list[ir.VReg], registers: list[Reg],
@@ -133,12 +136,12 @@ def allocate(blocks, params: list[ir.VReg], registers: list[Reg],
              hints: dict[int, list[Reg | int]] | None = None) -> Allocation:
     """Linear scan over `registers` (in order of preference); `hints` maps a vreg
     number to preferred registers or to vreg numbers whose register it would share."""
-    intervals, points = build_intervals(blocks, params)
+    intervals, clobber_points = build_intervals(blocks, params, clobbers)
     alloc = Allocation(intervals=intervals)
     clobbered: dict[Reg, list[int]] = {r: [] for r in registers}
-    for p, ins in points:
-        for r in clobbers(ins):
-            alloc.clobbered.add(r)
+    for p, lost in clobber_points:
+        alloc.clobbered |= lost
+        for r in lost:
             if r in clobbered:
                 clobbered[r].append(p)
     hints = hints or {}
