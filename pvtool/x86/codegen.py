@@ -78,13 +78,14 @@ def generate(module: ir.Module, registers: list[Reg] | None = None,
         bundled = module.target == "pv"
     functions, need_swtch = [], False
     for fn in module.functions:
+        gen = FunctionGen(fn, registers, bundled)
         try:
-            functions.append(FunctionGen(fn, registers, bundled).run())
+            functions.append(gen.run())
         except FrameTooLarge as e:
             raise CompileError(fn.loc, f"function '{fn.name}' {e}") from None
         except (isel.SelectError, FrameError, EncodeError) as e:
             raise CodegenError(f"{fn.name}: {e}") from None
-        need_swtch |= any(isinstance(i, ir.MachineOp) and i.op == "swtch" for i in fn.instructions())
+        need_swtch |= gen.calls_swtch
     if need_swtch:
         functions.append(swtch_helper(bundled))
     return obj.ObjectCode(functions, module.data, module.files, target=module.target, bundled=bundled)
@@ -131,6 +132,7 @@ class FunctionGen:
         self.lines: list[tuple[int, ir.Loc]] = []        # (anchor, where the code from there comes from)
         self.sites: list[tuple[int, int, str, ir.Loc | None, str, int]] = []   # anchors, op, loc, becomes, kind
         self.open_sites: dict[int, tuple[int, ir.SiteBegin]] = {}              # site -> (anchor, begin)
+        self.calls_swtch = False
 
     # -- driver -------------------------------------------------------------
 
@@ -675,6 +677,7 @@ class FunctionGen:
                 case "swtch":
                     self.call_args(i.args, ARG_REGS, "swtch")
                     a.call(SWTCH)
+                    self.calls_swtch = True
                 case _:
                     raise self.fail(f"no code for machine operation {op}")
 

@@ -10,13 +10,16 @@ for a form it cannot encode, so a back-end bug never becomes wrong bytes.
 
 Bundled code (`Asm(bundled=True)`, the PV code rules of ABI version 2, see
 codespec.md): code is cut into 32-byte bundles and no instruction crosses a
-bundle end -- `_put` pads with multi-byte NOPs before one that would.  Every
-instruction's size is known when it is emitted (forward jumps are always
-near), so padding is decided once.  Calls end exactly on a bundle end, so
-return addresses are bundle starts; returns and indirect branches are masked
-(`and r, -32` and the branch in one bundle); plain `ret` and `call r64` are
-refused.  A label is bound where the next instruction starts, after any
-padding, so a branch to it skips the NOPs.
+bundle end.  Every instruction's size is known when it is emitted (forward
+jumps are always near), so `_put` pads before one that would cross: first
+by growing earlier instructions of the bundle with redundant prefixes (no
+extra instruction to execute), then with multi-byte NOPs.  Calls end exactly
+on a bundle end, so return addresses are bundle starts; returns and
+indirect branches are masked (`and r, -32` and the branch in one bundle);
+plain `ret` and `call r64` are refused.  A label is bound where the next
+instruction starts, after any NOPs, so a branch to it skips them.  Offsets
+that others keep (line and site rows) are anchors that move with the
+padding.
 
 tests/test_encode.py round-trips every public method through capstone and
 fails when a method has no round-trip test.
@@ -202,9 +205,11 @@ class Asm:
         self.bundled = bundled
         self.pending: list[str] = []              # bundled: labels bound at the next instruction
         self.pads: dict[int, int] = {}            # bundled: where NOP padding starts -> where it ends
-        self.run: list[list[int]] = []            # bundled: [start, room] of each PREFIXABLE
-        self.bundle = 0                           #   instruction since the last BACKWARD in this bundle
-        self.recent: list[str] = []               # bundled: labels bound in this bundle
+        # bundled: [start, room for prefixes] of each PREFIXABLE instruction of the
+        # current bundle since its last BACKWARD jump, and the labels bound in it
+        self.bundle = 0
+        self.run: list[list[int]] = []
+        self.recent: list[str] = []
 
     @property
     def offset(self) -> int:
