@@ -67,6 +67,23 @@ def test_machine_op_native_instruction_and_site(op):
         assert site.offset + site.length in ends
 
 
+@pytest.mark.parametrize("op", sorted(NATIVE_TEXT))
+def test_bundled_sites_cover_the_sensitive_instructions_and_no_leading_padding(op):
+    """0 to 31 five-byte fillers (mov r32, imm32) put the operation at every offset of a bundle."""
+    intr = INTRINSICS[op]
+    for fill in range(32):
+        b = FB("m", len(intr.params))
+        for _ in range(fill):
+            b.copy(7)
+        b.mop(op, *b.p, result=intr.result is not None)
+        b.ret(0)
+        fc = function(build([b], bundled=True), "m")
+        (site,) = fc.sites
+        covered = [t for off, size, t in disasm(fc) if site.offset <= off < site.offset + site.length]
+        assert not covered[0].startswith("nop"), (op, fill, covered)
+        assert [shape(t.replace("cs:", "")) for t in covered if not t.startswith("nop")] == NATIVE_TEXT[op]
+
+
 def test_every_intrinsic_has_an_expected_native_form():
     assert set(NATIVE_TEXT) | {"pause", "swtch"} == set(INTRINSICS)
 
