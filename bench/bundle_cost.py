@@ -2,9 +2,9 @@
 """Bundle cost: what the PV code rules' layout costs in guest time.
 
 The compute kernels kernels/{sieve,checksum,sort}.pvk are built native twice,
-plain and with the bundled layout the pv target uses (32-byte bundles, NOP
-padding, calls ending on bundle ends, masked returns and indirect calls:
-`codegen.generate(..., bundled=True)`), and run in the same mode (bare by
+plain and with the bundled layout the pv target uses (32-byte bundles,
+prefix and NOP padding, calls ending on bundle ends, masked returns and
+indirect calls: `codegen.generate(..., bundled=True)`), and run in the same mode (bare by
 default) on the bundled hypervisor.  Runs are interleaved (for each repeat,
 for each kernel, plain and bundled, in alternating order), every run's
 console and status are checked against the kernel's header, and the report
