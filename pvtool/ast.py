@@ -1,10 +1,11 @@
 """The PVK syntax tree, and the annotations the checker adds to it.
 
 The parser builds these nodes, each with the `Loc` of its first token (binary
-and assignment operators carry the operator's position).  `pvtool.check`
+and assignment operators carry the operator's position).  `pvtool.typecheck`
 fills in the fields marked "checker:" (types, resolved symbols, constant
 values, field offsets); `pvtool.lower` reads them.  `dump` prints a tree
-without positions, for tests and `--emit-ast`.
+without positions, for tests.  The classes have slots: a program has tens of
+thousands of nodes.
 """
 from __future__ import annotations
 
@@ -12,34 +13,34 @@ from dataclasses import dataclass, field, fields
 from typing import Union
 
 from .intrinsics import Intrinsic
-from .ir import Loc
+from .source import Loc
 from .types import FnType, Type
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
     loc: Loc
 
 
 # -- type expressions (as written) --------------------------------------------
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class TName(Node):
     name: str
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class TPtr(Node):
     target: TypeExpr
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class TArray(Node):
     elem: TypeExpr
     size: Expr
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class TFn(Node):
     params: list[TypeExpr]
     result: TypeExpr | None
@@ -50,7 +51,7 @@ TypeExpr = Union[TName, TPtr, TArray, TFn]
 
 # -- symbols (checker) -----------------------------------------------------------
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Local:
     """A parameter, `var` or `for` variable of one function."""
     name: str
@@ -59,14 +60,14 @@ class Local:
     addr_taken: bool = False   # `&x` appears somewhere: it must live in memory
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class GlobalSym:
     name: str
     type: Type | None
     item: Global
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ConstSym:
     name: str
     type: Type | None
@@ -74,7 +75,7 @@ class ConstSym:
     value: int | None = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class FnSym:
     name: str
     type: FnType | None
@@ -86,7 +87,7 @@ Symbol = Union[Local, GlobalSym, ConstSym, FnSym]
 
 # -- expressions -------------------------------------------------------------------
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Expr(Node):
     # checker: the expression's type, and its value if it is a compile-time
     # constant (integers and bools; signed values are negative Python ints).
@@ -94,57 +95,57 @@ class Expr(Node):
     const: int | None = field(default=None, kw_only=True, repr=False)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class IntLit(Expr):
     value: int
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class CharLit(Expr):
     value: int
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class StrLit(Expr):
     value: bytes          # without the terminating NUL
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class BoolLit(Expr):
     value: bool
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ArrayLit(Expr):
     elems: list[Expr]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Name(Expr):
     name: str
     sym: Symbol | None = field(default=None, kw_only=True, repr=False)   # checker
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Unary(Expr):
     op: str               # '-', '!', '~', '*' (deref), '&' (address of)
     operand: Expr
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Binary(Expr):
     op: str
     left: Expr
     right: Expr
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Cast(Expr):
     operand: Expr
     target: TypeExpr
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Call(Expr):
     callee: Expr
     args: list[Expr]
@@ -154,13 +155,13 @@ class Call(Expr):
     func: FnSym | None = field(default=None, kw_only=True, repr=False)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Index(Expr):
     base: Expr
     index: Expr
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class FieldAccess(Expr):
     base: Expr
     name: str
@@ -172,13 +173,13 @@ class FieldAccess(Expr):
 
 # -- statements ------------------------------------------------------------------------
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Block(Node):
     stmts: list[Stmt]
     end: Loc              # the closing brace
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class VarStmt(Node):
     name: str
     type_expr: TypeExpr | None
@@ -186,26 +187,26 @@ class VarStmt(Node):
     sym: Local | None = field(default=None, kw_only=True, repr=False)   # checker
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Assign(Node):
     op: str               # '=' or the operator of a compound assignment ('+', '<<', ...)
     target: Expr
     value: Expr
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class If(Node):
     arms: list[tuple[Expr, Block]]    # `if` and every `else if`
     else_: Block | None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class While(Node):
     cond: Expr
     body: Block
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class For(Node):
     name: str
     name_loc: Loc
@@ -215,22 +216,22 @@ class For(Node):
     sym: Local | None = field(default=None, kw_only=True, repr=False)   # checker
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Break(Node):
     pass
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Continue(Node):
     pass
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Return(Node):
     value: Expr | None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ExprStmt(Node):
     expr: Expr
 
@@ -240,13 +241,13 @@ Stmt = Union[Block, VarStmt, Assign, If, While, For, Break, Continue, Return, Ex
 
 # -- items --------------------------------------------------------------------------------
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Import(Node):
     path: str             # as written
     resolved: str = field(default="", repr=False)   # the path the parser opened
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Const(Node):
     name: str
     type_expr: TypeExpr
@@ -254,7 +255,7 @@ class Const(Node):
     sym: ConstSym | None = field(default=None, kw_only=True, repr=False)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Global(Node):
     name: str
     type_expr: TypeExpr | None
@@ -264,26 +265,26 @@ class Global(Node):
     value: StaticValue | None = field(default=None, kw_only=True, repr=False)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class FieldDecl(Node):
     name: str
     type_expr: TypeExpr
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Struct(Node):
     name: str
     fields: list[FieldDecl]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Param(Node):
     name: str
     type_expr: TypeExpr
     sym: Local | None = field(default=None, kw_only=True, repr=False)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Fn(Node):
     name: str
     params: list[Param]
@@ -296,10 +297,11 @@ class Fn(Node):
 Item = Union[Import, Const, Global, Struct, Fn]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Program:
     items: list[Item]
     files: list[str]       # main file first, then imports in the order first met
+    sources: dict[str, str] = field(default_factory=dict, repr=False)   # each file's text, for errors
     checked: bool = field(default=False, repr=False)
 
 

@@ -1,9 +1,10 @@
-"""Compile errors and the source text they quote.
+"""Compile errors: the one kind of failure the front end reports.
 
 Every front-end failure is a `CompileError`: one location, one message,
 printed as `FILE:LINE:COL: error: MESSAGE`, then the source line and a caret
-under the column.  The parser registers each file's text here so any later
-stage can quote it without reading the file again.
+under the column.  The error quotes the line from `sources`, the texts of
+the files read so far: whoever holds them attaches them (the parser for its
+own errors, the driver for later stages') before the error is reported.
 """
 from __future__ import annotations
 
@@ -11,45 +12,33 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
-from .ir import Loc
+from .errors import UserError
+from .source import Loc, Sources, source_line
 
-_SOURCES: dict[str, str] = {}
-
-# Front-end recursion follows the nesting of the program; the parser caps that
-# nesting, and this limit leaves room for a few frames per level.
+# The parser caps the nesting of the syntax tree; the recursive walks of the
+# later stages need a few frames per level of it.
 MAX_NESTING = 256
 _RECURSION_LIMIT = 6000
 
 
-def remember_source(path: str, text: str) -> None:
-    _SOURCES[path] = text
-
-
-def source_line(path: str, line: int) -> str | None:
-    text = _SOURCES.get(path)
-    if text is None:
-        return None
-    lines = text.split("\n")
-    if 1 <= line <= len(lines):
-        return lines[line - 1].rstrip("\r")
-    return None
-
-
-class CompileError(Exception):
+class CompileError(UserError):
     """A diagnosed error in the program being compiled."""
 
     def __init__(self, loc: Loc | None, message: str):
         super().__init__(message)
         self.loc = loc
         self.message = message
+        self.sources: Sources = {}
 
-    def format(self) -> str:
+    def format(self, sources: Sources | None = None) -> str:
+        """The report: location, message, and the line quoted from `sources`
+        (by default the texts attached to the error)."""
         if self.loc is None:
             return f"error: {self.message}"
         if self.loc.line <= 0:
             return f"{self.loc.file}: error: {self.message}"
         head = f"{self.loc}: error: {self.message}"
-        text = source_line(self.loc.file, self.loc.line)
+        text = source_line(self.sources if sources is None else sources, self.loc)
         if text is None:
             return head
         # Keep tabs so the caret lines up in a terminal.
@@ -58,6 +47,17 @@ class CompileError(Exception):
 
     def __str__(self) -> str:
         return self.format()
+
+
+@contextmanager
+def quoting(sources: Sources) -> Iterator[None]:
+    """Attach `sources` to a CompileError passing through, unless it has its own."""
+    try:
+        yield
+    except CompileError as e:
+        if not e.sources:
+            e.sources = sources
+        raise
 
 
 @contextmanager

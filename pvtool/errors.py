@@ -1,12 +1,15 @@
 """The two kinds of failure a command reports.
 
-`USER_ERRORS` are the user's mistakes (a program that does not compile or
+A `UserError` is the user's mistake (a program that does not compile or
 link): one located line, exit status 1.  `InternalError` is a broken
 invariant inside pvtool, a bug: commands report it as "internal error" with
 the stage and what broke, so it is never mistaken for the user's mistake.
+This module imports nothing of pvtool's, so every stage may use it.
 """
-from .diagnostics import CompileError
-from .linked import LinkError
+
+
+class UserError(Exception):
+    """The base of CompileError and LinkError."""
 
 
 class InternalError(Exception):
@@ -18,4 +21,4 @@ class InternalError(Exception):
         self.message = message
 
 
-USER_ERRORS = (CompileError, LinkError)
+USER_ERRORS = (UserError,)

@@ -2,7 +2,8 @@
 
 This module owns the data types shared by the middle and back end:
 `lower` produces a `Module`, `paravirt` rewrites it (IR to IR), and the
-x86-64 back end consumes it.  It holds no logic beyond small helpers.
+x86-64 back end consumes it.  It holds no logic beyond small helpers and
+`dump`, the readable listing.
 
 Model
 -----
@@ -27,16 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator, Union
 
+from pvimage import abi
 
-@dataclass(frozen=True)
-class Loc:
-    """A source position: file path as given to the compiler, 1-based line and column."""
-    file: str
-    line: int
-    col: int
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.col}"
+from .source import Loc
 
 
 @dataclass(frozen=True)
@@ -343,17 +337,134 @@ class Module:
     target: str = "native"                           # 'native' or 'pv' (set by paravirt)
 
 
+# -- the listing ----------------------------------------------------------------------------------------
+
 def dump(m: Module) -> str:
-    """A readable listing, for debugging and `pvtool build --emit-ir`."""
-    out = []
+    """A readable listing, for debugging and `pvtool build --emit-ir`: data
+    objects, then each function's slots and blocks, one instruction a line,
+    with `; file:line` wherever the source line changes."""
+    out = [f"; {m.target} module of {', '.join(m.files) or '(no files)'}"]
     for d in m.data:
-        out.append(f"data {d.name} {d.section} size={d.size} align={d.align}")
+        out.append(_data_line(d))
     for f in m.functions:
-        kind = "interrupt fn" if f.interrupt else "fn"
-        out.append(f"{kind} {f.name}({', '.join(map(repr, f.params))}):")
-        for b in f.blocks:
-            out.append(f"  {b.label}:")
-            for i in b.instrs:
-                out.append(f"    {i!r}")
-            out.append(f"    {b.term!r}")
+        out.append("")
+        out.extend(_function_lines(f))
     return "\n".join(out)
+
+
+_COMMENT_COLUMN = 40
+
+
+def _commented(text: str, loc: Loc | None) -> str:
+    if loc is None:
+        return text
+    return f"{text.ljust(_COMMENT_COLUMN - 1)} ; {loc.file}:{loc.line}"
+
+
+def _data_line(d: Data) -> str:
+    text = f"data {d.name}: {d.section}, {d.size} bytes, align {d.align}"
+    if d.section == "rodata" and d.init.endswith(b"\0") and d.init.count(0) == 1:
+        text += f" = {_quoted(d.init[:-1])}"
+    elif d.init:
+        shown = d.init[:16].hex(" ")
+        text += f" = {shown}{' ...' if len(d.init) > 16 else ''}"
+    if d.relocs:
+        text += " (" + ", ".join(f"at {r.offset}: {_symbol(r.symbol, r.addend)}" for r in d.relocs) + ")"
+    return _commented(text, d.loc)
+
+
+_ESCAPES = {0: "\\0", 9: "\\t", 10: "\\n", 13: "\\r", 34: '\\"', 92: "\\\\"}
+
+
+def _quoted(data: bytes) -> str:
+    return '"' + "".join(_ESCAPES.get(b) or (chr(b) if 32 <= b < 127 else f"\\x{b:02x}") for b in data) + '"'
+
+
+def _function_lines(f: Function) -> list[str]:
+    kind = "interrupt fn" if f.interrupt else "fn"
+    result = " -> value" if f.returns_value else ""
+    lines = [_commented(f"{kind} {f.name}({', '.join(map(_operand, f.params))}){result}", f.loc)]
+    for n, slot in enumerate(f.slots):
+        lines.append(f"  slot{n}: {slot.size} bytes, align {slot.align}")
+    for b in f.blocks:
+        lines.append(f"  {b.label}:")
+        shown = None
+        for i in [*b.instrs, *([b.term] if b.term is not None else [])]:
+            where = i.loc if i.loc is not None and (i.loc.file, i.loc.line) != shown else None
+            if where is not None:
+                shown = (where.file, where.line)
+            lines.append(_commented("    " + _instr_text(i), where))
+    return lines
+
+
+def _operand(v: Operand) -> str:
+    if isinstance(v, VReg):
+        return f"%{v.id}"
+    v = v - (1 << 64) if v >= 1 << 63 else v          # immediates are held modulo 2**64
+    return str(v) if -4096 < v < 4096 else (f"-{-v:#x}" if v < 0 else f"{v:#x}")
+
+
+def _symbol(name: str, offset: int) -> str:
+    return name if offset == 0 else f"{name}{offset:+d}"
+
+
+def _memory(base: Operand, offset: int) -> str:
+    return f"[{_operand(base)}{offset:+d}]" if offset else f"[{_operand(base)}]"
+
+
+def _args(args: list[Operand]) -> str:
+    return ", ".join(map(_operand, args))
+
+
+def _instr_text(i: Instr) -> str:
+    match i:
+        case Copy():
+            return f"%{i.dst.id} = copy {_operand(i.src)}"
+        case BinOp() | Cmp():
+            op = i.op if isinstance(i, BinOp) else f"cmp {i.op}"
+            return f"%{i.dst.id} = {op} {_operand(i.a)}, {_operand(i.b)}"
+        case UnOp():
+            return f"%{i.dst.id} = {i.op} {_operand(i.a)}"
+        case Ext():
+            return f"%{i.dst.id} = {'s' if i.signed else 'z'}ext{i.bits} {_operand(i.src)}"
+        case Load():
+            kind = f"{'i' if i.signed else 'u'}{8 * i.size}"
+            return f"%{i.dst.id} = load.{kind} {_memory(i.base, i.offset)}"
+        case Store():
+            return f"store.{8 * i.size} {_memory(i.base, i.offset)}, {_operand(i.value)}"
+        case AddrOf():
+            return f"%{i.dst.id} = addr {_symbol(i.symbol, i.offset)}"
+        case SlotAddr():
+            return f"%{i.dst.id} = addr {_symbol(f'slot{i.slot}', i.offset)}"
+        case Call() | CallIndirect() | MachineOp() | Hypercall():
+            return _call_text(i)
+        case SiteBegin():
+            return f"site {i.site} begin, {abi.SITE_KINDS.get(i.kind, i.kind)}: {i.op} -> {i.becomes}"
+        case SiteEnd():
+            return f"site {i.site} end"
+        case Jump():
+            return f"jump {i.target}"
+        case Branch():
+            return f"branch {_operand(i.cond)}, {i.then}, {i.else_}"
+        case Ret():
+            return "ret" if i.value is None else f"ret {_operand(i.value)}"
+        case IRet():
+            return "iret" if i.hypercall is None else f"iret through hypercall {_hypercall(i.hypercall)}"
+    return type(i).__name__.lower()
+
+
+def _call_text(i: Call | CallIndirect | MachineOp | Hypercall) -> str:
+    match i:
+        case Call():
+            text = f"call {i.func}({_args(i.args)})"
+        case CallIndirect():
+            text = f"call *{_operand(i.target)}({_args(i.args)})"
+        case MachineOp():
+            text = f"machine {i.op}({_args(i.args)})"
+        case _:
+            text = f"hypercall {_hypercall(i.nr)}({_args(i.args)})"
+    return text if i.dst is None else f"%{i.dst.id} = {text}"
+
+
+def _hypercall(nr: int) -> str:
+    return abi.HYPERCALL_NAMES.get(nr, str(nr))

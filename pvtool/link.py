@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pvimage import abi
 
 from . import boot, dwarf
+from .diagnostics import CompileError
 from .errors import InternalError
 from .intrinsics import OP_NUMBERS
-from .ir import Data, Loc
-from .linked import LinkError, LinkedImage, Note, Section, Symbol
+from .ir import Data
+from .linked import LinkedImage, Note, Section, Symbol
 from .obj import ABS32, ABS32S, ABS64, PC32, FunctionCode, ObjectCode
+from .source import Loc
 from .x86.encode import BUNDLE
 
 PAGE = abi.PAGE_SIZE
@@ -38,6 +40,15 @@ HYPERCALL_PAGE = "__hypercall_page"
 # native boot code uses 32-bit absolute addresses.  An image that ends at or
 # below 2 GiB is in reach of both.
 IMAGE_LIMIT = 1 << 31
+
+
+class LinkError(CompileError):
+    """A program the linker cannot place (a name clash, an image beyond the
+    code model's reach, ...): a user error, located at the program's item
+    that caused it when there is one."""
+
+    def __init__(self, message: str, loc: Loc | None = None):
+        super().__init__(loc, message)
 
 
 def _internal(message: str) -> InternalError:

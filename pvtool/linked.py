@@ -2,8 +2,7 @@
 
 Everything sits at its final address: allocated sections with their bytes,
 symbols, source-line rows, sensitive sites and ELF notes.  No file format
-yet; `pvtool.elfwrite` turns it into an ELF64 file.  `LinkError` is how
-the linker reports a program it cannot place.
+yet; `pvtool.elfwrite` turns it into an ELF64 file.
 """
 from __future__ import annotations
 
@@ -12,17 +11,6 @@ from dataclasses import dataclass, field
 from pvimage import abi
 
 from . import dwarf
-from .diagnostics import CompileError
-from .ir import Loc
-
-
-class LinkError(CompileError):
-    """A program the linker cannot place (a name clash, an image beyond the
-    code model's reach, ...): a user error, located at the program's item
-    that caused it when there is one."""
-
-    def __init__(self, message: str, loc: Loc | None = None):
-        super().__init__(loc, message)
 
 
 @dataclass

@@ -7,12 +7,16 @@ are deduplicated read-only `.str.N` objects).  Narrow integers are kept
 canonical with `Ext` after every operation that can break the form; `&&`,
 `||` and conditions become branches.  Every instruction carries the `Loc`
 of the source construct it implements.
+
+The program must have passed `pvtool.typecheck.check`: lowering reads the
+annotations the checker leaves on the tree.
 """
 from __future__ import annotations
 
 from . import ast, ir
-from .typecheck import check
-from .diagnostics import CompileError, deep_recursion
+from .diagnostics import deep_recursion
+from .errors import InternalError
+from .source import Loc
 from .types import VOID, ArrayType, IntType, PtrType, Type, align_of, is_aggregate, is_int, size_of
 
 MASK = (1 << 64) - 1
@@ -26,13 +30,11 @@ _CMP_UNSIGNED = {"<": "ult", "<=": "ule", ">": "ugt", ">=": "uge"}
 
 
 def lower(program: ast.Program) -> ir.Module:
-    """The IR of a program (checked first if it has not been)."""
-    check(program)
+    """The IR of a checked program."""
+    if not program.checked:
+        raise InternalError("lower", "the program has not been type-checked")
     with deep_recursion():
-        try:
-            return _Module(program).run()
-        except RecursionError:
-            raise CompileError(None, "program nested too deeply") from None
+        return _Module(program).run()
 
 
 def _imm(value: int) -> int:
@@ -62,7 +64,7 @@ class _Module:
                 functions.append(_Function(self, item).run())
         return ir.Module(functions, data + self.string_data, list(self.program.files))
 
-    def string(self, value: bytes, loc: ir.Loc | None = None) -> str:
+    def string(self, value: bytes, loc: Loc | None = None) -> str:
         """The name of the read-only copy of a string literal (one per distinct text)."""
         if value not in self.strings:
             name = f".str.{len(self.strings)}"
@@ -84,7 +86,7 @@ class _Module:
         return ir.Data(item.name, "data", size, align, bytes(buf), relocs, loc=item.loc)
 
     def serialize(self, v: ast.StaticValue, t: Type, buf: bytearray, at: int,
-                  relocs: list[ir.DataReloc], loc: ir.Loc) -> None:
+                  relocs: list[ir.DataReloc], loc: Loc) -> None:
         if isinstance(v, list):
             step = size_of(t.elem)
             for i, x in enumerate(v):
@@ -144,15 +146,20 @@ class _Function:
 
     def emit(self, instr: ir.Instr) -> ir.Instr:
         instr.loc = self.loc
+        if self.cur is None:
+            self.start(self.label("dead"))
         self.cur.instrs.append(instr)
         return instr
 
     def terminate(self, term: ir.Instr) -> None:
-        """End the current block; code that follows lands in a fresh block,
-        dropped later if nothing jumps there (code after return/break)."""
+        """End the current block.  Code that follows before the next `start`
+        (code after return/break) lands in a fresh block, dropped later if
+        nothing jumps there."""
         term.loc = self.loc
+        if self.cur is None:
+            self.start(self.label("dead"))
         self.cur.term = term
-        self.start(self.label("dead"))
+        self.cur = None
 
     def jump(self, target: str) -> None:
         self.terminate(ir.Jump(target))
@@ -264,14 +271,37 @@ class _Function:
 
     def stmt(self, s: ast.Stmt) -> None:
         saved, self.loc = self.loc, s.loc
-        getattr(self, "s_" + type(s).__name__)(s)
+        match s:
+            case ast.Assign():
+                self.assign(s)
+            case ast.ExprStmt():
+                self.expr_stmt(s)
+            case ast.VarStmt():
+                self.var_stmt(s)
+            case ast.If():
+                self.if_stmt(s)
+            case ast.Return():
+                value = self.rvalue(s.value) if s.value is not None else None
+                self.terminate(self.return_term(value))
+            case ast.Block():
+                self.block(s)
+            case ast.While():
+                self.while_stmt(s)
+            case ast.For():
+                self.for_stmt(s)
+            case ast.Break():
+                self.jump(self.loops[-1][1])
+            case ast.Continue():
+                self.jump(self.loops[-1][0])
+            case _:
+                raise InternalError("lower", f"not a statement: {type(s).__name__}")
         self.loc = saved
 
-    def s_Block(self, s: ast.Block) -> None:
+    def block(self, s: ast.Block) -> None:
         for x in s.stmts:
             self.stmt(x)
 
-    def s_VarStmt(self, s: ast.VarStmt) -> None:
+    def var_stmt(self, s: ast.VarStmt) -> None:
         local = s.sym
         value = None
         if s.init is not None and not isinstance(s.init, ast.ArrayLit):
@@ -284,7 +314,7 @@ class _Function:
         if isinstance(s.init, ast.ArrayLit):
             self.store_array(s.init, self.slot_addr(self.home[local]), 0)
 
-    def s_Assign(self, s: ast.Assign) -> None:
+    def assign(self, s: ast.Assign) -> None:
         target, t = s.target, s.target.type
         if isinstance(target, ast.Name) and isinstance(self.home.get(target.sym), ir.VReg):
             reg = self.home[target.sym]
@@ -301,23 +331,23 @@ class _Function:
             value = self.arith(s.op, old, self.rvalue(s.value), t, s.value.type)
         self.emit(ir.Store(base, off, value, size_of(t)))
 
-    def s_If(self, s: ast.If) -> None:
+    def if_stmt(self, s: ast.If) -> None:
         join = self.label("join")
         for i, (cond, body) in enumerate(s.arms):
             last = i == len(s.arms) - 1 and s.else_ is None
             then, other = self.label("then"), join if last else self.label("else")
             self.branch(cond, then, other)
             self.start(then)
-            self.s_Block(body)
+            self.block(body)
             self.jump(join)
             if other != join:
                 self.start(other)
         if s.else_ is not None:
-            self.s_Block(s.else_)
+            self.block(s.else_)
             self.jump(join)
         self.start(join)
 
-    def s_While(self, s: ast.While) -> None:
+    def while_stmt(self, s: ast.While) -> None:
         head, body, done = self.label("while"), self.label("body"), self.label("done")
         self.jump(head)
         self.start(head)
@@ -326,7 +356,7 @@ class _Function:
         self.loop_body(s.body, head, done)
         self.start(done)
 
-    def s_For(self, s: ast.For) -> None:
+    def for_stmt(self, s: ast.For) -> None:
         """A hidden counter runs from start to end (evaluated once); the loop
         variable is a copy, so the body may change it freely."""
         t = s.sym.type
@@ -351,25 +381,18 @@ class _Function:
 
     def loop_body(self, body: ast.Block, cont: str, brk: str) -> None:
         self.loops.append((cont, brk))
-        self.s_Block(body)
+        self.block(body)
         self.loops.pop()
         self.jump(cont)
 
-    def s_Break(self, s: ast.Break) -> None:
-        self.jump(self.loops[-1][1])
-
-    def s_Continue(self, s: ast.Continue) -> None:
-        self.jump(self.loops[-1][0])
-
-    def s_Return(self, s: ast.Return) -> None:
-        value = self.rvalue(s.value) if s.value is not None else None
-        self.terminate(self.return_term(value))
-
-    def s_ExprStmt(self, s: ast.ExprStmt) -> None:
-        if isinstance(s.expr, ast.Call):
-            self.with_loc(s.expr, self.r_Call)
-        elif s.expr.const is None:
-            self.rvalue(s.expr)
+    def expr_stmt(self, s: ast.ExprStmt) -> None:
+        e = s.expr
+        if e.const is None:
+            self.loc = e.loc
+            if isinstance(e, ast.Call):
+                self.call(e)        # whether or not it returns a value
+            else:
+                self.rvalue(e)
 
     # -- conditions ---------------------------------------------------------------------------------
 
@@ -394,38 +417,33 @@ class _Function:
 
     # -- expressions ----------------------------------------------------------------------------------
 
-    def with_loc(self, e: ast.Expr, how):
-        saved, self.loc = self.loc, e.loc
-        try:
-            return how(e)
-        finally:
-            self.loc = saved
-
     def rvalue(self, e: ast.Expr) -> ir.Operand:
         """The value of a scalar expression, as a vreg or an immediate.  A
         register-allocated local is returned as its own vreg (nothing in an
         expression can assign to it)."""
         if e.const is not None:
             return _imm(e.const)
-        return self.with_loc(e, getattr(self, "r_" + type(e).__name__))
+        rule = _VALUES.get(type(e))
+        if rule is None:
+            raise InternalError("lower", f"no value for {type(e).__name__}")
+        saved, self.loc = self.loc, e.loc
+        value = rule(self, e)
+        self.loc = saved
+        return value
 
-    def r_StrLit(self, e: ast.StrLit) -> ir.Operand:
+    def name(self, e: ast.Name) -> ir.Operand:
+        home = self.home.get(e.sym)
+        return home if isinstance(home, ir.VReg) else self.load(*self.address(e), e.type)
+
+    def element(self, e: ast.Index | ast.FieldAccess) -> ir.Operand:
+        return self.load(*self.address(e), e.type)
+
+    def string_literal(self, e: ast.StrLit) -> ir.Operand:
         dst = self.new()
         self.emit(ir.AddrOf(dst, self.module.string(e.value, e.loc)))
         return dst
 
-    def r_Name(self, e: ast.Name) -> ir.Operand:
-        home = self.home.get(e.sym)
-        if isinstance(home, ir.VReg):
-            return home
-        return self.load(*self.address(e), e.type)
-
-    def r_Index(self, e: ast.Index) -> ir.Operand:
-        return self.load(*self.address(e), e.type)
-
-    r_FieldAccess = r_Index
-
-    def r_Unary(self, e: ast.Unary) -> ir.Operand:
+    def unary(self, e: ast.Unary) -> ir.Operand:
         op, t = e.op, e.type
         if op == "&":
             return self.materialize(*self.address(e.operand))
@@ -444,7 +462,7 @@ class _Function:
                 self.ext(dst, t)          # ~ of a sign-extended value stays sign-extended
         return dst
 
-    def r_Binary(self, e: ast.Binary) -> ir.Operand:
+    def binary(self, e: ast.Binary) -> ir.Operand:
         op = e.op
         if op in ("&&", "||"):
             dst = self.new()
@@ -495,7 +513,7 @@ class _Function:
         if _narrow(t):
             self.emit(ir.Ext(dst, dst, t.bits, t.signed))
 
-    def r_Cast(self, e: ast.Cast) -> ir.Operand:
+    def cast(self, e: ast.Cast) -> ir.Operand:
         s, t = e.operand.type, e.type
         v = self.rvalue(e.operand)
         if not (is_int(s) and is_int(t)) or t.bits == 64:
@@ -506,7 +524,7 @@ class _Function:
         self.emit(ir.Ext(dst, v, t.bits, t.signed))
         return dst
 
-    def r_Call(self, e: ast.Call) -> ir.Operand | None:
+    def call(self, e: ast.Call) -> ir.Operand | None:
         target = None
         if e.intrinsic is None and e.func is None:
             target = self.rvalue(e.callee)
@@ -542,42 +560,54 @@ class _Function:
     def address(self, e: ast.Expr) -> tuple[ir.Operand, int]:
         """Where an lvalue lives: a base operand plus a constant byte offset."""
         saved, self.loc = self.loc, e.loc
-        try:
-            return self._address(e)
-        finally:
-            self.loc = saved
+        match e:
+            case ast.Name():
+                if isinstance(e.sym, ast.Local):
+                    where = self.slot_addr(self.home[e.sym]), 0
+                else:
+                    dst = self.new()
+                    self.emit(ir.AddrOf(dst, e.name))
+                    where = dst, 0
+            case ast.FieldAccess():
+                if e.deref:
+                    where = self.rvalue(e.base), e.offset
+                else:
+                    base, off = self.address(e.base)
+                    where = base, off + e.offset
+            case ast.Index():
+                where = self.index_address(e)
+            case ast.Unary(op="*"):
+                where = self.rvalue(e.operand), 0
+            case _:
+                raise InternalError("lower", f"not an lvalue: {type(e).__name__}")
+        self.loc = saved
+        return where
 
-    def _address(self, e: ast.Expr) -> tuple[ir.Operand, int]:
-        if isinstance(e, ast.Name):
-            if isinstance(e.sym, ast.Local):
-                return self.slot_addr(self.home[e.sym]), 0
-            dst = self.new()
-            self.emit(ir.AddrOf(dst, e.name))
-            return dst, 0
-        if isinstance(e, ast.Unary) and e.op == "*":
-            return self.rvalue(e.operand), 0
-        if isinstance(e, ast.FieldAccess):
-            if e.deref:
-                return self.rvalue(e.base), e.offset
+    def index_address(self, e: ast.Index) -> tuple[ir.Operand, int]:
+        if isinstance(e.base.type, ArrayType):
             base, off = self.address(e.base)
-            return base, off + e.offset
-        if isinstance(e, ast.Index):
-            if isinstance(e.base.type, ArrayType):
-                base, off = self.address(e.base)
-            else:
-                base, off = self.rvalue(e.base), 0
-            size = size_of(e.type)
-            if e.index.const is not None:
-                delta = _imm(e.index.const * size)
-                delta = delta - (1 << 64) if delta >> 63 else delta
-                if -(1 << 31) <= off + delta < 1 << 31:
-                    return base, off + delta
-            index = self.rvalue(e.index)
-            if size != 1:
-                scaled = self.new()
-                self.emit(ir.BinOp("mul", scaled, index, size))
-                index = scaled
-            dst = self.new()
-            self.emit(ir.BinOp("add", dst, base, index))
-            return dst, off
-        raise AssertionError(f"not an lvalue: {e}")
+        else:
+            base, off = self.rvalue(e.base), 0
+        size = size_of(e.type)
+        if e.index.const is not None:
+            delta = _imm(e.index.const * size)
+            delta = delta - (1 << 64) if delta >> 63 else delta
+            if -(1 << 31) <= off + delta < 1 << 31:
+                return base, off + delta
+        index = self.rvalue(e.index)
+        if size != 1:
+            scaled = self.new()
+            self.emit(ir.BinOp("mul", scaled, index, size))
+            index = scaled
+        dst = self.new()
+        self.emit(ir.BinOp("add", dst, base, index))
+        return dst, off
+
+
+# How each kind of expression yields its value: (function lowerer, expression) -> operand.
+# A table rather than a match statement: this is lowering's hottest dispatch.
+_VALUES = {
+    ast.Name: _Function.name, ast.Binary: _Function.binary, ast.Index: _Function.element,
+    ast.FieldAccess: _Function.element, ast.Cast: _Function.cast, ast.Call: _Function.call,
+    ast.Unary: _Function.unary, ast.StrLit: _Function.string_literal,
+}

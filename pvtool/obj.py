@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .ir import Data, Loc
+from .ir import Data
+from .source import Loc
 
 # Relocation kinds, as in the x86-64 psABI: S = symbol address, A = addend,
 # P = address of the field being patched.

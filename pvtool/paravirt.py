@@ -22,7 +22,8 @@ from pvimage import abi
 from .errors import InternalError
 from .intrinsics import INTRINSICS
 from .ir import (AddrOf, BinOp, Block, Branch, Cmp, Copy, Ext, Function, Hypercall, Instr, IRet, Jump,
-                 Load, Loc, MachineOp, Module, Operand, SiteBegin, SiteEnd, SlotAddr, Store, UnOp, VReg)
+                 Load, MachineOp, Module, Operand, SiteBegin, SiteEnd, SlotAddr, Store, UnOp, VReg)
+from .source import Loc
 
 S = abi.SHARED_PAGE
 IF_BIT = 9

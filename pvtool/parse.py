@@ -2,185 +2,799 @@
 
 `parse_program` reads the main file, follows `import` items depth first
 (each file once, paths relative to the importing file) and returns one
-`ast.Program`.  The grammar lives in grammar/pvk.lark; lark (LALR) builds a
-parse tree, which `_Builder` turns into `pvtool.ast` nodes while checking
-what the grammar leaves loose: literal spelling, escapes and nesting depth.
-Every failure is a `CompileError` with a position.
+`ast.Program` that also carries the text of every file it read.
+
+The grammar is grammar/pvk.lark (LALR(1)).  The parser is hand-written for
+speed: a lexer made of one regular expression, then recursive descent with
+one method per grammar rule, the binary operators by precedence climbing
+over the grammar's table; tests/test_grammar.py holds it to the grammar.  It
+checks what the grammar leaves loose (literal spelling, escapes, nesting
+depth) as it goes.  On a syntax error, lark runs the grammar itself to say
+what was expected.  Every failure is a `CompileError` with a position.
 """
 from __future__ import annotations
 
 import os
 import re
+from bisect import bisect_right
 from pathlib import Path
 
 import lark
-from lark import Token, Tree
 
 from . import ast
-from .diagnostics import MAX_NESTING, CompileError, deep_recursion, remember_source
-from .ir import Loc
+from .diagnostics import MAX_NESTING, CompileError, deep_recursion, quoting
+from .errors import InternalError
+from .source import Loc
 
-_GRAMMAR = Path(__file__).with_name("grammar") / "pvk.lark"
-_parser: lark.Lark | None = None
+# -- public entry points -------------------------------------------------------------------------
 
-
-def _lark() -> lark.Lark:
-    global _parser
-    if _parser is None:
-        _parser = lark.Lark(_GRAMMAR.read_text(), parser="lalr", lexer="basic", propagate_positions=True,
-                            maybe_placeholders=True)
-    return _parser
-
-
-# -- public entry points -------------------------------------------------------------
 
 def parse_program(path: str) -> ast.Program:
     """Parse `path` and everything it imports; items of the main file come first."""
-    with deep_recursion():
-        try:
-            return _Program(path).run()
-        except RecursionError:
-            raise CompileError(Loc(path, 0, 0), "program nested too deeply") from None
+    return _Program(path).run()
 
 
 def parse_text(text: str, path: str = "<input>") -> list[ast.Item]:
     """Parse one file's text (imports are not followed)."""
-    remember_source(path, text)
-    with deep_recursion():
-        try:
-            tree = _lark().parse(text)
-        except lark.exceptions.UnexpectedInput as e:
-            raise _syntax_error(e, text, path) from None
-        return _Builder(path).items(tree)
+    try:
+        return _Parser(_lex(text), path).program()
+    except CompileError as e:
+        e.sources = {path: text}
+        raise
 
 
 def read_source(path: str, loc: Loc | None = None) -> str:
     """The text of a source file; errors are reported at `loc` (the import), if given."""
-    where = loc or Loc(path, 0, 0)
     try:
-        data = Path(path).read_bytes()
+        data = Path(_checked_path(path, loc)).read_bytes()
     except OSError as e:
-        raise CompileError(where, f"cannot read '{path}': {e.strerror or e}") from None
+        raise _cannot_read(path, loc, e.strerror or str(e)) from None
     try:
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
-        text = data.decode("utf-8", errors="replace")
-        remember_source(path, text)
         line = data.count(b"\n", 0, e.start) + 1
         line_start = data.rfind(b"\n", 0, e.start) + 1
         col = len(data[line_start:e.start].decode("utf-8", errors="replace")) + 1
-        raise CompileError(Loc(path, line, col), "source is not valid UTF-8") from None
+        error = CompileError(Loc(path, line, col), "source is not valid UTF-8")
+        error.sources = {path: data.decode("utf-8", errors="replace")}
+        raise error from None
 
 
-# -- imports -----------------------------------------------------------------------------
+def _checked_path(path: str, loc: Loc | None) -> str:
+    """`path`, if the system could open it at all."""
+    if "\0" in path:
+        raise _cannot_read(path, loc, "the path contains a NUL byte")
+    return path
+
+
+def _cannot_read(path: str, loc: Loc | None, why: str) -> CompileError:
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
+    return CompileError(loc or Loc(shown, 0, 0), f"cannot read '{shown}': {why}")
+
+
+# -- imports ----------------------------------------------------------------------------------------
 
 class _Program:
     def __init__(self, main: str):
         self.main = main
         self.items: list[ast.Item] = []
         self.files: list[str] = []
+        self.sources: dict[str, str] = {}
         self.seen: set[str] = set()
 
     def run(self) -> ast.Program:
-        self.visit(self.main, None, [])
-        return ast.Program(self.items, self.files)
+        with quoting(self.sources):
+            self.visit(self.main, None, [])
+        return ast.Program(self.items, self.files, self.sources)
 
     def visit(self, path: str, at: Loc | None, chain: list[tuple[str, str]]) -> None:
         if len(chain) > MAX_NESTING:
             raise CompileError(at, "imports nested too deeply")
-        real = os.path.realpath(path)
+        real = _real_path(path, at)
         self.seen.add(real)
-        items = parse_text(read_source(path, at), path)
+        text = read_source(path, at)
+        self.sources[path] = text
+        items = _Parser(_lex(text), path).program()
         self.files.append(path)
         self.items.extend(items)
         chain = chain + [(real, path)]
         for item in items:
-            if not isinstance(item, ast.Import):
+            if isinstance(item, ast.Import):
+                self.follow(item, path, chain)
+
+    def follow(self, item: ast.Import, importer: str, chain: list[tuple[str, str]]) -> None:
+        target = os.path.normpath(os.path.join(os.path.dirname(importer), item.path))
+        item.resolved = target
+        target_real = _real_path(target, item.loc)
+        reals = [r for r, _ in chain]
+        if target_real in reals:
+            loop = [shown for _, shown in chain[reals.index(target_real):]] + [target]
+            raise CompileError(item.loc, f"import cycle: {' -> '.join(loop)}")
+        if target_real not in self.seen:
+            self.visit(target, item.loc, chain)
+
+
+def _real_path(path: str, at: Loc | None) -> str:
+    """The canonical name of a file, to recognise it however it is imported."""
+    return os.path.realpath(_checked_path(path, at))
+
+
+# -- lexing --------------------------------------------------------------------------------------------
+
+KEYWORDS = frozenset(("as", "break", "const", "continue", "else", "false", "fn", "for", "if", "import",
+                      "in", "interrupt", "return", "struct", "true", "var", "while"))
+
+# One match per token, with the blanks and comments before it (taken
+# possessively: a comment is never re-read as operators).  Groups: 1 a name
+# or keyword, 2 an integer, 3 a character literal, 4 a string literal, 5 an
+# unterminated comment, 6 an operator or punctuation (the longest that
+# fits), 7 any other character (an unterminated literal's quote, or a
+# character no token starts with), 8 the end of the text.  INT is loose on
+# purpose: the parser checks digits and `_` so `12ab` gets a precise message.
+_BLANKS = r"[ \t\r\n\f]*+(?:(?://[^\n]*|/\*[^*]*\*+(?:[^/*][^*]*\*+)*/)[ \t\r\n\f]*+)*+"
+_TOKEN = re.compile(_BLANKS + r"""
+    (?: ([A-Za-z_]\w*)
+      | ([0-9]\w*)
+      | ('(?:[^'\\\n]|\\[^\n])*')
+      | ("(?:[^"\\\n]|\\[^\n])*")
+      | (/\*)
+      | ([(){}\[\];:,~]|->|\.\.?|<<=?|>>=?|&[&=]?|\|[|=]?|[-+*/%^!=<>]=?)
+      | (.)
+      | (\Z)
+    )""", re.VERBOSE | re.DOTALL | re.ASCII)
+_KIND = (None, "NAME", "INT", "CHAR", "STRING", "ERROR", None, "ERROR", "$END")
+
+
+class _Tokens:
+    """One file's tokens as parallel lists.  A kind is the token's own text for
+    keywords and punctuation, else NAME, INT, CHAR or STRING; the list ends
+    with "$END", after an "ERROR" token where the text stopped making sense."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.kinds: list[str] = []
+        self.texts: list[str] = []
+        self.starts: list[int] = []
+        self.line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
+
+
+def _lex(text: str) -> _Tokens:
+    tokens = _Tokens(text)
+    kinds, texts, starts = tokens.kinds, tokens.texts, tokens.starts
+    keywords = KEYWORDS
+    for m in _TOKEN.finditer(text):
+        group = m.lastindex
+        word = m[group]
+        kind = _KIND[group] or word
+        if kind == "NAME" and word in keywords:
+            kind = word
+        kinds.append(kind)
+        texts.append(word)
+        starts.append(m.start(group))
+        if kind == "ERROR" or kind == "$END":
+            break
+    if kinds[-1] == "ERROR":
+        kinds.append("$END")
+        texts.append("")
+        starts.append(len(text))
+    return tokens
+
+
+# -- parsing ---------------------------------------------------------------------------------------------
+
+# Binary operators by precedence (docs/language.md 5.1); comparisons do not chain.
+_PRECEDENCE = {"||": 1, "&&": 2, "==": 3, "!=": 3, "<": 3, "<=": 3, ">": 3, ">=": 3, "|": 4, "^": 5,
+               "&": 6, "<<": 7, ">>": 7, "+": 8, "-": 8, "*": 9, "/": 9, "%": 9}
+_COMPARISON = 3
+_PREFIX = frozenset(("-", "!", "~", "*", "&"))
+_POSTFIX = frozenset(("(", "[", "."))
+_ASSIGN = {"=": "=", "+=": "+", "-=": "-", "*=": "*", "/=": "/", "%=": "%", "&=": "&", "|=": "|",
+           "^=": "^", "<<=": "<<", ">>=": ">>"}
+_ESCAPES = {"n": 10, "t": 9, "r": 13, "0": 0, "\\": 92, "'": 39, '"': 34}
+_DIGITS = {16: re.compile("[0-9a-fA-F]+(?:_[0-9a-fA-F]+)*"), 2: re.compile("[01]+(?:_[01]+)*"),
+           10: re.compile("[0-9]+(?:_[0-9]+)*")}
+_MAX_DIGITS = {16: 16, 2: 64, 10: 20}     # significant digits of 2**64 - 1
+_new_tuple = tuple.__new__                # makes a Loc without the Python-level call of Loc()
+
+
+class _Stuck(Exception):
+    """No grammar rule can take token `at`: a syntax error, described by `_syntax_error`."""
+
+    def __init__(self, at: int):
+        super().__init__(at)
+        self.at = at
+
+
+class _Parser:
+    """Recursive descent over one file's tokens, one method per grammar rule.
+
+    `depth` counts the syntax-tree levels above what is being parsed; an
+    expression or type method leaves the height of the tree it returns in
+    `height`, so a tree never gets deeper than MAX_NESTING levels (left-deep
+    chains such as `a + b + c` are built in loops, not by recursion).
+    Parentheses only group: they add no level."""
+
+    def __init__(self, tokens: _Tokens, path: str):
+        self.tokens = tokens
+        self.kinds, self.texts, self.starts = tokens.kinds, tokens.texts, tokens.starts
+        self.path = path
+        self.i = 0
+        self.depth = 0
+        self.height = 0
+        self.item_start = 0
+        self.line, self.line_start, self.line_end = 1, 0, 0    # the line of the last `loc`
+
+    def program(self) -> list[ast.Item]:
+        items = []
+        with deep_recursion():
+            try:
+                while self.kinds[self.i] != "$END":
+                    self.item_start = self.i
+                    items.append(self.item())
+            except _Stuck as e:
+                raise _syntax_error(self.tokens, self.path, e.at, self.item_start) from None
+        return items
+
+    # -- tokens
+    def loc(self, i: int) -> Loc:
+        offset = self.starts[i]
+        if not self.line_start <= offset < self.line_end:
+            # The parser moves forward, so the line of the last call is a good guess.
+            starts = self.tokens.line_starts
+            self.line = bisect_right(starts, offset)
+            self.line_start = starts[self.line - 1]
+            self.line_end = starts[self.line] if self.line < len(starts) else 1 << 62
+        return _new_tuple(Loc, (self.path, self.line, offset - self.line_start + 1))
+
+    def stuck(self) -> _Stuck:
+        return _Stuck(self.i)
+
+    def expect(self, kind: str) -> int:
+        i = self.i
+        if self.kinds[i] != kind:
+            raise _Stuck(i)
+        self.i = i + 1
+        return i
+
+    def accept(self, kind: str) -> bool:
+        if self.kinds[self.i] == kind:
+            self.i += 1
+            return True
+        return False
+
+    def name(self) -> str:
+        return self.texts[self.expect("NAME")]
+
+    def enter(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise self.too_deep(self.i)
+
+    def nest(self, height: int, at: int) -> int:
+        """Check a tree of `height` levels starting here; returns the height."""
+        if self.depth + height > MAX_NESTING:
+            raise self.too_deep(at)
+        return height
+
+    def too_deep(self, at: int) -> CompileError:
+        return CompileError(self.loc(at), f"program nested too deeply (more than {MAX_NESTING} levels)")
+
+    # -- items
+    def item(self) -> ast.Item:
+        match self.kinds[self.i]:
+            case "import":
+                return self.import_item()
+            case "const":
+                return self.const_item()
+            case "var":
+                return self.global_item()
+            case "struct":
+                return self.struct_item()
+            case "fn" | "interrupt":
+                return self.fn_item()
+        raise self.stuck()
+
+    def import_item(self) -> ast.Import:
+        at = self.expect("import")
+        path_at = self.expect("STRING")
+        self.expect(";")
+        try:
+            path = self.string(path_at).decode()
+        except UnicodeDecodeError:
+            raise CompileError(self.loc(path_at), "the import path is not valid UTF-8") from None
+        return ast.Import(self.loc(at), path)
+
+    def const_item(self) -> ast.Const:
+        self.enter()
+        at = self.expect("const")
+        name = self.name()
+        self.expect(":")
+        ty = self.type()
+        self.expect("=")
+        value = self.expr()
+        self.expect(";")
+        self.depth -= 1
+        return ast.Const(self.loc(at), name, ty, value)
+
+    def global_item(self) -> ast.Global:
+        self.enter()
+        at = self.expect("var")
+        name, ty, init = self.name(), self.optional_type(), self.optional_init()
+        self.expect(";")
+        self.depth -= 1
+        return ast.Global(self.loc(at), name, ty, init)
+
+    def optional_type(self) -> ast.TypeExpr | None:
+        return self.type() if self.accept(":") else None
+
+    def optional_init(self) -> ast.Expr | None:
+        return self.expr() if self.accept("=") else None
+
+    def struct_item(self) -> ast.Struct:
+        self.enter()
+        at = self.expect("struct")
+        name = self.name()
+        self.expect("{")
+        fields = []
+        while not self.accept("}"):
+            fields.append(self.field())
+            if not self.accept(","):
+                self.expect("}")
+                break
+        self.depth -= 1
+        return ast.Struct(self.loc(at), name, fields)
+
+    def field(self) -> ast.FieldDecl:
+        self.enter()
+        at = self.i
+        name = self.name()
+        self.expect(":")
+        ty = self.type()
+        self.depth -= 1
+        return ast.FieldDecl(self.loc(at), name, ty)
+
+    def fn_item(self) -> ast.Fn:
+        self.enter()
+        at = self.i
+        interrupt = self.accept("interrupt")
+        self.expect("fn")
+        name = self.name()
+        self.expect("(")
+        params = []
+        while not self.accept(")"):
+            params.append(self.param())
+            if not self.accept(","):
+                self.expect(")")
+                break
+        result = self.type() if self.accept("->") else None
+        body = self.block()
+        self.depth -= 1
+        return ast.Fn(self.loc(at), name, params, result, body, interrupt=interrupt)
+
+    def param(self) -> ast.Param:
+        self.enter()
+        at = self.i
+        name = self.name()
+        self.expect(":")
+        ty = self.type()
+        self.depth -= 1
+        return ast.Param(self.loc(at), name, ty)
+
+    # -- types
+    def type(self) -> ast.TypeExpr:
+        at = self.i
+        match self.kinds[at]:
+            case "NAME":
+                self.i += 1
+                self.height = 1
+                return ast.TName(self.loc(at), self.texts[at])
+            case "*":
+                self.i += 1
+                self.enter()
+                target = self.type()
+                self.depth -= 1
+                self.height = self.nest(self.height + 1, at)
+                return ast.TPtr(self.loc(at), target)
+            case "[":
+                return self.array_type()
+            case "fn":
+                return self.fn_type()
+        raise self.stuck()
+
+    def array_type(self) -> ast.TArray:
+        at = self.expect("[")
+        self.enter()
+        elem = self.type()
+        height = self.height
+        self.expect(";")
+        size = self.expr()
+        self.expect("]")
+        self.depth -= 1
+        self.height = self.nest(max(height, self.height) + 1, at)
+        return ast.TArray(self.loc(at), elem, size)
+
+    def fn_type(self) -> ast.TFn:
+        at = self.expect("fn")
+        self.expect("(")
+        self.enter()
+        params, height = [], 0
+        while not self.accept(")"):
+            params.append(self.type())
+            height = max(height, self.height)
+            if not self.accept(","):
+                self.expect(")")
+                break
+        result = None
+        if self.accept("->"):
+            result = self.type()
+            height = max(height, self.height)
+        self.depth -= 1
+        self.height = self.nest(height + 1, at)
+        return ast.TFn(self.loc(at), params, result)
+
+    # -- statements
+    def block(self) -> ast.Block:
+        self.enter()
+        at = self.expect("{")
+        stmts = []
+        while self.kinds[self.i] != "}":
+            stmts.append(self.stmt())
+        end = self.expect("}")
+        self.depth -= 1
+        return ast.Block(self.loc(at), stmts, self.loc(end))
+
+    def stmt(self) -> ast.Stmt:
+        match self.kinds[self.i]:
+            case "var":
+                return self.var_stmt()
+            case "if":
+                return self.if_stmt()
+            case "while":
+                return self.while_stmt()
+            case "for":
+                return self.for_stmt()
+            case "break":
+                return ast.Break(self.loc(self.jump_stmt()))
+            case "continue":
+                return ast.Continue(self.loc(self.jump_stmt()))
+            case "return":
+                return self.return_stmt()
+            case "{":
+                return self.block()
+        return self.expr_or_assign_stmt()
+
+    def var_stmt(self) -> ast.VarStmt:
+        self.enter()
+        at = self.expect("var")
+        name, ty, init = self.name(), self.optional_type(), self.optional_init()
+        self.expect(";")
+        self.depth -= 1
+        return ast.VarStmt(self.loc(at), name, ty, init)
+
+    def expr_or_assign_stmt(self) -> ast.Assign | ast.ExprStmt:
+        self.enter()
+        at = self.first_token()
+        target = self.expr()
+        op_at = self.i
+        op = self.kinds[op_at]
+        if op in _ASSIGN:
+            self.i += 1
+            value = self.expr()
+            self.expect(";")
+            self.depth -= 1
+            return ast.Assign(self.loc(op_at), _ASSIGN[op], target, value)
+        self.expect(";")
+        self.depth -= 1
+        return ast.ExprStmt(self.loc(at), target)
+
+    def if_stmt(self) -> ast.If:
+        # `else if` chains are flat: one If, one arm per condition, no nesting.
+        self.enter()
+        at = self.expect("if")
+        arms = []
+        while True:
+            arms.append((self.expr(), self.block()))
+            if not self.accept("else"):
+                else_ = None
+                break
+            if not self.accept("if"):
+                else_ = self.block()
+                break
+        self.depth -= 1
+        return ast.If(self.loc(at), arms, else_)
+
+    def while_stmt(self) -> ast.While:
+        self.enter()
+        at = self.expect("while")
+        cond = self.expr()
+        body = self.block()
+        self.depth -= 1
+        return ast.While(self.loc(at), cond, body)
+
+    def for_stmt(self) -> ast.For:
+        self.enter()
+        at = self.expect("for")
+        name_at = self.expect("NAME")
+        self.expect("in")
+        start = self.expr()
+        self.expect("..")
+        end = self.expr()
+        body = self.block()
+        self.depth -= 1
+        return ast.For(self.loc(at), self.texts[name_at], self.loc(name_at), start, end, body)
+
+    def jump_stmt(self) -> int:
+        """`break ;` or `continue ;`: the keyword's token."""
+        at = self.i
+        self.i += 1
+        self.expect(";")
+        return at
+
+    def return_stmt(self) -> ast.Return:
+        self.enter()
+        at = self.expect("return")
+        value = None if self.kinds[self.i] == ";" else self.expr()
+        self.expect(";")
+        self.depth -= 1
+        return ast.Return(self.loc(at), value)
+
+    # -- expressions
+    def first_token(self) -> int:
+        """The token an expression starting here is located at: the first after any '('."""
+        i = self.i
+        while self.kinds[i] == "(":
+            i += 1
+        return i
+
+    def expr(self) -> ast.Expr:
+        return self.binary(1, self.cast())
+
+    def binary(self, lowest: int, left: ast.Expr) -> ast.Expr:
+        """`left` (just parsed) and what follows it joined by operators of precedence `lowest` or higher."""
+        kinds = self.kinds
+        height = self.height
+        while True:
+            at = self.i
+            op = kinds[at]
+            precedence = _PRECEDENCE.get(op, 0)
+            if precedence < lowest:
+                self.height = height
+                return left
+            self.i = at + 1
+            self.enter()
+            right = self.cast()
+            if _PRECEDENCE.get(kinds[self.i], 0) > precedence:
+                right = self.binary(precedence + 1, right)
+            self.depth -= 1
+            height = self.nest(max(height, self.height) + 1, at)
+            left = ast.Binary(self.loc(at), op, left, right)
+            if precedence == _COMPARISON and _PRECEDENCE.get(kinds[self.i]) == _COMPARISON:
+                raise self.stuck()
+
+    def cast(self) -> ast.Expr:
+        """A unary expression and any `as T` after it (the common cases without calls)."""
+        kinds = self.kinds
+        start = self.i
+        while kinds[start] == "(":
+            start += 1
+        if kinds[self.i] in _PREFIX:
+            operand = self.unary()
+        else:
+            operand = self.primary()
+            if kinds[self.i] in _POSTFIX:
+                operand = self.postfix(start, operand)
+        return self.casts(start, operand) if kinds[self.i] == "as" else operand
+
+    def casts(self, start: int, operand: ast.Expr) -> ast.Expr:
+        """`operand` followed by any number of `as T`."""
+        height = self.height
+        while self.accept("as"):
+            self.enter()
+            target = self.type()
+            self.depth -= 1
+            height = self.nest(max(height, self.height) + 1, start)
+            operand = ast.Cast(self.loc(start), operand, target)
+        self.height = height
+        return operand
+
+    def unary(self) -> ast.Expr:
+        kinds = self.kinds
+        first = self.i
+        while kinds[self.i] in _PREFIX:
+            self.i += 1
+        count = self.i - first
+        if self.depth + count > MAX_NESTING:
+            raise self.too_deep(first + max(0, MAX_NESTING - self.depth))
+        self.depth += count
+        start = self.first_token()
+        operand = self.primary()
+        if kinds[self.i] in _POSTFIX:
+            operand = self.postfix(start, operand)
+        self.depth -= count
+        height = self.nest(self.height + count, first)
+        for at in range(first + count - 1, first - 1, -1):
+            operand = ast.Unary(self.loc(at), kinds[at], operand)
+        self.height = height
+        return operand
+
+    def postfix(self, start: int, base: ast.Expr) -> ast.Expr:
+        """`base`, a primary expression located at `start`, and the calls,
+        indexes and field accesses after it."""
+        kinds = self.kinds
+        height = self.height
+        while True:
+            kind = kinds[self.i]
+            if kind == "(":
+                self.i += 1
+                self.enter()
+                args = self.exprs(")")
+                self.depth -= 1
+                base = ast.Call(self.loc(start), base, args)
+            elif kind == "[":
+                self.i += 1
+                self.enter()
+                index = self.expr()
+                self.expect("]")
+                self.depth -= 1
+                base = ast.Index(self.loc(start), base, index)
+            elif kind == ".":
+                name_at = self.i + 1
+                self.i += 1
+                self.expect("NAME")
+                self.height = 0
+                base = ast.FieldAccess(self.loc(start), base, self.texts[name_at], name_loc=self.loc(name_at))
+            else:
+                self.height = height
+                return base
+            height = self.nest(max(height, self.height) + 1, start)
+
+    def exprs(self, close: str) -> list[ast.Expr]:
+        """A comma-separated list of expressions (a trailing comma allowed), then `close`."""
+        items, height = [], 0
+        while not self.accept(close):
+            items.append(self.expr())
+            height = max(height, self.height)
+            if not self.accept(","):
+                self.expect(close)
+                break
+        self.height = height
+        return items
+
+    def primary(self) -> ast.Expr:
+        at = self.i
+        self.i = at + 1
+        self.height = 1
+        match self.kinds[at]:
+            case "NAME":
+                return ast.Name(self.loc(at), self.texts[at])
+            case "INT":
+                return ast.IntLit(self.loc(at), self.integer(at))
+            case "(":
+                self.i = at
+                return self.group()
+            case "[":
+                self.i = at
+                return self.array_lit()
+            case "CHAR":
+                return ast.CharLit(self.loc(at), self.char(at))
+            case "STRING":
+                return ast.StrLit(self.loc(at), self.string(at))
+            case "true" | "false" as word:
+                return ast.BoolLit(self.loc(at), word == "true")
+        self.i = at
+        raise self.stuck()
+
+    def group(self) -> ast.Expr:
+        """`( expr )`.  A run of '(' is taken in a loop, each ')' then continuing
+        the expression around it, so parentheses nest without recursion."""
+        first = self.i
+        while self.kinds[self.i] == "(":
+            self.i += 1
+        start = self.i
+        e = self.expr()
+        self.expect(")")
+        for _ in range(start - first - 1):
+            e = self.binary(1, self.casts(start, self.postfix(start, e)))
+            self.expect(")")
+        return e
+
+    def array_lit(self) -> ast.ArrayLit:
+        at = self.expect("[")
+        self.enter()
+        elems = self.exprs("]")
+        self.depth -= 1
+        self.height = self.nest(self.height + 1, at)
+        return ast.ArrayLit(self.loc(at), elems)
+
+    # -- literal spelling
+    def integer(self, at: int) -> int:
+        text = self.texts[at]
+        if len(text) < 20 and text.isdigit():
+            return int(text)
+        base, digits = 10, text
+        if text[:2] in ("0x", "0X"):
+            base, digits = 16, text[2:]
+        elif text[:2] in ("0b", "0B"):
+            base, digits = 2, text[2:]
+        if not _DIGITS[base].fullmatch(digits):
+            raise CompileError(self.loc(at), f"malformed integer literal {_show(text)}")
+        # Count digits before converting: int() refuses very long decimal strings.
+        digits = digits.replace("_", "").lstrip("0") or "0"
+        if len(digits) > _MAX_DIGITS[base] or int(digits, base) >> 64:
+            raise CompileError(self.loc(at), f"integer literal {_show(text)} is larger than 64 bits")
+        return int(digits, base)
+
+    def char(self, at: int) -> int:
+        value = self.unescape(at)
+        if len(value) != 1:
+            what = "empty character literal" if not value else "character literal must hold exactly one byte"
+            raise CompileError(self.loc(at), what)
+        return value[0]
+
+    def string(self, at: int) -> bytes:
+        return self.unescape(at)
+
+    def unescape(self, at: int) -> bytes:
+        """The bytes between the quotes of a string or character literal."""
+        body = self.texts[at][1:-1]
+        if "\\" not in body:
+            return body.encode()
+        out = bytearray()
+        i = 0
+        while i < len(body):
+            c = body[i]
+            if c != "\\":
+                out += c.encode()
+                i += 1
                 continue
-            target = os.path.normpath(os.path.join(os.path.dirname(path), item.path))
-            item.resolved = target
-            target_real = os.path.realpath(target)
-            reals = [r for r, _ in chain]
-            if target_real in reals:
-                loop = [shown for _, shown in chain[reals.index(target_real):]] + [target]
-                raise CompileError(item.loc, f"import cycle: {' -> '.join(loop)}")
-            if target_real not in self.seen:
-                self.visit(target, item.loc, chain)
+            e = body[i + 1]
+            if e in _ESCAPES:
+                out.append(_ESCAPES[e])
+                i += 2
+            elif e == "x" and re.fullmatch("[0-9a-fA-F]{2}", body[i + 2:i + 4]):
+                out.append(int(body[i + 2:i + 4], 16))
+                i += 4
+            else:
+                where = self.loc(at)
+                where = Loc(where.file, where.line, where.col + 1 + i)
+                why = "'\\x' needs two hex digits" if e == "x" else f"unknown escape sequence {_show(c + e)}"
+                raise CompileError(where, why)
+        return bytes(out)
 
 
-# -- syntax errors -------------------------------------------------------------------------
+# -- syntax errors ------------------------------------------------------------------------------------
 
-_TOKEN_NAMES = {"NAME": "identifier", "INT": "integer", "CHAR": "character literal",
-                "STRING": "string", "$END": "end of file", "INTERRUPT": "'interrupt'"}
-
-
-def _describe_terminal(name: str) -> str:
-    if name in _TOKEN_NAMES:
-        return _TOKEN_NAMES[name]
-    try:
-        pattern = _lark().get_terminal(name).pattern
-    except KeyError:
-        return name.lower()
-    if isinstance(pattern, lark.lexer.PatternStr):
-        return f"'{pattern.value}'"
-    return name.lower()
+_TOKEN_NAMES = {"NAME": "identifier", "INT": "integer", "CHAR": "character literal", "STRING": "string"}
+_GRAMMAR = Path(__file__).with_name("grammar") / "pvk.lark"
+_reference: lark.Lark | None = None
 
 
-def _show(text: str) -> str:
-    """A token or character for a message: quoted, with control bytes escaped."""
-    if len(text) > 20:
-        text = text[:20] + "..."
-    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return f"'{shown}'"
+def _grammar() -> lark.Lark:
+    global _reference
+    if _reference is None:
+        _reference = lark.Lark(_GRAMMAR.read_text(), parser="lalr", lexer="basic")
+    return _reference
 
 
-def _syntax_error(e: lark.exceptions.UnexpectedInput, text: str, path: str) -> CompileError:
-    if isinstance(e, lark.exceptions.UnexpectedCharacters):
-        loc = Loc(path, e.line, e.column)
-        return CompileError(loc, _unlexable(text[e.pos_in_stream:]) or
-                            f"unexpected character {_show(e.char)}")
-    if isinstance(e, lark.exceptions.UnexpectedToken):
-        return _unexpected_token(e, text, path)
-    return CompileError(Loc(path, getattr(e, "line", 1) or 1, getattr(e, "column", 1) or 1),
-                        "syntax error")
-
-
-def _unlexable(rest: str) -> str | None:
-    """Why the text at an error cannot start a token, when it is a known mistake."""
-    if rest.startswith("/*"):
-        return "unterminated comment"
-    if rest.startswith('"'):
-        return "unterminated string literal"
-    if rest.startswith("'"):
-        return "unterminated character literal"
-    return None
-
-
-def _unexpected_token(e: lark.exceptions.UnexpectedToken, text: str, path: str) -> CompileError:
-    tok = e.token
-    try:
-        # LALR merges lookaheads, so e.expected may list tokens that would
-        # fail a step later; the interactive parser knows what really fits.
-        names = e.interactive_parser.accepts() - {"$END"} or e.expected
-    except Exception:
-        names = e.expected
-    expected = sorted({_describe_terminal(n) for n in names})
-    if tok.type == "$END":
-        loc, found = _end_of_text(text, path), "end of file"
-    else:
-        loc, found = Loc(path, tok.line, tok.column), _show(str(tok))
-        why = _unlexable(text[tok.start_pos:])
-        if why:
-            return CompileError(loc, why)
-    if "';'" in expected:
+def _syntax_error(tokens: _Tokens, path: str, at: int, item_start: int) -> CompileError:
+    """The error for token `at`, which no rule takes.  What was expected there
+    comes from the grammar's LALR parser, re-run from the start of the item:
+    both parsers stop at the first token that cannot continue the program."""
+    parser = _Parser(tokens, path)
+    kind, start = tokens.kinds[at], tokens.starts[at]
+    loc = parser.loc(at)
+    if kind == "ERROR":
+        return CompileError(loc, _unlexable(tokens.text, start))
+    expected = sorted(_describe(name) for name in _grammar_expects(tokens, at, item_start, loc))
+    found = "end of file" if kind == "$END" else _show(tokens.texts[at])
+    if "';'" in expected and at > 0:
         # A missing ';' is best reported where it belongs, after the last token;
         # but `a < b < c` is an unexpected operator, not a missing ';'.
-        prev = _previous_token(text, tok)
-        starts_statement = tok.type == "$END" or not re.fullmatch(r"[^\w}]+", str(tok)) \
-            or prev is None or prev.end_line < tok.line
+        before = parser.loc(at - 1)
+        starts_statement = kind == "$END" or not re.fullmatch(r"[^\w}]+", tokens.texts[at]) \
+            or before.line < loc.line
         if starts_statement:
-            at = Loc(path, prev.end_line, prev.end_column) if prev else loc
-            return CompileError(at, "expected ';'")
+            return CompileError(Loc(path, before.line, before.col + len(tokens.texts[at - 1])), "expected ';'")
     if len(expected) <= 3:
         options = " or ".join(expected) if len(expected) < 3 else \
             f"{expected[0]}, {expected[1]} or {expected[2]}"
@@ -188,243 +802,43 @@ def _unexpected_token(e: lark.exceptions.UnexpectedToken, text: str, path: str) 
     return CompileError(loc, f"unexpected {found}")
 
 
-def _end_of_text(text: str, path: str) -> Loc:
-    lines = text.split("\n")
-    return Loc(path, len(lines), len(lines[-1]) + 1)
-
-
-def _previous_token(text: str, tok: Token) -> Token | None:
-    start = len(text) if tok.type == "$END" else tok.start_pos
-    prev = None
+def _grammar_expects(tokens: _Tokens, at: int, item_start: int, loc: Loc) -> set[str]:
+    """The terminals lark's parser accepts where it meets token `at`."""
+    base = tokens.starts[item_start]
     try:
-        for t in _lark().lex(text):
-            if t.start_pos >= start:
-                break
-            prev = t
+        _grammar().parse(tokens.text[base:])
+    except lark.exceptions.UnexpectedToken as e:
+        stop = len(tokens.text) if e.token.type == "$END" else base + e.token.start_pos
+        if stop == tokens.starts[at]:
+            # LALR merges lookaheads, so e.expected may list tokens that would
+            # fail a step later; the interactive parser knows what really fits.
+            return set(e.interactive_parser.accepts() - {"$END"} or e.expected)
     except lark.exceptions.LarkError:
         pass
-    return prev
+    raise InternalError("parse", f"the parser and grammar/pvk.lark disagree at {loc}")
 
 
-# -- parse tree to AST -------------------------------------------------------------------------
+def _describe(terminal: str) -> str:
+    if terminal in _TOKEN_NAMES:
+        return _TOKEN_NAMES[terminal]
+    pattern = _grammar().get_terminal(terminal).pattern
+    return f"'{pattern.value}'" if isinstance(pattern, lark.lexer.PatternStr) else terminal.lower()
 
-_ESCAPES = {"n": 10, "t": 9, "r": 13, "0": 0, "\\": 92, "'": 39, '"': 34}
-_DIGITS = {16: "0-9a-fA-F", 2: "01", 10: "0-9"}
+
+def _unlexable(text: str, start: int) -> str:
+    """Why no token starts at `start`."""
+    if text.startswith("/*", start):
+        return "unterminated comment"
+    if text.startswith('"', start):
+        return "unterminated string literal"
+    if text.startswith("'", start):
+        return "unterminated character literal"
+    return f"unexpected character {_show(text[start])}"
 
 
-class _Builder:
-    """Walks lark's tree; one method per grammar rule."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.depth = 0
-
-    def loc(self, x: Tree | Token) -> Loc:
-        if isinstance(x, Token):
-            return Loc(self.path, x.line, x.column)
-        return Loc(self.path, x.meta.line, x.meta.column)
-
-    def end_loc(self, t: Tree) -> Loc:
-        return Loc(self.path, t.meta.end_line, t.meta.end_column - 1)
-
-    def build(self, t: Tree | Token | None):
-        if t is None:
-            return None
-        self.depth += 1
-        try:
-            if self.depth > MAX_NESTING:
-                raise CompileError(self.loc(t), f"program nested too deeply (more than {MAX_NESTING} levels)")
-            return getattr(self, t.data)(t)
-        finally:
-            self.depth -= 1
-
-    # -- items
-    def items(self, tree: Tree) -> list[ast.Item]:
-        return [self.build(c) for c in tree.children]
-
-    def import_item(self, t):
-        tok = t.children[0]
-        return ast.Import(self.loc(t), self.string(tok).decode("utf-8", errors="replace"))
-
-    def const_item(self, t):
-        name, ty, value = t.children
-        return ast.Const(self.loc(t), str(name), self.build(ty), self.build(value))
-
-    def global_item(self, t):
-        name, ty, init = t.children
-        return ast.Global(self.loc(t), str(name), self.build(ty), self.build(init))
-
-    def struct_item(self, t):
-        name, *fields = t.children
-        return ast.Struct(self.loc(t), str(name), [self.build(f) for f in fields])
-
-    def field(self, t):
-        name, ty = t.children
-        return ast.FieldDecl(self.loc(t), str(name), self.build(ty))
-
-    def fn_item(self, t):
-        interrupt, name, *params, result, body = t.children
-        return ast.Fn(self.loc(t), str(name), [self.build(p) for p in params],
-                      self.build(result), self.build(body), interrupt=interrupt is not None)
-
-    def param(self, t):
-        name, ty = t.children
-        return ast.Param(self.loc(t), str(name), self.build(ty))
-
-    # -- types
-    def named_type(self, t):
-        return ast.TName(self.loc(t), str(t.children[0]))
-
-    def ptr_type(self, t):
-        return ast.TPtr(self.loc(t), self.build(t.children[0]))
-
-    def array_type(self, t):
-        elem, size = t.children
-        return ast.TArray(self.loc(t), self.build(elem), self.build(size))
-
-    def fn_type(self, t):
-        *params, result = t.children
-        return ast.TFn(self.loc(t), [self.build(p) for p in params], self.build(result))
-
-    # -- statements
-    def block(self, t):
-        return ast.Block(self.loc(t), [self.build(s) for s in t.children], self.end_loc(t))
-
-    def var_stmt(self, t):
-        name, ty, init = t.children
-        return ast.VarStmt(self.loc(t), str(name), self.build(ty), self.build(init))
-
-    def assign_stmt(self, t):
-        target, op, value = t.children
-        op_text = "=" if op == "=" else str(op)[:-1]
-        return ast.Assign(self.loc(op), op_text, self.build(target), self.build(value))
-
-    def if_stmt(self, t):
-        # Flatten `else if` chains so long chains do not nest.
-        arms, node = [], t
-        while True:
-            cond, body, rest = node.children
-            arms.append((self.build(cond), self.build(body)))
-            if isinstance(rest, Tree) and rest.data == "if_stmt":
-                node = rest
-                continue
-            return ast.If(self.loc(t), arms, self.build(rest))
-
-    def while_stmt(self, t):
-        cond, body = t.children
-        return ast.While(self.loc(t), self.build(cond), self.build(body))
-
-    def for_stmt(self, t):
-        name, start, end, body = t.children
-        return ast.For(self.loc(t), str(name), self.loc(name), self.build(start),
-                       self.build(end), self.build(body))
-
-    def break_stmt(self, t):
-        return ast.Break(self.loc(t))
-
-    def continue_stmt(self, t):
-        return ast.Continue(self.loc(t))
-
-    def return_stmt(self, t):
-        return ast.Return(self.loc(t), self.build(t.children[0]))
-
-    def expr_stmt(self, t):
-        return ast.ExprStmt(self.loc(t), self.build(t.children[0]))
-
-    # -- expressions
-    def binary(self, t):
-        left, op, right = t.children
-        return ast.Binary(self.loc(op), str(op), self.build(left), self.build(right))
-
-    def cast(self, t):
-        operand, ty = t.children
-        return ast.Cast(self.loc(t), self.build(operand), self.build(ty))
-
-    def unary(self, t):
-        op, operand = t.children
-        return ast.Unary(self.loc(t), str(op), self.build(operand))
-
-    def call(self, t):
-        callee, *args = t.children
-        return ast.Call(self.loc(t), self.build(callee), [self.build(a) for a in args])
-
-    def index(self, t):
-        base, index = t.children
-        return ast.Index(self.loc(t), self.build(base), self.build(index))
-
-    def field_access(self, t):
-        base, name = t.children
-        return ast.FieldAccess(self.loc(t), self.build(base), str(name), name_loc=self.loc(name))
-
-    def name(self, t):
-        return ast.Name(self.loc(t), str(t.children[0]))
-
-    def true_lit(self, t):
-        return ast.BoolLit(self.loc(t), True)
-
-    def false_lit(self, t):
-        return ast.BoolLit(self.loc(t), False)
-
-    def array_lit(self, t):
-        return ast.ArrayLit(self.loc(t), [self.build(c) for c in t.children])
-
-    def int_lit(self, t):
-        tok = t.children[0]
-        return ast.IntLit(self.loc(t), self.integer(tok))
-
-    def char_lit(self, t):
-        tok = t.children[0]
-        value = self.unescape(tok)
-        if len(value) != 1:
-            what = "empty character literal" if not value else \
-                "character literal must hold exactly one byte"
-            raise CompileError(self.loc(tok), what)
-        return ast.CharLit(self.loc(t), value[0])
-
-    def str_lit(self, t):
-        return ast.StrLit(self.loc(t), self.string(t.children[0]))
-
-    # -- literal spelling
-    def integer(self, tok: Token) -> int:
-        text = str(tok)
-        base, digits = 10, text
-        if text[:2] in ("0x", "0X"):
-            base, digits = 16, text[2:]
-        elif text[:2] in ("0b", "0B"):
-            base, digits = 2, text[2:]
-        d = _DIGITS[base]
-        if not re.fullmatch(f"[{d}]+(_[{d}]+)*", digits):
-            raise CompileError(self.loc(tok), f"malformed integer literal '{text}'")
-        value = int(digits.replace("_", ""), base)
-        if value >= 1 << 64:
-            raise CompileError(self.loc(tok), f"integer literal '{text}' is larger than 64 bits")
-        return value
-
-    def string(self, tok: Token) -> bytes:
-        return self.unescape(tok)
-
-    def unescape(self, tok: Token) -> bytes:
-        """The bytes between the quotes of a string or character literal."""
-        body = str(tok)[1:-1]
-        out = bytearray()
-        i = 0
-        while i < len(body):
-            c = body[i]
-            if c != "\\":
-                out += c.encode("utf-8")
-                i += 1
-                continue
-            at = Loc(self.path, tok.line, tok.column + 1 + i)
-            e = body[i + 1]
-            if e in _ESCAPES:
-                out.append(_ESCAPES[e])
-                i += 2
-            elif e == "x":
-                hex_digits = body[i + 2:i + 4]
-                if not re.fullmatch("[0-9a-fA-F]{2}", hex_digits):
-                    raise CompileError(at, "'\\x' needs two hex digits")
-                out.append(int(hex_digits, 16))
-                i += 4
-            else:
-                raise CompileError(at, f"unknown escape sequence {_show(chr(92) + e)}")
-        return bytes(out)
+def _show(text: str) -> str:
+    """A token or character for a message: quoted, shortened, with control bytes escaped."""
+    if len(text) > 20:
+        text = text[:20] + "..."
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return f"'{shown}'"

@@ -15,18 +15,20 @@ from __future__ import annotations
 
 from . import ast
 from .diagnostics import CompileError, deep_recursion
+from .errors import InternalError
 from .intrinsics import INTRINSICS
-from .ir import Loc
-from .types import (BOOL, BUILTIN, U64, VOID, ArrayType, BoolType, Field, FnType,
-                    PtrType, StructType, Type, align_of, fits, fold_binary, fold_compare,
+from .source import Loc
+from .types import (BOOL, BUILTIN, U8, U64, VOID, ArrayType, BoolType, Field, FnType, IntType,
+                    PtrType, StructType, Type, VoidType, align_of, fits, fold_binary, fold_compare,
                     is_aggregate, is_int, is_ptr, is_scalar, parse_type_string, size_of, wrap)
 
 MAX_PARAMS = 6
 MAX_OBJECT = 1 << 31        # bytes: keeps every offset a signed 32-bit displacement
-ARITH = ("+", "-", "*", "/", "%", "&", "|", "^")
-SHIFTS = ("<<", ">>")
-COMPARE = ("==", "!=", "<", "<=", ">", ">=")
-LOGIC = ("&&", "||")
+ARITH = frozenset(("+", "-", "*", "/", "%", "&", "|", "^"))
+SHIFTS = frozenset(("<<", ">>"))
+COMPARE = frozenset(("==", "!=", "<", "<=", ">", ">="))
+LOGIC = frozenset(("&&", "||"))
+_NOT_VALUES = (VoidType, ArrayType, StructType)    # what a register cannot hold
 
 _INTRINSIC_TYPES = {
     name: (tuple(parse_type_string(p) for p in i.params),
@@ -36,15 +38,10 @@ _INTRINSIC_TYPES = {
 
 
 def check(program: ast.Program) -> ast.Program:
-    """Check `program`, annotating it in place; returns it."""
-    if program.checked:
-        return program
-    checker = _Checker(program)
+    """Check `program`, annotating it in place; returns it.  The parser keeps
+    the tree within MAX_NESTING levels, which `deep_recursion` makes room for."""
     with deep_recursion():
-        try:
-            checker.run()
-        except RecursionError:
-            raise CompileError(checker.where, "program nested too deeply") from None
+        _Checker(program).run()
     program.checked = True
     return program
 
@@ -81,25 +78,27 @@ def _const_fault(e: ast.Expr) -> ast.Binary | None:
 def _completes(s: ast.Stmt) -> bool:
     """Can control reach the end of s?  (Conservative: conditions are not
     evaluated, except a constant-true `while`.)"""
-    if isinstance(s, (ast.Return, ast.Break, ast.Continue)):
-        return False
-    if isinstance(s, ast.Block):
-        return all(_completes(x) for x in s.stmts)
-    if isinstance(s, ast.If):
-        return s.else_ is None or any(_completes(b) for _, b in s.arms) or _completes(s.else_)
-    if isinstance(s, ast.While):
-        return not (s.cond.const == 1 and not _breaks(s.body))
+    match s:
+        case ast.Return() | ast.Break() | ast.Continue():
+            return False
+        case ast.Block():
+            return all(_completes(x) for x in s.stmts)
+        case ast.If():
+            return s.else_ is None or any(_completes(b) for _, b in s.arms) or _completes(s.else_)
+        case ast.While():
+            return not (s.cond.const == 1 and not _breaks(s.body))
     return True
 
 
 def _breaks(s: ast.Stmt) -> bool:
     """Does s contain a `break` of the loop around it?"""
-    if isinstance(s, ast.Break):
-        return True
-    if isinstance(s, ast.Block):
-        return any(_breaks(x) for x in s.stmts)
-    if isinstance(s, ast.If):
-        return any(_breaks(b) for _, b in s.arms) or (s.else_ is not None and _breaks(s.else_))
+    match s:
+        case ast.Break():
+            return True
+        case ast.Block():
+            return any(_breaks(x) for x in s.stmts)
+        case ast.If():
+            return any(_breaks(b) for _, b in s.arms) or (s.else_ is not None and _breaks(s.else_))
     return False
 
 
@@ -112,7 +111,6 @@ class _Checker:
         self.scopes: list[dict[str, ast.Local]] = []
         self.fn: ast.Fn | None = None
         self.loops = 0
-        self.where: Loc | None = None           # last statement entered, for RecursionError
 
     # -- driver ---------------------------------------------------------------------
 
@@ -174,28 +172,29 @@ class _Checker:
     def resolve(self, te: ast.TypeExpr, layout: bool = True) -> Type:
         """The type a type expression names.  With `layout`, structs in it are
         laid out first; a pointer's target need not be (`next: *Node`)."""
-        if isinstance(te, ast.TName):
-            if te.name in BUILTIN:
-                return BUILTIN[te.name]
-            if te.name in self.structs:
-                item, st = self.structs[te.name]
-                if layout:
-                    self.layout(item, st)
-                return st
-            raise error(te.loc, f"unknown type '{te.name}'")
-        if isinstance(te, ast.TPtr):
-            return PtrType(self.resolve(te.target, layout=False))
-        if isinstance(te, ast.TArray):
-            elem = self.resolve(te.elem, layout)
-            count = self.const_int(te.size, U64, "array size")
-            if count <= 0:
-                raise error(te.size.loc, f"array size must be positive, not {count}")
-            if layout and count * size_of(elem) >= MAX_OBJECT:
-                raise error(te.loc, "array is too large (2 GiB or more)")
-            return ArrayType(elem, count)
-        if isinstance(te, ast.TFn):
-            return self.fn_type(te.params, te.result, te.loc)
-        raise AssertionError(te)
+        match te:
+            case ast.TName():
+                if te.name in BUILTIN:
+                    return BUILTIN[te.name]
+                if te.name in self.structs:
+                    item, st = self.structs[te.name]
+                    if layout:
+                        self.layout(item, st)
+                    return st
+                raise error(te.loc, f"unknown type '{te.name}'")
+            case ast.TPtr():
+                return PtrType(self.resolve(te.target, layout=False))
+            case ast.TArray():
+                elem = self.resolve(te.elem, layout)
+                count = self.const_int(te.size, U64, "array size")
+                if count <= 0:
+                    raise error(te.size.loc, f"array size must be positive, not {count}")
+                if layout and count * size_of(elem) >= MAX_OBJECT:
+                    raise error(te.loc, "array is too large (2 GiB or more)")
+                return ArrayType(elem, count)
+            case ast.TFn():
+                return self.fn_type(te.params, te.result, te.loc)
+        raise InternalError("typecheck", f"not a type: {type(te).__name__}")
 
     def fn_type(self, params: list[ast.TypeExpr], result: ast.TypeExpr | None, loc: Loc) -> FnType:
         if len(params) > MAX_PARAMS:
@@ -369,23 +368,46 @@ class _Checker:
 
     def lookup(self, name: str) -> ast.Symbol | None:
         for scope in reversed(self.scopes):
-            if name in scope:
-                return scope[name]
+            local = scope.get(name)
+            if local is not None:
+                return local
         return self.globals.get(name)
 
     # -- statements --------------------------------------------------------------------------
 
     def stmt(self, s: ast.Stmt) -> None:
-        self.where = s.loc
-        getattr(self, "s_" + type(s).__name__)(s)
+        match s:
+            case ast.Assign():
+                self.assign(s)
+            case ast.ExprStmt():
+                self.expr_stmt(s)
+            case ast.VarStmt():
+                self.var_stmt(s)
+            case ast.If():
+                self.if_stmt(s)
+            case ast.Return():
+                self.return_stmt(s)
+            case ast.Block():
+                self.block(s)
+            case ast.While():
+                self.expect(s.cond, BOOL, "condition")
+                self.loop(s.body)
+            case ast.For():
+                self.for_stmt(s)
+            case ast.Break() | ast.Continue():
+                if self.loops == 0:
+                    word = "break" if isinstance(s, ast.Break) else "continue"
+                    raise error(s.loc, f"'{word}' outside a loop")
+            case _:
+                raise InternalError("typecheck", f"not a statement: {type(s).__name__}")
 
-    def s_Block(self, s: ast.Block) -> None:
+    def block(self, s: ast.Block) -> None:
         self.scopes.append({})
         for x in s.stmts:
             self.stmt(x)
         self.scopes.pop()
 
-    def s_VarStmt(self, s: ast.VarStmt) -> None:
+    def var_stmt(self, s: ast.VarStmt) -> None:
         t = self.resolve(s.type_expr) if s.type_expr is not None else None
         what = f"initialiser of '{s.name}'"
         if s.init is None:
@@ -417,7 +439,7 @@ class _Checker:
             else:
                 self.expect(x, t.elem, what)
 
-    def s_Assign(self, s: ast.Assign) -> None:
+    def assign(self, s: ast.Assign) -> None:
         tt = self.expr(s.target)
         self.require_lvalue(s.target, "assign to")
         if is_aggregate(tt):
@@ -435,18 +457,14 @@ class _Checker:
             tr = self.value(s.value, tt)
             self.arith_types(s.op + "=", tt, tr, s.loc)
 
-    def s_If(self, s: ast.If) -> None:
+    def if_stmt(self, s: ast.If) -> None:
         for cond, body in s.arms:
             self.expect(cond, BOOL, "condition")
-            self.s_Block(body)
+            self.block(body)
         if s.else_ is not None:
-            self.s_Block(s.else_)
+            self.block(s.else_)
 
-    def s_While(self, s: ast.While) -> None:
-        self.expect(s.cond, BOOL, "condition")
-        self.loop(s.body)
-
-    def s_For(self, s: ast.For) -> None:
+    def for_stmt(self, s: ast.For) -> None:
         t, _ = self.operands(s.start, s.end, None)
         if not is_int(t) or s.end.type != t:
             raise error(s.start.loc, f"range bounds must be integers of one type, found {t} and {s.end.type}")
@@ -457,18 +475,10 @@ class _Checker:
 
     def loop(self, body: ast.Block) -> None:
         self.loops += 1
-        self.s_Block(body)
+        self.block(body)
         self.loops -= 1
 
-    def s_Break(self, s: ast.Break) -> None:
-        if self.loops == 0:
-            raise error(s.loc, "'break' outside a loop")
-
-    def s_Continue(self, s: ast.Continue) -> None:
-        if self.loops == 0:
-            raise error(s.loc, "'continue' outside a loop")
-
-    def s_Return(self, s: ast.Return) -> None:
+    def return_stmt(self, s: ast.Return) -> None:
         result = self.fn.sym.type.result
         if s.value is None:
             if result is not None:
@@ -478,7 +488,7 @@ class _Checker:
             raise error(s.value.loc, f"'{self.fn.name}' does not return a value")
         self.expect(s.value, result, "return value")
 
-    def s_ExprStmt(self, s: ast.ExprStmt) -> None:
+    def expr_stmt(self, s: ast.ExprStmt) -> None:
         t = self.expr(s.expr)
         if is_aggregate(t):
             raise error(s.expr.loc, f"a {t} value cannot be used as a statement")
@@ -488,22 +498,38 @@ class _Checker:
     def expr(self, e: ast.Expr, want: Type | None = None) -> Type:
         """Check e; `want` is the type its context would like (it decides the
         type of integer literals only).  Aggregates and VOID are allowed."""
-        t = getattr(self, "x_" + type(e).__name__)(e, want)
-        e.type = t
+        rule = _EXPRESSIONS.get(type(e))
+        if rule is None:
+            raise InternalError("typecheck", f"not an expression: {type(e).__name__}")
+        t = e.type = rule(self, e, want)
         return t
+
+    def char_lit(self, e: ast.CharLit, want: Type | None) -> Type:
+        e.const = e.value
+        return U8
+
+    def bool_lit(self, e: ast.BoolLit, want: Type | None) -> Type:
+        e.const = int(e.value)
+        return BOOL
+
+    def str_lit(self, e: ast.StrLit, want: Type | None) -> Type:
+        return PtrType(U8)
+
+    def array_lit(self, e: ast.ArrayLit, want: Type | None) -> Type:
+        raise error(e.loc, "an array literal can only initialise an array variable")
 
     def value(self, e: ast.Expr, want: Type | None = None) -> Type:
         """Check e as a value that fits in a register."""
         t = self.expr(e, want)
-        if t == VOID:
-            raise error(e.loc, "this call returns no value")
-        if is_aggregate(t):
+        if isinstance(t, _NOT_VALUES):
+            if t is VOID:
+                raise error(e.loc, "this call returns no value")
             raise error(e.loc, f"a {t} cannot be used as a value (use & or index it)")
         return t
 
     def expect(self, e: ast.Expr, t: Type, what: str) -> None:
         got = self.value(e, t)
-        if got != t:
+        if got is not t and got != t:
             raise error(e.loc, f"{what}: expected {t}, found {got}")
 
     def operands(self, left: ast.Expr, right: ast.Expr, want: Type | None,
@@ -527,29 +553,15 @@ class _Checker:
             raise error(loc, f"operands of '{op}' have different types: {tl} and {tr}")
         return tl
 
-    def x_IntLit(self, e: ast.IntLit, want: Type | None, negated: bool = False) -> Type:
-        t = want if is_int(want) else U64
+    def int_lit(self, e: ast.IntLit, want: Type | None, negated: bool = False) -> Type:
+        t = want if isinstance(want, IntType) else U64
         ok = fits(e.value, t) or (negated and t.signed and e.value == 1 << (t.bits - 1))
         if not ok:
             raise error(e.loc, f"integer literal {e.value} does not fit in {t}")
         e.const = e.value
         return t
 
-    def x_CharLit(self, e: ast.CharLit, want: Type | None) -> Type:
-        e.const = e.value
-        return BUILTIN["u8"]
-
-    def x_BoolLit(self, e: ast.BoolLit, want: Type | None) -> Type:
-        e.const = int(e.value)
-        return BOOL
-
-    def x_StrLit(self, e: ast.StrLit, want: Type | None) -> Type:
-        return PtrType(BUILTIN["u8"])
-
-    def x_ArrayLit(self, e: ast.ArrayLit, want: Type | None) -> Type:
-        raise error(e.loc, "an array literal can only initialise an array variable")
-
-    def x_Name(self, e: ast.Name, want: Type | None) -> Type:
+    def name(self, e: ast.Name, want: Type | None) -> Type:
         sym = self.lookup(e.name)
         if sym is None:
             if e.name in INTRINSICS:
@@ -566,7 +578,7 @@ class _Checker:
             return sym.type
         raise error(e.loc, f"function '{e.name}' is not a value; write &{e.name} for its address")
 
-    def x_Unary(self, e: ast.Unary, want: Type | None) -> Type:
+    def unary(self, e: ast.Unary, want: Type | None) -> Type:
         op, x = e.op, e.operand
         if op == "&":
             return self.address_of(e)
@@ -581,7 +593,7 @@ class _Checker:
                 e.const = 1 - x.const
             return BOOL
         if op == "-" and isinstance(x, ast.IntLit):
-            t = x.type = self.x_IntLit(x, want, negated=True)
+            t = x.type = self.int_lit(x, want, negated=True)
         else:
             t = self.value(x, want)
         if not is_int(t):
@@ -620,7 +632,7 @@ class _Checker:
             return
         raise error(e.loc, f"cannot {doing} this expression")
 
-    def x_Binary(self, e: ast.Binary, want: Type | None) -> Type:
+    def binary(self, e: ast.Binary, want: Type | None) -> Type:
         op, l, r = e.op, e.left, e.right
         if op in LOGIC:
             self.expect(l, BOOL, f"left operand of '{op}'")
@@ -654,7 +666,7 @@ class _Checker:
             e.const = fold_binary(op, tl, l.const, r.const)
         return tl
 
-    def x_Cast(self, e: ast.Cast, want: Type | None) -> Type:
+    def cast(self, e: ast.Cast, want: Type | None) -> Type:
         s = self.value(e.operand)
         t = self.resolve(e.target)
         if not _convertible(s, t):
@@ -663,7 +675,7 @@ class _Checker:
             e.const = wrap(e.operand.const, t)
         return t
 
-    def x_Call(self, e: ast.Call, want: Type | None) -> Type:
+    def call(self, e: ast.Call, want: Type | None) -> Type:
         callee = e.callee
         ftype: FnType | None = None
         name = "this function"
@@ -693,7 +705,7 @@ class _Checker:
             self.expect(a, p, f"argument {i + 1} of {name}")
         return ftype.result if ftype.result is not None else VOID
 
-    def x_Index(self, e: ast.Index, want: Type | None) -> Type:
+    def index(self, e: ast.Index, want: Type | None) -> Type:
         bt = self.expr(e.base)
         if isinstance(bt, ArrayType):
             elem = bt.elem
@@ -706,7 +718,7 @@ class _Checker:
             raise error(e.index.loc, f"index {e.index.const} is out of bounds for {bt}")
         return elem
 
-    def x_FieldAccess(self, e: ast.FieldAccess, want: Type | None) -> Type:
+    def field_access(self, e: ast.FieldAccess, want: Type | None) -> Type:
         bt = self.expr(e.base)
         st = bt
         if is_ptr(bt) and isinstance(bt.target, StructType):
@@ -718,6 +730,16 @@ class _Checker:
             raise error(e.name_loc, f"struct '{st.name}' has no field '{e.name}'")
         e.offset = f.offset
         return f.type
+
+
+# How each kind of expression is checked: (checker, expression, wanted type) -> its type.
+# A table rather than a match statement: this is the checker's hottest dispatch.
+_EXPRESSIONS = {
+    ast.Name: _Checker.name, ast.IntLit: _Checker.int_lit, ast.Binary: _Checker.binary,
+    ast.FieldAccess: _Checker.field_access, ast.Index: _Checker.index, ast.Call: _Checker.call,
+    ast.Cast: _Checker.cast, ast.Unary: _Checker.unary, ast.CharLit: _Checker.char_lit,
+    ast.BoolLit: _Checker.bool_lit, ast.StrLit: _Checker.str_lit, ast.ArrayLit: _Checker.array_lit,
+}
 
 
 def _convertible(s: Type, t: Type) -> bool:

@@ -1,7 +1,8 @@
 """PVK types: what they are, their size and alignment, and integer arithmetic on them.
 
 Types are immutable values compared structurally, except structs, which are
-compared by name and carry their layout (filled in by the checker).  The
+compared by name and carry their layout (filled in by the checker), and the
+built-in scalar types, which exist once each and compare by identity.  The
 integer helpers here define the language's wrapping arithmetic once: the
 checker folds constants with them and tests use them as the reference.
 """
@@ -14,7 +15,10 @@ class Type:
     pass
 
 
-@dataclass(frozen=True)
+# The built-in scalar types exist once each (U8 ... BOOL, VOID below), so they
+# compare by identity: the checker compares types constantly.
+
+@dataclass(frozen=True, eq=False)
 class IntType(Type):
     name: str
     bits: int
@@ -24,13 +28,13 @@ class IntType(Type):
         return self.name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BoolType(Type):
     def __str__(self) -> str:
         return "bool"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class VoidType(Type):
     """The 'type' of a call to a function that returns nothing."""
     def __str__(self) -> str:

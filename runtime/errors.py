@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pvimage.elfread import ImageError
 
-__all__ = ["ImageError", "Refused", "GuestFault", "Shutdown", "ExitLimit"]
+__all__ = ["ImageError", "Refused", "GuestFault", "Shutdown", "ExitLimit", "TimeUp"]
 
 
 class Refused(Exception):
@@ -43,3 +43,7 @@ class Shutdown(Exception):
 
 class ExitLimit(Exception):
     """More exits than --max-exits allowed."""
+
+
+class TimeUp(Exception):
+    """The run's --timeout passed while the hypervisor was busy (a long validation, say)."""

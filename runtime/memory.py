@@ -11,7 +11,8 @@ So the protection here holds whatever the guest's page tables say:
   executable, so a guest can neither write code nor run data;
 - hypervisor pages below 1 MiB are unreachable, except the start-info page
   (read-only), the shared page and the boot stack (read-write), the boot
-  page tables and GDT (read-only);
+  page tables and GDT (read-only where the hypervisor tracks page tables,
+  read-write on a bare machine);
 - live page-table pages are *pinned*: write permission is removed while
   they are reachable from CR3, so a direct store traps.
 
@@ -30,6 +31,7 @@ drops the translations of code that changes (8 us against well under 1).
 from __future__ import annotations
 
 import ctypes
+import re
 import struct
 
 from unicorn import UC_PROT_EXEC, UC_PROT_NONE, UC_PROT_READ, UC_PROT_WRITE, Uc
@@ -45,14 +47,22 @@ RW, RX = R | W, R | X
 BOOT_TABLES = (abi.BOOT_PML4, abi.BOOT_PDPT, abi.BOOT_PD)
 BOOT_STACK = (abi.BOOT_STACK_TOP - abi.BOOT_STACK_SIZE, abi.BOOT_STACK_TOP)
 
-# Low memory: (start, end, permissions, what), the rest of [0, 1 MiB) is unreachable.
-LOW_MEMORY = [
-    (abi.START_INFO, abi.START_INFO + PAGE, R, "start-info page"),
-    (abi.SHARED_PAGE, abi.SHARED_PAGE + PAGE, RW, "shared page"),
-    (abi.BOOT_PML4, abi.BOOT_PD + PAGE, R, "boot page tables"),
-    (abi.BOOT_GDT, abi.BOOT_GDT + PAGE, R, "boot GDT"),
-    (BOOT_STACK[0], BOOT_STACK[1], RW, "boot stack"),
-]
+
+
+def low_memory(hypervisor_owns_tables: bool) -> list[tuple[int, int, int, str]]:
+    """Low memory: (start, end, permissions, what); the rest of [0, 1 MiB) is unreachable.
+
+    Where the hypervisor tracks page tables (pv, trap) the boot tables and GDT
+    are read-only to the guest; on a bare machine they are just RAM the
+    guest may write, as on hardware."""
+    boot = R if hypervisor_owns_tables else RW
+    return [
+        (abi.START_INFO, abi.START_INFO + PAGE, R, "start-info page"),
+        (abi.SHARED_PAGE, abi.SHARED_PAGE + PAGE, RW, "shared page"),
+        (abi.BOOT_PML4, abi.BOOT_PD + PAGE, boot, "boot page tables"),
+        (abi.BOOT_GDT, abi.BOOT_GDT + PAGE, boot, "boot GDT"),
+        (BOOT_STACK[0], BOOT_STACK[1], RW, "boot stack"),
+    ]
 
 
 _U64 = struct.Struct("<Q")
@@ -62,19 +72,49 @@ def page_of(pa: int) -> int:
     return pa & ~(PAGE - 1)
 
 
+_SAME_BYTES = re.compile(rb"(.)\1*", re.S)      # a run of one repeated byte
+
+
+def _count_runs(data: bytes) -> int:
+    """How many runs of equal bytes `data` has (done in C: it may be a million pages)."""
+    if not data:
+        return 0
+    changes = int.from_bytes(data[1:], "little") ^ int.from_bytes(data[:-1], "little")
+    diff = changes.to_bytes(len(data) - 1, "little")
+    return 1 + len(diff) - diff.count(0)
+
+
+def _runs(pages, perm_of) -> list[tuple[int, int, int]]:
+    """(first, end, permission) for each run of consecutive page numbers with one permission."""
+    runs: list[tuple[int, int, int]] = []
+    for k in pages:
+        perm = perm_of(k)
+        if runs and runs[-1][1] == k and runs[-1][2] == perm:
+            runs[-1] = (runs[-1][0], k + 1, perm)
+        else:
+            runs.append((k, k + 1, perm))
+    return runs
+
+
 class GuestMemory:
-    def __init__(self, uc: Uc, size: int):
+    def __init__(self, uc: Uc, size: int, hypervisor_owns_tables: bool = True):
         self.uc = uc
         self.size = size
         self.perm = bytearray([RW]) * (size // PAGE)
         self._labels: list[tuple[int, int, str]] = [(0, size, "free RAM")]   # later ones win
         self.pinned: set[int] = set()       # live page tables: read-only to the guest
-        self.guarded: set[int] = set()      # write-protected in Unicorn: pinned, or kept (mmu.py)
+        self.guarded: set[int] = set()      # to be write-protected in Unicorn: pinned, or kept (mmu.py)
+        self._dirty: set[int] = set()       # page numbers whose protection `sync` must look at
+        self._applied = bytearray([RW]) * (size // PAGE)   # what Unicorn enforces, page by page
+        self._grain = 1                     # pages per write-protected granule (1: exact)
+        self._granules: dict[int, int] = {}  # coarse mode: granule -> guarded pages in it
+        self.regions = 1                    # Unicorn's regions for RAM, at most (it never merges them)
+        self.rebuilds = 0
         self._ram = ctypes.create_string_buffer(size)     # zeroed; lives as long as this object
-        self._view = memoryview(self._ram).cast("B")
+        self._view = self.view = memoryview(self._ram).cast("B")
         uc.mem_map_ptr(0, size, RW, ctypes.addressof(self._ram))
         self.set_range(0, abi.RESERVED_END, NONE, "hypervisor memory")
-        for start, end, perm, what in LOW_MEMORY:
+        for start, end, perm, what in low_memory(hypervisor_owns_tables):
             self.set_range(start, end, perm, what)
 
     # -- layout -----------------------------------------------------------------
@@ -86,12 +126,11 @@ class GuestMemory:
         self._labels.append((first * PAGE, last * PAGE, what))
 
     def commit(self) -> None:
-        """Apply the page permissions to Unicorn, one call per run of equal pages."""
-        run_start = 0
-        for k in range(1, len(self.perm) + 1):
-            if k == len(self.perm) or self.perm[k] != self.perm[run_start]:
-                self.uc.mem_protect(run_start * PAGE, (k - run_start) * PAGE, self.perm[run_start])
-                run_start = k
+        """Apply the layout's page permissions to Unicorn, one call per run of equal pages."""
+        for first, last, perm in _runs(range(len(self.perm)), self.perm.__getitem__):
+            self.uc.mem_protect(first * PAGE, (last - first) * PAGE, perm)
+            self._applied[first:last] = bytes([perm]) * (last - first)
+            self.regions += 2
 
     def what(self, pa: int) -> str:
         return next(w for s, e, w in reversed(self._labels) if s <= pa < e)
@@ -102,7 +141,21 @@ class GuestMemory:
         extra = ", a live page table" if page_of(pa) in self.pinned else ""
         return f"{pa:#x} ({self.what(pa)}{extra})"
 
-    # -- pinning live page tables -----------------------------------------------------
+    # -- write-protecting page tables --------------------------------------------------
+    # Unicorn keeps permissions per memory region, and every region it splits
+    # off makes the next split dearer (measured with unicorn 2.1.4: 2 ms a
+    # split at 250 regions, 80 ms at 4,000), so protecting each table page on
+    # its own call would make a guest with thousands of scattered tables cost
+    # minutes.  So changes are collected (`guard`, `unguard`) and applied by
+    # `sync` in runs of neighbouring pages; and when the regions pile up past
+    # EXACT_REGIONS, `_rebuild` maps guest data afresh in as few regions as
+    # possible, write-protecting whole aligned granules of pages where there
+    # are too many scattered table pages to protect each alone (at most
+    # COARSE_RUNS runs).  A store to a page protected only because it shares
+    # a granule with a table is performed by the hypervisor (`beside_table`).
+    EXACT_REGIONS = 256
+    COARSE_RUNS = 48
+
     def pin(self, page: int) -> None:
         self.pinned.add(page)
         self.guard(page)
@@ -117,12 +170,87 @@ class GuestMemory:
     def guard(self, page: int) -> None:
         if page not in self.guarded:
             self.guarded.add(page)
-            self.uc.mem_protect(page, PAGE, self.perm[page // PAGE] & ~W)
+            self._dirty.add(page // PAGE)
 
     def unguard(self, page: int) -> None:
         if page in self.guarded:
             self.guarded.discard(page)
-            self.uc.mem_protect(page, PAGE, self.perm[page // PAGE])
+            self._dirty.add(page // PAGE)
+
+    def _wanted(self, k: int) -> int:
+        """The permission Unicorn should enforce on page k."""
+        if self._grain == 1:
+            guarded = k * PAGE in self.guarded
+        else:
+            guarded = self._granules.get(k // self._grain, 0) > 0
+        return self.perm[k] & ~W if guarded else self.perm[k]
+
+    def sync(self) -> None:
+        """Make Unicorn enforce what `guard`/`unguard` asked for."""
+        if not self._dirty:
+            return
+        if self._grain > 1:
+            self._recount_granules()
+        changed = sorted(k for k in self._expand(self._dirty) if self._wanted(k) != self._applied[k])
+        self._dirty.clear()
+        runs = _runs(changed, self._wanted)
+        if self.regions + 2 * len(runs) > self.EXACT_REGIONS:
+            self._rebuild()
+            return
+        for first, last, perm in runs:
+            self.uc.mem_protect(first * PAGE, (last - first) * PAGE, perm)
+            self._applied[first:last] = bytes([perm]) * (last - first)
+            self.regions += 2
+
+    def _expand(self, pages: set[int]) -> set[int]:
+        """Coarse mode: a change to one page can change its whole granule."""
+        if self._grain == 1:
+            return pages
+        grain = self._grain
+        return {k for g in {p // grain for p in pages}
+                for k in range(g * grain, min((g + 1) * grain, len(self.perm)))}
+
+    def _recount_granules(self) -> None:
+        counts: dict[int, int] = {}
+        for page in self.guarded:
+            g = page // PAGE // self._grain
+            counts[g] = counts.get(g, 0) + 1
+        self._granules = counts
+
+    def _rebuild(self) -> None:
+        """Map guest data afresh: exact protection if the runs allow it, else by granules."""
+        grain = 1
+        while True:
+            self._grain = grain
+            self._recount_granules()
+            wanted = bytearray(self.perm)
+            for g in self._granules if grain > 1 else (p // PAGE for p in self.guarded):
+                first, last = g * grain, min((g + 1) * grain, len(wanted))
+                wanted[first:last] = bytes(x & ~W for x in self.perm[first:last])
+            if _count_runs(wanted) <= self.COARSE_RUNS * 2 or grain * PAGE >= self.size:
+                break
+            grain *= 2
+        regions = 0
+        for first, last in self._data_spans():       # text is never unmapped: a hook may be running it
+            self.uc.mem_unmap(first * PAGE, (last - first) * PAGE)
+            for match in _SAME_BYTES.finditer(wanted, first, last):
+                k, end = match.span()
+                self.uc.mem_map_ptr(k * PAGE, (end - k) * PAGE, wanted[k], ctypes.addressof(self._ram) + k * PAGE)
+                regions += 1
+        self._applied[:] = wanted
+        self.regions = regions + sum(1 for p in self.perm if p & X)
+        self.rebuilds += 1
+
+    def _data_spans(self) -> list[tuple[int, int]]:
+        """Maximal runs of pages that are not executable."""
+        executable = bytes(1 if p & X else 0 for p in self.perm)
+        return [m.span() for m in _SAME_BYTES.finditer(executable) if executable[m.start()] == 0]
+
+    def beside_table(self, pa: int) -> bool:
+        """Is the page write-protected only because a table shares its granule (coarse mode)?"""
+        k = pa // PAGE
+        return (0 <= k < len(self.perm) and self.perm[k] & W and not self._applied[k] & W
+                and page_of(pa) not in self.guarded)
 
     # -- guest permissions -----------------------------------------------------------
     def effective(self, pa: int) -> int:

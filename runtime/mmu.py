@@ -24,9 +24,9 @@ The entry rules (docs/abi.md section 6):
   Large leaves may cover low memory (the boot map is one): the pages there
   the guest must not write are protected at the guest-physical level, which
   no page table can change;
-- a leaf whose frame starts at or beyond the end of RAM is rejected with
-  -EINVAL in pv; in trap it is accepted as an unbacked hole, as a shadow
-  pager would: an access through it faults.
+- a leaf whose frame lies beyond the end of RAM is accepted as an unbacked
+  hole, as on hardware (a kernel's identity map may cover more than the
+  machine has): an access through it faults.
 
 A page used as a table at two different levels is refused (-EINVAL).  A
 table page written while not live (a hierarchy being built) gets only the
@@ -39,7 +39,9 @@ Unicorn offers no single-page invalidation.
 """
 from __future__ import annotations
 
+import hashlib
 import struct
+from typing import Callable
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, Uc
 from unicorn.x86_const import UC_X86_REG_CR3
@@ -59,6 +61,20 @@ LEVEL_NAME = {4: "PML4", 3: "PDPT", 2: "PD", 1: "PT"}
 CR3_FLAGS = 0x18                          # PWT, PCD
 _ENTRIES = struct.Struct("<512Q")
 MAX_REMEMBERED_ROOTS = 16
+MAX_REMEMBERED_TABLES = 8192            # table pages whose validation is kept, all roots together
+WALK_CHUNK = 256                        # tables validated between two looks at the clock
+
+
+def _lanes(value: int) -> int:
+    """`value` in each of the 512 64-bit lanes of a page."""
+    return int.from_bytes(value.to_bytes(8, "little") * 512, "little")
+
+
+_LANES_P = _lanes(P)
+_LANES_RESERVED = _lanes(RESERVED)
+_LANES_ADDR = _lanes(ADDR & ~(abi.RESERVED_END - 1))      # the frame bits from 1 MiB up
+_LANES_FILL = _lanes((1 << 52) - abi.RESERVED_END)        # carries into bit 52 iff those bits are not all zero
+_LANES_BIT52 = _lanes(1 << 52)
 
 
 class _Batch:
@@ -89,10 +105,12 @@ def guest_low_page(frame: int) -> bool:
 
 
 class Mmu:
-    def __init__(self, uc: Uc, mem: GuestMemory, holes: bool):
+    def __init__(self, uc: Uc, mem: GuestMemory, set_cr3: Callable[[int], None],
+                 check_time: Callable[[], None] = lambda: None):
         self.uc = uc
         self.mem = mem
-        self.holes = holes                   # trap: leaves beyond RAM are unbacked holes
+        self.check_time = check_time         # raises if the run's time is up (run.py)
+        self.set_cr3 = set_cr3               # the CPU's half of a root switch (cpu.py)
         self.tables: dict[int, int] = {}     # live table page -> level
         self.root = 0
         # The hypervisor's own TLB for `translate`, kept only while it tracks
@@ -102,7 +120,7 @@ class Mmu:
         self._tlb: dict[tuple[int, bool], int] = {}
         self._tlb_tables: set[int] = set()   # table pages the cached walks read
         self._flush_deferred: bool | None = None   # inside a batch: None = flush now
-        self._roots: dict[int, tuple[dict[int, int], dict[int, bytes]]] = {}   # see _remember
+        self._roots: dict[int, tuple[dict[int, int], bytes]] = {}   # root -> (tables, digest): see _remember
 
     # -- rules ----------------------------------------------------------------------
     def check_table(self, table: int) -> None:
@@ -129,13 +147,15 @@ class Mmu:
         if level > 1 and addr & (size - 1) & ~PAT_LARGE:
             raise Refused(abi.EINVAL, f"{LEVEL_NAME[level]} entry {entry:#x} maps a misaligned large page")
         frame = addr & ~(size - 1)
-        if frame >= self.mem.size and not self.holes:
-            raise Refused(abi.EINVAL, f"{LEVEL_NAME[level]} entry {entry:#x} maps a frame beyond RAM")
         if level == 1 and entry & RW and frame < abi.RESERVED_END and not guest_low_page(frame):
             raise Refused(abi.EPERM, f"PT entry {entry:#x} maps hypervisor page {frame:#x} writable")
 
     def walk(self, root: int) -> dict[int, int]:
-        """Validate the hierarchy under `root`; its table pages and their levels."""
+        """Validate the hierarchy under `root`; its table pages and their levels.
+
+        Bounded by the hierarchy's size, itself bounded by RAM; the caller's
+        `check_time` runs every WALK_CHUNK tables so a run's timeout holds
+        inside a long validation too."""
         self.check_table(root)
         found: dict[int, int] = {}
         todo = [(root, 4)]
@@ -146,12 +166,30 @@ class Mmu:
                     raise Refused(abi.EINVAL, f"page {table:#x} is used as a table at two levels")
                 continue
             found[table] = level
-            for entry in _ENTRIES.unpack(self.mem.read(table, PAGE)):
+            if len(found) % WALK_CHUNK == 0:
+                self.check_time()
+            if level == 1:
+                self._check_leaf_table(table)
+                continue
+            for entry in _ENTRIES.unpack_from(self.mem.view, table):
                 if entry & P:
                     self.check_entry(level, entry)
-                    if links(level, entry):
+                    if not is_leaf(level, entry):
                         todo.append((entry & ADDR, level - 1))
         return found
+
+    def _check_leaf_table(self, table: int) -> None:
+        """check_entry for all 512 leaves of a page table at once, as arithmetic on the
+        page read as one 32768-bit number (most of a big hierarchy is leaf tables).
+        Only a table with a suspect entry is then checked entry by entry, for the message."""
+        x = int.from_bytes(self.mem.view[table:table + PAGE], "little")
+        present = (x & _LANES_P) * 0xFFFF_FFFF_FFFF_FFFF      # each present entry's lane all ones
+        y = x & present
+        low = (y & _LANES_ADDR) + _LANES_FILL & _LANES_BIT52    # bit 52: the frame is at or above 1 MiB
+        writable_low = (y >> 1) & _LANES_P & ~(low >> 52)
+        if y & _LANES_RESERVED or writable_low:
+            for entry in _ENTRIES.unpack_from(self.mem.view, table):
+                self.check_entry(1, entry)
 
     # -- changes --------------------------------------------------------------------
     def load_root(self, cr3: int) -> None:
@@ -163,7 +201,7 @@ class Mmu:
             self._remember(self.root, self.tables)
             self._repin(self._recall(root) or self.walk(root))
             self.root = root
-        self.uc.reg_write(UC_X86_REG_CR3, cr3)
+        self.set_cr3(cr3)
         self.flush()
 
     def adopt_root(self, root: int) -> None:
@@ -210,8 +248,6 @@ class Mmu:
         if value & P:
             if value & RESERVED:
                 raise Refused(abi.EINVAL, f"entry {value:#x} sets reserved bits 52-62")
-            if value & ADDR >= self.mem.size and not self.holes:
-                raise Refused(abi.EINVAL, f"entry {value:#x} points beyond RAM")
         self.mem.write_u64(pa, value)
 
     # Switching back to a hierarchy validated before is common (one per
@@ -223,17 +259,26 @@ class Mmu:
     # guest may still write a table that is no longer live: its first store
     # faults, and `release` forgets the roots using that page and performs it.
     def _remember(self, root: int, tables: dict[int, int]) -> None:
-        if not tables:
+        if not tables or len(tables) > MAX_REMEMBERED_TABLES:
             return
-        if len(self._roots) >= MAX_REMEMBERED_ROOTS:
+        while self._roots and (len(self._roots) >= MAX_REMEMBERED_ROOTS or
+                               sum(len(t) for t, _ in self._roots.values()) + len(tables) > MAX_REMEMBERED_TABLES):
             self._roots.pop(next(iter(self._roots)))
-        self._roots[root] = (tables, {page: self.mem.read(page, PAGE) for page in tables})
+        self._roots[root] = (tables, self._digest(tables))
 
     def _recall(self, root: int) -> dict[int, int] | None:
-        tables, pages = self._roots.pop(root, (None, {}))
-        if tables is None or any(self.mem.read(page, PAGE) != data for page, data in pages.items()):
+        tables, digest = self._roots.pop(root, (None, b""))
+        if tables is None or self._digest(tables) != digest:
             return None
         return tables
+
+    def _digest(self, tables: dict[int, int]) -> bytes:
+        """A fingerprint of the table pages' bytes: unchanged bytes keep their validation."""
+        h = hashlib.blake2b(digest_size=32)
+        view = self.mem.view
+        for page in sorted(tables):
+            h.update(view[page:page + PAGE])
+        return h.digest()
 
     def release(self, pa: int, size: int, value: int) -> bool:
         """A guest store of `size` bytes hit write-protected `pa`: if only a
@@ -248,6 +293,7 @@ class Mmu:
             del self._roots[root]
         self._unguard_forgotten()
         self.mem.write(pa, (value & ((1 << 8 * size) - 1)).to_bytes(size, "little"))
+        self.mem.sync()
         return True
 
     def _repin(self, tables: dict[int, int]) -> None:
@@ -257,6 +303,7 @@ class Mmu:
             self.mem.pin(page)
         self.tables = tables
         self._unguard_forgotten()
+        self.mem.sync()
 
     def _unguard_forgotten(self) -> None:
         kept = self.tables.keys() | {page for tables, _ in self._roots.values() for page in tables}

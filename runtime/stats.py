@@ -12,9 +12,13 @@ to the next timer deadline) and the virtual time they skipped, upcalls
 deferred because the guest was inside a batched site, and instruction-count
 slices that ran out (clock.py).
 
-Times: `wall` is the whole run including set-up; `run` is the time inside
+Times: `wall` is the whole run including set-up; `load` is the set-up
+(reading, validating and loading the image); `run` is the time inside
 Unicorn's emulation loop; `hypervisor` the part of that spent in exit
 handlers; guest time is the difference.
+
+With `profile` on, exits are also counted by where the guest was (`sites`:
+reason -> guest address -> count), for `pvtool run --profile`.
 """
 from __future__ import annotations
 
@@ -36,6 +40,16 @@ class Stats:
     idle_ns: int = 0
     deferred: int = 0
     slices: int = 0
+    load_seconds: float = 0.0
+    profile: bool = False
+    sites: dict[str, Counter] = field(default_factory=dict)
+
+    def account(self, reason: str, where: int | None = None) -> None:
+        """One exit (or delivery) of this kind, at guest address `where` if known."""
+        self.exits[reason] += 1
+        self.total_exits += 1
+        if self.profile and where is not None:
+            self.sites.setdefault(reason, Counter())[where] += 1
 
     @property
     def guest_seconds(self) -> float:
@@ -50,6 +64,7 @@ class Stats:
             "guest_seconds": round(self.guest_seconds, 6),
             "hypervisor_seconds": round(self.hypervisor_seconds, 6),
             "wall_seconds": round(self.wall_seconds, 6),
+            "load_seconds": round(self.load_seconds, 6),
             "virtual_tsc": self.tsc,
             "idle_skips": self.idle_skips,
             "idle_virtual_ns": self.idle_ns,
@@ -59,7 +74,8 @@ class Stats:
 
     def render(self) -> str:
         lines = [f"mode {self.mode}: {self.total_exits} exits; guest {self.guest_seconds:.3f} s, "
-                 f"hypervisor {self.hypervisor_seconds:.3f} s, wall {self.wall_seconds:.3f} s"]
+                 f"hypervisor {self.hypervisor_seconds:.3f} s, load {self.load_seconds:.3f} s, "
+                 f"wall {self.wall_seconds:.3f} s"]
         width = max((len(r) for r in list(self.exits) + list(self.batched)), default=0)
         lines += [f"  {reason.ljust(width)}  {n:>9}" for reason, n in self.exits.most_common()]
         if self.idle_skips or self.deferred or self.slices:

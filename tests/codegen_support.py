@@ -13,6 +13,7 @@ import capstone
 
 import bundle_rules
 from pvtool import ir, obj
+from pvtool.source import Loc
 from pvtool.x86 import codegen, isel
 from pvtool.x86.encode import RCX, RDX
 from unicorn_harness import Machine
@@ -23,7 +24,7 @@ LAYOUTS = {"plain": False, "bundled": True}     # bundled: the PV code rules
 VALUES = (0, 1, 2, 7, 63, 64, 0x7F, 0x80, 0xFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF,
           0x100000000, (1 << 63) - 1, 1 << 63, M64 - 1, M64 - 2, 0x123456789ABCDEF0)
 IMMEDIATES = (1, 5, M64 - 1, 0x7FFFFFFF, 0x80000000, 1 << 63, 0x123456789)
-LOC = ir.Loc("t.pvk", 1, 1)
+LOC = Loc("t.pvk", 1, 1)
 _CS = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 
 

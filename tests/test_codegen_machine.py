@@ -11,6 +11,7 @@ from codegen_support import (FB, LAYOUTS, LOC, REGISTER_SETS, build, disasm, dis
 from pvimage import abi
 from pvtool import ir, obj
 from pvtool.intrinsics import INTRINSICS
+from pvtool.source import Loc
 from unicorn_harness import GDT, RAM, Machine
 
 
@@ -170,10 +171,10 @@ def test_hypercall_relocation_and_arguments(layout):
 
 def test_site_markers_cover_the_code_between_them_across_blocks():
     b = FB("f", 1)
-    b(ir.SiteBegin(1, "cli", "shared-page store", loc=ir.Loc("t.pvk", 7, 3)))
+    b(ir.SiteBegin(1, "cli", "shared-page store", loc=Loc("t.pvk", 7, 3)))
     b.store(abi.SHARED_PAGE + abi.SH_UPCALL_MASK, 0, 1, 1)
     b(ir.SiteEnd(1))
-    b(ir.SiteBegin(2, "save_flags", "shared-page load", loc=ir.Loc("t.pvk", 8, 3)))
+    b(ir.SiteBegin(2, "save_flags", "shared-page load", loc=Loc("t.pvk", 8, 3)))
     x = b.load(abi.SHARED_PAGE, abi.SH_UPCALL_MASK, 1)
     b.branch(b.cmp("eq", x, 0), "a", "c")
     b.block("a")

@@ -6,21 +6,22 @@ import pytest
 
 from codegen_support import FB, LOC, build, fib_function, function
 from pvtool import ir, obj
-from pvtool.intrinsics import INTRINSICS
-from pvtool.x86 import codegen, isel
 from pvtool.diagnostics import CompileError
 from pvtool.errors import InternalError
+from pvtool.intrinsics import INTRINSICS
+from pvtool.source import Loc
+from pvtool.x86 import codegen, isel
 from pvtool.x86.codegen import CodegenError
 from unicorn_harness import HYPERCALL_PAGE, HarnessError, Machine
 
 
 def test_line_rows_follow_source_lines():
     b = FB("f", 1)
-    locs = [ir.Loc("t.pvk", n, 5) for n in (3, 3, 4, 4, 6, 3)]
+    locs = [Loc("t.pvk", n, 5) for n in (3, 3, 4, 4, 6, 3)]
     x = b.p[0]
     for loc in locs:
         x = b(ir.BinOp("add", b.v(), x, 1, loc=loc))
-    b.cur.term = ir.Ret(x, loc=ir.Loc("t.pvk", 7, 1))
+    b.cur.term = ir.Ret(x, loc=Loc("t.pvk", 7, 1))
     fc = function(build([b]), "f")
     assert fc.loc == LOC
     assert [row.loc.line for row in fc.lines] == [1, 3, 4, 6, 3, 7]

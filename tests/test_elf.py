@@ -14,11 +14,12 @@ from hypothesis import given, settings, strategies as st
 
 from pvimage import abi
 from pvtool import elfwrite as elf
-from pvtool.intrinsics import OP_NUMBERS
-from pvtool.ir import Data, DataReloc, Loc
 from pvtool.errors import InternalError
+from pvtool.intrinsics import OP_NUMBERS
+from pvtool.ir import Data, DataReloc
 from pvtool.link import IMAGE_LIMIT, LinkError, link
 from pvtool.obj import ABS32, ABS32S, ABS64, PC32, FunctionCode, LineRow, ObjectCode, Reloc, SiteRow
+from pvtool.source import Loc
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = "kern/k.pvk"

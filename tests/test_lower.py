@@ -80,7 +80,7 @@ def validate(m: ir.Module) -> None:
 def test_conformance_kernel_runs(path):
     """Every kernel, run on the interpreter's machine (paging, set_pte and
     invlpg are modelled, so paging and oschurn run for real)."""
-    module = lower(parse_program(str(path)))
+    module = lower(check(parse_program(str(path))))
     validate(module)
     assert module.files[0] == str(path)
     want = expectation(path)

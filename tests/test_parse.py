@@ -183,6 +183,20 @@ def test_integer_too_large():
     assert e.message == "integer literal '18446744073709551616' is larger than 64 bits"
 
 
+@pytest.mark.parametrize("digits", [4301, 5000, 100_000])
+def test_integer_with_thousands_of_digits_is_located(digits):
+    # Python's int() refuses decimal strings of more than 4300 digits.
+    e = syntax_error("fn f() {\n  x = " + "9" * digits + "; }")
+    assert (e.loc.line, e.loc.col) == (2, 7)
+    assert e.message == "integer literal '99999999999999999999...' is larger than 64 bits"
+
+
+def test_leading_zeros_do_not_count():
+    assert expr("0" * 5000 + "42") == "(IntLit 42)"
+    assert expr("0x" + "0" * 100 + "ff") == "(IntLit 255)"
+    assert syntax_error("fn f() { x = 0x1" + "0" * 16 + "; }").message.endswith("is larger than 64 bits")
+
+
 @pytest.mark.parametrize("src, value", [
     ("'a'", 97), ("'\\n'", 10), ("'\\t'", 9), ("'\\r'", 13), ("'\\0'", 0), ("'\\\\'", 92),
     ("'\\''", 39), ("'\\\"'", 34), ("'\\x41'", 0x41), ("'\\xff'", 255), ("'\"'", 34),
@@ -324,6 +338,30 @@ def test_missing_import_reported_at_the_import(tmp_path):
     err = e.value
     assert (Path(err.loc.file).name, err.loc.line, err.loc.col) == ("main.pvk", 3, 4)
     assert err.message == f"cannot read '{tmp_path / 'nope.pvk'}': No such file or directory"
+
+
+@pytest.mark.parametrize("path, why", [
+    ("a\\0b.pvk", "the path contains a NUL byte"),
+    ("sub", "Is a directory"),
+    ("", "Is a directory"),
+    ("main.pvk/x.pvk", "Not a directory"),
+    ("x" * 5000 + ".pvk", "File name too long"),
+])
+def test_unreadable_import_paths_are_located(tmp_path, path, why):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path, {"main.pvk": f'fn kmain() -> u64 {{ return 0; }}\nimport "{path}";'})
+    with pytest.raises(CompileError) as e:
+        parse_program(str(tmp_path / "main.pvk"))
+    assert (Path(e.value.loc.file).name, e.value.loc.line, e.value.loc.col) == ("main.pvk", 2, 1)
+    assert e.value.message.startswith(f"cannot read '{tmp_path}") and e.value.message.endswith(f"': {why}")
+    assert "\0" not in str(e.value)
+
+
+def test_an_import_path_that_is_not_utf8(tmp_path):
+    write(tmp_path, {"main.pvk": 'import "\\xff.pvk";'})
+    with pytest.raises(CompileError) as e:
+        parse_program(str(tmp_path / "main.pvk"))
+    assert (e.value.loc.line, e.value.loc.col, e.value.message) == (1, 8, "the import path is not valid UTF-8")
 
 
 def test_missing_main_file(tmp_path):

@@ -1,6 +1,8 @@
 """`pvtool run`: stdout is the guest's console, the exit status is the guest's (or 124/125/1/2)."""
 from __future__ import annotations
 
+import re
+
 import argparse
 import json
 import subprocess
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from guests.build import build, have_gcc
+from pvtool.cli import build_parser
 from pvtool.commands import run as run_command
 
 pytestmark = pytest.mark.skipif(not have_gcc(), reason="gcc is needed to build the test guests")
@@ -22,10 +25,11 @@ def cli(*argv: str) -> subprocess.CompletedProcess:
 
 
 def args(image, **over) -> argparse.Namespace:
-    base = dict(image=str(image), mode=None, timeout=10.0, memory=64, max_exits=None, cmdline="",
-                stats=False, json=False, stats_file=None, trace=False)
-    base.update(over)
-    return argparse.Namespace(**base)
+    """The command's own parsed defaults for `pvtool run IMAGE`, with `over` changed."""
+    ns = build_parser().parse_args(["run", str(image), "--timeout", "10"])
+    for key, value in over.items():
+        setattr(ns, key, value)
+    return ns
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +75,8 @@ def test_refused_images_exit_125_in_one_line(tmp_path, hello, capfd):
 
 def test_unreadable_file_and_bad_options_exit_2(tmp_path, hello, capfd):
     assert run_command.run(args(tmp_path / "missing.elf")) == 2
-    assert run_command.run(args(hello, memory=1)) == 2
-    assert run_command.run(args(hello, timeout=-1)) == 2
-    assert len(capfd.readouterr().err.splitlines()) == 3
+    assert run_command.run(args(hello, memory=1)) == 2          # (a bad --timeout stops in the parser: below)
+    assert len(capfd.readouterr().err.splitlines()) == 2
 
 
 def test_stats_report_exits_by_reason(hello, capfd):
@@ -97,8 +100,10 @@ def test_json_to_stderr_and_to_a_file(hello, tmp_path, capfd):
 def test_trace_logs_each_exit(hello, capfd):
     assert run_command.run(args(hello, trace=True)) == 7
     err = capfd.readouterr().err.splitlines()
-    assert len(err) == 72 and err[0].startswith("exit 1: hypercall console_write at 0x")
+    assert len(err) == 72 and err[0].startswith("exit 1 [1.000 us]: hypercall console_write at 0x")
     assert "guest_main+" in err[0]
+    stamps = [float(re.search(r"\[([\d.]+) us\]", line).group(1)) for line in err]
+    assert stamps == sorted(stamps) and stamps[-1] > stamps[0]        # virtual time, never backwards
 
 
 def test_native_image_defaults_to_bare_and_accepts_trap(capfd):
@@ -122,3 +127,26 @@ def test_pvk_compile_error_exits_1(tmp_path, capfd):
     bad.write_text("fn kmain() -> u64 { return nope; }\n")
     assert run_command.run(args(bad)) == 1
     assert "bad.pvk" in capfd.readouterr().err
+
+
+def test_a_reader_that_goes_away_does_not_kill_the_run():
+    """`pvtool run K | head -1`: the guest runs to its end, its status is the exit status, no traceback."""
+    proc = subprocess.run(f"{sys.executable} -m pvtool run kernels/critical.pvk --mode pv | head -c 1; "
+                          f"exit ${{PIPESTATUS[0]}}", shell=True, executable="/bin/bash", cwd=REPO,
+                          capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == b"s"
+    assert b"Traceback" not in proc.stderr and b"BrokenPipe" not in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "soon"])
+def test_timeout_must_be_a_finite_number_of_seconds(value):
+    proc = cli("kernels/hello.pvk", "--timeout", value)
+    assert proc.returncode == 2
+    assert b"--timeout" in proc.stderr and b"Traceback" not in proc.stderr
+
+
+def test_a_command_line_that_is_not_utf8_reaches_the_guest_as_bytes():
+    proc = subprocess.run([sys.executable, "-m", "pvtool", "run", "kernels/hello.pvk", b"--cmdline=\xff\xfe"],
+                          cwd=REPO, capture_output=True)
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr

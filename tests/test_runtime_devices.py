@@ -8,7 +8,7 @@ from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
 
 from pvimage import abi
 from runtime.clock import TSC_STEP, VirtualClock
-from runtime.devices import IoBus
+from runtime.devices.bus import IoBus
 from runtime.devices.cpuid import Cpuid
 from runtime.devices.debug_exit import DebugExit
 from runtime.devices.msr import EFER, KERNEL_GS_BASE, MsrFile

@@ -18,15 +18,17 @@ from unicorn import x86_const as U
 
 from pvimage import abi
 from pvtool import driver
-from runtime import hypercalls
+from runtime import delivery
+from runtime.exits import hypercalls
 from runtime.clock import EXIT_NS, TSC_STEP, Timer, VirtualClock
-from runtime.devices import IoBus
+from runtime.devices.bus import IoBus
 from runtime.devices.cpuid import Cpuid
 from runtime.devices.pic import PicPair
 from runtime.devices.pit import PIT_HZ, Pit8254
 from runtime.errors import GuestFault
-from runtime.hypervisor import Machine, run
+from runtime.hypervisor import create, run
 from runtime.loader import load_image
+from runtime.machine import Vm
 from test_runtime_unicorn import CODE, END, HLT, machine   # the bare-CPU helper (not its tests)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +216,7 @@ def test_pic_rotation_auto_eoi_and_single_mode():
 
 
 def test_unassigned_ports_read_all_ones_and_no_local_apic(trivial):
-    vm = Machine(load_image(trivial["pv"], RAM), "pv", RAM)
+    vm = create(load_image(trivial["pv"], RAM), "pv", RAM)
     assert vm.bus.read(0x22, 1) == 0xFF and vm.bus.read(0x44, 2) == 0xFFFF and vm.bus.read(0x43, 1) == 0xFF
     assert not Cpuid().query(1)[3] & (1 << 9)         # leaf 1 EDX.APIC clear: the PIC goes straight to the CPU
 
@@ -318,27 +320,42 @@ def ready(trivial):
     return lambda mode, gates=None, limit=0xFFF: machine_with_a_tick(trivial, mode, gates, limit)
 
 
-def machine_with_a_tick(images: dict[str, bytes], mode: str, gates: bytes | None, limit: int) -> Machine:
+def deliver(vm: Vm) -> bool:
+    """The run loop's delivery step, outside any hook (registers written back after it)."""
+    got = vm.run.deliver_events()
+    vm.cpu.regs.finish()
+    return got
+
+
+def call(vm: Vm, fn, *args):
+    """An exit handler called directly, outside any hook (registers written back after it)."""
+    try:
+        return fn(vm, *args)
+    finally:
+        vm.cpu.regs.finish()
+
+
+def machine_with_a_tick(images: dict[str, bytes], mode: str, gates: bytes | None, limit: int) -> Vm:
     """A machine whose guest has an IDT with gate 32, the PICs remapped with IRQ 0 open, and IRQ 0 raised."""
-    vm = Machine(load_image(images["pv" if mode == "pv" else "native"], RAM), mode, RAM)
+    vm = create(load_image(images["pv" if mode == "pv" else "native"], RAM), mode, RAM)
     vm.mem.write(IDT + 32 * 16, gates if gates is not None else gate())
-    vm.vcpu.load_table("idt", limit, IDT)
+    vm.cpu.load_table("idt", limit, IDT, vm.mmu.read_virt)
     for port, value in ((0x20, 0x11), (0x21, 0x20), (0x21, 4), (0x21, 1), (0x21, 0xFE)):
         vm.bus.write(port, 1, value)
-    vm.uc.reg_write(U.UC_X86_REG_RSP, STACK)
+    vm.engine.uc.reg_write(U.UC_X86_REG_RSP, STACK)
     vm.pics.raise_irq(0)
     return vm
 
 
-def reg(vm: Machine, name: str) -> int:
-    return vm.uc.reg_read(getattr(U, f"UC_X86_REG_{name}"))
+def reg(vm: Vm, name: str) -> int:
+    return vm.engine.uc.reg_read(getattr(U, f"UC_X86_REG_{name}"))
 
 
-def shared(vm: Machine, offset: int) -> int:
+def shared(vm: Vm, offset: int) -> int:
     return vm.mem.read(abi.SHARED_PAGE + offset, 1)[0]
 
 
-def frame_at(vm: Machine, rsp: int) -> tuple[int, ...]:
+def frame_at(vm: Vm, rsp: int) -> tuple[int, ...]:
     return struct.unpack("<5Q", vm.mem.read(rsp, 40))
 
 
@@ -346,9 +363,9 @@ def frame_at(vm: Machine, rsp: int) -> tuple[int, ...]:
 def test_native_delivery_waits_for_if_then_pushes_a_hardware_frame(mode, ready):
     vm = ready(mode)
     rip = reg(vm, "RIP")
-    assert not vm.vcpu.deliver_events() and reg(vm, "RIP") == rip        # boot: IF clear
-    vm.uc.reg_write(U.UC_X86_REG_RFLAGS, 0x202 | 0x100)                 # IF and TF
-    assert vm.vcpu.deliver_events()
+    assert not deliver(vm) and reg(vm, "RIP") == rip        # boot: IF clear
+    vm.engine.uc.reg_write(U.UC_X86_REG_RFLAGS, 0x202 | 0x100)                 # IF and TF
+    assert deliver(vm)
     rsp = reg(vm, "RSP")
     assert rsp == (STACK & ~0xF) - 40 and reg(vm, "RIP") == HANDLER
     assert frame_at(vm, rsp) == (rip, 0x08, 0x302, STACK, 0x10)
@@ -358,17 +375,17 @@ def test_native_delivery_waits_for_if_then_pushes_a_hardware_frame(mode, ready):
 
 def test_trap_gate_leaves_if_set(ready):
     vm = ready("trap", gate(kind=0x8F))
-    vm.uc.reg_write(U.UC_X86_REG_RFLAGS, 0x202)
-    assert vm.vcpu.deliver_events() and reg(vm, "RFLAGS") & IF
+    vm.engine.uc.reg_write(U.UC_X86_REG_RFLAGS, 0x202)
+    assert deliver(vm) and reg(vm, "RFLAGS") & IF
 
 
 def test_upcall_waits_behind_the_mask_with_pending_set_then_arrives(ready):
     vm = ready("pv")
     rip = reg(vm, "RIP")
     assert shared(vm, abi.SH_UPCALL_MASK) == 1
-    assert not vm.vcpu.deliver_events() and shared(vm, abi.SH_UPCALL_PENDING) == 1
+    assert not deliver(vm) and shared(vm, abi.SH_UPCALL_PENDING) == 1
     vm.mem.write(abi.SHARED_PAGE + abi.SH_UPCALL_MASK, b"\0")             # what `sti` becomes
-    assert vm.vcpu.deliver_events()
+    assert deliver(vm)
     rsp = reg(vm, "RSP")
     assert reg(vm, "RIP") == HANDLER and frame_at(vm, rsp) == (rip, 0x08, 0x202, STACK, 0x10)
     assert shared(vm, abi.SH_UPCALL_MASK) == 1 and shared(vm, abi.SH_UPCALL_PENDING) == 0
@@ -379,14 +396,14 @@ def test_iret_hypercall_restores_the_frame_and_the_mask_and_delivers_what_waits(
     vm = ready("pv")
     vm.mem.write(abi.SHARED_PAGE + abi.SH_UPCALL_MASK, b"\0")
     rip = reg(vm, "RIP")
-    vm.vcpu.deliver_events()
-    vm.uc.reg_write(U.UC_X86_REG_RAX, 0x5555)
-    assert hypercalls.iret(vm) is None                                   # no result: rax is the guest's
+    deliver(vm)
+    vm.engine.uc.reg_write(U.UC_X86_REG_RAX, 0x5555)
+    assert call(vm, hypercalls.iret) is None                                   # no result: rax is the guest's
     assert (reg(vm, "RIP"), reg(vm, "RSP"), reg(vm, "RAX")) == (rip, STACK, 0x5555)
     assert shared(vm, abi.SH_UPCALL_MASK) == 0 and not reg(vm, "RFLAGS") & IF
     vm.bus.write(0x20, 1, 0x20)                                          # EOI, and a new tick waiting
     vm.pics.raise_irq(0)
-    assert vm.vcpu.deliver_events() and reg(vm, "RIP") == HANDLER
+    assert deliver(vm) and reg(vm, "RIP") == HANDLER
 
 
 @pytest.mark.parametrize("mode", ["trap", "pv"])
@@ -400,11 +417,11 @@ def test_iret_hypercall_restores_the_frame_and_the_mask_and_delivers_what_waits(
 def test_bad_iret_frames_are_clear_faults(mode, frame, expect, ready):
     vm = ready(mode)
     if frame is None:
-        vm.uc.reg_write(U.UC_X86_REG_RSP, 0x80000000)                   # not mapped
+        vm.engine.uc.reg_write(U.UC_X86_REG_RSP, 0x80000000)                   # not mapped
     else:
         vm.mem.write(STACK, struct.pack("<5Q", *frame))
     with pytest.raises(GuestFault, match=re.escape(expect)):
-        vm.vcpu.iret()
+        call(vm, delivery.iret)
 
 
 @pytest.mark.parametrize("gates,limit,expect", [
@@ -418,19 +435,19 @@ def test_bad_iret_frames_are_clear_faults(mode, frame, expect, ready):
 @pytest.mark.parametrize("mode", MODES)
 def test_bad_trap_tables_are_clear_faults(mode, gates, limit, expect, ready):
     vm = ready(mode, gates, limit)
-    vm.uc.reg_write(U.UC_X86_REG_RFLAGS, 0x202)
+    vm.engine.uc.reg_write(U.UC_X86_REG_RFLAGS, 0x202)
     vm.mem.write(abi.SHARED_PAGE + abi.SH_UPCALL_MASK, b"\0")
     kind = "upcall" if mode == "pv" else "interrupt"
     with pytest.raises(GuestFault, match=f"^{kind} 32: .*" + re.escape(expect)):
-        vm.vcpu.deliver_events()
+        deliver(vm)
 
 
 def test_a_frame_that_cannot_be_pushed_is_a_fault(ready):
     vm = ready("trap")
-    vm.uc.reg_write(U.UC_X86_REG_RFLAGS, 0x202)
-    vm.uc.reg_write(U.UC_X86_REG_RSP, abi.START_INFO + 0x800)           # read-only to the guest
+    vm.engine.uc.reg_write(U.UC_X86_REG_RFLAGS, 0x202)
+    vm.engine.uc.reg_write(U.UC_X86_REG_RSP, abi.START_INFO + 0x800)           # read-only to the guest
     with pytest.raises(GuestFault, match="^interrupt 32: cannot push the interrupt frame at 0x17d8"):
-        vm.vcpu.deliver_events()
+        deliver(vm)
 
 
 def test_block_skips_the_clock_to_the_tick_and_faults_when_nothing_can_wake(ready):
@@ -438,25 +455,25 @@ def test_block_skips_the_clock_to_the_tick_and_faults_when_nothing_can_wake(read
     vm.bus.write(0x20, 1, 0x20)
     vm.pics.master.irr = 0                                               # nothing pending
     with pytest.raises(GuestFault, match="halted with interrupts disabled and nothing pending"):
-        hypercalls.block(vm)
+        call(vm, hypercalls.block)
     vm.mem.write(abi.SHARED_PAGE + abi.SH_UPCALL_MASK, b"\0")
     with pytest.raises(GuestFault, match="blocked forever: .* no timer is armed"):
-        hypercalls.block(vm)
+        call(vm, hypercalls.block)
     for port, value in ((0x43, 0x34), (0x40, 0xA9), (0x40, 0x04)):        # 1193: about 1 ms
         vm.bus.write(port, 1, value)
     vm.bus.write(0x21, 1, 0xFF)                                         # ... but IRQ 0 masked
     with pytest.raises(GuestFault, match="blocked forever"):
-        hypercalls.block(vm)
+        call(vm, hypercalls.block)
     vm.bus.write(0x21, 1, 0xFE)
     start, deadline = vm.clock.ticks, vm.clock.next_deadline
-    assert hypercalls.block(vm) == 0
+    assert call(vm, hypercalls.block) == 0
     assert vm.clock.ticks == deadline == start + -(-1193 * 10**9 // PIT_HZ)
     assert vm.pics.pending() and vm.stats.idle_skips == 1
-    assert vm.vcpu.deliver_events()
+    assert deliver(vm)
     vm.mem.write(abi.SHARED_PAGE + abi.SH_UPCALL_MASK, b"\1")
     vm.pics.master.isr = 0
     vm.pics.raise_irq(0)
-    assert hypercalls.block(vm) == 0 and vm.clock.ticks == deadline     # masked but pending: returns
+    assert call(vm, hypercalls.block) == 0 and vm.clock.ticks == deadline     # masked but pending: returns
 
 
 def test_set_timer_is_a_one_shot_on_irq0(ready):
@@ -464,23 +481,23 @@ def test_set_timer_is_a_one_shot_on_irq0(ready):
     vm.pics.master.irr = 0
     vm.mem.write(abi.SHARED_PAGE + abi.SH_UPCALL_MASK, b"\0")
     now = vm.clock.ticks
-    assert hypercalls.set_timer(vm, now + 50_000) == 0
-    hypercalls.block(vm)
+    assert call(vm, hypercalls.set_timer, now + 50_000) == 0
+    call(vm, hypercalls.block)
     assert vm.clock.ticks == now + 50_000 and vm.pics.master.irr == 1
-    assert vm.vcpu.deliver_events()
+    assert deliver(vm)
     vm.bus.write(0x20, 1, 0x20)
     vm.mem.write(abi.SHARED_PAGE + abi.SH_UPCALL_MASK, b"\0")
     with pytest.raises(GuestFault, match="blocked forever"):              # it fired once, and only once
-        hypercalls.block(vm)
-    hypercalls.set_timer(vm, now + 10**9)
-    hypercalls.set_timer(vm, 0)                                          # cancelled
+        call(vm, hypercalls.block)
+    call(vm, hypercalls.set_timer, now + 10**9)
+    call(vm, hypercalls.set_timer, 0)                                          # cancelled
     with pytest.raises(GuestFault, match="blocked forever"):
-        hypercalls.block(vm)
-    hypercalls.set_timer(vm, 1)                                          # already passed: at once
+        call(vm, hypercalls.block)
+    call(vm, hypercalls.set_timer, 1)                                          # already passed: at once
     assert vm.pics.pending()
 
 
-def batched_site(vm: Machine) -> abi.Site:
+def batched_site(vm: Vm) -> abi.Site:
     return next(s for s in vm.image.info.sites if "batched" in s.becomes)
 
 
@@ -489,14 +506,14 @@ def test_upcall_waits_while_the_guest_is_inside_a_batched_site(ready):
     outside = reg(vm, "RIP")                                             # the entry point
     vm.mem.write(abi.SHARED_PAGE + abi.SH_UPCALL_MASK, b"\0")
     site = batched_site(vm)
-    vm.uc.reg_write(U.UC_X86_REG_RIP, site.address + site.length - 1)
-    assert not vm.vcpu.deliver_events() and vm.stats.deferred == 1
+    vm.engine.uc.reg_write(U.UC_X86_REG_RIP, site.address + site.length - 1)
+    assert not deliver(vm) and vm.stats.deferred == 1
     # in the hypercall page, called from inside the site (the queue was full)
-    vm.uc.reg_write(U.UC_X86_REG_RIP, vm.image.hypercall_page + abi.HC_MULTICALL * 32 + 7)
+    vm.engine.uc.reg_write(U.UC_X86_REG_RIP, vm.image.hypercall_page + abi.HC_MULTICALL * 32 + 7)
     vm.mem.write_u64(STACK, site.address + 5)
-    assert not vm.vcpu.deliver_events() and vm.stats.deferred == 2
-    vm.uc.reg_write(U.UC_X86_REG_RIP, outside)
-    assert vm.vcpu.deliver_events() and reg(vm, "RIP") == HANDLER
+    assert not deliver(vm) and vm.stats.deferred == 2
+    vm.engine.uc.reg_write(U.UC_X86_REG_RIP, outside)
+    assert deliver(vm) and reg(vm, "RIP") == HANDLER
 
 
 @pytest.mark.parametrize("imr,delivered", [(0xFC, True), (0xFF, False)])
@@ -505,7 +522,7 @@ def test_queue_runs_before_an_upcall_and_may_mask_it(imr, delivered, ready):
     vm.mem.write(abi.SHARED_PAGE + abi.SH_UPCALL_MASK, b"\0")
     vm.mem.write(abi.SHARED_PAGE + abi.SH_MC_ENTRIES, struct.pack("<5Q", abi.HC_IO_OUT, 0x21, 1, imr, 7))
     vm.mem.write(abi.SHARED_PAGE + abi.SH_MC_COUNT, struct.pack("<I", 1))
-    assert vm.vcpu.deliver_events() == delivered
+    assert deliver(vm) == delivered
     assert vm.pics.master.imr == imr and vm.mem.read(abi.SHARED_PAGE + abi.SH_MC_COUNT, 4) == bytes(4)
     assert shared(vm, abi.SH_UPCALL_PENDING) == 0
 
@@ -656,3 +673,52 @@ def test_a_tick_without_a_gate_stops_the_guest_with_one_clear_line(tmp_path, mod
     assert (result.status, result.reason) == (125, "fault")
     assert re.match(rf"guest fault: {kind} 32: gate 32 of the IDT at 0x[0-9a-f]+ is not present at 0x", result.message)
     assert "\n" not in result.message
+
+
+# -- the interrupt window and sti's shadow ------------------------------------------------------------
+
+SHADOW = """
+var flag: u64;
+var seen: u64;
+var ticks: u64;
+interrupt fn timer() {
+    seen = flag + 1;               // 1: the tick came before the store after sti; 2: after it
+    ticks += 1;
+    pic_eoi();
+}
+fn kmain() -> u64 {
+    set_gate(IRQ_BASE, &timer as u64);
+    load_idt();
+    pic_init(0xfe);
+    pit_start(1000);
+    while !timer_pending() { pause(); }
+    sti();
+    flag = 1;
+    cli();
+    pit_stop();
+    put_kv("seen", seen);
+    put_kv("ticks", ticks);
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("way", ["bare", "trap", "qemu"])
+def test_a_held_tick_arrives_one_instruction_after_sti(tmp_path, way):
+    """sti opens interrupts after the instruction that follows it (the store), before the cli."""
+    if way == "qemu":
+        import qemu
+        if not qemu.available():
+            pytest.skip(f"{qemu.QEMU} is not installed")
+        console, status = qemu.boot(build(tmp_path, "shadow", SHADOW, "native"), timeout=60)
+        got = values(console.encode())
+    else:
+        got = values(run_kernel(tmp_path, "shadow", SHADOW, way).console)
+    assert got == {"seen": 2, "ticks": 1}
+
+
+def test_bare_opens_the_interrupt_window_only_while_a_tick_is_held(tmp_path):
+    """In bare mode sti/popf/iretq exit only while an interrupt waits for IF (none in the window kernel's spins)."""
+    result = run(driver.compile_file("kernels/window.pvk", "native"), "bare", timeout=60)
+    assert result.reason == "shutdown" and result.status == 0
+    assert result.stats.exits["interrupt window"] == 3        # the two sti and the popf that let a tick in

@@ -60,8 +60,8 @@ def test_a_table_written_while_not_live_is_honoured_when_its_root_returns(tmp_pa
 
 
 def test_a_bad_entry_written_while_not_live_is_refused_when_its_root_returns(tmp_path):
-    # Points the window at memory beyond RAM: new_baseptr must refuse the root
+    # Sets a reserved bit in the window's entry: new_baseptr must refuse the root
     # again (re-validated because its bytes changed) and leave B loaded.
-    result = run(build(tmp_path, "0x100000000 | RW", "pv"), "pv")
+    result = run(build(tmp_path, "0x10000000000000 | 0x1401000 | RW", "pv"), "pv")
     assert result.reason == "shutdown", result.message
     assert result.status == 100

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -39,18 +41,44 @@ def register(sub) -> None:
     p.add_argument("image", metavar="IMAGE|SRC.pvk", help="an ELF64 x86-64 image or a PVK source")
     p.add_argument("--mode", choices=MODES, help="bare, trap or pv (default: pv for PV images "
                                                  "and .pvk sources, bare for native images)")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+    p.add_argument("--timeout", type=_seconds, default=60.0, metavar="S",
                    help="stop a guest still running after S seconds, exit 124 (default 60; 0: never)")
     p.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MIB, metavar="MiB",
                    help=f"guest RAM in MiB (default {DEFAULT_MEMORY_MIB})")
-    p.add_argument("--max-exits", type=int, metavar="N", help="stop the guest after N exits, exit 124")
+    p.add_argument("--max-exits", type=_count, metavar="N", help="stop the guest after N exits, exit 124")
     p.add_argument("--cmdline", default="", help="the command line in the start-info page")
     p.add_argument("--stats", action="store_true",
                    help="print exits by reason, guest and wall time to stderr")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON (stderr)")
     p.add_argument("--stats-file", metavar="F", help="write the statistics as JSON to F")
-    p.add_argument("--trace", action="store_true", help="log every exit to stderr")
+    p.add_argument("--trace", action="store_true",
+                   help="log every exit to stderr, with the virtual time and the guest's source line")
+    p.add_argument("--profile", action="store_true",
+                   help="print where the exits come from: counts by reason and source line, to stderr")
+    p.add_argument("--lenient-multicalls", action="store_true",
+                   help="a refused multicall entry only gets -errno in its result field, instead of "
+                        "stopping the guest (which is the default)")
     p.set_defaults(func=run)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite, non-negative number of seconds, not {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
 
 
 def _image(args: argparse.Namespace) -> tuple[bytes | None, int]:
@@ -70,15 +98,23 @@ def _image(args: argparse.Namespace) -> tuple[bytes | None, int]:
         return None, 2
 
 
+def render_profile(rows: list[tuple[int, str, str]], limit: int = 40) -> str:
+    """Where the exits come from, most first: count, reason, guest address and source line."""
+    if not rows:
+        return "profile: no exits"
+    width = max(len(reason) for _, reason, _ in rows[:limit])
+    lines = [f"profile: {sum(n for n, _, _ in rows)} exits from {len(rows)} places"
+             + (f" (the top {limit} shown)" if len(rows) > limit else "")]
+    lines += [f"  {n:>9}  {reason.ljust(width)}  {where}" for n, reason, where in rows[:limit]]
+    return "\n".join(lines)
+
+
 def _console(data: bytes) -> None:
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.timeout < 0 or (args.max_exits is not None and args.max_exits < 0):
-        print("pvtool run: --timeout and --max-exits must not be negative", file=sys.stderr)
-        return 2
     if not MIN_MEMORY_MIB <= args.memory <= MAX_MEMORY_MIB:
         print(f"pvtool run: --memory must be {MIN_MEMORY_MIB}..{MAX_MEMORY_MIB} MiB", file=sys.stderr)
         return 2
@@ -88,22 +124,36 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = run_guest(image, args.mode, args.timeout or None, args.memory,
                            max_exits=args.max_exits, trace=sys.stderr if args.trace else None,
-                           console=_console, cmdline=args.cmdline)
+                           console=_console, cmdline=args.cmdline, profile=args.profile,
+                           lenient_batches=args.lenient_multicalls)
     except ImageError as e:
         print(f"pvtool run: {args.image}: {e}", file=sys.stderr)
         return 125
+    if result.console_lost:
+        _drop_stdout()
     if result.message:
         print(result.message, file=sys.stderr)
     _report(args, result)
     return result.status
 
 
+def _drop_stdout() -> None:
+    """The reader of our stdout went away (`| head -1`): send the rest nowhere, quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def _report(args: argparse.Namespace, result: RunResult) -> None:
     if args.stats:
         print(result.stats.render(), file=sys.stderr)
+    if args.profile:
+        print(render_profile(result.profile), file=sys.stderr)
     if args.json or args.stats_file:
         doc = {"image": args.image, "status": result.status, "end": result.reason,
-               "message": result.message, **result.stats.as_dict()}
+               "message": result.message, "console_bytes": result.console_bytes, **result.stats.as_dict()}
+        if args.profile:
+            doc["profile"] = [{"exits": n, "reason": reason, "where": where} for n, reason, where in result.profile]
         text = json.dumps(doc, indent=2)
         if args.stats_file:
             try:

@@ -27,6 +27,7 @@ from .. import ir, obj
 from ..diagnostics import CompileError
 from ..errors import InternalError
 from ..intrinsics import INTRINSICS
+from ..source import Loc
 from . import isel
 from .encode import (BUNDLE, Asm, EncodeError, Mem, Reg, fits_s32, RAX, RBX, RCX, RDX, RSP, RBP,
                      RSI, RDI, R8, R9, R10, R11, R12, R13, R14, R15)
@@ -129,8 +130,8 @@ class FunctionGen:
         self.fn = fn
         self.registers = ALLOCATABLE if registers is None else [r for r in ALLOCATABLE if r in registers]
         self.a = Asm(bundled)
-        self.lines: list[tuple[int, ir.Loc]] = []        # (anchor, where the code from there comes from)
-        self.sites: list[tuple[int, int, str, ir.Loc | None, str, int]] = []   # anchors, op, loc, becomes, kind
+        self.lines: list[tuple[int, Loc]] = []        # (anchor, where the code from there comes from)
+        self.sites: list[tuple[int, int, str, Loc | None, str, int]] = []   # anchors, op, loc, becomes, kind
         self.open_sites: dict[int, tuple[int, ir.SiteBegin]] = {}              # site -> (anchor, begin)
         self.calls_swtch = False
 
@@ -217,7 +218,7 @@ class FunctionGen:
     def label(self, name: str) -> str:
         return ".L" + name
 
-    def mark(self, loc: ir.Loc | None) -> None:
+    def mark(self, loc: Loc | None) -> None:
         """A line row whenever the source line changes."""
         lines = self.lines
         if loc is None or (lines and (lines[-1][1] is loc or (
@@ -229,7 +230,7 @@ class FunctionGen:
                 return
         lines.append((self.a.anchor(), loc))
 
-    def site(self, start: int, op: str, loc: ir.Loc | None, becomes: str = "", kind: int = abi.SITE_NATIVE) -> None:
+    def site(self, start: int, op: str, loc: Loc | None, becomes: str = "", kind: int = abi.SITE_NATIVE) -> None:
         """A site row for the code emitted since anchor `start`."""
         self.sites.append((start, self.a.anchor(), op, loc, becomes, kind))
 

@@ -155,6 +155,8 @@ class PicPair:
 
     def pending(self) -> bool:
         """Whether the CPU's interrupt pin is asserted."""
+        if not (self.master.irr | self.slave.irr):    # the common case, checked after every exit
+            return False
         return self.master.pending_line() is not None
 
     def acknowledge(self) -> int:

@@ -81,7 +81,7 @@ static void errors(void)
     check("set_pte misaligned", set_pte((char *)table(0) + 4, 0), -EFAULT);
     check("set_pte into text", set_pte((void *)text, 0), -EFAULT);
     check("set_pte into start-info", set_pte((void *)START_INFO, 0), -EFAULT);
-    check("set_pte frame beyond RAM", set_pte(&table(4)[0], ram_end | P_RW), -EINVAL);
+    check("set_pte frame beyond RAM (a hole)", set_pte(&table(4)[0], ram_end | P_RW), 0);
     check("set_pte reserved bits", set_pte(&table(4)[0], (1UL << 52) | DATA | P_RW), -EINVAL);
 
     build_tables();
@@ -93,8 +93,8 @@ static void errors(void)
     check("start-info mapped writable", set_pte(&table(4)[1], START_INFO | P_RW), -EPERM);
     check("start-info mapped read-only", set_pte(&table(4)[1], START_INFO | 1), 0);
     check("shared page mapped writable", set_pte(&table(4)[2], SHARED_PAGE | P_RW), 0);
-    check("4K frame beyond RAM", set_pte(&table(4)[3], ram_end | P_RW), -EINVAL);
-    check("2M frame beyond RAM", set_pte(&table(2)[ram_end >> 21], ram_end | P_RW | HUGE), -EINVAL);
+    check("4K frame beyond RAM (a hole)", set_pte(&table(4)[3], ram_end | P_RW), 0);
+    check("2M frame beyond RAM (a hole)", set_pte(&table(2)[ram_end >> 21], ram_end | P_RW | HUGE), 0);
     check("misaligned 2M page", set_pte(&table(2)[1], (1UL << 21) + 0x2000 | P_RW | HUGE), -EINVAL);
     check("large page in PML4", set_pte(&table(0)[1], P_RW | HUGE), -EINVAL);
     check("table at two levels", set_pte(&table(1)[2], (u64)table(0) | P_RW), -EINVAL);

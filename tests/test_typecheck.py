@@ -201,11 +201,13 @@ def test_missing_kmain_is_reported_at_the_start_of_the_main_file():
 
 
 def test_error_format_quotes_the_line_with_a_caret():
+    src = "fn kmain() -> u64 {\n\tvar a: u8 = 1;\n\treturn a +  b;\n}"
     with pytest.raises(CompileError) as e:
-        checked("fn kmain() -> u64 {\n\tvar a: u8 = 1;\n\treturn a +  b;\n}", "fmt.pvk")
-    assert str(e.value) == ("fmt.pvk:3:14: error: unknown name 'b'\n"
-                            "\treturn a +  b;\n"
-                            "\t            ^")
+        checked(src, "fmt.pvk")
+    assert str(e.value) == "fmt.pvk:3:14: error: unknown name 'b'"     # no text attached
+    assert e.value.format({"fmt.pvk": src}) == ("fmt.pvk:3:14: error: unknown name 'b'\n"
+                                                "\treturn a +  b;\n"
+                                                "\t            ^")
 
 
 # -- hostile input: always a CompileError -------------------------------------------------------------
@@ -213,7 +215,7 @@ def test_error_format_quotes_the_line_with_a_caret():
 def compile_file(tmp_path: Path, data: bytes) -> None:
     p = tmp_path / "in.pvk"
     p.write_bytes(data)
-    lower(parse_program(str(p)))
+    lower(check(parse_program(str(p))))
 
 
 HOSTILE = {

@@ -1,4 +1,10 @@
-"""What the CPU reads and writes when it takes an interrupt and returns from it.
+"""How an interrupt enters the guest through its IDT (or trap table), and how iret leaves it.
+
+`enter` is what the CPU does when it takes a vector: read the gate, push a
+frame, mask interrupts for an interrupt gate, jump to the handler; `iret`
+pops the frame.  In pv mode the guest's IF is the shared page's mask
+(`Mode.virtual_if`): the frame carries the virtual IF and the real one stays
+clear.
 
 Gates: a 64-bit IDT holds 16-byte gates (offset bits 0-15, selector, IST,
 type/DPL/present, offset bits 16-31, offset bits 32-63, reserved).  The
@@ -20,9 +26,17 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
+from unicorn import x86_const as U
+
+from .cpu import RFLAGS_IF
 from .devices.msr import canonical
 from .errors import GuestFault, Refused
 from .mmu import Mmu
+
+if TYPE_CHECKING:
+    from .machine import Vm
 
 MASK64 = (1 << 64) - 1
 GATE = struct.Struct("<HHBBHII")
@@ -96,3 +110,45 @@ def pop_frame(mmu: Mmu, rsp: int, cs: int, ss: int) -> Frame:
         if not canonical(value):
             raise GuestFault(f"iret: bad frame at {rsp:#x}: {what} {value:#x} is not canonical")
     return frame
+
+
+def enter(vm: Vm, vector: int, kind: str) -> None:
+    """Take `vector` as the hardware does: through its gate, on an interrupt frame.
+
+    `kind` names it in the statistics ("interrupt 32", "upcall 32")."""
+    cpu, mode = vm.cpu, vm.mode
+    cs = cpu.segment(U.UC_X86_REG_CS)
+    rflags = cpu.rflags()
+    if mode.virtual_if:
+        rflags |= RFLAGS_IF                       # events were enabled, or it would not be delivered
+    frame = Frame(cpu.resume_rip(), cs, rflags, cpu.regs["rsp"], cpu.segment(U.UC_X86_REG_SS))
+    try:
+        gate = read_gate(vm.mmu, cpu.read_table("idt"), vector, cs)
+        mode.check_entry_point(vm, gate.handler, f"gate {vector}")
+        cpu.regs["rsp"] = push_frame(vm.mmu, frame)
+    except GuestFault as e:
+        raise GuestFault(f"{kind} {vector}: {e.what}") from None
+    rflags &= ~CLEARED_ON_ENTRY
+    if not gate.trap:
+        rflags &= ~RFLAGS_IF
+        if mode.virtual_if:
+            mode.set_virtual_if(vm, False)
+    if mode.virtual_if:
+        rflags &= ~RFLAGS_IF
+    cpu.set_rflags(rflags)
+    vm.stats.account(f"{kind} {vector}", frame.rip)
+    cpu.jump(gate.handler)
+
+
+def iret(vm: Vm) -> None:
+    """Return from an interrupt: pop the frame at RSP (iretq, or the iret hypercall)."""
+    cpu, mode = vm.cpu, vm.mode
+    frame = pop_frame(vm.mmu, cpu.regs["rsp"], cpu.segment(U.UC_X86_REG_CS), cpu.segment(U.UC_X86_REG_SS))
+    mode.check_entry_point(vm, frame.rip, "iret")
+    rflags = cpu.rflags() & ~RESTORABLE | frame.rflags & RESTORABLE | 2
+    if mode.virtual_if:                # the virtual IF is the mask; the real one stays clear
+        mode.set_virtual_if(vm, bool(frame.rflags & RFLAGS_IF))
+        rflags &= ~RFLAGS_IF
+    cpu.set_rflags(rflags)
+    cpu.regs["rsp"] = frame.rsp
+    cpu.jump(frame.rip)

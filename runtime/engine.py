@@ -1,0 +1,361 @@
+"""The emulation engine: Unicorn, pinned to one version and driven through its C API.
+
+The runtime relies on Unicorn details no API promises, each found by
+experiment and checked here when the first engine is made:
+
+- the CPU context that `uc_context_save` copies is QEMU's `CPUX86State`
+  after a 40-byte header, so the register file of an exit can be read and
+  written in one copy each way (`RegisterFile`) instead of one C call per
+  register (a `uc_reg_read` inside a hook costs more than a whole context
+  save);
+- the offsets of the fields used (general registers, RIP, RFLAGS, the
+  TB flags, the control registers, EFER) are found by writing known values
+  through the API and looking for them in a saved context (`_probe`).
+
+Hooks are registered through the C API too (`Engine.hook_*`): the Python
+binding's wrapper costs twice a raw callback.  A callback must never
+raise: the vCPU's guard catches everything (run.py).
+
+If the installed Unicorn is not the pinned version, or a probe finds the
+context laid out otherwise, `EngineError` stops the run before it starts,
+with a message that says what to install.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import unicorn
+from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_INTR, UC_HOOK_MEM_INVALID, UC_MODE_64, Uc
+from unicorn import x86_const as U
+from unicorn.unicorn_py3 import unicorn as _binding
+
+PINNED_VERSION = "2.1.4"
+
+
+class EngineError(Exception):
+    """The installed Unicorn cannot run guests the way the runtime needs; str() is one line."""
+
+
+# -- the C library, called directly -------------------------------------------------------
+
+_lib = ctypes.CDLL(_binding.uclib._name)
+_c_void_p, _c_int, _c_u64, _c_size = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t
+for _name, _args in (("uc_context_save", [_c_void_p, _c_void_p]),
+                     ("uc_context_restore", [_c_void_p, _c_void_p]),
+                     ("uc_context_alloc", [_c_void_p, ctypes.POINTER(_c_void_p)]),
+                     ("uc_context_free", [_c_void_p]),
+                     ("uc_context_size", [_c_void_p]),
+                     ("uc_reg_read", [_c_void_p, _c_int, _c_void_p]),
+                     ("uc_reg_write", [_c_void_p, _c_int, _c_void_p])):
+    getattr(_lib, _name).argtypes = _args
+    getattr(_lib, _name).restype = _c_size if _name == "uc_context_size" else _c_int
+_context_save, _context_restore = _lib.uc_context_save, _lib.uc_context_restore
+
+# Raw callback types (unicorn.h), each with the trailing user-data pointer.
+SYSCALL_CB = ctypes.CFUNCTYPE(None, _c_void_p, _c_void_p)
+IN_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, _c_void_p, ctypes.c_uint32, _c_int, _c_void_p)
+OUT_CB = ctypes.CFUNCTYPE(None, _c_void_p, ctypes.c_uint32, _c_int, ctypes.c_uint32, _c_void_p)
+CPUID_CB = ctypes.CFUNCTYPE(_c_int, _c_void_p, _c_void_p)
+INTR_CB = ctypes.CFUNCTYPE(None, _c_void_p, ctypes.c_uint32, _c_void_p)
+CODE_CB = ctypes.CFUNCTYPE(None, _c_void_p, _c_u64, ctypes.c_uint32, _c_void_p)
+MEM_INVALID_CB = ctypes.CFUNCTYPE(ctypes.c_bool, _c_void_p, _c_int, _c_u64, _c_int, ctypes.c_int64, _c_void_p)
+
+
+def check_version() -> None:
+    """Refuse to run on a Unicorn other than the pinned one (binding and library)."""
+    found = getattr(unicorn, "__version__", "unknown")
+    major, minor, patch = (int(x) for x in PINNED_VERSION.split("."))
+    library = _lib.uc_version(None, None)
+    want_library = major << 24 | minor << 16 | patch << 8
+    if found != PINNED_VERSION or library & 0xFFFFFF00 != want_library:
+        raise EngineError(f"the runtime needs unicorn {PINNED_VERSION} (found {found}); "
+                          f"install it with: python3 -m pip install unicorn=={PINNED_VERSION}")
+
+
+# -- where the registers are in a saved context ------------------------------------------------
+
+HEADER = 40              # uc_context's own fields before the copied CPUX86State
+GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")      # QEMU's regs[] order
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Byte offsets into a saved context (header included)."""
+    gpr: dict[str, int]
+    rip: int
+    eflags: int           # IF, IOPL, TF ... (the arithmetic flags live elsewhere while running)
+    hflags: int           # QEMU's TB flags: CPL in bits 0-1, the sti shadow in bit 3
+    cr: dict[int, int]
+    efer: int
+    size: int
+
+
+HF_CPL_MASK = 3
+HF_INHIBIT_IRQ = 1 << 3   # the one-instruction interrupt shadow after sti / mov ss
+
+
+def _context_buffer(uc: Uc):
+    """A uc_context for `uc` (its header filled by Unicorn), as a ctypes byte array over its memory.
+
+    Freed when the array is collected (a finalizer on it)."""
+    ptr = _c_void_p()
+    if _lib.uc_context_alloc(uc._uch, ctypes.byref(ptr)):
+        raise EngineError("unicorn cannot allocate a CPU context")
+    size = _lib.uc_context_size(uc._uch)
+    buf = (ctypes.c_char * size).from_address(ptr.value)
+    weakref.finalize(buf, _lib.uc_context_free, ptr.value)
+    return buf
+
+
+def _probe() -> Layout:
+    """Find the fields in a saved context by writing known values through the API."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    size = _lib.uc_context_size(uc._uch)
+    buf = _context_buffer(uc)
+    gpr_ids = [getattr(U, f"UC_X86_REG_{name.upper()}") for name in GPR_ORDER]
+    for k, reg in enumerate(gpr_ids):
+        uc.reg_write(reg, 0x5A5A_0000_0000_0000 | k << 8 | k)
+    uc.reg_write(U.UC_X86_REG_RIP, 0x5A5A_1234_5678_9ABC)
+    snap = _save(uc, buf)
+    base = snap.find(struct.pack("<Q", 0x5A5A_0000_0000_0000))
+    if base != HEADER:
+        raise EngineError(f"unicorn's saved context is not laid out as expected (registers at {base}); "
+                          f"the runtime is pinned to unicorn {PINNED_VERSION}")
+    gpr = {name: base + 8 * k for k, name in enumerate(GPR_ORDER)}
+    rip, eflags, hflags = base + 128, base + 136, base + 176
+    cr = {}
+    for n in (0, 3, 4):
+        before = _save(uc, buf)
+        value = uc.reg_read(getattr(U, f"UC_X86_REG_CR{n}"))
+        probe = {0: value ^ (1 << 18), 3: 0x7_F000, 4: value ^ (1 << 9)}[n]    # AM, a page, OSFXSR
+        uc.reg_write(getattr(U, f"UC_X86_REG_CR{n}"), probe)
+        cr[n] = _changed_u64(before, _save(uc, buf), probe)
+        uc.reg_write(getattr(U, f"UC_X86_REG_CR{n}"), value)
+    before = _save(uc, buf)
+    uc.msr_write(0xC0000080, 1 << 11)                    # EFER.NXE (Unicorn keeps LMA as it was)
+    efer = _changed_u64(before, _save(uc, buf), uc.msr_read(0xC0000080))
+    layout = Layout(gpr, rip, eflags, hflags, cr, efer, size)
+    _verify(uc, buf, layout, gpr_ids)
+    return layout
+
+
+def _save(uc: Uc, buf) -> bytes:
+    _context_save(uc._uch, buf)
+    return bytes(buf)
+
+
+def _changed_u64(before: bytes, after: bytes, value: int) -> int:
+    want = struct.pack("<Q", value)
+    hits = [k for k in range(HEADER, len(after) - 7, 8) if after[k:k + 8] == want and before[k:k + 8] != want]
+    if len(hits) != 1:
+        raise EngineError(f"cannot locate a control register in unicorn's saved context ({len(hits)} candidates); "
+                          f"the runtime is pinned to unicorn {PINNED_VERSION}")
+    return hits[0]
+
+
+def _verify(uc: Uc, buf, layout: Layout, gpr_ids: list[int]) -> None:
+    """A round trip: values written into the buffer and restored must read back through the API."""
+    _context_save(uc._uch, buf)
+    for k, name in enumerate(GPR_ORDER):
+        struct.pack_into("<Q", buf, layout.gpr[name], 0x6B6B_0000_0000_0000 | k)
+    struct.pack_into("<Q", buf, layout.rip, 0x401000)
+    _context_restore(uc._uch, buf)
+    ok = all(uc.reg_read(reg) == 0x6B6B_0000_0000_0000 | k for k, reg in enumerate(gpr_ids))
+    if not ok or uc.reg_read(U.UC_X86_REG_RIP) != 0x401000 or \
+            struct.unpack_from("<Q", buf, layout.eflags)[0] & 2 != 2:
+        raise EngineError(f"unicorn's context round trip failed; the runtime is pinned to unicorn {PINNED_VERSION}")
+
+
+_LAYOUT: Layout | None = None
+
+
+def layout() -> Layout:
+    global _LAYOUT
+    if _LAYOUT is None:
+        check_version()
+        _LAYOUT = _probe()
+    return _LAYOUT
+
+
+# -- the register file of one exit ----------------------------------------------------------------
+
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+
+
+GPR_INDEX = {name: k for k, name in enumerate(GPR_ORDER)}
+RIP_INDEX = len(GPR_ORDER)
+
+
+class RegisterFile:
+    """The vCPU's registers during one exit: loaded with one context save, written back with one restore.
+
+    `load` copies the CPU state into the buffer (once per exit); reads and
+    writes then touch the buffer; `store` copies it back if anything was
+    written.  Anything that changes the CPU through Unicorn's API instead
+    (a CR0 write, RIP from a code hook) must `store` first and `invalidate`
+    after, so neither copy overwrites the other."""
+
+    __slots__ = ("handle", "buf", "view", "loaded", "dirty", "_gpr", "_rip", "_eflags", "_hflags", "_cr", "_efer",
+                 "_block", "_control", "_control_at")
+
+    def __init__(self, uc: Uc):
+        lay = layout()
+        self.handle = uc._uch
+        self.buf = _context_buffer(uc)
+        self.view = memoryview(self.buf).cast("B")
+        self.loaded = self.dirty = False
+        self._gpr, self._rip, self._eflags, self._hflags = lay.gpr, lay.rip, lay.eflags, lay.hflags
+        self._cr, self._efer = lay.cr, lay.efer
+        self._block = struct.Struct(f"<{RIP_INDEX + 1}Q")        # the GPRs then RIP: contiguous
+        # CR0, CR3, CR4 and EFER in one unpack: the fields sit in that order after CR0
+        at = sorted((lay.cr[0], lay.cr[3], lay.cr[4], lay.efer))
+        if at != [lay.cr[0], lay.cr[3], lay.cr[4], lay.efer]:
+            raise EngineError(f"unicorn's control registers are not laid out as expected; "
+                              f"the runtime is pinned to unicorn {PINNED_VERSION}")
+        fmt = "<Q" + "".join(f"{b - a - 8}xQ" if b - a > 8 else "Q" for a, b in zip(at, at[1:]))
+        self._control, self._control_at = struct.Struct(fmt), at[0]
+
+    def load(self) -> None:
+        if not self.loaded:
+            _context_save(self.handle, self.buf)
+            self.loaded = True
+
+    def store(self) -> None:
+        if self.dirty:
+            _context_restore(self.handle, self.buf)
+            self.dirty = False
+
+    def invalidate(self) -> None:
+        self.loaded = self.dirty = False
+
+    def finish(self) -> None:
+        """End of an exit: write back what changed, and read afresh next time."""
+        if self.dirty:
+            _context_restore(self.handle, self.buf)
+        self.loaded = self.dirty = False
+
+    def __getitem__(self, name: str) -> int:
+        if not self.loaded:
+            self.load()
+        return _U64.unpack_from(self.view, self._gpr[name])[0]
+
+    def __setitem__(self, name: str, value: int) -> None:
+        if not self.loaded:
+            self.load()
+        _U64.pack_into(self.view, self._gpr[name], value & 0xFFFF_FFFF_FFFF_FFFF)
+        self.dirty = True
+
+    def read(self, *names: str) -> tuple[int, ...]:
+        if not self.loaded:
+            self.load()
+        view, gpr = self.view, self._gpr
+        return tuple(_U64.unpack_from(view, gpr[n])[0] for n in names)
+
+    def block(self) -> tuple[int, ...]:
+        """All general registers (GPR_ORDER) and RIP (at RIP_INDEX), in one read."""
+        if not self.loaded:
+            self.load()
+        return self._block.unpack_from(self.view, self._gpr["rax"])
+
+    def control(self) -> tuple[int, int, int, int]:
+        """(CR0, CR3, CR4, EFER), in one read."""
+        if not self.loaded:
+            self.load()
+        return self._control.unpack_from(self.view, self._control_at)
+
+    @property
+    def rip(self) -> int:
+        if not self.loaded:
+            self.load()
+        return _U64.unpack_from(self.view, self._rip)[0]
+
+    @rip.setter
+    def rip(self, value: int) -> None:
+        # Through the context, not uc_reg_write: writing RIP through the API leaves
+        # Unicorn 2.1.4 skipping its PC sync for the rest of the emu_start, and every
+        # later memory hook then sees the start of the block as RIP.
+        if not self.loaded:
+            self.load()
+        _U64.pack_into(self.view, self._rip, value & 0xFFFF_FFFF_FFFF_FFFF)
+        self.dirty = True
+
+    @property
+    def eflags(self) -> int:
+        """RFLAGS as stored while running: IF, TF, IOPL, ... but not the arithmetic flags."""
+        if not self.loaded:
+            self.load()
+        return _U64.unpack_from(self.view, self._eflags)[0]
+
+    @property
+    def hflags(self) -> int:
+        if not self.loaded:
+            self.load()
+        return _U32.unpack_from(self.view, self._hflags)[0]
+
+    def cr(self, n: int) -> int:
+        if not self.loaded:
+            self.load()
+        return _U64.unpack_from(self.view, self._cr[n])[0]
+
+    @property
+    def efer(self) -> int:
+        if not self.loaded:
+            self.load()
+        return _U64.unpack_from(self.view, self._efer)[0]
+
+    def set_eflags_bit(self, mask: int, on: bool) -> None:
+        """Set or clear a bit of RFLAGS that is stored as such (IF, TF): not an arithmetic flag."""
+        flags = self.eflags
+        _U64.pack_into(self.view, self._eflags, flags | mask if on else flags & ~mask)
+        self.dirty = True
+
+
+# -- hooks through the C API ------------------------------------------------------------------------
+
+class Engine:
+    """A Unicorn x86-64 CPU with raw hooks; keeps the callbacks alive as long as itself."""
+
+    def __init__(self) -> None:
+        layout()                              # checks the version and the context layout once
+        self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self.regs = RegisterFile(self.uc)
+        self._callbacks: list[object] = []
+
+    def _add(self, kind: int, callback, begin: int = 1, end: int = 0, *extra: int) -> int:
+        handle = ctypes.c_size_t()
+        status = _binding.uclib.uc_hook_add(self.uc._uch, ctypes.byref(handle), kind, callback, None,
+                                            ctypes.c_uint64(begin), ctypes.c_uint64(end),
+                                            *(ctypes.c_int(x) for x in extra))
+        if status:
+            raise EngineError(f"unicorn refused a hook: {unicorn.UcError(status)}")
+        self._callbacks.append(callback)
+        return handle.value
+
+    def hook_syscall(self, fn: Callable[[], None]) -> None:
+        self._add(UC_HOOK_INSN, SYSCALL_CB(lambda uc, data: fn()), 1, 0, U.UC_X86_INS_SYSCALL)
+
+    def hook_in(self, fn: Callable[[int, int], int]) -> None:
+        self._add(UC_HOOK_INSN, IN_CB(lambda uc, port, size, data: fn(port, size)), 1, 0, U.UC_X86_INS_IN)
+
+    def hook_out(self, fn: Callable[[int, int, int], None]) -> None:
+        self._add(UC_HOOK_INSN, OUT_CB(lambda uc, port, size, value, data: fn(port, size, value)),
+                  1, 0, U.UC_X86_INS_OUT)
+
+    def hook_cpuid(self, fn: Callable[[], int]) -> None:
+        self._add(UC_HOOK_INSN, CPUID_CB(lambda uc, data: fn()), 1, 0, U.UC_X86_INS_CPUID)
+
+    def hook_interrupt(self, fn: Callable[[int], None]) -> None:
+        self._add(UC_HOOK_INTR, INTR_CB(lambda uc, intno, data: fn(intno)))
+
+    def hook_code(self, fn: Callable[[int, int], None], begin: int, end: int) -> int:
+        return self._add(UC_HOOK_CODE, CODE_CB(lambda uc, address, size, data: fn(address, size)), begin, end)
+
+    def hook_invalid_memory(self, fn: Callable[[int, int, int, int], bool]) -> None:
+        self._add(UC_HOOK_MEM_INVALID, MEM_INVALID_CB(
+            lambda uc, access, address, size, value, data: fn(access, address, size, value)))

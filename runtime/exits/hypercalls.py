@@ -1,0 +1,343 @@
+"""PV exits: the hypercall handlers, one function per hypercall, in one table.
+
+A PV guest calls `hypercall_page + nr * 32`, where the runtime wrote the
+stub of pvimage.abi.hypercall_stub: `mov eax, nr; syscall; ...`.  Unicorn's
+`syscall` instruction hook is the exit (inside it RIP is the `syscall`
+itself, RCX and R11 are untouched, and execution resumes after it; LSTAR
+is never used).  `on_syscall` refuses a `syscall` anywhere but the
+hypercall page, reads rax = nr and the arguments the handler takes (rdi,
+rsi, rdx, r10, r8, in that order), runs the handler and writes its result
+to rax.  RCX and R11 keep their values; the ABI calls them clobbered.
+
+Every handler validates its arguments: a bad guest pointer is -EFAULT
+(pointers are guest-virtual, translated through the current page tables
+and checked against what the guest itself may access), a bad value
+-EINVAL, a forbidden page-table update -EPERM, an unknown number -ENOSYS.
+Handlers raise `Refused`; the dispatcher turns it into the -errno result.
+Each handler's work is bounded by its arguments (console_write by its
+length, a multicall by the queue's 64 entries, new_baseptr by the tables
+of the hierarchy, which the MMU also bounds).
+
+A multicall entry the hypervisor refuses stops the guest by default, as a
+fault naming the entry, its operation and the rule it broke (Linux on Xen
+treats a failed mmu_update as a bug too); the entry's `result` field gets
+the -errno either way (`Vm.run.lenient_batches` keeps the guest running).
+
+The shared page mirrors the virtual CPU: `publish` rewrites the control
+registers and descriptor-table images after every hypercall that changes
+them, and SH_TIME gets the virtual TSC at each exit.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from pvimage import abi
+
+from .. import delivery
+from ..cpu import DESCRIPTOR
+from ..devices.bus import SIZES
+from ..devices.msr import canonical
+from ..engine import GPR_INDEX, RIP_INDEX
+from ..errors import GuestFault, Refused, Shutdown
+
+if TYPE_CHECKING:
+    from ..machine import Vm
+
+MASK64 = (1 << 64) - 1
+CONSOLE_MAX = 1 << 20
+ARGS = ("rdi", "rsi", "rdx", "r10", "r8")
+_MC_ENTRY = struct.Struct("<5Q")
+_U64 = struct.Struct("<Q")
+_RESULT_AT = 32                   # offset of `result` in an entry
+_CPU_STATE = struct.Struct("<4Q10s6s10s6s")   # SH_CR0 .. the end of SH_IDTR's slot
+SH_TIME = abi.SHARED_PAGE + abi.SH_TIME
+
+
+@dataclass(frozen=True)
+class Hypercall:
+    nr: int
+    name: str
+    reason: str           # its name in the exit statistics
+    fn: Callable
+    arity: int
+    args: tuple[int, ...]  # where its arguments are in RegisterFile.block()
+
+
+HYPERCALLS: dict[int, Hypercall] = {}
+
+
+def hypercall(nr: int):
+    """Register the decorated function as the handler of hypercall `nr`."""
+    def register(fn: Callable) -> Callable:
+        name = abi.HYPERCALL_NAMES[nr]
+        arity = fn.__code__.co_argcount - 1
+        HYPERCALLS[nr] = Hypercall(nr, name, f"hypercall {name}", fn, arity,
+                                   tuple(GPR_INDEX[reg] for reg in ARGS[:arity]))
+        return fn
+    return register
+
+
+# -- dispatch ----------------------------------------------------------------------------
+
+def on_syscall(vm: Vm) -> None:
+    """The syscall hook in pv mode: one hypercall exit."""
+    regs = vm.cpu.regs
+    block = regs.block()
+    rip = block[RIP_INDEX]
+    if not vm.mode.in_hypercall_page(rip):
+        raise GuestFault("syscall outside the hypercall page")
+    nr = block[0]
+    call = HYPERCALLS.get(nr)
+    vm.run.count(call.reason if call else "hypercall unknown", call_site if vm.run.wants_where else None)
+    try:
+        if call is None:
+            raise Refused(abi.ENOSYS, f"no hypercall number {nr}")
+        result = call.fn(vm, *[block[k] for k in call.args])
+    except GuestFault as e:
+        if e.rip is None:             # report the guest code that called, not the stub
+            e.rip = call_site(vm)
+        raise
+    except Refused as e:
+        result = -e.errno
+        if vm.trace:
+            print(f"  hypercall {call.name if call else nr} refused: -{e.errno}: {e.why}", file=vm.trace)
+    if result is not None:                # None: the hypercall does not return (iret)
+        regs["rax"] = result
+    vm.mem.write_u64(SH_TIME, vm.clock.ticks)
+
+
+def caller(vm: Vm) -> int | None:
+    """The return address the hypercall stub will use: just after the guest's call."""
+    try:
+        return int.from_bytes(vm.mmu.read_virt(vm.cpu.regs["rsp"], 8), "little")
+    except Refused:
+        return None
+
+
+def call_site(vm: Vm) -> int | None:
+    """Where the guest made the hypercall: the last byte of its call (same line as `pvtool diff` shows)."""
+    ret = caller(vm)
+    return None if ret is None else ret - 1
+
+
+def publish(vm: Vm) -> None:
+    """Copy the virtual CPU's control registers and descriptor tables into the shared page."""
+    cpu = vm.cpu
+    gdt, idt = cpu.read_table("gdt"), cpu.read_table("idt")
+    vm.mem.write(abi.SHARED_PAGE + abi.SH_CR0, _CPU_STATE.pack(
+        cpu.read_cr(0), cpu.read_cr(2), cpu.read_cr(3), cpu.read_cr(4),
+        DESCRIPTOR.pack(*gdt), b"", DESCRIPTOR.pack(*idt), b""))
+
+
+def _u32(value: int, what: str) -> int:
+    if value > 0xFFFFFFFF:
+        raise Refused(abi.EINVAL, f"{what} {value:#x} does not fit in 32 bits")
+    return value
+
+
+# -- the hypercalls ------------------------------------------------------------------------
+
+@hypercall(abi.HC_CONSOLE_WRITE)
+def console_write(vm: Vm, buf: int, length: int) -> int:
+    if length > CONSOLE_MAX:
+        raise Refused(abi.EINVAL, f"console_write of {length} bytes (at most {CONSOLE_MAX})")
+    vm.console.write(vm.mmu.read_virt(buf, length))
+    return length
+
+
+@hypercall(abi.HC_SHUTDOWN)
+def shutdown(vm: Vm, status: int) -> int:
+    raise Shutdown(status & 0xFF)
+
+
+@hypercall(abi.HC_SET_PTE)
+def set_pte(vm: Vm, ptr: int, value: int) -> int:
+    vm.mmu.set_pte(ptr, value)
+    return 0
+
+
+@hypercall(abi.HC_INVLPG)
+def invlpg(vm: Vm, va: int) -> int:
+    if not canonical(va):
+        raise Refused(abi.EINVAL, f"invlpg of non-canonical address {va:#x}")
+    vm.mmu.flush()
+    return 0
+
+
+@hypercall(abi.HC_NEW_BASEPTR)
+def new_baseptr(vm: Vm, cr3: int) -> int:
+    vm.mmu.load_root(cr3)
+    publish(vm)
+    return 0
+
+
+@hypercall(abi.HC_WRITE_CR)
+def write_cr(vm: Vm, n: int, value: int) -> int:
+    if n not in (0, 4):
+        raise Refused(abi.EINVAL, f"write_cr to CR{n}: only CR0 and CR4")
+    vm.cpu.write_cr(n, value)
+    publish(vm)
+    return 0
+
+
+def _load_descriptor(vm: Vm, which: str, ptr: int) -> None:
+    limit, base = DESCRIPTOR.unpack(vm.mmu.read_virt(ptr, DESCRIPTOR.size))
+    vm.cpu.load_table(which, limit, base, vm.mmu.read_virt)
+    publish(vm)
+
+
+@hypercall(abi.HC_SET_GDT)
+def set_gdt(vm: Vm, ptr: int) -> int:
+    _load_descriptor(vm, "gdt", ptr)
+    return 0
+
+
+@hypercall(abi.HC_SET_TRAP_TABLE)
+def set_trap_table(vm: Vm, ptr: int) -> int:
+    _load_descriptor(vm, "idt", ptr)
+    return 0
+
+
+@hypercall(abi.HC_RDMSR)
+def rdmsr(vm: Vm, msr: int) -> int:
+    value = vm.msrs.read(_u32(msr, "MSR number"))
+    vm.mem.write_u64(abi.SHARED_PAGE + abi.SH_HC_VALUE, value)
+    return 0
+
+
+@hypercall(abi.HC_WRMSR)
+def wrmsr(vm: Vm, msr: int, value: int) -> int:
+    vm.cpu.regs.store()
+    vm.msrs.write(_u32(msr, "MSR number"), value)
+    vm.cpu.regs.invalidate()
+    vm.cpu.remember_control_state()
+    return 0
+
+
+@hypercall(abi.HC_CPUID)
+def cpuid(vm: Vm, leaf: int, out: int) -> int:
+    regs = vm.cpuid.query(_u32(leaf, "cpuid leaf"))
+    vm.mmu.write_virt(out, struct.pack("<4I", *regs))
+    return 0
+
+
+def _port(port: int, size: int) -> None:
+    if port > 0xFFFF:
+        raise Refused(abi.EINVAL, f"port {port:#x} is not a 16-bit port")
+    if size not in SIZES:
+        raise Refused(abi.EINVAL, f"port access size {size} (1, 2 or 4)")
+
+
+@hypercall(abi.HC_IO_IN)
+def io_in(vm: Vm, port: int, size: int) -> int:
+    _port(port, size)
+    return vm.bus.read(port, size)
+
+
+@hypercall(abi.HC_IO_OUT)
+def io_out(vm: Vm, port: int, size: int, value: int) -> int:
+    _port(port, size)
+    if value >> (8 * size):
+        raise Refused(abi.EINVAL, f"value {value:#x} does not fit in {size} bytes")
+    vm.bus.write(port, size, value)
+    return 0
+
+
+@hypercall(abi.HC_BLOCK)
+def block(vm: Vm) -> int:
+    """Idle until an event is pending; the upcall follows at once if events are unmasked."""
+    vm.run.halt(interrupts_enabled=vm.mode.interrupts_enabled(vm))
+    return 0
+
+
+@hypercall(abi.HC_RDTSC)
+def rdtsc(vm: Vm) -> int:
+    return vm.clock.read_tsc()
+
+
+@hypercall(abi.HC_WBINVD)
+def wbinvd(vm: Vm) -> int:
+    return 0
+
+
+@hypercall(abi.HC_MULTICALL)
+def multicall(vm: Vm) -> int:
+    return run_queue(vm)
+
+
+@hypercall(abi.HC_EVENT_CHECK)
+def event_check(vm: Vm) -> int:
+    """The exit is the point: pending events are delivered after every exit (run.py)."""
+    return 0
+
+
+@hypercall(abi.HC_IRET)
+def iret(vm: Vm) -> None:
+    """Pop the frame at rsp; the mask follows the saved IF.  Anything still pending follows at once."""
+    delivery.iret(vm)
+    return None
+
+
+@hypercall(abi.HC_SET_TIMER)
+def set_timer(vm: Vm, deadline: int) -> int:
+    """One-shot: raise IRQ 0 when the virtual clock reaches `deadline` ns (0 cancels; a past one fires now)."""
+    vm.clock.arm(vm.oneshot, deadline or None)
+    return 0
+
+
+# -- the multicall queue -----------------------------------------------------------------------
+
+def run_queue(vm: Vm) -> int:
+    """Run and empty the shared-page queue; returns how many entries ran."""
+    count = int.from_bytes(vm.mem.read(abi.SHARED_PAGE + abi.SH_MC_COUNT, 4), "little")
+    if count > abi.MC_MAX:
+        raise Refused(abi.EINVAL, f"multicall queue holds {count} entries (at most {abi.MC_MAX})")
+    at = abi.SHARED_PAGE + abi.SH_MC_ENTRIES
+    queue = bytearray(vm.mem.read(at, count * _MC_ENTRY.size))
+    batched = vm.stats.batched
+    with vm.mmu.batch():
+        for k, (nr, a0, a1, a2, queued_at) in enumerate(_MC_ENTRY.iter_unpack(bytes(queue))):
+            try:
+                if nr not in abi.BATCHABLE:
+                    raise Refused(abi.EINVAL, f"hypercall {abi.HYPERCALL_NAMES.get(nr, nr)} cannot be batched")
+                call = HYPERCALLS[nr]
+                result = call.fn(vm, *(a0, a1, a2)[:call.arity])
+                batched[call.name] += 1
+            except Refused as e:
+                _U64.pack_into(queue, k * _MC_ENTRY.size + _RESULT_AT, -e.errno & MASK64)
+                if not vm.run.lenient_batches:
+                    vm.mem.write(at, bytes(queue))
+                    _empty_queue(vm)
+                    raise GuestFault(_refusal(vm, k, nr, queued_at, e), _queued_at(vm, queued_at)) from None
+                continue
+            _U64.pack_into(queue, k * _MC_ENTRY.size + _RESULT_AT, result & MASK64)
+    vm.mem.write(at, bytes(queue))
+    _empty_queue(vm)
+    return count
+
+
+def _empty_queue(vm: Vm) -> None:
+    vm.mem.write(abi.SHARED_PAGE + abi.SH_MC_COUNT, b"\0\0\0\0")
+
+
+def _queued_at(vm: Vm, value: int) -> int | None:
+    """The entry's result field, if the guest stored the address of the code that queued it there."""
+    return value if value and vm.image.info.function_at(value) else None
+
+
+def _refusal(vm: Vm, k: int, nr: int, queued_at: int, e: Refused) -> str:
+    name = abi.HYPERCALL_NAMES.get(nr, f"hypercall {nr}")
+    return f"multicall entry {k} ({name}) refused with -{_ERRNO.get(e.errno, e.errno)}: {e.why}"
+
+
+_ERRNO = {abi.EPERM: "EPERM", abi.EFAULT: "EFAULT", abi.EINVAL: "EINVAL", abi.ENOSYS: "ENOSYS"}
+
+
+def run_queue_before_upcall(vm: Vm) -> None:
+    """The hypervisor runs a non-empty queue itself before an upcall (docs/abi.md section 5)."""
+    try:
+        run_queue(vm)
+    except Refused as e:
+        raise GuestFault(f"the multicall queue cannot run before an upcall: {e.why}") from None

@@ -1,0 +1,171 @@
+"""What differs between the ways a guest runs: one object per mode, chosen at set-up.
+
+- `Bare`: a native image on a bare machine.  Privileged instructions act on
+  the vCPU directly; port I/O and cpuid reach the devices through Unicorn's
+  instruction hooks.  The baseline.
+- `Trap`: a native image under trap-and-emulate.  Every sensitive
+  instruction the sweep finds exits (trapped.py), and every write to a live
+  page table exits and is validated (pagetables.py), as shadow paging does.
+- `Pv`: a paravirtualized image.  It reaches the hypervisor only through
+  the hypercall page (hypercalls.py); its IF is the shared page's mask.
+
+A mode answers four questions for the rest of the runtime: which images it
+runs; which exits it installs; where the guest's IF lives and how an
+interrupt waits for it; and which addresses the hypervisor may send the
+guest to (pv: only validated instruction starts, rule R8 of docs/abi.md).
+"""
+from __future__ import annotations
+
+from bisect import bisect_right
+from typing import TYPE_CHECKING
+
+from pvimage import abi
+
+from .errors import GuestFault, ImageError
+from .exits import hypercalls, trapped
+
+if TYPE_CHECKING:
+    from .machine import Vm
+
+MASK = abi.SHARED_PAGE + abi.SH_UPCALL_MASK
+PENDING = abi.SHARED_PAGE + abi.SH_UPCALL_PENDING
+MC_COUNT = abi.SHARED_PAGE + abi.SH_MC_COUNT
+
+
+class Mode:
+    name = ""
+    image_mode = "native"          # the kind of image the mode runs
+    tracks_tables = False          # the MMU validates and write-protects live page tables
+    virtual_if = False             # the guest's IF is a flag in the shared page, not RFLAGS.IF
+    watches_control_state = False  # CR0/CR3/CR4/EFER are the hypervisor's: checked at every exit
+
+    def interrupts_enabled(self, vm: Vm) -> bool:
+        return vm.cpu.interrupt_flag
+
+    def may_deliver(self, vm: Vm) -> bool:
+        """An interrupt is pending and the guest's IF is set: can it be taken right here?"""
+        return not vm.cpu.in_interrupt_shadow
+
+    def held(self, vm: Vm) -> None:
+        """An interrupt is pending but the guest's IF is clear."""
+
+    def nothing_pending(self, vm: Vm) -> None:
+        """No interrupt is pending (any more)."""
+
+    def delivered(self, vm: Vm) -> None:
+        """An interrupt was just delivered."""
+
+    def check_entry_point(self, vm: Vm, address: int, what: str) -> None:
+        """Refuse a transfer the hypervisor is about to make into guest code."""
+
+    def set_virtual_if(self, vm: Vm, enabled: bool) -> None:
+        raise AssertionError(f"{self.name} mode has no virtual IF")
+
+
+class Bare(Mode):
+    name = "bare"
+
+    def held(self, vm: Vm) -> None:
+        # Open the interrupt window: the instructions that can set IF exit until it is taken.
+        trapped.open_window(vm)
+
+    def delivered(self, vm: Vm) -> None:
+        trapped.close_window(vm)
+
+
+class Trap(Mode):
+    name = "trap"
+    tracks_tables = True
+    watches_control_state = True
+
+
+class Pv(Mode):
+    """The shared page's upcall mask is the guest's IF (docs/abi.md sections 5 and 7).
+
+    The guest flips the mask with plain stores, so the hypervisor reads it
+    afresh whenever it considers an upcall.  `upcall_pending` tells a guest
+    that unmasks whether to make the `event_check` hypercall.
+
+    An upcall is also held back while the guest is appending to its
+    multicall queue (records of kind SITE_BATCHED in `.pv.sites`): an upcall
+    whose handler queues entries of its own would leave the guest writing a
+    stale slot.  It waits for the next exit or slice end, as Xen fixes up an
+    event that hits a critical region.  Otherwise the hypervisor runs a
+    non-empty queue itself before the upcall, so a handler never sees
+    half-applied updates."""
+    name = "pv"
+    image_mode = "pv"
+    tracks_tables = True
+    virtual_if = True
+    watches_control_state = True
+
+    def __init__(self, image) -> None:
+        self.hypercall_page: int = image.hypercall_page
+        spans = sorted((s.address, s.address + s.length) for s in image.info.sites if s.batched)
+        self._starts = [a for a, _ in spans]
+        self._ends = [b for _, b in spans]
+        self.code = getattr(image, "code", None)      # the validator's proof: instruction starts (R8)
+
+    def interrupts_enabled(self, vm: Vm) -> bool:
+        return vm.mem.read(MASK, 1) == b"\0"
+
+    def may_deliver(self, vm: Vm) -> bool:
+        if self.in_batched_site(self.guest_pc(vm)):
+            vm.stats.deferred += 1
+            return False
+        if int.from_bytes(vm.mem.read(MC_COUNT, 4), "little"):
+            hypercalls.run_queue_before_upcall(vm)
+        return True
+
+    def held(self, vm: Vm) -> None:
+        self._set_pending(vm, True)
+
+    def nothing_pending(self, vm: Vm) -> None:
+        self._set_pending(vm, False)
+
+    def delivered(self, vm: Vm) -> None:
+        self._set_pending(vm, vm.pics.pending())
+
+    def set_virtual_if(self, vm: Vm, enabled: bool) -> None:
+        vm.mem.write(MASK, b"\0" if enabled else b"\1")
+
+    def _set_pending(self, vm: Vm, pending: bool) -> None:
+        if pending or vm.mem.read(PENDING, 1) != b"\0":
+            vm.mem.write(PENDING, b"\1" if pending else b"\0")
+
+    def in_hypercall_page(self, rip: int) -> bool:
+        return self.hypercall_page <= rip < self.hypercall_page + abi.PAGE_SIZE
+
+    def in_batched_site(self, pc: int) -> bool:
+        k = bisect_right(self._starts, pc) - 1
+        return k >= 0 and pc < self._ends[k]
+
+    def guest_pc(self, vm: Vm) -> int:
+        """The guest code being run: during a hypercall, the call that made it."""
+        rip = vm.cpu.resume_rip()
+        if self.in_hypercall_page(rip):
+            caller = hypercalls.caller(vm)
+            return rip if caller is None else caller
+        return rip
+
+    def check_entry_point(self, vm: Vm, address: int, what: str) -> None:
+        """Rule R8: the hypervisor sends the guest only to validated instruction starts."""
+        if self.code is not None and not self.code.may_enter(address):
+            raise GuestFault(f"{what}: {address:#x} is not an instruction start the validator saw (rule R8)")
+
+
+MODES: dict[str, type[Mode]] = {"bare": Bare, "trap": Trap, "pv": Pv}
+
+
+def choose(name: str | None, image) -> Mode:
+    """The mode object for a run of `image` (default: pv for PV images, bare otherwise)."""
+    if name is None:
+        name = "pv" if image.mode == "pv" else "bare"
+    if name not in MODES:
+        raise ImageError(f"unknown mode {name!r} ({', '.join(MODES)})")
+    cls = MODES[name]
+    if image.mode != cls.image_mode:
+        if cls.image_mode == "pv":
+            raise ImageError("native image cannot run in pv mode (it has no PVTool PV note)")
+        raise ImageError(f"PV image cannot run in {name} mode: it expects the hypercall page")
+    return cls(image) if cls is Pv else cls()

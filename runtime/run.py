@@ -1,0 +1,387 @@
+"""The vCPU run loop: enter the guest, take its exits, end the run.
+
+    Runner(vm, ...).run() -> Stop
+
+The loop (`run`) delivers what is pending, enters the guest with
+`emu_start`, and when that returns asks why (`_returned`): the guest
+halted, a slice ran out, a hook asked for the loop, or time is up.
+
+Guest code runs inside Unicorn; an *exit* is a Unicorn hook, and every hook
+the runtime installs goes through one dispatch, `_dispatch`, a match over
+the kinds of exit (`Exit`) that names each handler.  The hook's wrapper
+(`_hook`) times it, writes the register file back, and turns whatever the
+handler raises into the end of the run through `Vm.kill`, the one path
+that stops a guest: `Shutdown` (the guest asked), `GuestFault` (it did
+something it must not), `ExitLimit`, even a bug in the hypervisor, so
+nothing a guest does can take the hypervisor down.
+
+Interrupts (the PIC's, raised by the PIT or the pv one-shot timer on the
+virtual clock) reach the guest in one place, `deliver_events`: after every
+exit, at every re-entry of the loop, and so after every `hlt`/`block`; the
+mode decides whether the guest can take one (modes.py).  In a code or
+exception hook, or the syscall hook, it acts at once; the in/out/cpuid and
+memory hooks cannot redirect the guest, so those stop emulation and let
+the loop deliver.
+
+While a timer is armed or an interrupt waits, the guest runs in slices of
+SLICE_INSNS instructions (Unicorn's instruction count), so one that
+computes or spins without exits still sees time pass and takes its
+interrupts.  Slices are counted, not timed: stopping Unicorn 2.1.4 from
+another thread (emu_stop, or emu_start's own timeout) sometimes resumes it
+one instruction early, running a read-modify-write of memory twice
+(measured: tests/test_runtime_interrupts.py), so the only asynchronous
+stop left is the one that ends a run at its timeout.  Counting costs guest
+code about four times its speed while slicing; it is off whenever no timer
+is armed.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from time import perf_counter
+from typing import Callable, TextIO
+
+from unicorn import UC_ERR_INSN_INVALID, UcError
+
+from . import delivery
+from .clock import EXIT_NS, NEVER, SLICE_INSNS, SLICE_NS
+from .cpu import CODE, FAULT, INSN, LOOP, SYSCALL, TRAP
+from .errors import ExitLimit, GuestFault, Refused, Shutdown, TimeUp
+from .exits import faults, hypercalls, io, pagetables, trapped
+from .machine import Deadline, Stop, Vm
+
+END = (1 << 64) - 1                 # emu_start's `until`: never reached (non-canonical)
+
+
+class Exit(Enum):
+    """The kinds of exit: each Unicorn hook the runtime installs is one of these."""
+    SYSCALL = "syscall instruction"          # pv: a hypercall
+    PORT_IN = "in instruction"
+    PORT_OUT = "out instruction"
+    CPUID = "cpuid instruction"
+    EXCEPTION = "exception"                  # a breakpoint the runtime patched in, or the guest's own
+    MEMORY = "invalid memory access"         # a write-protected page (a live table), or a real fault
+
+
+# The register-file rules of each hook: can it redirect the guest, and what it returns when killed.
+_HOOK_KIND = {Exit.SYSCALL: SYSCALL, Exit.PORT_IN: INSN, Exit.PORT_OUT: INSN, Exit.CPUID: INSN,
+              Exit.EXCEPTION: TRAP, Exit.MEMORY: FAULT}
+_ON_KILL = {Exit.PORT_IN: 0, Exit.CPUID: 1, Exit.MEMORY: False}
+
+
+def _dispatch(vm: Vm, kind: Exit, args: tuple):
+    match kind:
+        case Exit.SYSCALL if vm.mode.name == "pv":
+            return hypercalls.on_syscall(vm)
+        case Exit.SYSCALL:
+            return faults.system_call(vm)
+        case Exit.PORT_IN:
+            return io.port_in(vm, *args)
+        case Exit.PORT_OUT:
+            return io.port_out(vm, *args)
+        case Exit.CPUID:
+            return io.cpuid(vm)
+        case Exit.EXCEPTION:
+            patch = vm.patches.lookup(vm.cpu.rip) if args[0] == 3 else None
+            if patch is not None:
+                return trapped.on_patch(vm, patch)
+            return faults.on_exception(vm, args[0])
+        case Exit.MEMORY:
+            return pagetables.on_invalid_access(vm, *args)
+
+
+def _timed_out(timeout: float, where: str) -> Stop:
+    return Stop("timeout", 124, f"timeout: guest still running after {timeout:g} s, at {where}")
+
+
+class Runner:
+    """The run loop and its state; `vm.run` is this, for the exit handlers."""
+
+    def __init__(self, vm: Vm, deadline: Deadline, *, max_exits: int | None = None,
+                 trace: TextIO | None = None, lenient_batches: bool = False):
+        self.vm = vm
+        self.deadline = deadline
+        self.max_exits = max_exits
+        self.trace = trace
+        self.lenient_batches = lenient_batches
+        self.wants_where = bool(trace) or vm.stats.profile    # exits must say where the guest was
+        self.window: list | None = None       # bare: the interrupt window's patches while it is open
+        self.hlt_sites: frozenset[int] = frozenset()   # bare: where the image's hlt instructions are
+        self.bad_access: tuple[int, int, int] | None = None   # (access, guest-physical, size) of a failed access
+        self._loop_wanted = False             # a hook stopped emulation to let the loop act
+        self._step = False                    # run exactly one instruction next (the sti shadow ...)
+        self._native: int | None = None       # ... the original one under the patch at this address
+        self._sliced = False                  # the current emu_start is bounded by an instruction count
+        self._exits_before = 0
+
+    # -- hooks --------------------------------------------------------------------------
+    def install(self) -> None:
+        """Hook the exits the mode takes through Unicorn; every mode gets exceptions and faults."""
+        engine, mode = self.vm.engine, self.vm.mode
+        engine.hook_interrupt(self._hook(Exit.EXCEPTION))
+        engine.hook_invalid_memory(self._hook(Exit.MEMORY))
+        engine.hook_syscall(self._hook(Exit.SYSCALL))
+        if mode.name == "bare":
+            engine.hook_in(self._hook(Exit.PORT_IN))
+            engine.hook_out(self._hook(Exit.PORT_OUT))
+            engine.hook_cpuid(self._hook(Exit.CPUID))
+            self.hlt_sites = frozenset(f.address for f in self.vm.image.sensitive if f.mnemonic == "hlt")
+        elif mode.name == "trap":
+            trapped.install(self.vm)
+        else:                             # pv: direct port I/O or cpuid can only be hidden code
+            engine.hook_in(self._hook(Exit.PORT_IN))
+            engine.hook_out(self._hook(Exit.PORT_OUT))
+            engine.hook_cpuid(self._hook(Exit.CPUID))
+
+    def _hook(self, kind: Exit) -> Callable:
+        vm, cpu, regs, stats, mem = self.vm, self.vm.cpu, self.vm.cpu.regs, self.vm.stats, self.vm.mem
+        hook_kind, on_kill, exit_like = _HOOK_KIND[kind], _ON_KILL.get(kind), kind is not Exit.MEMORY
+        check = vm.mode.watches_control_state
+
+        def hook(*args):
+            start = perf_counter()
+            cpu.exit_kind = hook_kind
+            rebuilds = mem.rebuilds
+            try:
+                if check:
+                    cpu.check_control_state()
+                result = _dispatch(vm, kind, args)
+                if vm.stop is None and (exit_like or result):
+                    self._after_exit()
+                if mem.rebuilds != rebuilds:       # Unicorn stops after its memory map is rebuilt
+                    self._want_loop()
+                return result
+            except BaseException as e:
+                self._end(e)
+                return on_kill
+            finally:
+                regs.finish()
+                cpu.exit_kind = LOOP
+                stats.hypervisor_seconds += perf_counter() - start
+        return hook
+
+    def _end(self, e: BaseException) -> None:
+        """The one place an exception from an exit becomes the end of the run."""
+        vm = self.vm
+        match e:
+            case Shutdown():
+                vm.kill(Stop("shutdown", e.status))
+            case GuestFault():
+                vm.kill(self.fault(e))
+            case ExitLimit():
+                vm.kill(Stop("exit-limit", 124, f"stopped after {self.max_exits} exits (--max-exits)"))
+            case TimeUp():
+                vm.kill(_timed_out(self.deadline.seconds, self.where(self._rip())))
+            case KeyboardInterrupt():
+                vm.kill(Stop("interrupted", 130, "interrupted"))
+            case _:                   # a hypervisor bug must not crash the host either
+                vm.kill(Stop("fault", 125, f"hypervisor internal error while handling an exit at "
+                                           f"{self.where(self._rip())}: {type(e).__name__}: {e}"))
+
+    def safely(self, fn: Callable, *args) -> None:
+        """Run `fn` outside any hook with the same protection as a hook."""
+        cpu = self.vm.cpu
+        cpu.exit_kind = LOOP
+        try:
+            fn(*args)
+        except BaseException as e:
+            self._end(e)
+        finally:
+            cpu.regs.finish()
+
+    # -- accounting ------------------------------------------------------------------------
+    def count(self, reason: str, where: int | Callable[[Vm], int | None] | None = None) -> None:
+        """Account one exit; every exit handler calls this first (`where`: the guest address, or how
+        to find it, needed only when tracing or profiling: `wants_where`).
+
+        An exit costs the guest EXIT_NS of virtual time (clock.py)."""
+        vm = self.vm
+        clock = vm.clock
+        clock.ticks += EXIT_NS
+        if clock.ticks >= clock.next_deadline:
+            clock.advance(0)
+        stats = vm.stats
+        if self.wants_where:
+            at = where(vm) if callable(where) else where
+            stats.account(reason, at)
+            if self.trace:
+                place = self.where(at) if at is not None else "?"
+                print(f"exit {stats.total_exits} [{clock.ticks / 1000:.3f} us]: {reason} at {place}",
+                      file=self.trace)
+        else:
+            stats.exits[reason] += 1
+            stats.total_exits += 1
+        if self.max_exits is not None and stats.total_exits > self.max_exits:
+            raise ExitLimit()
+
+    def where(self, address: int) -> str:
+        return self.vm.image.describe(address)
+
+    def fault(self, e: GuestFault) -> Stop:
+        rip = self._rip() if e.rip is None else e.rip
+        return Stop("fault", 125, f"guest fault: {e.what} at {self.where(rip)}")
+
+    def _rip(self) -> int:
+        try:
+            return self.vm.cpu.rip
+        except Exception:
+            return 0
+
+    # -- events ------------------------------------------------------------------------------
+    def deliver_events(self) -> bool:
+        """Deliver the PIC's pending interrupt if the guest can take it now; True if it did.
+
+        The one place interrupts reach the guest: after every exit, at every
+        slice end and re-entry, and so after every hlt or block.  Never
+        while the guest's IF is clear: then the mode holds it (pv sets
+        `upcall_pending`, bare opens the interrupt window)."""
+        vm = self.vm
+        mode, pics = vm.mode, vm.pics
+        if not pics.pending():
+            mode.nothing_pending(vm)
+            return False
+        if not mode.interrupts_enabled(vm):
+            mode.held(vm)
+            return False
+        if not mode.may_deliver(vm):
+            return False
+        if not pics.pending():           # running the pv queue may have masked or acknowledged it
+            mode.nothing_pending(vm)
+            return False
+        delivery.enter(vm, pics.acknowledge(), "upcall" if mode.virtual_if else "interrupt")
+        mode.delivered(vm)
+        return True
+
+    def _after_exit(self) -> None:
+        """After every exit: deliver what is pending, or get the loop to; start slicing if needed."""
+        vm = self.vm
+        if vm.cpu.exit_kind in (INSN, FAULT):
+            if vm.pics.pending():
+                self._want_loop()
+        elif not self._step:
+            self.deliver_events()
+        if not self._sliced and self._needs_slices():
+            self._want_loop()
+
+    def _want_loop(self) -> None:
+        self._loop_wanted = True
+        self.vm.engine.uc.emu_stop()
+
+    def shadow(self) -> None:
+        """The instruction just emulated (sti) delays interrupts by one more instruction."""
+        self._step = True
+        self._want_loop()
+
+    def step_original(self, address: int) -> None:
+        """Run the instruction under the patch at `address` natively, once (the guest must be at it)."""
+        self._native = address
+        self._step = True
+        self._want_loop()
+
+    def halt(self, interrupts_enabled: bool) -> None:
+        """hlt / the block hypercall: idle until an interrupt can be taken.
+
+        Idling takes no host time: the virtual clock skips to the earliest
+        timer deadline that will raise an interrupt the PIC can deliver, and
+        the interrupt is then delivered by the caller's next step (the check
+        after every exit, or the loop).  A pv guest whose events are masked
+        returns at once if one is pending (`block` returns when an event is
+        pending).  Nothing able to wake the guest is a fault."""
+        vm = self.vm
+        pending = vm.pics.pending()
+        if not interrupts_enabled:
+            if vm.mode.virtual_if and pending:
+                return
+            raise GuestFault("halted with interrupts disabled and nothing pending: blocked forever")
+        if pending:
+            return
+        wake = min((t.deadline for t in vm.clock.armed() if vm.pics.can_deliver(t.irq)), default=None)
+        if wake is None:
+            raise GuestFault("blocked forever: halted waiting for an interrupt, but no timer is armed "
+                             "on an unmasked interrupt line")
+        vm.stats.idle_skips += 1
+        vm.stats.idle_ns += vm.clock.skip_to(wake)
+
+    # -- the run loop ------------------------------------------------------------------------
+    def run(self) -> Stop:
+        vm = self.vm
+        vm.cpu.regs.finish()               # whatever set-up read, the hooks start from a fresh copy
+        while vm.stop is None:
+            if not self._step:
+                self.safely(self.deliver_events)
+            if vm.stop is None:
+                self._enter_guest()
+        return vm.stop
+
+    def _enter_guest(self) -> None:
+        vm = self.vm
+        budget_us = 0
+        left = self.deadline.left()
+        if left is not None:
+            budget_us = int(left * 1e6)
+            if budget_us <= 0:
+                vm.kill(_timed_out(self.deadline.seconds, self.where(vm.cpu.rip)))
+                return
+        step, native = self._step, self._native
+        self._step, self._native = False, None
+        self._sliced = not step and self._needs_slices()
+        self.bad_access = None
+        self._loop_wanted = False
+        self._exits_before = vm.stats.total_exits
+        count = 1 if step else SLICE_INSNS if self._sliced else 0
+        if native is not None:
+            patch = vm.patches.live[native]
+            vm.patches.disarm(native)
+        begin = vm.cpu.rip
+        vm.cpu.regs.finish()               # the guest changes its registers from here on
+        start = perf_counter()
+        try:
+            vm.engine.uc.emu_start(begin, END, timeout=budget_us, count=count)
+        except UcError as e:
+            if vm.stop is None:
+                vm.kill(self._unicorn_error(e))
+        finally:
+            vm.stats.run_seconds += perf_counter() - start
+            if native is not None:
+                vm.patches.arm(patch)
+                vm.cpu.remember_control_state()    # clts, lmsw ... change what the hypervisor watches
+        if vm.stop is None and not step:
+            self.safely(self._returned)
+
+    def _needs_slices(self) -> bool:
+        """Whether the guest must be stopped now and then even if it never exits: time can raise
+        an interrupt (a timer is armed), or one waits for the guest (behind IF, or a batched site)."""
+        return self.vm.clock.next_deadline != NEVER or self.vm.pics.pending()
+
+    def _returned(self) -> None:
+        """emu_start came back on its own: a hlt, the slice's or the run's end, or a hook's request."""
+        vm = self.vm
+        rip = vm.cpu.rip
+        left = self.deadline.left()
+        if left is not None and left <= 0:
+            vm.kill(_timed_out(self.deadline.seconds, self.where(rip)))
+        elif rip - 1 in self.hlt_sites or not (self._sliced or self._loop_wanted) and self._after_hlt(rip):
+            try:
+                self.halt(vm.cpu.interrupt_flag)
+            except GuestFault as e:
+                raise GuestFault(e.what, rip - 1) from None
+        elif self._loop_wanted:
+            pass
+        elif self._sliced:                     # the instruction count ran out
+            vm.stats.slices += 1
+            if vm.stats.total_exits == self._exits_before:    # exits already made time pass
+                vm.clock.advance(SLICE_NS)
+        else:
+            raise GuestFault("emulation stopped unexpectedly")
+
+    def _after_hlt(self, rip: int) -> bool:
+        try:
+            return self.vm.mmu.read_virt(rip - 1, 1) == b"\xf4"
+        except Refused:
+            return False
+
+    def _unicorn_error(self, e: UcError) -> Stop:
+        if e.errno == UC_ERR_INSN_INVALID:
+            return self.fault(GuestFault("invalid opcode (#UD)"))
+        if self.bad_access is not None:
+            return self.fault(GuestFault(faults.describe_access(self.vm, *self.bad_access)))
+        return self.fault(GuestFault(f"unicorn stopped: {e}"))
