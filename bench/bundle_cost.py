@@ -38,7 +38,7 @@ from pvtool.errors import USER_ERRORS                            # noqa: E402
 from pvtool.expect import expectation                            # noqa: E402
 from pvtool.tools.bench import Progress, median, ratio           # noqa: E402
 from pvtool.x86 import codegen                                   # noqa: E402
-from runtime.hypervisor import DEFAULT_MEMORY_MIB, Machine, load_image, run as run_guest  # noqa: E402
+from runtime.hypervisor import DEFAULT_MEMORY_MIB, create, finish, load_image, run as run_guest  # noqa: E402
 from unicorn import UC_HOOK_BLOCK                                # noqa: E402
 
 KERNELS = ("sieve", "checksum", "sort")
@@ -99,7 +99,8 @@ def run_once(kernel: str, blob: bytes, mode: str, timeout: float | None) -> tupl
 
 def executed(blob: bytes, mode: str) -> int:
     """Guest instructions one run executes, from a translation-block hook."""
-    vm = Machine(load_image(blob, DEFAULT_MEMORY_MIB << 20), mode, DEFAULT_MEMORY_MIB << 20)
+    ram = DEFAULT_MEMORY_MIB << 20
+    vm = create(load_image(blob, ram), mode, ram)
     md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
     sizes: dict[tuple[int, int], int] = {}
     total = [0]
@@ -109,8 +110,8 @@ def executed(blob: bytes, mode: str) -> int:
         if n is None:
             n = sizes[address, size] = sum(1 for _ in md.disasm_lite(bytes(uc.mem_read(address, size)), address))
         total[0] += n
-    vm.uc.hook_add(UC_HOOK_BLOCK, on_block)
-    if vm.run(None).reason != "shutdown":
+    vm.engine.uc.hook_add(UC_HOOK_BLOCK, on_block)
+    if finish(vm).reason != "shutdown":
         raise BenchError("a counted run did not shut down")
     return total[0]
 
