@@ -25,13 +25,15 @@ CALLER_SAVED = frozenset({RCX, RDX, RSI, RDI, R8, R9, R10})    # allocatable one
 DIVISIONS = ("udiv", "sdiv", "urem", "srem")
 SHIFTS = ("shl", "shr", "sar")
 
+NOTHING: frozenset[Reg] = frozenset()
+ONLY_RDX, ONLY_RCX = frozenset({RDX}), frozenset({RCX})
 # Registers a machine operation's native sequence destroys (beyond rax, r11).
 MACHINE_CLOBBERS = {
-    "outb": frozenset({RDX}), "outw": frozenset({RDX}), "outl": frozenset({RDX}),
-    "inb": frozenset({RDX}), "inw": frozenset({RDX}), "inl": frozenset({RDX}),
+    "outb": ONLY_RDX, "outw": ONLY_RDX, "outl": ONLY_RDX,
+    "inb": ONLY_RDX, "inw": ONLY_RDX, "inl": ONLY_RDX,
     "rdmsr": frozenset({RCX, RDX}), "wrmsr": frozenset({RCX, RDX}),
     "cpuid": frozenset({RBX, RCX, RDX}),
-    "rdtsc": frozenset({RDX}),
+    "rdtsc": ONLY_RDX,
     "swtch": CALLER_SAVED,
 }
 
@@ -99,12 +101,6 @@ class SelectError(Exception):
 
 
 CALLS = (ir.Call, ir.CallIndirect, ir.Hypercall)
-NOTHING: frozenset[Reg] = frozenset()
-ONLY_RDX, ONLY_RCX = frozenset({RDX}), frozenset({RCX})
-
-
-def is_call(ins: ir.Instr) -> bool:
-    return type(ins) in CALLS or (type(ins) is ir.MachineOp and ins.op == "swtch")
 
 
 def clobbers(ins: ir.Instr) -> frozenset[Reg]:
