@@ -18,8 +18,11 @@ Memory layout.  The page tables and the boot stack live in `.bss` but
 it runs (the page tables when booted through PVH, the stack always).
 `_start32` zeroes the page tables itself before filling them.
 
-The code is hand-encoded; each instruction's mnemonic stands beside its
-bytes.  Absolute addresses and calls are relocations the linker resolves.
+`_start32` and `_start64` are hand-encoded (32-bit code and segment loads,
+which the back end's encoder does not have); each instruction's mnemonic
+stands beside its bytes.  `_start` goes through the encoder (x86/encode.py),
+so in a bundled image it obeys the PV code rules like every function.
+Absolute addresses and calls are relocations the linker resolves.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from pvimage import abi
 from .ir import Data, DataReloc
 from .obj import ABS32, PC32, FunctionCode, Reloc, SiteRow
+from .x86.encode import BUNDLE, RAX, RCX, RDI, RDX, RSP, Asm, Mem
 
 STACK_SIZE = 64 * 1024
 EFER = 0xC0000080
@@ -37,6 +41,7 @@ CR4_PAE = 1 << 5
 CR0_PE_PG = 0x80000001
 PDE_LARGE = 0x83          # present, writable, 2 MiB page
 PTE_TABLE = 0x03          # present, writable
+DEBUG_EXIT_PORT = 0xF4    # QEMU's isa-debug-exit, as the runtime wires it too
 
 # The GDT of the boot contract (null, 64-bit code 0x08, data 0x10), so a native
 # image sees the same segments on QEMU as on the runtime.
@@ -158,44 +163,57 @@ def _start64() -> FunctionCode:
     return a.done()
 
 
-def _start(target: str) -> FunctionCode:
-    a = _Asm("_start")
+def _start(target: str, bundled: bool) -> FunctionCode:
+    """Written with the back end's encoder, so a bundled build's start-up code obeys
+    the same code rules as the functions: kmain's masked return lands on the
+    bundle start after its call."""
+    a = Asm(bundled)
+    sites: list[tuple[int, int, str]] = []
+
+    def sensitive(op: str, emit) -> None:
+        start = a.anchor()
+        emit()
+        sites.append((start, a.anchor(), op))
+
     if target == "native":
-        a.ins("fa", site="cli")                               # cli
-    a.ins("fc")                                               # cld
-    a.ins("48 8d 25", pc32("__boot_stack", STACK_SIZE))       # lea rsp, [rip + stack top]
-    a.ins("48 8d 3d", pc32("__bss_start"))                    # lea rdi, [rip + __bss_start]
-    a.ins("48 8d 0d", pc32("__bss_end"))                      # lea rcx, [rip + __bss_end]
-    a.ins("48 29 f9")                                         # sub rcx, rdi
-    a.ins("31 c0")                                            # xor eax, eax
-    a.ins("f3 aa")                                            # rep stosb
-    a.ins("e8", pc32("kmain"))                                # call kmain
+        sensitive("cli", a.cli)
+    a.cld()
+    a.lea(RSP, Mem(symbol="__boot_stack", disp=STACK_SIZE))
+    a.lea(RDI, Mem(symbol="__bss_start"))
+    a.lea(RCX, Mem(symbol="__bss_end"))
+    a.sub(RCX, RDI)
+    a.xor(RAX, RAX, size=4)
+    a.rep_stosb()                                  # zero .bss
+    a.call("kmain")
     if target == "native":
-        a.ins("66 ba f4 00")                                  # mov dx, 0xf4
-        a.ins("ee", site="outb")                              # out dx, al
-        halt = a.here()
-        a.ins("fa", site="cli")                               # cli
-        a.ins("f4", site="hlt")                               # hlt
-        a.ins("eb", rel8(halt))                               # jmp halt
+        a.mov(RDX, DEBUG_EXIT_PORT, size=2)
+        sensitive("outb", lambda: a.out(1))        # exit with kmain's result
+        a.label("halt")
+        sensitive("cli", a.cli)
+        sensitive("hlt", a.hlt)
+        a.jmp("halt")
     else:
-        down = a.here()
-        a.ins("89 c7")                                        # mov edi, eax
-        a.ins("e8", pc32("__hypercall_page", abi.HC_SHUTDOWN * abi.HYPERCALL_STRIDE))  # call shutdown
-        a.ins("eb", rel8(down))                               # jmp down
-    return a.done()
+        a.label("down")
+        a.mov(RDI, RAX, size=4)
+        a.call("__hypercall_page", abi.HC_SHUTDOWN * abi.HYPERCALL_STRIDE)
+        a.jmp("down")
+    code = a.finish()
+    rows = [SiteRow(*a.span(start, end), op, None) for start, end, op in sites]
+    return FunctionCode("_start", code, a.relocs, [], rows, align=BUNDLE if bundled else 16)
 
 
 def _page(name: str) -> Data:
     return Data(name, "bss", 4096, 4096)
 
 
-def boot_code(target: str) -> BootCode:
-    """The boot routines and the boot data they use, for a 'native' or 'pv' image."""
+def boot_code(target: str, bundled: bool = False) -> BootCode:
+    """The boot routines and the boot data they use, for a 'native' or 'pv' image;
+    `bundled` lays `_start` out by the PV code rules."""
     stack = Data("__boot_stack", "bss", STACK_SIZE, 4096)
     if target == "pv":
-        return BootCode([_start("pv")], [], [stack])
+        return BootCode([_start("pv", bundled)], [], [stack])
     gdt = Data("__boot_gdt", "rodata", len(GDT), 8, GDT)
     gdtr = Data("__boot_gdtr", "rodata", 10, 8,
                 struct.pack("<HQ", abi.BOOT_GDT_LIMIT, 0), [DataReloc(2, "__boot_gdt")])
     tables = [_page("__boot_pml4"), _page("__boot_pdpt"), _page("__boot_pd")]
-    return BootCode([_start("native"), _start32(), _start64()], [gdt, gdtr], tables + [stack])
+    return BootCode([_start("native", bundled), _start32(), _start64()], [gdt, gdtr], tables + [stack])

@@ -34,7 +34,7 @@ DW_LANG_C99 = 0x0C
 PRODUCER = "pvtool"
 
 
-@dataclass
+@dataclass(slots=True)
 class Row:
     """Code from `address` on comes from file:line:col (file is a path from the image's file list)."""
     address: int
@@ -53,6 +53,8 @@ class Func:
 
 
 def uleb(n: int) -> bytes:
+    if 0 <= n < 0x80:
+        return _BYTES[n]
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -61,7 +63,12 @@ def uleb(n: int) -> bytes:
             return bytes(out)
 
 
+_BYTES = [bytes((n,)) for n in range(256)]
+
+
 def sleb(n: int) -> bytes:
+    if -0x40 <= n < 0x40:
+        return _BYTES[n & 0x7F]
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -88,19 +95,6 @@ def _file_table(files: list[str]) -> tuple[bytes, bytes]:
     return b"".join(_cstr(d) for d in dirs) + b"\0", bytes(names) + b"\0"
 
 
-def _advance(addr_delta: int, line_delta: int) -> bytes:
-    """Move the state machine by (address, line) and append a row."""
-    opcode = (line_delta - LINE_BASE) + LINE_RANGE * addr_delta + OPCODE_BASE
-    if LINE_BASE <= line_delta < LINE_BASE + LINE_RANGE and opcode <= 255:
-        return bytes([opcode])
-    out = b""
-    if line_delta:
-        out += bytes([DW_LNS_advance_line]) + sleb(line_delta)
-    if addr_delta:
-        out += bytes([DW_LNS_advance_pc]) + uleb(addr_delta)
-    return out + bytes([DW_LNS_copy])
-
-
 def _program(rows: list[Row], files: list[str], end: int) -> bytes:
     if not rows:
         return b""
@@ -108,14 +102,28 @@ def _program(rows: list[Row], files: list[str], end: int) -> bytes:
     index = {f: k + 1 for k, f in enumerate(files)}
     out = bytearray([0]) + uleb(9) + bytes([DW_LNE_set_address]) + struct.pack("<Q", rows[0].address)
     addr, file, line, col = rows[0].address, 1, 1, 0
-    for r in rows:
+    special_lines = range(LINE_BASE, LINE_BASE + LINE_RANGE)
+    for r in rows:                     # one row each: keep it to byte operations
         if index[r.file] != file:
             file = index[r.file]
-            out += bytes([DW_LNS_set_file]) + uleb(file)
+            out.append(DW_LNS_set_file)
+            out += uleb(file)
         if r.col != col:
             col = r.col
-            out += bytes([DW_LNS_set_column]) + uleb(col)
-        out += _advance(r.address - addr, r.line - line)
+            out.append(DW_LNS_set_column)
+            out += uleb(col)
+        addr_delta, line_delta = r.address - addr, r.line - line
+        opcode = (line_delta - LINE_BASE) + LINE_RANGE * addr_delta + OPCODE_BASE
+        if line_delta in special_lines and opcode <= 255:
+            out.append(opcode)         # a special opcode: advance both and append a row
+        else:
+            if line_delta:
+                out.append(DW_LNS_advance_line)
+                out += sleb(line_delta)
+            if addr_delta:
+                out.append(DW_LNS_advance_pc)
+                out += uleb(addr_delta)
+            out.append(DW_LNS_copy)
         addr, line = r.address, r.line
     if end > addr:
         out += bytes([DW_LNS_advance_pc]) + uleb(end - addr)

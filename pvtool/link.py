@@ -12,6 +12,9 @@ ELF writer can give it its own W^X segment:
     .rodata  boot GDT, string literals; then the note sections             R
     .data    initialised globals                                           RW
     .bss     boot page tables + boot stack | __bss_start  globals  __bss_end
+
+A bundled image (the PV code rules) has its functions on 32-byte bundles and
+.text filled with int3 to the end of its last bundle.
 """
 from __future__ import annotations
 
@@ -21,19 +24,36 @@ from dataclasses import dataclass, field
 from pvimage import abi
 
 from . import boot, dwarf
-from .errors import UserError
+from .diagnostics import CompileError
+from .errors import InternalError
 from .intrinsics import OP_NUMBERS
 from .ir import Data
 from .linked import LinkedImage, Note, Section, Symbol
 from .obj import ABS32, ABS32S, ABS64, PC32, FunctionCode, ObjectCode
+from .source import Loc
+from .x86.encode import BUNDLE
 
 PAGE = abi.PAGE_SIZE
 FILL = 0xCC                      # int3 between functions and in the hypercall page
 HYPERCALL_PAGE = "__hypercall_page"
+# The code model: rel32 branches and rip-relative operands reach +-2 GiB, the
+# native boot code uses 32-bit absolute addresses.  An image that ends at or
+# below 2 GiB is in reach of both.
+IMAGE_LIMIT = 1 << 31
 
 
-class LinkError(UserError):
-    """A one-line, user-facing link failure (undefined symbol, value out of range, ...)."""
+class LinkError(CompileError):
+    """A program the linker cannot place (a name clash, an image beyond the
+    code model's reach, ...): a user error, located at the program's item
+    that caused it when there is one."""
+
+    def __init__(self, message: str, loc: Loc | None = None):
+        super().__init__(loc, message)
+
+
+def _internal(message: str) -> InternalError:
+    """Malformed object code: a bug in an earlier stage, not the program's fault."""
+    return InternalError("link", message)
 
 
 def align_up(n: int, a: int) -> int:
@@ -42,7 +62,7 @@ def align_up(n: int, a: int) -> int:
 
 def _check_align(what: str, a: int) -> None:
     if a < 1 or a & (a - 1):
-        raise LinkError(f"{what}: alignment {a} is not a power of two")
+        raise _internal(f"{what}: alignment {a} is not a power of two")
 
 
 @dataclass
@@ -53,6 +73,14 @@ class _Placed:
     size: int
     code: FunctionCode | None = None
     data: Data | None = None
+
+    @property
+    def loc(self) -> Loc | None:
+        return (self.code or self.data).loc
+
+    @property
+    def kind(self) -> str:
+        return "function" if self.code is not None else "global"
 
 
 def _place(items: list[FunctionCode | Data], start: int) -> tuple[list[_Placed], int]:
@@ -70,11 +98,20 @@ def _place(items: list[FunctionCode | Data], start: int) -> tuple[list[_Placed],
 
 def _check_data(d: Data) -> None:
     if d.section not in ("rodata", "data", "bss"):
-        raise LinkError(f"data '{d.name}': unknown section '{d.section}'")
+        raise _internal(f"data '{d.name}': unknown section '{d.section}'")
     if d.section == "bss" and (d.init or d.relocs):
-        raise LinkError(f"data '{d.name}': .bss object has an initialiser")
+        raise _internal(f"data '{d.name}': .bss object has an initialiser")
     if d.section != "bss" and len(d.init) != d.size:
-        raise LinkError(f"data '{d.name}': initialiser is {len(d.init)} bytes, size is {d.size}")
+        raise _internal(f"data '{d.name}': initialiser is {len(d.init)} bytes, size is {d.size}")
+
+
+def _check_reach(placed: list[_Placed]) -> None:
+    """The first item that pushes the image past IMAGE_LIMIT is the program's error."""
+    for p in placed:
+        end = p.addr + p.size
+        if end > IMAGE_LIMIT:
+            raise LinkError(f"{p.kind} '{p.name}' ({p.size} bytes) would end at {end:#x}; the image "
+                            f"must fit below 2 GiB ({IMAGE_LIMIT:#x}), the reach of 32-bit offsets", p.loc)
 
 
 # -- relocations ------------------------------------------------------------------
@@ -82,33 +119,34 @@ def _check_data(d: Data) -> None:
 _FIELD = {PC32: ("<i", 4), ABS32: ("<I", 4), ABS32S: ("<i", 4), ABS64: ("<Q", 8)}
 
 
-def _patch(buf: bytearray, where: str, base: int, off: int, kind: str, symbol: str,
+def _patch(buf: bytearray, p: _Placed, off: int, kind: str, symbol: str,
            addend: int, symbols: dict[str, int]) -> None:
     if kind not in _FIELD:
-        raise LinkError(f"{where}: unknown relocation kind '{kind}'")
+        raise _internal(f"{p.name}: unknown relocation kind '{kind}'")
     fmt, width = _FIELD[kind]
     if off < 0 or off + width > len(buf):
-        raise LinkError(f"{where}: {kind} relocation at offset {off:#x} is outside the object")
+        raise _internal(f"{p.name}: {kind} relocation at offset {off:#x} is outside the object")
     if symbol not in symbols:
-        raise LinkError(f"undefined symbol '{symbol}' (referenced from {where})")
-    value = symbols[symbol] + addend - (base + off if kind == PC32 else 0)
+        raise LinkError(f"undefined symbol '{symbol}' (referenced from {p.name})", p.loc)
+    value = symbols[symbol] + addend - (p.addr + off if kind == PC32 else 0)
     try:
         struct.pack_into(fmt, buf, off, value)
     except struct.error:
-        raise LinkError(f"{where}+{off:#x}: {kind} relocation to '{symbol}' out of range ({value:#x})") from None
+        raise LinkError(f"{p.name}+{off:#x}: {kind} relocation to '{symbol}' out of range ({value:#x})",
+                        p.loc) from None
 
 
 def _function_bytes(p: _Placed, symbols: dict[str, int]) -> bytes:
     buf = bytearray(p.code.code)
     for r in p.code.relocs:
-        _patch(buf, p.name, p.addr, r.offset, r.kind, r.symbol, r.addend, symbols)
+        _patch(buf, p, r.offset, r.kind, r.symbol, r.addend, symbols)
     return bytes(buf)
 
 
 def _data_bytes(p: _Placed, symbols: dict[str, int]) -> bytes:
     buf = bytearray(p.data.init)
     for r in p.data.relocs:
-        _patch(buf, p.name, p.addr, r.offset, ABS64, r.symbol, r.addend, symbols)
+        _patch(buf, p, r.offset, ABS64, r.symbol, r.addend, symbols)
     return bytes(buf)
 
 
@@ -168,7 +206,7 @@ def _lines(text: list[_Placed]) -> list[dwarf.Row]:
         fn = p.code
         for r in fn.lines:
             if not 0 <= r.offset <= p.size:
-                raise LinkError(f"{p.name}: line row at offset {r.offset:#x} is outside the function")
+                raise _internal(f"{p.name}: line row at offset {r.offset:#x} is outside the function")
         if rows and not any(r.offset == 0 for r in fn.lines):
             # Line 0 = "no source": keeps this code from being charged to the previous function.
             rows.append(dwarf.Row(p.addr, rows[-1].file, 0))
@@ -182,9 +220,9 @@ def _sites(text: list[_Placed], target: str) -> list[abi.Site]:
     for p in text:
         for s in p.code.sites:
             if s.op not in OP_NUMBERS:
-                raise LinkError(f"{p.name}: unknown operation '{s.op}' in site table")
+                raise _internal(f"{p.name}: unknown operation '{s.op}' in site table")
             if s.offset < 0 or s.length < 0 or s.offset + s.length > p.size:
-                raise LinkError(f"{p.name}: site at offset {s.offset:#x} is outside the function")
+                raise _internal(f"{p.name}: site at offset {s.offset:#x} is outside the function")
             sites.append(abi.Site(p.addr + s.offset, s.length, OP_NUMBERS[s.op], s.kind,
                                   s.loc.file if s.loc else "", s.loc.line if s.loc else 0, s.becomes))
     return sorted(sites, key=lambda s: s.address)
@@ -197,16 +235,21 @@ class _Symbols:
     """Name -> address for relocation, plus the symbol table entries."""
     addr: dict[str, int] = field(default_factory=dict)
     table: list[Symbol] = field(default_factory=list)
+    locs: dict[str, Loc | None] = field(default_factory=dict)
 
-    def define(self, name: str, addr: int, size: int, kind: str, section: str) -> None:
+    def define(self, name: str, addr: int, size: int, kind: str, section: str, loc: Loc | None = None) -> None:
         if name in self.addr:
-            raise LinkError(f"duplicate symbol '{name}'")
+            first = self.locs[name]
+            if first is None or loc is None:     # one of the two is the linker's own
+                raise LinkError(f"'{name}' is a name the linker reserves", first or loc)
+            raise LinkError(f"'{name}' is defined twice (first at {first})", loc)
         self.addr[name] = addr
+        self.locs[name] = loc
         self.table.append(Symbol(name, addr, size, kind, section))
 
     def define_all(self, placed: list[_Placed], kind: str, section: str) -> None:
         for p in placed:
-            self.define(p.name, p.addr, p.size, kind, section)
+            self.define(p.name, p.addr, p.size, kind, section, p.loc)
 
 
 def _max_align(placed: list[_Placed]) -> int:
@@ -222,15 +265,17 @@ def _section(name: str, placed: list[_Placed], start: int, end: int, perm: str,
 def link(obj: ObjectCode) -> LinkedImage:
     """Place `obj` (plus boot code) from abi.LOAD_BASE on and resolve every relocation."""
     if obj.target not in ("native", "pv"):
-        raise LinkError(f"unknown target '{obj.target}' (expected 'native' or 'pv')")
+        raise _internal(f"unknown target '{obj.target}' (expected 'native' or 'pv')")
     for d in obj.data:
         _check_data(d)
-    bc = boot.boot_code(obj.target)
+    bc = boot.boot_code(obj.target, obj.bundled)
     in_section = lambda s: [d for d in obj.data if d.section == s]
     page = [FunctionCode(HYPERCALL_PAGE, bytes([FILL]) * PAGE, align=PAGE)] if obj.target == "pv" else []
     syms = _Symbols()
 
     text, text_end = _place(page + bc.functions + obj.functions, abi.LOAD_BASE)
+    if obj.bundled:      # int3 to the end of the last bundle: every bundle decodes whole
+        text_end = align_up(text_end, BUNDLE)
     rodata_start = align_up(text_end, PAGE)
     rodata, rodata_end = _place(bc.rodata + in_section("rodata"), rodata_start)
     syms.define_all(text, "func", ".text")
@@ -252,6 +297,7 @@ def link(obj: ObjectCode) -> LinkedImage:
     syms.define_all(scratch + bss, "object", ".bss")
     syms.define("__bss_start", scratch_end, 0, "notype", ".bss")
     syms.define("__bss_end", bss_end, 0, "notype", ".bss")
+    _check_reach(text + rodata + data + scratch + bss)
 
     code = lambda p: _function_bytes(p, syms.addr)
     init = lambda p: _data_bytes(p, syms.addr)

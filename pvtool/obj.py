@@ -63,3 +63,4 @@ class ObjectCode:
     files: list[str]
     target: str = "native"     # 'native' or 'pv'
     name: str = "kernel"       # guest name for the PV note (the main source's stem)
+    bundled: bool = False      # laid out by the PV code rules (32-byte bundles, masked branches)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pvimage import abi
+from .errors import InternalError
 from .intrinsics import INTRINSICS
 from .ir import (AddrOf, BinOp, Block, Branch, Cmp, Copy, Ext, Function, Hypercall, Instr, IRet, Jump,
                  Load, MachineOp, Module, Operand, SiteBegin, SiteEnd, SlotAddr, Store, UnOp, VReg)
@@ -41,8 +42,11 @@ SIMPLE_HYPERCALLS = {"hlt": abi.HC_BLOCK, "write_cr3": abi.HC_NEW_BASEPTR, "lgdt
 PURE = (Copy, BinOp, UnOp, Ext, Cmp, AddrOf, SlotAddr)
 
 
-class ParavirtError(Exception):
+class ParavirtError(InternalError):
     """An internal invariant broke: a sensitive operation survived the pass."""
+
+    def __init__(self, message: str):
+        super().__init__("paravirt", message)
 
 
 def paravirtualize(module: Module) -> Module:

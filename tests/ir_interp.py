@@ -265,15 +265,28 @@ class Machine:
     def translate_all(self) -> dict:
         ld, st = self.fast_access()
         ns = {"M64": M64, "_s64": _s64, "_udiv": _udiv, "_urem": _urem, "_sdiv": _sdiv,
-              "_srem": _srem, "SP": self.sp, "m": self, "ld": ld, "st": st, "Fault": Fault}
+              "_srem": _srem, "SP": self.sp, "m": self, "ld": ld, "st": st, "Fault": Fault,
+              "ops": self.machine_ops()}
         for f in self.module.functions:
             exec(compile(_Translator(f, self.symbols).source(), f"<ir {f.name}>", "exec"), ns)
         return ns
 
     # -- machine operations ---------------------------------------------------------------------------
 
-    def machine_op(self, op: str, *args: int) -> int | None:
-        return getattr(self, "op_" + op)(*args)
+    def machine_ops(self) -> dict:
+        """Each machine operation of the language by name: what translated code calls."""
+        return {"outb": self.op_outb, "outw": self.op_outw, "outl": self.op_outl, "inb": self.op_inb,
+                "inw": self.op_inw, "inl": self.op_inl, "cli": self.op_cli, "sti": self.op_sti,
+                "hlt": self.op_hlt, "save_flags": self.op_save_flags,
+                "restore_flags": self.op_restore_flags, "read_cr0": self.op_read_cr0,
+                "read_cr2": self.op_read_cr2, "read_cr3": self.op_read_cr3,
+                "read_cr4": self.op_read_cr4, "write_cr0": self.op_write_cr0,
+                "write_cr3": self.op_write_cr3, "write_cr4": self.op_write_cr4,
+                "invlpg": self.op_invlpg, "set_pte": self.op_set_pte, "lgdt": self.op_lgdt,
+                "lidt": self.op_lidt, "sgdt": self.op_sgdt, "sidt": self.op_sidt,
+                "rdmsr": self.op_rdmsr, "wrmsr": self.op_wrmsr, "cpuid": self.op_cpuid,
+                "rdtsc": self.op_rdtsc, "wbinvd": self.op_wbinvd, "pause": self.op_pause,
+                "swtch": self.op_swtch}
 
     def op_outb(self, port, v):
         self.out(port, v & 0xFF)
@@ -505,7 +518,7 @@ class _Translator:
             elif isinstance(i, ir.CallIndirect):
                 call = f"m.call_address({', '.join([o(i.target)] + args)})"
             else:
-                call = f"m.op_{i.op}({', '.join(args)})"
+                call = f"ops[{i.op!r}]({', '.join(args)})"
             return call if i.dst is None else f"{o(i.dst)} = {call}"
         if isinstance(i, (ir.SiteBegin, ir.SiteEnd)):
             return "pass"

@@ -29,8 +29,12 @@ def disasm(fn: FunctionCode, mode: int) -> list[tuple[int, int, str, str]]:
     return insns
 
 
-def routines(target: str) -> dict[str, FunctionCode]:
-    return {f.name: f for f in boot.boot_code(target).functions}
+def routines(target: str, bundled: bool = False) -> dict[str, FunctionCode]:
+    return {f.name: f for f in boot.boot_code(target, bundled).functions}
+
+
+def without_padding(insns):
+    return [i for i in insns if i[2] != "nop"]
 
 
 def test_start32_is_the_pvh_long_mode_switch():
@@ -57,10 +61,19 @@ def test_start64_loads_segments_and_jumps_to_start():
     assert (reloc.kind, reloc.symbol, reloc.addend) == (PC32, "_start", -4)
 
 
+@pytest.mark.parametrize("bundled", [False, True])
 @pytest.mark.parametrize("target", ["native", "pv"])
-def test_start_sets_stack_zeroes_bss_calls_kmain(target):
-    fn = routines(target)["_start"]
-    insns = disasm(fn, capstone.CS_MODE_64)
+def test_start_sets_stack_zeroes_bss_calls_kmain(target, bundled):
+    fn = routines(target, bundled)["_start"]
+    all_insns = disasm(fn, capstone.CS_MODE_64)
+    insns = without_padding(all_insns)
+    calls = [(a, n) for a, n, m, _ in all_insns if m == "call"]
+    assert len(calls) == (1 if target == "native" else 2)
+    if bundled:      # the code rules: whole bundles, calls end on a bundle end
+        assert fn.align == 32 and all(a // 32 == (a + n - 1) // 32 for a, n, _, _ in all_insns)
+        assert all((a + n) % 32 == 0 for a, n in calls)
+    else:
+        assert insns == all_insns
     body = [(m, o.split(",")[0]) for _, _, m, o in insns]
     first = 1 if target == "native" else 0
     assert body[first:first + 8] == [("cld", ""), ("lea", "rsp"), ("lea", "rdi"), ("lea", "rcx"),
@@ -74,6 +87,8 @@ def test_start_sets_stack_zeroes_bss_calls_kmain(target):
         assert insns[0][2] == "cli"
         assert tail == ["mov", "out", "cli", "hlt", "jmp"] and insns[first + 8][3] == "dx, 0xf4"
         assert insns[-1][3] == hex(insns[-3][0])                    # jmp back to cli; hlt
+        sites = {s.offset: s.op for s in fn.sites}
+        assert sites == {insns[0][0]: "cli", insns[-4][0]: "outb", insns[-3][0]: "cli", insns[-2][0]: "hlt"}
     else:
         assert tail == ["mov", "call", "jmp"] and insns[first + 8][3] == "edi, eax"
         call = next(r for r in fn.relocs if r.symbol == "__hypercall_page")
@@ -135,9 +150,9 @@ def test_boot_data():
 
 # -- running _start as the runtime enters it (64-bit, paging on, its own stack) -----------------
 
-def kernel(target: str, code: str, relocs: list[Reloc] = (), data=()) -> bytes:
-    fn = FunctionCode("kmain", bytes.fromhex(code), list(relocs))
-    return elf.write(link(ObjectCode([fn], list(data), [], target=target)))
+def kernel(target: str, code: str, relocs: list[Reloc] = (), data=(), bundled: bool = False) -> bytes:
+    fn = FunctionCode("kmain", bytes.fromhex(code), list(relocs), align=32 if bundled else 16)
+    return elf.write(link(ObjectCode([fn], list(data), [], target=target, bundled=bundled)))
 
 
 class Machine:
@@ -178,15 +193,18 @@ class Machine:
         return self.exit
 
 
-def read_ticks_code() -> tuple[str, list[Reloc]]:
-    return "8b 05 00000000 83 c0 07 c3", [Reloc(2, PC32, "ticks", -4)]   # mov eax, [rip+ticks]; add eax, 7; ret
+def read_ticks_code(bundled: bool) -> tuple[str, list[Reloc]]:
+    """mov eax, [rip+ticks]; add eax, 7; then ret, or the masked return of bundled code."""
+    ret = "41 5b 49 83 e3 e0 41 ff e3" if bundled else "c3"    # pop r11; and r11, -32; jmp r11
+    return "8b 05 00000000 83 c0 07" + ret, [Reloc(2, PC32, "ticks", -4)]
 
 
+@pytest.mark.parametrize("bundled", [False, True])
 @pytest.mark.parametrize("target", ["native", "pv"])
-def test_start_entered_directly_zeroes_bss_and_exits_with_kmain_result(target):
+def test_start_entered_directly_zeroes_bss_and_exits_with_kmain_result(target, bundled):
     from pvtool.ir import Data
-    code, relocs = read_ticks_code()
-    m = Machine(kernel(target, code, relocs, [Data("ticks", "bss", 8, 8)]))
+    code, relocs = read_ticks_code(bundled)
+    m = Machine(kernel(target, code, relocs, [Data("ticks", "bss", 8, 8)], bundled))
     if target == "pv":
         page = m.syms["__hypercall_page"]
         for nr in range(abi.HC_COUNT):              # what the runtime does at load time

@@ -116,13 +116,11 @@ def run(case: Case) -> str | None:
     a.label("fwd")
     code = a.finish()
     insns = list(_CS.disasm(code[start:end], start))
-    if len(insns) == 1:
-        got = " ".join(f"{insns[0].mnemonic} {insns[0].op_str}".split())
-    else:
-        got = f"{len(insns)} instructions"
-    if len(insns) == 1 and insns[0].size != end - start:
-        got += f" (decoded {insns[0].size} of {end - start} bytes)"
-    if normalize(got, case.bits) != normalize(case.text, case.bits):
+    got = "; ".join(" ".join(f"{i.mnemonic} {i.op_str}".split()) for i in insns)
+    if sum(i.size for i in insns) != end - start:
+        got += f" (decoded {sum(i.size for i in insns)} of {end - start} bytes)"
+    want = "; ".join(normalize(t, case.bits) for t in case.text.split("; "))
+    if "; ".join(normalize(t, case.bits) for t in got.split("; ")) != want:
         return f"{case.method}{case.args}{case.kwargs}: {code[start:end].hex()} -> {got!r}, want {case.text!r}"
     return None
 
@@ -281,6 +279,16 @@ def call_reg_cases():
         yield C("call_reg", r, text=f"call {R(r)}")
 
 
+def masked_cases(method, mnemonic):
+    for r in REGS:
+        yield C(method, r, text=f"and {R(r)}, 0xffffffffffffffe0; {mnemonic} {R(r)}")
+
+
+def masked_ret_cases():
+    for r in (E.R11, E.RCX, E.RAX):
+        yield C("masked_ret", r, text=f"pop {R(r)}; and {R(r)}, 0xffffffffffffffe0; jmp {R(r)}")
+
+
 def cr_cases(method):
     for cr in (0, 2, 3, 4):
         for r in REGS:
@@ -337,6 +345,9 @@ CASES = {
     "jmp_symbol": lambda: rel32_sym_cases("jmp_symbol", "jmp"),
     "call_reg": call_reg_cases,
     "ret": plain("ret"),
+    "masked_jmp": lambda: masked_cases("masked_jmp", "jmp"),
+    "masked_call": lambda: masked_cases("masked_call", "call"),
+    "masked_ret": masked_ret_cases,
     "cli": plain("cli"),
     "sti": plain("sti"),
     "hlt": plain("hlt"),
@@ -358,9 +369,11 @@ CASES = {
     "wbinvd": plain("wbinvd"),
     "pause": plain("pause"),
     "iretq": plain("iretq"),
+    "cld": plain("cld"),
+    "rep_stosb": plain("rep_stosb", "rep stosb byte ptr [rdi], al"),
 }
 
-NOT_INSTRUCTIONS = {"label", "finish", "offset"}
+NOT_INSTRUCTIONS = {"label", "finish", "offset", "anchor", "at", "span"}
 
 
 def test_every_method_has_round_trip_cases():
@@ -475,3 +488,149 @@ def test_undefined_and_duplicate_labels_raise():
     a.label("x")
     with pytest.raises(EncodeError):
         a.label("x")
+
+
+# -- bundled code ----------------------------------------------------------------
+
+def bundle_text(code: bytes) -> list[tuple[int, int, str]]:
+    """Decode bundle by bundle; fails if an instruction crosses a bundle end."""
+    out = []
+    for b in range(0, len(code), E.BUNDLE):
+        chunk = code[b:b + E.BUNDLE]
+        insns = list(_CS.disasm(chunk, b))
+        assert sum(i.size for i in insns) == len(chunk), f"bundle at {b:#x} does not decode whole"
+        out += [(i.address, i.size, " ".join(f"{i.mnemonic} {i.op_str}".split())) for i in insns]
+    return out
+
+
+# One instruction of every length class, as (method, args); jumps go to labels 'l0'..'l3'.
+EMITTERS = [
+    ("mov", (E.RAX, 0x123456789ABC)), ("mov", (Mem(E.R12, 0x1000), 7)), ("add", (E.RBX, 1)),
+    ("lea", (E.R13, Mem(symbol="sym", disp=8))), ("push", (E.R15,)), ("cqo", ()), ("nop_free_cli", ()),
+    ("imul", (E.RCX, Mem(E.RSP, 200), 0x12345)), ("movzx", (E.RAX, Mem(E.R13), 2)),
+    ("call", ("callee",)), ("jmp_symbol", ("__hypercall_page", 18 * 32)), ("masked_call", (E.RAX,)),
+    ("masked_jmp", (E.R11,)), ("masked_ret", (E.R11,)), ("jcc", ("ne", "l0")), ("jmp", ("l1",)),
+    ("jcc", ("e", "l2")), ("jmp", ("l3",)),
+]
+
+
+def emit_program(a: Asm, picks: list[int], label_at: dict[int, str]) -> None:
+    for k, pick in enumerate(picks):
+        if k in label_at:
+            a.label(label_at[k])
+        method, args = EMITTERS[pick]
+        if method == "nop_free_cli":
+            a.cli()
+        else:
+            getattr(a, method)(*args)
+    for name in ("l0", "l1", "l2", "l3"):
+        if name not in a.labels and name not in a.pending:
+            a.label(name)
+
+
+def test_bundled_code_never_crosses_a_bundle_and_keeps_its_instructions():
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.integers(0, len(EMITTERS) - 1), min_size=4, max_size=60), st.data())
+    def check(picks, data):
+        places = data.draw(st.lists(st.integers(0, len(picks) - 1), min_size=4, max_size=4, unique=True))
+        label_at = {k: f"l{n}" for n, k in enumerate(places)}
+        plain, bundled = Asm(), Asm(bundled=True)
+        emit_program(plain, picks, label_at)
+        emit_program(bundled, picks, label_at)
+        code = bundled.finish()
+        insns = bundle_text(code)
+        starts = {addr for addr, _, _ in insns}
+        padding = {addr for addr, _, text in insns if text.startswith("nop")}
+        # every label is an instruction start that is not padding; every call ends a bundle
+        assert all(at in starts - padding or at == len(code) for at in bundled.labels.values())
+        for addr, size, text in insns:
+            if text.startswith("call"):
+                assert (addr + size) % E.BUNDLE == 0, f"{text} at {addr:#x}"
+        for k, (addr, size, text) in enumerate(insns):
+            if text.startswith(("jmp r", "call r")):
+                prev = insns[k - 1]
+                assert prev[2] == f"and {text.split()[1]}, 0xffffffffffffffe0" and prev[0] // 32 == addr // 32
+        # padding aside, the same instructions in the same order, and each branch to a
+        # label lands on the same instruction as in the plain code
+        plain_code = plain.finish()
+        plain_insns = _insns(plain_code)
+        real = [i for i in insns if i[0] not in padding]
+
+        def shape(t):                 # prefix padding shows as "cs:" on lea
+            mnemonic, _, operand = t.replace("cs:", "").partition(" ")
+            return mnemonic if operand[:1].isdigit() else f"{mnemonic} {operand}"
+        assert [shape(t) for _, _, t in real] == [shape(t) for _, _, t in plain_insns]
+
+        def targets(listing, code, asm):
+            index = {addr: k for k, (addr, _, _) in enumerate(listing)} | {len(code): len(listing)}
+            relocated = {r.offset for r in asm.relocs}
+            return [index.get(int(t.split()[1], 0)) for addr, size, t in listing
+                    if t.split()[0] in ("jmp", "jne", "je") and t.split()[1][:1].isdigit()
+                    and addr + size - 4 not in relocated]
+        assert targets(real, code, bundled) == targets(plain_insns, plain_code, plain)
+    check()
+
+
+def _insns(code: bytes) -> list[tuple[int, int, str]]:
+    return [(i.address, i.size, " ".join(f"{i.mnemonic} {i.op_str}".split())) for i in _CS.disasm(code, 0)]
+
+
+def test_padding_is_the_fewest_nops():
+    for n in range(1, 64):
+        pad = E.nops(n)
+        insns = _insns(pad)
+        assert len(pad) == n and sum(s for _, s, _ in insns) == n
+        assert all(t.startswith("nop") for _, _, t in insns)
+        assert len(insns) == -(-n // E.NOP_MAX)
+
+
+def test_bundled_calls_end_on_a_bundle_end_and_padding_prefers_prefixes():
+    a = Asm(bundled=True)
+    a.push(E.RBP)                              # 1 byte, grows by 5 prefixes
+    a.call("f")                                # then 21 bytes of NOPs: the call ends at 32
+    a.label("top")
+    a.mov(E.RAX, 0x1122334455667788)           # 10 bytes at 32
+    a.add(E.RAX, 1)                            # 4 bytes: 42..46
+    a.mov(E.RBX, 0x1122334455667788)           # 46..56
+    here = a.anchor()
+    a.mov(E.RBX, 0x1122334455667788)           # would cross 64: the two before grow by 5 and 3
+    a.masked_call(E.RAX)                       # 5 prefixes on the mov before, NOPs, ends at 96
+    a.jmp("top")
+    code = a.finish()
+    insns = bundle_text(code)
+    assert code[:6] == b"\x2e" * 5 + b"\x55" and insns[0][2] == "push rbp"
+    call = next(i for i in insns if i[2].startswith("call 0x"))
+    assert call[0] + call[1] == 32 and a.relocs[0].offset == 28
+    assert a.labels["top"] == 32 and a.at(here) == 64
+    assert [t for addr, _, t in insns if 32 <= addr < 64] == [
+        "movabs rax, 0x1122334455667788", "add rax, 1", "movabs rbx, 0x1122334455667788"]
+    (mcall,) = [i for i in insns if i[2] == "call rax"]
+    assert mcall[0] + mcall[1] == 96
+    assert insns[-1][2] == "jmp 0x20" and insns[-1][1] == 2
+
+
+def test_prefix_padding_moves_what_follows_and_leaves_branches_alone():
+    a = Asm(bundled=True)
+    a.lea(E.RAX, Mem(symbol="sym"))            # 7 bytes, grows; its rip-relative field moves along
+    a.label("mid")
+    a.mov(E.RCX, E.RDX)                        # 3 bytes, grows
+    a.jcc("ne", "mid")                         # a branch: nothing before it grows afterwards
+    a.mov(E.RCX, E.RDX)                        # 3 bytes at 12, grows
+    start = a.anchor()
+    a.mov(E.RDX, 0x1122334455667788)           # 10 bytes at 15
+    a.mov(E.RSI, 0x1122334455667788)           # needs 7 bytes of room: 5 + 2 from the two movs after the branch
+    end = a.anchor()
+    code = a.finish()
+    insns = bundle_text(code)
+    assert [t for _, _, t in insns][:3] == ["lea rax, [rip]", "mov rcx, rdx", "jne 7"]
+    assert a.relocs[0].offset == 3 and a.labels["mid"] == 7
+    assert a.span(start, end) == (12 + 3 + 2, 5 + 10 + 10)      # movabs rdx: 2 prefixes before, 5 its own
+    assert [i[0] for i in insns if i[2].startswith("movabs rsi")] == [32]
+
+
+def test_bundled_code_refuses_unmasked_returns_and_calls():
+    for bad in (lambda a: a.ret(), lambda a: a.call_reg(E.RAX)):
+        with pytest.raises(EncodeError, match="masked"):
+            bad(Asm(bundled=True))

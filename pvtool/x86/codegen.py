@@ -12,6 +12,10 @@ Conventions inside a function body:
   allocatable; values live across a call get callee-saved registers.
 * Flags never live across an emitter, except cmp -> jcc in `CmpBranch`,
   which emits nothing between the two.
+* Bundled code (the pv target's default; see encode.py for the layout)
+  returns with `pop r11; and r11, -32; jmp r11` (r11 is free at a return)
+  and calls indirectly with `and rax, -32; call rax`.  An interrupt
+  return in pv is a direct jump to the `iret` hypercall entry.
 
 Public: `generate(module) -> obj.ObjectCode`.
 """
@@ -21,11 +25,13 @@ from pvimage import abi
 
 from .. import ir, obj
 from ..diagnostics import CompileError
+from ..errors import InternalError
 from ..intrinsics import INTRINSICS
+from ..source import Loc
 from . import isel
-from .encode import (Asm, EncodeError, Mem, Reg, fits_s32, RAX, RBX, RCX, RDX, RSP, RBP,
+from .encode import (BUNDLE, Asm, EncodeError, Mem, Reg, fits_s32, RAX, RBX, RCX, RDX, RSP, RBP,
                      RSI, RDI, R8, R9, R10, R11, R12, R13, R14, R15)
-from .frame import FrameError, layout
+from .frame import FrameError, FrameTooLarge, layout
 from .isel import CmpBranch, MLoad, MStore
 from .regalloc import allocate
 
@@ -36,8 +42,6 @@ CALLEE_SAVED = (RBX, R12, R13, R14, R15)
 # those (shifts, division and port I/O want them), then callee-saved.
 ALLOCATABLE = [RSI, RDI, R8, R9, R10, RCX, RDX, RBX, R12, R13, R14, R15]
 SCRATCH = (RAX, R11)
-# Everything a call may destroy; an interrupt handler that calls saves all of it.
-CALL_CLOBBERED = (RAX, RCX, RDX, RSI, RDI, R8, R9, R10, R11)
 
 SWTCH = "__pvk_swtch"
 HYPERCALL_PAGE = "__hypercall_page"
@@ -51,8 +55,13 @@ INVERSE = {"e": "ne", "ne": "e", "b": "ae", "ae": "b", "be": "a", "a": "be",
 COMMUTATIVE = ("add", "mul", "and", "or", "xor")
 
 
-class CodegenError(CompileError):
-    """A function the back end cannot compile; the message names it."""
+class CodegenError(InternalError):
+    """IR the back end cannot compile: a broken invariant of an earlier stage
+    (or of the back end itself), never the program's fault.  The message
+    names the function."""
+
+    def __init__(self, message: str):
+        super().__init__("codegen", message)
 
 
 def signed64(v: int) -> int:
@@ -60,22 +69,30 @@ def signed64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def generate(module: ir.Module, registers: list[Reg] | None = None) -> obj.ObjectCode:
+def generate(module: ir.Module, registers: list[Reg] | None = None,
+             bundled: bool | None = None) -> obj.ObjectCode:
     """Compile every function of `module`; data and files pass through.
-    `registers` narrows the allocatable set (tests use it to force spills)."""
+    `registers` narrows the allocatable set (tests use it to force spills).
+    `bundled` lays the code out by the PV code rules (encode.py); it is the
+    default for the pv target, and for native it measures the layout's cost."""
+    if bundled is None:
+        bundled = module.target == "pv"
     functions, need_swtch = [], False
     for fn in module.functions:
+        gen = FunctionGen(fn, registers, bundled)
         try:
-            functions.append(FunctionGen(fn, registers).run())
+            functions.append(gen.run())
+        except FrameTooLarge as e:
+            raise CompileError(fn.loc, f"function '{fn.name}' {e}") from None
         except (isel.SelectError, FrameError, EncodeError) as e:
-            raise CodegenError(fn.loc, f"{fn.name}: {e}") from None
-        need_swtch |= any(isinstance(i, ir.MachineOp) and i.op == "swtch" for i in fn.instructions())
+            raise CodegenError(f"{fn.name}: {e}") from None
+        need_swtch |= gen.calls_swtch
     if need_swtch:
-        functions.append(swtch_helper())
-    return obj.ObjectCode(functions, module.data, module.files, target=module.target)
+        functions.append(swtch_helper(bundled))
+    return obj.ObjectCode(functions, module.data, module.files, target=module.target, bundled=bundled)
 
 
-def swtch_helper() -> obj.FunctionCode:
+def swtch_helper(bundled: bool) -> obj.FunctionCode:
     """__pvk_swtch(old: *u64 in rdi, new: u64 in rsi).
 
     Pushes the callee-saved registers, stores rsp to *old, switches to
@@ -84,7 +101,7 @@ def swtch_helper() -> obj.FunctionCode:
     zeros will do) and then the address where it starts; make `new` 16-byte
     aligned so the entry function sees rsp = 8 (mod 16) as after a call.
     The entry function must never return."""
-    a = Asm()
+    a = Asm(bundled)
     order = (RBP, RBX, R12, R13, R14, R15)
     for r in order:
         a.push(r)
@@ -92,18 +109,31 @@ def swtch_helper() -> obj.FunctionCode:
     a.mov(RSP, RSI)
     for r in reversed(order):
         a.pop(r)
-    a.ret()
-    return obj.FunctionCode(SWTCH, a.finish(), a.relocs)
+    return_(a)
+    return obj.FunctionCode(SWTCH, a.finish(), a.relocs, align=function_align(bundled))
+
+
+def return_(a: Asm) -> None:
+    """Return to the caller; bundled code masks the return address (r11 is free at a return)."""
+    if a.bundled:
+        a.masked_ret(R11)
+    else:
+        a.ret()
+
+
+def function_align(bundled: bool) -> int:
+    return BUNDLE if bundled else 16
 
 
 class FunctionGen:
-    def __init__(self, fn: ir.Function, registers: list[Reg] | None = None) -> None:
+    def __init__(self, fn: ir.Function, registers: list[Reg] | None = None, bundled: bool = False) -> None:
         self.fn = fn
         self.registers = ALLOCATABLE if registers is None else [r for r in ALLOCATABLE if r in registers]
-        self.a = Asm()
-        self.lines: list[obj.LineRow] = []
-        self.sites: list[obj.SiteRow] = []
-        self.open_sites: dict[int, tuple[int, ir.SiteBegin]] = {}
+        self.a = Asm(bundled)
+        self.lines: list[tuple[int, Loc]] = []        # (anchor, where the code from there comes from)
+        self.sites: list[tuple[int, int, str, Loc | None, str, int]] = []   # anchors, op, loc, becomes, kind
+        self.open_sites: dict[int, tuple[int, ir.SiteBegin]] = {}              # site -> (anchor, begin)
+        self.calls_swtch = False
 
     # -- driver -------------------------------------------------------------
 
@@ -118,93 +148,104 @@ class FunctionGen:
         for k, b in enumerate(self.blocks):
             self.next_label = self.blocks[k + 1].label if k + 1 < len(self.blocks) else None
             self.a.label(self.label(b.label))
+            loc = None
             for ins in b.instrs:
-                self.mark(ins.loc)
-                self.instr(ins)
+                if ins.loc is not loc:          # most neighbours share their statement's position
+                    loc = ins.loc
+                    self.mark(loc)
+                emit = EMITTERS.get(type(ins))
+                if emit is None:
+                    raise self.fail(f"cannot compile {ins!r}")
+                emit(self, ins)
             self.mark(b.term.loc)
             self.terminator(b.term)
         if self.open_sites:
-            raise CodegenError(fn.loc, f"{fn.name}: SiteBegin without SiteEnd")
-        code = self.a.finish()
-        return obj.FunctionCode(fn.name, code, self.a.relocs, self.lines, self.sites, loc=fn.loc)
+            raise self.fail("SiteBegin without SiteEnd")
+        a = self.a
+        code = a.finish()
+        lines = [obj.LineRow(a.at(k), loc) for k, loc in self.lines]
+        sites = [obj.SiteRow(*a.span(start, end), op, loc, becomes, kind)
+                 for start, end, op, loc, becomes, kind in self.sites]
+        return obj.FunctionCode(fn.name, code, a.relocs, lines, sites, loc=fn.loc,
+                                align=function_align(a.bundled))
 
     def check(self) -> None:
         fn = self.fn
         if not fn.blocks:
-            raise CodegenError(fn.loc, f"{fn.name}: function has no blocks")
+            raise self.fail("function has no blocks")
         if len(fn.params) > len(ARG_REGS):
-            raise CodegenError(fn.loc, f"{fn.name}: more than {len(ARG_REGS)} parameters")
+            raise self.fail(f"more than {len(ARG_REGS)} parameters")
         if fn.interrupt and fn.params:
-            raise CodegenError(fn.loc, f"{fn.name}: an interrupt function takes no parameters")
+            raise self.fail("an interrupt function takes no parameters")
         for b in fn.blocks:
             if isinstance(b.term, ir.IRet) and not fn.interrupt:
-                raise CodegenError(fn.loc, f"{fn.name}: IRet outside an interrupt function")
+                raise self.fail("IRet outside an interrupt function")
             if isinstance(b.term, ir.Ret) and fn.interrupt:
-                raise CodegenError(fn.loc, f"{fn.name}: an interrupt function must end in IRet, not Ret")
+                raise self.fail("an interrupt function must end in IRet, not Ret")
 
-    def hints(self) -> dict:
-        """Preferred registers: parameters where they arrive, arguments where
-        the call wants them, copies where their source is."""
-        h: dict = {}
+    def hints(self) -> dict[int, list[Reg | int]]:
+        """Preferred registers by vreg number: parameters where they arrive,
+        arguments where the call wants them, copies where their source is."""
+        h: dict[int, list[Reg | int]] = {}
         for p, r in zip(self.fn.params, ARG_REGS):
-            h.setdefault(p, []).append(r)
+            h.setdefault(p.id, []).append(r)
         for b in self.blocks:
             for ins in b.instrs:
-                regs = (ARG_REGS if isinstance(ins, ir.Call) else
-                        HYPERCALL_REGS if isinstance(ins, ir.Hypercall) else ())
-                for v, r in zip(ins.uses(), regs):
-                    if isinstance(v, ir.VReg):
-                        h.setdefault(v, []).append(r)
-                if isinstance(ins, ir.Copy) and isinstance(ins.src, ir.VReg):
-                    h.setdefault(ins.dst, []).append(ins.src)
+                kind = type(ins)
+                if kind is ir.Copy:
+                    if type(ins.src) is ir.VReg:
+                        h.setdefault(ins.dst.id, []).append(ins.src.id)
+                elif kind is ir.Call or kind is ir.Hypercall:
+                    for v, r in zip(ins.args, ARG_REGS if kind is ir.Call else HYPERCALL_REGS):
+                        if type(v) is ir.VReg:
+                            h.setdefault(v.id, []).append(r)
         return h
 
-    def all_instrs(self):
-        for b in self.blocks:
-            yield from b.instrs
-
     def saved_registers(self) -> list[Reg]:
-        touched = set(self.alloc.used)
-        for ins in self.all_instrs():
-            touched |= isel.clobbers(ins)
+        touched = self.alloc.used | self.alloc.clobbered
         if not self.fn.interrupt:
             return [r for r in CALLEE_SAVED if r in touched]
-        # A handler preserves every register it touches, and everything a callee may.
+        # A handler preserves every register it touches, the scratch ones too; a call
+        # in it clobbers every caller-saved register, so those are saved as well.
         touched |= set(SCRATCH)
-        if any(isel.is_call(i) for i in self.all_instrs()):
-            touched |= set(CALL_CLOBBERED)
         return sorted(touched - {RSP, RBP}, key=lambda r: r.n)
 
     # -- bookkeeping ----------------------------------------------------------
 
+    def fail(self, message: str) -> CodegenError:
+        return CodegenError(f"{self.fn.name}: {message}")
+
     def label(self, name: str) -> str:
         return ".L" + name
 
-    def mark(self, loc: ir.Loc | None) -> None:
+    def mark(self, loc: Loc | None) -> None:
         """A line row whenever the source line changes."""
-        def same(row: obj.LineRow) -> bool:
-            return (row.loc.file, row.loc.line) == (loc.file, loc.line)
-        if loc is None or (self.lines and same(self.lines[-1])):
+        lines = self.lines
+        if loc is None or (lines and (lines[-1][1] is loc or (
+                lines[-1][1].line == loc.line and lines[-1][1].file == loc.file))):
             return
-        if self.lines and self.lines[-1].offset == self.a.offset:
-            self.lines.pop()                 # that line produced no code
-            if self.lines and same(self.lines[-1]):
+        if lines and self.a.at(lines[-1][0]) == self.a.offset:
+            lines.pop()                      # that line produced no code
+            if lines and lines[-1][1].line == loc.line and lines[-1][1].file == loc.file:
                 return
-        self.lines.append(obj.LineRow(self.a.offset, loc))
+        lines.append((self.a.anchor(), loc))
 
-    def site(self, start: int, op: str, loc: ir.Loc | None, becomes: str = "", kind: int = abi.SITE_NATIVE) -> None:
-        self.sites.append(obj.SiteRow(start, self.a.offset - start, op, loc, becomes, kind))
+    def site(self, start: int, op: str, loc: Loc | None, becomes: str = "", kind: int = abi.SITE_NATIVE) -> None:
+        """A site row for the code emitted since anchor `start`."""
+        self.sites.append((start, self.a.anchor(), op, loc, becomes, kind))
 
     # -- operands -------------------------------------------------------------
 
     def where(self, v: ir.Operand) -> Reg | Mem | int:
         """The current location of an operand: register, spill slot or immediate."""
-        if isinstance(v, int):
+        if type(v) is int:
             return signed64(v)
-        h = self.alloc.home.get(v)
+        h = self.alloc.home.get(v.id)
+        if type(h) is Reg:
+            return h
         if h is None:       # never live: a dead definition or an undefined read
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: {v!r} has no location")
-        return h if isinstance(h, Reg) else self.frame.spill(h)
+            raise self.fail(f"{v!r} has no location")
+        return self.frame.spill(h)
 
     def load_imm(self, r: Reg, v: int) -> None:
         v = signed64(v)
@@ -217,6 +258,11 @@ class FunctionGen:
 
     def move(self, dst: Reg | Mem, src: Reg | Mem | int, scratch: Reg = R11) -> None:
         """A 64-bit move between any two locations."""
+        if dst is src:
+            return
+        if type(src) is Reg:                   # the common case first
+            self.a.mov(dst, src)
+            return
         if dst == src:
             return
         if isinstance(src, int):
@@ -242,7 +288,7 @@ class FunctionGen:
         return scratch
 
     def result(self, dst: ir.VReg | None, src: Reg) -> None:
-        if dst is not None and dst in self.alloc.home:
+        if dst is not None and dst.id in self.alloc.home:
             self.move(self.where(dst), src)
 
     def target(self, dst: ir.VReg, scratch: Reg = R11) -> Reg:
@@ -278,7 +324,7 @@ class FunctionGen:
             return Mem(symbol=addr.symbol, disp=addr.disp)
         if addr.slot is not None:
             if not 0 <= addr.slot < len(self.frame.slot_disp):
-                raise CodegenError(self.fn.loc, f"{self.fn.name}: no stack slot {addr.slot}")
+                raise self.fail(f"no stack slot {addr.slot}")
             return self.frame.slot(addr.slot, addr.disp)
         if addr.reg is None:
             v = signed64(addr.disp)
@@ -305,12 +351,8 @@ class FunctionGen:
             a.push(r)
         if f.size:
             a.sub(RSP, f.size)
-        live = [(self.where(p), r) for p, r in zip(self.fn.params, ARG_REGS)
-                if p in self.alloc.home and self._live_param(p)]
-        self.parallel_move(live)
-
-    def _live_param(self, p: ir.VReg) -> bool:
-        return any(iv.vreg == p and iv.end > 0 for iv in self.alloc.intervals)
+        used = {iv.vreg for iv in self.alloc.intervals if iv.end > 0}
+        self.parallel_move([(self.where(p), r) for p, r in zip(self.fn.params, ARG_REGS) if p.id in used])
 
     def epilogue(self) -> None:
         a, f = self.a, self.frame
@@ -344,10 +386,10 @@ class FunctionGen:
             if t.value is not None:
                 self.move(RAX, self.where(t.value))
             self.epilogue()
-            a.ret()
+            return_(a)
         elif isinstance(t, ir.IRet):
             self.epilogue()
-            start = a.offset
+            start = a.anchor()
             if t.hypercall is None:
                 a.iretq()
                 self.site(start, "iret", t.loc)
@@ -356,7 +398,7 @@ class FunctionGen:
                 name = abi.HYPERCALL_NAMES.get(t.hypercall, str(t.hypercall))
                 self.site(start, "iret", t.loc, f"hypercall {name}", abi.SITE_HYPERCALL)
         else:
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: unknown terminator {t!r}")
+            raise self.fail(f"unknown terminator {t!r}")
 
     def jump(self, target: str) -> None:
         if target != self.next_label:
@@ -372,7 +414,7 @@ class FunctionGen:
     def compare(self, op: str, a: ir.Operand, b: ir.Operand) -> str:
         """Emit a 64-bit compare of a with b; return the condition code for `op`."""
         if op not in CC:
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: unknown comparison {op}")
+            raise self.fail(f"unknown comparison {op}")
         A, B = self.where(a), self.where(b)
         if isinstance(A, int):
             if isinstance(B, int):
@@ -394,24 +436,18 @@ class FunctionGen:
 
     # -- instructions ---------------------------------------------------------
 
-    def instr(self, ins: ir.Instr) -> None:
-        method = getattr(self, "i_" + type(ins).__name__, None)
-        if method is None:
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: cannot compile {ins!r}")
-        method(ins)
-
-    def i_Copy(self, i: ir.Copy) -> None:
+    def copy(self, i: ir.Copy) -> None:
         self.move(self.where(i.dst), self.where(i.src))
 
-    def i_BinOp(self, i: ir.BinOp) -> None:
+    def binop(self, i: ir.BinOp) -> None:
         if i.op in isel.DIVISIONS:
             self.divide(i)
         elif i.op in isel.SHIFTS:
             self.shift(i)
-        elif i.op in ("add", "sub", "and", "or", "xor", "mul"):
+        elif i.op in ALU_OPS or i.op == "mul":
             self.arith(i.op, i.dst, i.a, i.b)
         else:
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: unknown binary operator {i.op}")
+            raise self.fail(f"unknown binary operator {i.op}")
 
     def arith(self, op: str, dst: ir.VReg, a: ir.Operand, b: ir.Operand) -> None:
         D, A, B = self.where(dst), self.where(a), self.where(b)
@@ -446,21 +482,21 @@ class FunctionGen:
             else:
                 self.a.imul(R, B)
             return
-        getattr(self.a, {"and": "and_", "or": "or_"}.get(op, op))(R, B)
+        ALU_OPS[op](self.a, R, B)
 
     def shift(self, i: ir.BinOp) -> None:
-        emit = getattr(self.a, i.op)
+        emit = SHIFT_OPS[i.op]
         if isinstance(i.b, int):
             D, A = self.where(i.dst), self.where(i.a)
             R = self.target(i.dst)
             self.move(R, A)
             if i.b % 64:
-                emit(R, i.b % 64)
+                emit(self.a, R, i.b % 64)
             self.move(D, R)
             return
         self.move(R11, self.where(i.a))
         self.move(RCX, self.where(i.b))
-        emit(R11, RCX)
+        emit(self.a, R11, RCX)
         self.result(i.dst, R11)
 
     def divide(self, i: ir.BinOp) -> None:
@@ -477,22 +513,22 @@ class FunctionGen:
         (self.a.idiv if signed else self.a.div)(B)
         self.result(i.dst, RAX if i.op in ("udiv", "sdiv") else RDX)
 
-    def i_UnOp(self, i: ir.UnOp) -> None:
-        emit = {"neg": self.a.neg, "not": self.a.not_}.get(i.op)
+    def unop(self, i: ir.UnOp) -> None:
+        emit = UNARY_OPS.get(i.op)
         if emit is None:
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: unknown unary operator {i.op}")
+            raise self.fail(f"unknown unary operator {i.op}")
         D, A = self.where(i.dst), self.where(i.a)
         if isinstance(D, Mem) and A == D:
-            emit(D)
+            emit(self.a, D)
             return
         R = self.target(i.dst)
         self.move(R, A)
-        emit(R)
+        emit(self.a, R)
         self.move(D, R)
 
-    def i_Ext(self, i: ir.Ext) -> None:
+    def ext(self, i: ir.Ext) -> None:
         if i.bits not in (8, 16, 32):
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: cannot extend from {i.bits} bits")
+            raise self.fail(f"cannot extend from {i.bits} bits")
         A = self.where(i.src)
         if isinstance(A, int):
             v = A % (1 << i.bits)
@@ -519,24 +555,24 @@ class FunctionGen:
         else:
             a.movzx(R, src, size)
 
-    def i_Cmp(self, i: ir.Cmp) -> None:
+    def cmp(self, i: ir.Cmp) -> None:
         cc = self.compare(i.op, i.a, i.b)
         R = self.target(i.dst)
         self.a.setcc(cc, R)
         self.a.movzx(R, R, 1)
         self.result(i.dst, R)
 
-    def i_MLoad(self, i: MLoad) -> None:
+    def load(self, i: MLoad) -> None:
         if i.size not in (1, 2, 4, 8):
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: load of {i.size} bytes")
+            raise self.fail(f"load of {i.size} bytes")
         m = self.address(i.addr)
         R = self.target(i.dst, RAX)
         self.extend(R, m, i.size, i.signed)
         self.result(i.dst, R)
 
-    def i_MStore(self, i: MStore) -> None:
+    def store(self, i: MStore) -> None:
         if i.size not in (1, 2, 4, 8):
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: store of {i.size} bytes")
+            raise self.fail(f"store of {i.size} bytes")
         m = self.address(i.addr)
         V = self.where(i.value)
         if isinstance(V, int):
@@ -550,85 +586,109 @@ class FunctionGen:
             V = RAX
         self.a.mov(m, V, size=i.size)
 
-    def i_AddrOf(self, i: ir.AddrOf) -> None:
+    def addr_of(self, i: ir.AddrOf) -> None:
         R = self.target(i.dst)
         self.a.lea(R, Mem(symbol=i.symbol, disp=i.offset))
         self.result(i.dst, R)
 
-    def i_SlotAddr(self, i: ir.SlotAddr) -> None:
+    def slot_addr(self, i: ir.SlotAddr) -> None:
         if not 0 <= i.slot < len(self.frame.slot_disp):
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: no stack slot {i.slot}")
+            raise self.fail(f"no stack slot {i.slot}")
         R = self.target(i.dst)
         self.a.lea(R, self.frame.slot(i.slot, i.offset))
         self.result(i.dst, R)
 
     def call_args(self, args: list[ir.Operand], regs: tuple[Reg, ...], what: str) -> None:
         if len(args) > len(regs):
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: {what} with more than {len(regs)} arguments")
+            raise self.fail(f"{what} with more than {len(regs)} arguments")
         self.parallel_move([(r, self.where(v)) for v, r in zip(args, regs)])
 
-    def i_Call(self, i: ir.Call) -> None:
+    def call(self, i: ir.Call) -> None:
         self.call_args(i.args, ARG_REGS, f"call of {i.func}")
         self.a.call(i.func)
         self.result(i.dst, RAX)
 
-    def i_CallIndirect(self, i: ir.CallIndirect) -> None:
+    def call_indirect(self, i: ir.CallIndirect) -> None:
         self.move(RAX, self.where(i.target))
         self.call_args(i.args, ARG_REGS, "indirect call")
-        self.a.call_reg(RAX)
+        if self.a.bundled:
+            self.a.masked_call(RAX)
+        else:
+            self.a.call_reg(RAX)
         self.result(i.dst, RAX)
 
-    def i_Hypercall(self, i: ir.Hypercall) -> None:
+    def hypercall(self, i: ir.Hypercall) -> None:
         if not 0 <= i.nr < abi.PAGE_SIZE // abi.HYPERCALL_STRIDE:
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: hypercall number {i.nr} out of range")
+            raise self.fail(f"hypercall number {i.nr} out of range")
         self.call_args(i.args, HYPERCALL_REGS, f"hypercall {i.nr}")
         self.a.call(HYPERCALL_PAGE, i.nr * abi.HYPERCALL_STRIDE)
         self.result(i.dst, RAX)
 
-    def i_SiteBegin(self, i: ir.SiteBegin) -> None:
+    def site_begin(self, i: ir.SiteBegin) -> None:
         if i.site in self.open_sites:
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: site {i.site} begins twice")
-        self.open_sites[i.site] = (self.a.offset, i)
+            raise self.fail(f"site {i.site} begins twice")
+        self.open_sites[i.site] = (self.a.anchor(), i)
 
-    def i_SiteEnd(self, i: ir.SiteEnd) -> None:
+    def site_end(self, i: ir.SiteEnd) -> None:
         if i.site not in self.open_sites:
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: SiteEnd {i.site} without SiteBegin")
+            raise self.fail(f"SiteEnd {i.site} without SiteBegin")
         start, begin = self.open_sites.pop(i.site)
         self.site(start, begin.op, begin.loc, begin.becomes, begin.kind)
 
     # -- machine operations ----------------------------------------------------
 
-    def i_MachineOp(self, i: ir.MachineOp) -> None:
+    def machine_op(self, i: ir.MachineOp) -> None:
         intrinsic = INTRINSICS.get(i.op)
-        emit = getattr(self, "m_" + i.op, None)
-        if intrinsic is None or emit is None:
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: unknown machine operation {i.op}")
+        if intrinsic is None:
+            raise self.fail(f"unknown machine operation {i.op}")
         if len(i.args) != len(intrinsic.params):
-            raise CodegenError(self.fn.loc, f"{self.fn.name}: {i.op} takes {len(intrinsic.params)} arguments")
-        emit(i)
+            raise self.fail(f"{i.op} takes {len(intrinsic.params)} arguments")
+        a, op = self.a, i.op
+        if op in PLAIN_OPS:
+            self.sensitive(i, lambda: PLAIN_OPS[op](a))
+        elif op in PORT_OUT:
+            self.port_out(i, PORT_OUT[op])
+        elif op in PORT_IN:
+            self.port_in(i, PORT_IN[op])
+        elif op in READ_CR:
+            self.read_cr(i, READ_CR[op])
+        elif op in WRITE_CR:
+            self.write_cr(i, WRITE_CR[op])
+        elif op in MEMORY_OPS:
+            self.memory_op(i, MEMORY_OPS[op])
+        else:
+            match op:
+                case "pause":
+                    a.pause()
+                case "save_flags":
+                    self.save_flags(i)
+                case "restore_flags":
+                    self.restore_flags(i)
+                case "set_pte":
+                    self.set_pte(i)
+                case "rdmsr":
+                    self.rdmsr(i)
+                case "wrmsr":
+                    self.wrmsr(i)
+                case "rdtsc":
+                    self.sensitive(i, a.rdtsc)
+                    self.edx_eax_result(i.dst)
+                case "cpuid":
+                    self.cpuid(i)
+                case "swtch":
+                    self.call_args(i.args, ARG_REGS, "swtch")
+                    a.call(SWTCH)
+                    self.calls_swtch = True
+                case _:
+                    raise self.fail(f"no code for machine operation {op}")
 
     def sensitive(self, i: ir.MachineOp, emit) -> None:
         """Emit the sensitive instruction(s) and record their site row."""
-        start = self.a.offset
+        start = self.a.anchor()
         emit()
         self.site(start, i.op, i.loc)
 
-    def m_cli(self, i):
-        self.sensitive(i, self.a.cli)
-
-    def m_sti(self, i):
-        self.sensitive(i, self.a.sti)
-
-    def m_hlt(self, i):
-        self.sensitive(i, self.a.hlt)
-
-    def m_wbinvd(self, i):
-        self.sensitive(i, self.a.wbinvd)
-
-    def m_pause(self, i):
-        self.a.pause()
-
-    def m_save_flags(self, i):
+    def save_flags(self, i: ir.MachineOp) -> None:
         R = self.target(i.dst) if i.dst is not None else R11
 
         def emit():
@@ -637,7 +697,7 @@ class FunctionGen:
         self.sensitive(i, emit)
         self.result(i.dst, R)
 
-    def m_restore_flags(self, i):
+    def restore_flags(self, i: ir.MachineOp) -> None:
         R = self.reg(i.args[0], R11)
 
         def emit():
@@ -645,112 +705,54 @@ class FunctionGen:
             self.a.popfq()
         self.sensitive(i, emit)
 
-    def _out(self, i, size):
+    def port_out(self, i: ir.MachineOp, size: int) -> None:
         self.move(RAX, self.where(i.args[1]))     # value first: the port load clobbers rdx
         self.move(RDX, self.where(i.args[0]))
         self.sensitive(i, lambda: self.a.out(size))
 
-    def m_outb(self, i):
-        self._out(i, 1)
-
-    def m_outw(self, i):
-        self._out(i, 2)
-
-    def m_outl(self, i):
-        self._out(i, 4)
-
-    def _in(self, i, size):
+    def port_in(self, i: ir.MachineOp, size: int) -> None:
         self.move(RDX, self.where(i.args[0]))
         self.sensitive(i, lambda: self.a.in_(size))
         if size < 4:
             self.a.movzx(RAX, RAX, size)
         self.result(i.dst, RAX)
 
-    def m_inb(self, i):
-        self._in(i, 1)
-
-    def m_inw(self, i):
-        self._in(i, 2)
-
-    def m_inl(self, i):
-        self._in(i, 4)
-
-    def _read_cr(self, i, n):
+    def read_cr(self, i: ir.MachineOp, n: int) -> None:
         R = self.target(i.dst) if i.dst is not None else R11
         self.sensitive(i, lambda: self.a.mov_from_cr(R, n))
         self.result(i.dst, R)
 
-    def _write_cr(self, i, n):
+    def write_cr(self, i: ir.MachineOp, n: int) -> None:
         R = self.reg(i.args[0], R11)
         self.sensitive(i, lambda: self.a.mov_to_cr(n, R))
 
-    def m_read_cr0(self, i):
-        self._read_cr(i, 0)
-
-    def m_read_cr2(self, i):
-        self._read_cr(i, 2)
-
-    def m_read_cr3(self, i):
-        self._read_cr(i, 3)
-
-    def m_read_cr4(self, i):
-        self._read_cr(i, 4)
-
-    def m_write_cr0(self, i):
-        self._write_cr(i, 0)
-
-    def m_write_cr3(self, i):
-        self._write_cr(i, 3)
-
-    def m_write_cr4(self, i):
-        self._write_cr(i, 4)
-
-    def _mem_op(self, i, emit):
+    def memory_op(self, i: ir.MachineOp, emit) -> None:
         R = self.reg(i.args[0], R11)
-        self.sensitive(i, lambda: emit(Mem(R)))
+        self.sensitive(i, lambda: emit(self.a, Mem(R)))
 
-    def m_invlpg(self, i):
-        self._mem_op(i, self.a.invlpg)
-
-    def m_lgdt(self, i):
-        self._mem_op(i, self.a.lgdt)
-
-    def m_lidt(self, i):
-        self._mem_op(i, self.a.lidt)
-
-    def m_sgdt(self, i):
-        self._mem_op(i, self.a.sgdt)
-
-    def m_sidt(self, i):
-        self._mem_op(i, self.a.sidt)
-
-    def m_set_pte(self, i):
+    def set_pte(self, i: ir.MachineOp) -> None:
         P = self.reg(i.args[0], R11)
         V = self.reg(i.args[1], RAX)      # always `mov [r], r`, the form trap-and-emulate decodes
         self.sensitive(i, lambda: self.a.mov(Mem(P), V))
 
-    def m_rdmsr(self, i):
+    def rdmsr(self, i: ir.MachineOp) -> None:
         self.move(RCX, self.where(i.args[0]))
         self.sensitive(i, self.a.rdmsr)
         self.edx_eax_result(i.dst)
 
-    def edx_eax_result(self, dst):
+    def edx_eax_result(self, dst: ir.VReg | None) -> None:
         self.a.shl(RDX, 32)              # the CPU cleared both high halves
         self.a.or_(RAX, RDX)
         self.result(dst, RAX)
 
-    def m_rdtsc(self, i):
-        self.sensitive(i, self.a.rdtsc)
-        self.edx_eax_result(i.dst)
-
-    def m_wrmsr(self, i):
+    def wrmsr(self, i: ir.MachineOp) -> None:
         self.move(RAX, self.where(i.args[1]))     # value first: msr may sit in rdx
         self.move(RCX, self.where(i.args[0]))
         self.a.mov(RDX, RAX)
         self.a.shr(RDX, 32)
         self.sensitive(i, self.a.wrmsr)
 
-    def m_cpuid(self, i):
+    def cpuid(self, i: ir.MachineOp) -> None:
         self.move(R11, self.where(i.args[1]))     # out pointer survives in r11
         self.move(RAX, self.where(i.args[0]))
         self.a.xor(RCX, RCX, size=4)
@@ -758,6 +760,27 @@ class FunctionGen:
         for k, r in enumerate((RAX, RBX, RCX, RDX)):
             self.a.mov(Mem(R11, 4 * k), r, size=4)
 
-    def m_swtch(self, i):
-        self.call_args(i.args, ARG_REGS, "swtch")
-        self.a.call(SWTCH)
+
+# How each selected instruction is emitted.
+EMITTERS = {
+    ir.Copy: FunctionGen.copy, ir.BinOp: FunctionGen.binop, ir.UnOp: FunctionGen.unop,
+    ir.Ext: FunctionGen.ext, ir.Cmp: FunctionGen.cmp, MLoad: FunctionGen.load, MStore: FunctionGen.store,
+    ir.AddrOf: FunctionGen.addr_of, ir.SlotAddr: FunctionGen.slot_addr, ir.Call: FunctionGen.call,
+    ir.CallIndirect: FunctionGen.call_indirect, ir.Hypercall: FunctionGen.hypercall,
+    ir.SiteBegin: FunctionGen.site_begin, ir.SiteEnd: FunctionGen.site_end,
+    ir.MachineOp: FunctionGen.machine_op,
+}
+
+# Operators by encoder method.
+ALU_OPS = {"add": Asm.add, "sub": Asm.sub, "and": Asm.and_, "or": Asm.or_, "xor": Asm.xor}
+SHIFT_OPS = {"shl": Asm.shl, "shr": Asm.shr, "sar": Asm.sar}
+UNARY_OPS = {"neg": Asm.neg, "not": Asm.not_}
+
+# Machine operations by shape: one sensitive instruction without operands,
+# port I/O of a size, control-register moves, an instruction on [reg].
+PLAIN_OPS = {"cli": Asm.cli, "sti": Asm.sti, "hlt": Asm.hlt, "wbinvd": Asm.wbinvd}
+PORT_OUT = {"outb": 1, "outw": 2, "outl": 4}
+PORT_IN = {"inb": 1, "inw": 2, "inl": 4}
+READ_CR = {"read_cr0": 0, "read_cr2": 2, "read_cr3": 3, "read_cr4": 4}
+WRITE_CR = {"write_cr0": 0, "write_cr3": 3, "write_cr4": 4}
+MEMORY_OPS = {"invlpg": Asm.invlpg, "lgdt": Asm.lgdt, "lidt": Asm.lidt, "sgdt": Asm.sgdt, "sidt": Asm.sidt}

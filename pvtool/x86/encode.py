@@ -8,6 +8,19 @@ absolute `[disp32]`, or `[rip + symbol + disp]`) and plain ints
 (immediates).  Every method checks its operands and raises `EncodeError`
 for a form it cannot encode, so a back-end bug never becomes wrong bytes.
 
+Bundled code (`Asm(bundled=True)`, the PV code rules of ABI version 2, see
+codespec.md): code is cut into 32-byte bundles and no instruction crosses a
+bundle end.  Every instruction's size is known when it is emitted (forward
+jumps are always near), so `_put` pads before one that would cross: first
+by growing earlier instructions of the bundle with redundant prefixes (no
+extra instruction to execute), then with multi-byte NOPs.  Calls end exactly
+on a bundle end, so return addresses are bundle starts; returns and
+indirect branches are masked (`and r, -32` and the branch in one bundle);
+plain `ret` and `call r64` are refused.  A label is bound where the next
+instruction starts, after any NOPs, so a branch to it skips them.  Offsets
+that others keep (line and site rows) are anchors that move with the
+padding.
+
 tests/test_encode.py round-trips every public method through capstone and
 fails when a method has no round-trip test.
 """
@@ -23,9 +36,26 @@ class EncodeError(Exception):
     pass
 
 
-@dataclass(frozen=True)
 class Reg:
-    n: int    # hardware number 0-15
+    """A general register by hardware number 0-15.  There is one object per
+    register, so equality is identity and hashing is cheap."""
+    __slots__ = ("n",)
+    _each: dict[int, Reg] = {}
+
+    def __new__(cls, n: int) -> Reg:
+        r = cls._each.get(n)
+        if r is None:
+            if not 0 <= n < 16:
+                raise EncodeError(f"no general register {n}")
+            r = cls._each[n] = object.__new__(cls)
+            object.__setattr__(r, "n", n)
+        return r
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("registers are immutable")
+
+    def __reduce__(self):
+        return Reg, (self.n,)
 
     def __repr__(self) -> str:
         return REG_NAMES[8][self.n]
@@ -86,28 +116,133 @@ def _check_size(size: int, allowed: tuple[int, ...] = SIZES) -> None:
         raise EncodeError(f"operand size {size} not in {allowed}")
 
 
+BUNDLE = 32
+MASK = -BUNDLE                 # `and r64, MASK` rounds a branch target down to a bundle start
+# The multi-byte NOPs (0f 1f /0 with growing ModRM/SIB/disp forms, then 66 prefixes).
+_NOP_FORMS = {1: "90", 2: "66 90", 3: "0f 1f 00", 4: "0f 1f 40 00", 5: "0f 1f 44 00 00",
+              6: "66 0f 1f 44 00 00", 7: "0f 1f 80 00 00 00 00", 8: "0f 1f 84 00 00 00 00 00",
+              9: "66 0f 1f 84 00 00 00 00 00", 10: "66 66 0f 1f 84 00 00 00 00 00",
+              11: "66 66 66 0f 1f 84 00 00 00 00 00"}
+NOP_MAX = max(_NOP_FORMS)
+
+
+def nops(n: int) -> bytes:
+    """`n` bytes of padding as the fewest NOP instructions."""
+    out = bytearray()
+    while n > 0:
+        k = min(n, NOP_MAX)
+        out += bytes.fromhex(_NOP_FORMS[k])
+        n -= k
+    return bytes(out)
+
+
+def padding(at: int, n: int) -> bytes:
+    """`n` bytes of NOPs placed at offset `at`, none crossing a bundle end."""
+    first = min(n, BUNDLE - at % BUNDLE)
+    return nops(first) + nops(n - first)
+
+
+# padding(at, n) for every position in a bundle and every length a pad can have
+_PADDING = [[padding(at, n) for n in range(BUNDLE)] for at in range(BUNDLE)]
+
+
+def _modrm(out: bytearray, reg: int, rm: Reg | Mem) -> int:
+    """Append ModRM (and SIB, displacement) for `reg` and `rm` to `out`; return
+    the offset of a rip-relative disp32 field in `out` (the linker patches it), or 0."""
+    if type(rm) is Reg:
+        out.append(0xC0 | reg << 3 | rm.n & 7)
+        return 0
+    if rm.symbol is not None:                  # [rip + disp32], patched by the linker
+        if rm.base is not None:
+            raise EncodeError("a rip-relative operand has no base register")
+        out.append(0x05 | reg << 3)
+        out += b"\0\0\0\0"
+        return len(out) - 4
+    disp = rm.disp
+    if not -0x8000_0000 <= disp < 0x8000_0000:
+        raise EncodeError(f"displacement {disp:#x} does not fit in 32 bits")
+    if rm.base is None:                        # absolute: SIB with no base, no index
+        out += bytes((0x04 | reg << 3, 0x25)) + struct.pack("<i", disp)
+        return 0
+    low = rm.base.n & 7
+    if disp == 0 and low != 5:                 # rbp/r13 have no disp-less form
+        out.append(reg << 3 | low)
+        if low == 4:                           # rsp/r12 as base need a SIB byte
+            out.append(0x24)
+    elif -0x80 <= disp < 0x80:
+        out.append(0x40 | reg << 3 | low)
+        if low == 4:
+            out.append(0x24)
+        out.append(disp & 0xFF)
+    else:
+        out.append(0x80 | reg << 3 | low)
+        if low == 4:
+            out.append(0x24)
+        out += struct.pack("<i", disp)
+    return 0
+
+
+# How an instruction may be laid out in bundled code: FIXED as encoded;
+# PREFIXABLE may grow by redundant CS prefixes (register-only instructions
+# and lea: no memory access the prefix could touch, nothing sensitive);
+# BACKWARD, a jump whose displacement is fixed at emission, so nothing
+# between its target and itself may grow afterwards.  (Forward jumps are
+# patched by finish() and relocations by the linker: both move along.)
+FIXED, PREFIXABLE, BACKWARD = 0, 1, 2
+PREFIX = 0x2E                  # CS override: ignored in 64-bit mode
+MAX_PREFIXES = 5               # added to one instruction, as gas's prefix padding (never beyond 15 bytes)
+
+
 class Asm:
     """Machine code for one function: bytes, relocations, local labels."""
 
-    def __init__(self) -> None:
+    def __init__(self, bundled: bool = False) -> None:
         self.code = bytearray()
         self.relocs: list[Reloc] = []
         self.labels: dict[str, int] = {}
         self.fixups: list[tuple[int, str]] = []   # (offset of rel32 field, label)
+        self.anchors: list[int] = []              # offsets others hold on to (line and site rows)
+        self.bundled = bundled
+        self.pending: list[str] = []              # bundled: labels bound at the next instruction
+        self.pads: dict[int, int] = {}            # bundled: where NOP padding starts -> where it ends
+        # bundled: [start, room for prefixes] of each PREFIXABLE instruction of the
+        # current bundle since its last BACKWARD jump, and the labels bound in it
+        self.bundle = 0
+        self.run: list[list[int]] = []
+        self.recent: list[str] = []
 
     @property
     def offset(self) -> int:
         return len(self.code)
 
+    def anchor(self) -> int:
+        """Remember the current offset; `at(anchor)` is where it ends up once later
+        padding has grown the instructions before it."""
+        self.anchors.append(len(self.code))
+        return len(self.anchors) - 1
+
+    def at(self, anchor: int) -> int:
+        return self.anchors[anchor]
+
+    def span(self, start: int, end: int) -> tuple[int, int]:
+        """(offset, length) of the code between two anchors, without padding at its start."""
+        first = self.anchors[start]
+        first = self.pads.get(first, first)
+        return first, self.anchors[end] - first
+
     # -- labels -------------------------------------------------------------
 
     def label(self, name: str) -> None:
-        if name in self.labels:
+        if name in self.labels or name in self.pending:
             raise EncodeError(f"label {name!r} defined twice")
-        self.labels[name] = self.offset
+        if self.bundled:
+            self.pending.append(name)
+        else:
+            self.labels[name] = len(self.code)
 
     def finish(self) -> bytes:
         """Patch the forward jumps and return the code."""
+        self._bind(len(self.code))
         for at, name in self.fixups:
             if name not in self.labels:
                 raise EncodeError(f"undefined label {name!r}")
@@ -115,61 +250,140 @@ class Asm:
         self.fixups.clear()
         return bytes(self.code)
 
+    def _bind(self, at: int) -> None:
+        for name in self.pending:
+            self.labels[name] = at
+        self.recent += self.pending
+        self.pending.clear()
+
+    # -- placement ----------------------------------------------------------
+
+    def _start_for(self, size: int, end_on_bundle: bool = False) -> int:
+        """Where an instruction of `size` bytes emitted now will start."""
+        at = len(self.code)
+        if not self.bundled:
+            return at
+        if end_on_bundle:
+            return at + (-(at + size) % BUNDLE)
+        return at if at % BUNDLE + size <= BUNDLE else at - at % BUNDLE + BUNDLE
+
+    def _put(self, ins: bytes | bytearray, end_on_bundle: bool = False, kind: int = FIXED) -> int:
+        """Append one instruction (or an inseparable group, e.g. a masked pair),
+        padding first in bundled code; return where it starts."""
+        code = self.code
+        at = len(code)
+        if not self.bundled:
+            code += ins
+            return at
+        if end_on_bundle or at % BUNDLE + len(ins) > BUNDLE or self.pending:
+            at = self._place(len(ins), end_on_bundle)
+        elif at // BUNDLE != self.bundle:
+            self._enter_bundle(at)
+        code += ins
+        if kind == PREFIXABLE:
+            self.run.append([at, min(MAX_PREFIXES, 15 - len(ins))])
+        elif kind == BACKWARD:
+            self.run = []
+        return at
+
+    def _place(self, size: int, end_on_bundle: bool = False) -> int:
+        """Bundled: make the code end where the next `size` bytes may start --
+        prefixes on earlier instructions first, then NOPs -- and bind pending labels there."""
+        code = self.code
+        at = len(code)
+        if at // BUNDLE != self.bundle:
+            self._enter_bundle(at)
+        start = self._start_for(size, end_on_bundle)
+        if start != at:
+            at = self._grow(min(start, at - at % BUNDLE + BUNDLE) - at)
+            if start != at:
+                code += _PADDING[at % BUNDLE][start - at]
+                self.pads[at] = start
+            if start // BUNDLE != self.bundle:
+                self._enter_bundle(start)
+        if self.pending:
+            self._bind(start)
+        return start
+
+    def _enter_bundle(self, at: int) -> None:
+        """Nothing before a new bundle grows any more."""
+        self.bundle, self.run, self.recent = at // BUNDLE, [], []
+
+    def _grow(self, need: int) -> int:
+        """Pad by adding up to `need` prefixes to this bundle's PREFIXABLE instructions
+        since its last backward jump, the latest first (no NOP to execute); return the new end."""
+        for entry in reversed(self.run):
+            k = min(entry[1], need)
+            if k:
+                self._insert(entry[0], k)
+                entry[1] -= k
+                need -= k
+        return len(self.code)
+
+    def _insert(self, at: int, k: int) -> None:
+        """k prefixes in front of the instruction at `at`; everything after it moves."""
+        self.code[at:at] = bytes((PREFIX,)) * k
+        for r in reversed(self.relocs):
+            if r.offset <= at:
+                break
+            r.offset += k
+        fixups = self.fixups
+        i = len(fixups) - 1
+        while i >= 0 and fixups[i][0] > at:
+            fixups[i] = (fixups[i][0] + k, fixups[i][1])
+            i -= 1
+        for name in self.recent:
+            if self.labels[name] > at:
+                self.labels[name] += k
+        anchors = self.anchors
+        i = len(anchors) - 1
+        while i >= 0 and anchors[i] > at:
+            anchors[i] += k
+            i -= 1
+        for entry in self.run:
+            if entry[0] > at:
+                entry[0] += k
+
+    def _reloc(self, at: int, symbol: str, addend: int) -> None:
+        self.relocs.append(Reloc(at, PC32, symbol, addend))
+
     # -- the core: prefixes, REX, ModRM, SIB, displacement ------------------
 
     def _emit(self, opcode: bytes, reg: int, rm: Reg | Mem, size: int, *,
-              imm: bytes = b"", byte_regs: tuple[int, ...] = (), rex_w: bool | None = None) -> None:
+              imm: bytes = b"", byte_regs: tuple[int, ...] = (), rex_w: bool | None = None,
+              kind: int | None = None) -> None:
         """One instruction with a ModRM byte.  `reg` is a register number or
         an opcode extension; `byte_regs` are the register numbers used as
-        8-bit registers (spl..dil need an empty REX)."""
+        8-bit registers (spl..dil need an empty REX).  By default a
+        register-only form is PREFIXABLE and a memory form FIXED."""
         w = size == 8 if rex_w is None else rex_w
-        b = rm.n >> 3 if isinstance(rm, Reg) else (rm.base.n >> 3 if rm.base is not None else 0)
-        rex = 0x40 | (w << 3) | ((reg >> 3) << 2) | b
-        out = bytearray()
-        if size == 2:
-            out.append(0x66)
-        if rex != 0x40 or any(4 <= r < 8 for r in byte_regs):
+        out = bytearray(b"\x66") if size == 2 else bytearray()
+        if type(rm) is Reg:                    # the common case, inline
+            n = rm.n
+            rex = 0x40 | w << 3 | (reg >> 3) << 2 | n >> 3
+            if rex != 0x40 or (byte_regs and any(4 <= r < 8 for r in byte_regs)):
+                out.append(rex)
+            out += opcode
+            out.append(0xC0 | (reg & 7) << 3 | n & 7)
+            out += imm
+            self._put(out, False, PREFIXABLE if kind is None else kind)
+            return
+        rex = 0x40 | w << 3 | (reg >> 3) << 2 | (rm.base.n >> 3 if rm.base is not None else 0)
+        if rex != 0x40 or (byte_regs and any(4 <= r < 8 for r in byte_regs)):
             out.append(rex)
         out += opcode
-        self.code += out
-        self._modrm(reg & 7, rm, len(imm))
-        self.code += imm
-
-    def _modrm(self, reg: int, rm: Reg | Mem, trail: int) -> None:
-        if isinstance(rm, Reg):
-            self.code.append(0xC0 | reg << 3 | rm.n & 7)
-            return
-        if rm.symbol is not None:              # [rip + disp32], patched by the linker
-            if rm.base is not None:
-                raise EncodeError("a rip-relative operand has no base register")
-            self.code.append(0x05 | reg << 3)
-            self.relocs.append(Reloc(self.offset, PC32, rm.symbol, rm.disp - 4 - trail))
-            self.code += b"\0\0\0\0"
-            return
-        if not fits_s32(rm.disp):
-            raise EncodeError(f"displacement {rm.disp:#x} does not fit in 32 bits")
-        if rm.base is None:                    # absolute: SIB with no base, no index
-            self.code += bytes((0x04 | reg << 3, 0x25)) + struct.pack("<i", rm.disp)
-            return
-        low = rm.base.n & 7
-        if rm.disp == 0 and low != 5:          # rbp/r13 have no disp-less form
-            mod, disp = 0x00, b""
-        elif fits_s8(rm.disp):
-            mod, disp = 0x40, struct.pack("<b", rm.disp)
-        else:
-            mod, disp = 0x80, struct.pack("<i", rm.disp)
-        self.code.append(mod | reg << 3 | low)
-        if low == 4:                           # rsp/r12 as base need a SIB byte
-            self.code.append(0x24)
-        self.code += disp
+        rip = _modrm(out, reg & 7, rm)
+        out += imm
+        at = self._put(out, False, FIXED if kind is None else kind)
+        if rip:
+            self._reloc(at + rip, rm.symbol, rm.disp - 4 - len(imm))
 
     def _plain(self, *opcode: int) -> None:
-        self.code += bytes(opcode)
+        self._put(bytes(opcode))
 
-    def _rel32(self, opcode: bytes, symbol: str, addend: int) -> None:
-        self.code += opcode
-        self.relocs.append(Reloc(self.offset, PC32, symbol, addend - 4))
-        self.code += b"\0\0\0\0"
+    def _rel32(self, opcode: bytes, symbol: str, addend: int, end_on_bundle: bool = False) -> None:
+        at = self._put(opcode + b"\0\0\0\0", end_on_bundle)
+        self._reloc(at + len(opcode), symbol, addend - 4)
 
     @staticmethod
     def _byte_regs(size: int, *ops: object) -> tuple[int, ...]:
@@ -179,12 +393,15 @@ class Asm:
 
     def mov(self, dst: Reg | Mem, src: Reg | Mem | int, size: int = 8) -> None:
         """mov; a 64-bit immediate that does not fit in imm32 becomes movabs."""
-        _check_size(size)
         op8 = size == 1
+        if type(src) is Reg and size == 8:     # the common case first
+            self._emit(b"\x89", src.n, dst, 8)
+            return
+        _check_size(size)
         if isinstance(src, int):
             if isinstance(dst, Reg) and size == 8 and not fits_s32(src):
                 rex = 0x48 | dst.n >> 3
-                self.code += bytes((rex, 0xB8 + (dst.n & 7))) + imm_bytes(src, 8)
+                self._put(bytes((rex, 0xB8 + (dst.n & 7))) + imm_bytes(src, 8), False, PREFIXABLE)
             elif isinstance(dst, Reg) and size < 8:
                 self._emit_short_reg(0xB0 if op8 else 0xB8, dst, size, imm_bytes(src, size))
             else:
@@ -210,7 +427,7 @@ class Asm:
         if r.n >= 8 or (size == 1 and r.n >= 4):
             out.append(0x40 | r.n >> 3)
         out += bytes((base + (r.n & 7),)) + imm
-        self.code += out
+        self._put(out, False, PREFIXABLE)
 
     def movzx(self, dst: Reg, src: Reg | Mem, src_size: int, size: int = 4) -> None:
         """Zero-extend an 8- or 16-bit source (a 32-bit one: use mov r32, r/m32)."""
@@ -234,7 +451,7 @@ class Asm:
         _check_size(size, (4, 8))
         if not isinstance(src, Mem):
             raise EncodeError("lea takes a memory operand")
-        self._emit(b"\x8D", dst.n, src, size)
+        self._emit(b"\x8D", dst.n, src, size, kind=PREFIXABLE)     # computes, touches no memory
 
     def push(self, r: Reg) -> None:
         self._short_op(0x50, r)
@@ -243,9 +460,7 @@ class Asm:
         self._short_op(0x58, r)
 
     def _short_op(self, base: int, r: Reg) -> None:
-        if r.n >= 8:
-            self.code.append(0x41)
-        self.code.append(base + (r.n & 7))
+        self._put(bytes((0x41, base + (r.n & 7))) if r.n >= 8 else bytes((base + r.n,)), False, PREFIXABLE)
 
     # -- arithmetic ---------------------------------------------------------
 
@@ -365,18 +580,17 @@ class Asm:
     # -- control flow -------------------------------------------------------
 
     def _jump(self, short: int, near: bytes, name: str) -> None:
-        """Short form for a bound label in reach, else rel32 (patched later if forward)."""
-        if name in self.labels:
-            rel = self.labels[name] - (self.offset + 2)
-            if fits_s8(rel):
-                self.code += bytes((short,)) + struct.pack("<b", rel)
-                return
-            self.code += near
-            self.code += struct.pack("<i", self.labels[name] - (self.offset + 4))
+        """Short form for a bound label in reach, else rel32 (patched later if forward).
+        Padding only brings a backward target closer, so the size is chosen first."""
+        target = self.labels.get(name)
+        if target is None:
+            at = self._put(near + b"\0\0\0\0")
+            self.fixups.append((at + len(near), name))
             return
-        self.code += near
-        self.fixups.append((self.offset, name))
-        self.code += b"\0\0\0\0"
+        size = 2 if -0x80 <= target - (self._start_for(2) + 2) < 0x80 else len(near) + 4
+        at = self._place(size) if self.bundled else len(self.code)
+        rel = self.labels[name] - (at + size)
+        self._put(bytes((short, rel & 0xFF)) if size == 2 else near + struct.pack("<i", rel), False, BACKWARD)
 
     def jmp(self, name: str) -> None:
         """Jump to a local label."""
@@ -386,19 +600,46 @@ class Asm:
         self._jump(0x70 + CC[cc], bytes((0x0F, 0x80 + CC[cc])), name)
 
     def call(self, symbol: str, addend: int = 0) -> None:
-        """call rel32 to symbol+addend (PC32 relocation, addend-4)."""
-        self._rel32(b"\xE8", symbol, addend)
+        """call rel32 to symbol+addend (PC32 relocation, addend-4); bundled, it ends on a bundle end."""
+        self._rel32(b"\xE8", symbol, addend, end_on_bundle=True)
 
     def jmp_symbol(self, symbol: str, addend: int = 0) -> None:
         """jmp rel32 to symbol+addend (PC32 relocation, addend-4)."""
         self._rel32(b"\xE9", symbol, addend)
 
     def call_reg(self, r: Reg) -> None:
-        """call r64."""
+        """call r64 (not in bundled code: use masked_call)."""
+        self._unmasked("call r64")
         self._emit(b"\xFF", 2, r, 4)
 
     def ret(self) -> None:
+        """ret (not in bundled code: use masked_ret)."""
+        self._unmasked("ret")
         self._plain(0xC3)
+
+    def _unmasked(self, what: str) -> None:
+        if self.bundled:
+            raise EncodeError(f"{what} in bundled code: indirect branches must be masked")
+
+    @staticmethod
+    def _masked_pair(ext: int, r: Reg) -> bytes:
+        """and r64, -32 (REX.W 83 /4 ib) then jmp r64 (ff /4) or call r64 (ff /2)."""
+        low = r.n & 7
+        pair = bytes((0x48 | r.n >> 3, 0x83, 0xE0 | low, MASK & 0xFF))
+        return pair + (b"\x41" if r.n >= 8 else b"") + bytes((0xFF, 0xC0 | ext << 3 | low))
+
+    def masked_jmp(self, r: Reg) -> None:
+        """and r, -32; jmp r -- in one bundle."""
+        self._put(self._masked_pair(4, r))
+
+    def masked_call(self, r: Reg) -> None:
+        """and r, -32; call r -- in one bundle, ending on its end when bundled."""
+        self._put(self._masked_pair(2, r), end_on_bundle=True)
+
+    def masked_ret(self, scratch: Reg) -> None:
+        """The return of bundled code: pop scratch; and scratch, -32; jmp scratch."""
+        self.pop(scratch)
+        self.masked_jmp(scratch)
 
     # -- machine operations -------------------------------------------------
 
@@ -420,24 +661,24 @@ class Asm:
     def in_(self, size: int) -> None:
         """in al/ax/eax, dx."""
         _check_size(size, (1, 2, 4))
-        self.code += (b"\x66" if size == 2 else b"") + (b"\xEC" if size == 1 else b"\xED")
+        self._put((b"\x66" if size == 2 else b"") + (b"\xEC" if size == 1 else b"\xED"))
 
     def out(self, size: int) -> None:
         """out dx, al/ax/eax."""
         _check_size(size, (1, 2, 4))
-        self.code += (b"\x66" if size == 2 else b"") + (b"\xEE" if size == 1 else b"\xEF")
+        self._put((b"\x66" if size == 2 else b"") + (b"\xEE" if size == 1 else b"\xEF"))
 
     def mov_from_cr(self, dst: Reg, cr: int) -> None:
         """mov r64, crN."""
         if cr not in CONTROL_REGS:
             raise EncodeError(f"no control register cr{cr}")
-        self._emit(b"\x0F\x20", cr, dst, 4)
+        self._emit(b"\x0F\x20", cr, dst, 4, kind=FIXED)
 
     def mov_to_cr(self, cr: int, src: Reg) -> None:
         """mov crN, r64."""
         if cr not in CONTROL_REGS:
             raise EncodeError(f"no control register cr{cr}")
-        self._emit(b"\x0F\x22", cr, src, 4)
+        self._emit(b"\x0F\x22", cr, src, 4, kind=FIXED)
 
     def _group7(self, ext: int, m: Mem) -> None:
         if not isinstance(m, Mem):
@@ -476,6 +717,15 @@ class Asm:
 
     def pause(self) -> None:
         self._plain(0xF3, 0x90)
+
+    # -- string operations (the start-up code) --------------------------------
+
+    def cld(self) -> None:
+        self._plain(0xFC)
+
+    def rep_stosb(self) -> None:
+        """rep stosb: rcx bytes of al to [rdi]."""
+        self._plain(0xF3, 0xAA)
 
     def iretq(self) -> None:
         self._plain(0x48, 0xCF)

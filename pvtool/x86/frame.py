@@ -25,7 +25,11 @@ MAX_SLOT_ALIGN = 16
 
 
 class FrameError(Exception):
-    pass
+    """A frame the back end cannot lay out (a broken invariant)."""
+
+
+class FrameTooLarge(FrameError):
+    """The program's locals need more than rbp-relative disp32 reaches."""
 
 
 def align_up(n: int, a: int) -> int:
@@ -63,5 +67,6 @@ def layout(saved: list[Reg], slots: list[ir.Slot], spills: int) -> Frame:
         f.spill_disp.append(-depth)
     f.size = align_up(depth, 16) - f.saved_area
     if depth >= 1 << 31:
-        raise FrameError("stack frame larger than 2 GiB")
+        raise FrameTooLarge(f"needs a {f.size + f.saved_area}-byte stack frame; rbp-relative "
+                            f"offsets reach 2 GiB")
     return f

@@ -16,7 +16,6 @@ allocated: they are the emitters' scratch registers).
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 from .. import ir
@@ -26,14 +25,16 @@ CALLER_SAVED = frozenset({RCX, RDX, RSI, RDI, R8, R9, R10})    # allocatable one
 DIVISIONS = ("udiv", "sdiv", "urem", "srem")
 SHIFTS = ("shl", "shr", "sar")
 
+NOTHING: frozenset[Reg] = frozenset()
+ONLY_RDX, ONLY_RCX = frozenset({RDX}), frozenset({RCX})
 # Registers a machine operation's native sequence destroys (beyond rax, r11).
 MACHINE_CLOBBERS = {
-    "outb": {RDX}, "outw": {RDX}, "outl": {RDX},
-    "inb": {RDX}, "inw": {RDX}, "inl": {RDX},
-    "rdmsr": {RCX, RDX}, "wrmsr": {RCX, RDX},
-    "cpuid": {RBX, RCX, RDX},
-    "rdtsc": {RDX},
-    "swtch": set(CALLER_SAVED),
+    "outb": ONLY_RDX, "outw": ONLY_RDX, "outl": ONLY_RDX,
+    "inb": ONLY_RDX, "inw": ONLY_RDX, "inl": ONLY_RDX,
+    "rdmsr": frozenset({RCX, RDX}), "wrmsr": frozenset({RCX, RDX}),
+    "cpuid": frozenset({RBX, RCX, RDX}),
+    "rdtsc": ONLY_RDX,
+    "swtch": CALLER_SAVED,
 }
 
 
@@ -99,32 +100,42 @@ class SelectError(Exception):
     pass
 
 
-def is_call(ins: ir.Instr) -> bool:
-    return isinstance(ins, (ir.Call, ir.CallIndirect, ir.Hypercall)) or (
-        isinstance(ins, ir.MachineOp) and ins.op == "swtch")
+CALLS = (ir.Call, ir.CallIndirect, ir.Hypercall)
 
 
 def clobbers(ins: ir.Instr) -> frozenset[Reg]:
     """Allocatable registers destroyed by the code emitted for `ins`."""
-    if is_call(ins):
-        return CALLER_SAVED
-    if isinstance(ins, ir.BinOp):
+    kind = type(ins)
+    if kind is ir.BinOp:
         if ins.op in DIVISIONS:
-            return frozenset({RDX})
-        if ins.op in SHIFTS and not isinstance(ins.b, int):
-            return frozenset({RCX})
-    if isinstance(ins, ir.MachineOp):
-        return frozenset(MACHINE_CLOBBERS.get(ins.op, ()))
-    return frozenset()
+            return ONLY_RDX
+        if ins.op in SHIFTS and type(ins.b) is not int:
+            return ONLY_RCX
+        return NOTHING
+    if kind in CALLS:
+        return CALLER_SAVED
+    if kind is ir.MachineOp:
+        return MACHINE_CLOBBERS.get(ins.op, NOTHING)
+    return NOTHING
 
 
 def select(fn: ir.Function) -> list[MBlock]:
     """Copy the function's blocks into MBlocks, fusing the patterns above."""
-    uses: Counter = Counter()
-    defs: Counter = Counter()
-    for ins in fn.instructions():
-        uses.update(u for u in ins.uses() if isinstance(u, ir.VReg))
-        defs.update(ins.defs())
+    VReg = ir.VReg
+    uses: dict[int, int] = {}                   # VReg.id -> how many reads, how many writes
+    defs: dict[int, int] = {}
+    for b in fn.blocks:
+        for ins in b.instrs:
+            for u in ins.uses():
+                if type(u) is VReg:
+                    uses[u.id] = uses.get(u.id, 0) + 1
+            d = getattr(ins, "dst", None)        # ir.Instr.defs(), without the list
+            if type(d) is VReg:
+                defs[d.id] = defs.get(d.id, 0) + 1
+        if b.term is not None:
+            for u in b.term.uses():
+                if type(u) is VReg:
+                    uses[u.id] = uses.get(u.id, 0) + 1
     blocks = []
     for b in fn.blocks:
         if b.term is None:
@@ -139,37 +150,39 @@ def select(fn: ir.Function) -> list[MBlock]:
     return blocks
 
 
-def _fuse_compare(instrs: list[ir.Instr], term: ir.Instr, uses: Counter):
-    if (isinstance(term, ir.Branch) and instrs and isinstance(instrs[-1], ir.Cmp)
-            and instrs[-1].dst == term.cond and uses[term.cond] == 1):
+def _fuse_compare(instrs: list[ir.Instr], term: ir.Instr, uses: dict[int, int]):
+    if (type(term) is ir.Branch and instrs and type(instrs[-1]) is ir.Cmp
+            and instrs[-1].dst == term.cond and uses[term.cond.id] == 1):
         c = instrs.pop()
         return instrs, CmpBranch(c.op, c.a, c.b, term.then, term.else_, loc=term.loc or c.loc)
     return instrs, term
 
 
-def _fuse_addresses(instrs: list[ir.Instr], uses: Counter, defs: Counter) -> list[ir.Instr]:
+def _fuse_addresses(instrs: list[ir.Instr], uses: dict[int, int], defs: dict[int, int]) -> list[ir.Instr]:
     out: list[ir.Instr | None] = []
-    pending: dict[ir.VReg, tuple[Addr, int]] = {}   # foldable address -> (Addr, index in out)
+    pending: dict[int, tuple[Addr, int]] = {}      # foldable address's VReg.id -> (Addr, index in out)
 
     def addr(base: ir.Operand, offset: int) -> Addr:
-        if isinstance(base, int):
+        if type(base) is int:
             return Addr(disp=(base + offset) % (1 << 64))
-        if base not in pending:
+        found = pending.pop(base.id, None) if pending else None
+        if found is None:
             return Addr(reg=base, disp=offset)
-        a, k = pending.pop(base)
+        a, k = found
         out[k] = None                                 # the address needs no register now
         return Addr(symbol=a.symbol, slot=a.slot, disp=a.disp + offset)
 
     for ins in instrs:
-        if isinstance(ins, (ir.AddrOf, ir.SlotAddr)) and uses[ins.dst] == 1 and defs[ins.dst] == 1:
-            a = (Addr(symbol=ins.symbol, disp=ins.offset) if isinstance(ins, ir.AddrOf)
-                 else Addr(slot=ins.slot, disp=ins.offset))
-            pending[ins.dst] = (a, len(out))
-            out.append(ins)
-        elif isinstance(ins, ir.Load):
+        kind = type(ins)
+        if kind is ir.Load:
             out.append(MLoad(ins.dst, addr(ins.base, ins.offset), ins.size, ins.signed, loc=ins.loc))
-        elif isinstance(ins, ir.Store):
+        elif kind is ir.Store:
             out.append(MStore(addr(ins.base, ins.offset), ins.value, ins.size, loc=ins.loc))
+        elif (kind is ir.AddrOf or kind is ir.SlotAddr) and uses.get(ins.dst.id) == 1 and defs[ins.dst.id] == 1:
+            a = (Addr(symbol=ins.symbol, disp=ins.offset) if kind is ir.AddrOf
+                 else Addr(slot=ins.slot, disp=ins.offset))
+            pending[ins.dst.id] = (a, len(out))
+            out.append(ins)
         else:
             out.append(ins)
     return [i for i in out if i is not None]

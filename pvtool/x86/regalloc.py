@@ -15,20 +15,24 @@ writing the result.
 When no register fits, the interval (active or current) that ends last
 is spilled to an 8-byte frame slot for its whole life (Poletto & Sarkar);
 spill slots are reused once their interval has ended.
+
+Vregs are handled by number (`VReg.id`) throughout, and live sets are
+Python ints used as bit sets: this pass runs once per function and is the
+back end's busiest.
 """
 from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from .. import ir
 from .encode import Reg
 
 
-@dataclass
+@dataclass(slots=True)
 class Interval:
-    vreg: ir.VReg
+    vreg: int          # VReg.id
     start: int
     end: int
     reg: Reg | None = None
@@ -37,90 +41,128 @@ class Interval:
 
 @dataclass
 class Allocation:
-    home: dict[ir.VReg, Reg | int] = field(default_factory=dict)  # a Reg or a spill slot index
+    home: dict[int, Reg | int] = field(default_factory=dict)   # VReg.id -> a Reg or a spill slot index
     spill_slots: int = 0
-    used: set[Reg] = field(default_factory=set)                   # registers given to some vreg
+    used: set[Reg] = field(default_factory=set)                # registers given to some vreg
+    clobbered: set[Reg] = field(default_factory=set)           # registers some instruction destroys
     intervals: list[Interval] = field(default_factory=list)
 
 
-def liveness(blocks) -> tuple[dict[str, set], dict[str, set]]:
-    """Live-in and live-out vreg sets per block label (backward dataflow)."""
-    gen, kill = {}, {}
+def bits(x: int) -> Iterator[int]:
+    """The members of a bit set."""
+    while x:
+        low = x & -x
+        yield low.bit_length() - 1
+        x ^= low
+
+
+def liveness(blocks) -> tuple[dict[str, int], dict[str, int], list[list[tuple[list[int], list[int]]]]]:
+    """Live-in and live-out bit sets per block label (backward dataflow), and each
+    block's (use ids, def ids) per instruction, its terminator last."""
+    VReg = ir.VReg
+    gen, kill, flow = {}, {}, []
     for b in blocks:
-        g, k = set(), set()
-        for ins in [*b.instrs, b.term]:
-            g |= {u for u in ins.uses() if isinstance(u, ir.VReg) and u not in k}
-            k |= set(ins.defs())
+        g = k = 0
+        rows = []
+        for ins in b.instrs:
+            uses = [v.id for v in ins.uses() if type(v) is VReg]
+            dst = getattr(ins, "dst", None)           # ir.Instr.defs(), without the list
+            defs = [dst.id] if type(dst) is VReg else []
+            rows.append((uses, defs))
+            for u in uses:
+                if not k >> u & 1:
+                    g |= 1 << u
+            if defs:
+                k |= 1 << defs[0]
+        uses = [v.id for v in b.term.uses() if type(v) is VReg]
+        rows.append((uses, []))
+        for u in uses:
+            if not k >> u & 1:
+                g |= 1 << u
         gen[b.label], kill[b.label] = g, k
-    live_in = {b.label: set() for b in blocks}
-    live_out = {b.label: set() for b in blocks}
+        flow.append(rows)
+    live_in = dict.fromkeys(gen, 0)
+    live_out = dict.fromkeys(gen, 0)
+    succs = [(b.label, b.successors()) for b in reversed(blocks)]
     changed = True
     while changed:
         changed = False
-        for b in reversed(blocks):
-            out = set().union(*(live_in[s] for s in b.successors()))
-            inn = gen[b.label] | (out - kill[b.label])
-            if out != live_out[b.label] or inn != live_in[b.label]:
-                live_out[b.label], live_in[b.label] = out, inn
+        for label, following in succs:
+            out = 0
+            for s in following:
+                out |= live_in[s]
+            inn = gen[label] | (out & ~kill[label])
+            if out != live_out[label] or inn != live_in[label]:
+                live_out[label], live_in[label] = out, inn
                 changed = True
-    return live_in, live_out
+    return live_in, live_out, flow
 
 
-def build_intervals(blocks, params: list[ir.VReg]) -> tuple[dict[ir.VReg, Interval], list[tuple[int, ir.Instr]]]:
-    """Live intervals, and every instruction with its program point."""
-    live_in, live_out = liveness(blocks)
-    ivs: dict[ir.VReg, Interval] = {}
-
-    def extend(v: ir.VReg, p: int) -> None:
-        iv = ivs.get(v)
-        if iv is None:
-            ivs[v] = Interval(v, p, p)
-        else:
-            iv.start, iv.end = min(iv.start, p), max(iv.end, p)
-
+def build_intervals(blocks, params: list[ir.VReg], clobbers: Callable[[ir.Instr], Iterable[Reg]]
+                    ) -> tuple[list[Interval], list[tuple[int, Iterable[Reg]]]]:
+    """Live intervals sorted by start, and the program points where registers are clobbered."""
+    live_in, live_out, flow = liveness(blocks)
+    start: dict[int, int] = {}
+    end: dict[int, int] = {}
     for v in params:
-        extend(v, 0)
-    points = []
+        start[v.id] = end[v.id] = 0
+    clobber_points = []
     p = 0
-    for b in blocks:
+    for b, rows in zip(blocks, flow):        # points only grow: the first sight is the start
         p += 1
-        for v in live_in[b.label]:
-            extend(v, p)
-        for ins in [*b.instrs, b.term]:
+        for v in bits(live_in[b.label]):
+            start.setdefault(v, p)
+            end[v] = p
+        for ins, (uses, defs) in zip([*b.instrs, b.term], rows):
             p += 1
-            points.append((p, ins))
-            for v in [*ins.uses(), *ins.defs()]:
-                if isinstance(v, ir.VReg):
-                    extend(v, p)
-        for v in live_out[b.label]:
-            extend(v, p)
-    return ivs, points
+            for v in uses:
+                start.setdefault(v, p)
+                end[v] = p
+            for v in defs:
+                start.setdefault(v, p)
+                end[v] = p
+            lost = clobbers(ins)
+            if lost:
+                clobber_points.append((p, lost))
+        for v in bits(live_out[b.label]):
+            end[v] = p
+    intervals = [Interval(v, s, end[v]) for v, s in start.items()]
+    intervals.sort(key=lambda iv: (iv.start, iv.vreg))
+    return intervals, clobber_points
 
 
 def allocate(blocks, params: list[ir.VReg], registers: list[Reg],
              clobbers: Callable[[ir.Instr], Iterable[Reg]],
-             hints: dict[ir.VReg, list[Reg | ir.VReg]] | None = None) -> Allocation:
-    """Linear scan over `registers` (in order of preference)."""
-    ivs, points = build_intervals(blocks, params)
+             hints: dict[int, list[Reg | int]] | None = None) -> Allocation:
+    """Linear scan over `registers` (in order of preference); `hints` maps a vreg
+    number to preferred registers or to vreg numbers whose register it would share."""
+    intervals, clobber_points = build_intervals(blocks, params, clobbers)
+    alloc = Allocation(intervals=intervals)
     clobbered: dict[Reg, list[int]] = {r: [] for r in registers}
-    for p, ins in points:
-        for r in clobbers(ins):
+    for p, lost in clobber_points:
+        alloc.clobbered |= lost
+        for r in lost:
             if r in clobbered:
                 clobbered[r].append(p)
     hints = hints or {}
-    alloc = Allocation(intervals=sorted(ivs.values(), key=lambda i: (i.start, i.vreg.id)))
+    home = alloc.home
 
     def fits(iv: Interval, r: Reg) -> bool:
         ps = clobbered[r]
+        if not ps:
+            return True
         k = bisect_right(ps, iv.start)
         return k == len(ps) or ps[k] >= iv.end
 
-    def preferred(iv: Interval, free: list[Reg]) -> Reg:
+    def choose(iv: Interval, taken: set[Reg]) -> Reg | None:
         for h in hints.get(iv.vreg, ()):
-            r = h if isinstance(h, Reg) else alloc.home.get(h)
-            if isinstance(r, Reg) and r in free:
+            r = h if isinstance(h, Reg) else home.get(h)
+            if isinstance(r, Reg) and r in clobbered and r not in taken and fits(iv, r):
                 return r
-        return free[0]
+        for r in registers:
+            if r not in taken and fits(iv, r):
+                return r
+        return None
 
     active: list[Interval] = []          # intervals holding a register
     spilled: list[Interval] = []         # spilled intervals still live
@@ -128,40 +170,35 @@ def allocate(blocks, params: list[ir.VReg], registers: list[Reg],
 
     def spill(iv: Interval) -> None:
         # an evicted interval started earlier: only reuse slots free since then
-        slot = next((s for s, end in free_slots.items() if end < iv.start), None)
+        slot = next((s for s, last in free_slots.items() if last < iv.start), None)
         if slot is None:
-            slot = _new_slot(alloc)
+            slot = alloc.spill_slots
+            alloc.spill_slots += 1
         else:
             del free_slots[slot]
         iv.reg, iv.spill = None, slot
-        alloc.home[iv.vreg] = slot
+        home[iv.vreg] = slot
         spilled.append(iv)
 
-    for iv in alloc.intervals:
-        for a in [a for a in active if a.end <= iv.start]:
-            active.remove(a)
-        for s in [s for s in spilled if s.end < iv.start]:
-            spilled.remove(s)
-            free_slots[s.spill] = s.end
-        taken = {a.reg for a in active}
-        free = [r for r in registers if r not in taken and fits(iv, r)]
-        if free:
-            iv.reg = preferred(iv, free)
-        else:
-            victims = [a for a in active if fits(iv, a.reg)]
-            victim = max(victims, key=lambda a: a.end, default=None)
+    for iv in intervals:
+        s = iv.start
+        if active:
+            active = [a for a in active if a.end > s]
+        if spilled:
+            for old in [x for x in spilled if x.end < s]:
+                spilled.remove(old)
+                free_slots[old.spill] = old.end
+        r = choose(iv, {a.reg for a in active})
+        if r is None:
+            victim = max((a for a in active if fits(iv, a.reg)), key=lambda a: a.end, default=None)
             if victim is None or victim.end <= iv.end:
                 spill(iv)
                 continue
             active.remove(victim)
-            iv.reg = victim.reg
+            r = victim.reg
             spill(victim)
+        iv.reg = r
         active.append(iv)
-        alloc.home[iv.vreg] = iv.reg
-        alloc.used.add(iv.reg)
+        home[iv.vreg] = r
+        alloc.used.add(r)
     return alloc
-
-
-def _new_slot(alloc: Allocation) -> int:
-    alloc.spill_slots += 1
-    return alloc.spill_slots - 1
