@@ -118,6 +118,14 @@ HC_COUNT = 20
 
 HYPERCALL_NAMES = {v: k[3:].lower() for k, v in dict(globals()).items()
                    if k.startswith("HC_") and k != "HC_COUNT"}
+# Each hypercall's arguments, in register order (rdi, rsi, rdx, r10, r8).
+HYPERCALL_ARGS: dict[int, tuple[str, ...]] = {
+    HC_CONSOLE_WRITE: ("buf", "len"), HC_SHUTDOWN: ("status",), HC_SET_PTE: ("pte_ptr", "value"),
+    HC_INVLPG: ("va",), HC_NEW_BASEPTR: ("cr3",), HC_WRITE_CR: ("n", "value"), HC_SET_GDT: ("desc",),
+    HC_SET_TRAP_TABLE: ("desc",), HC_RDMSR: ("msr",), HC_WRMSR: ("msr", "value"), HC_CPUID: ("leaf", "out"),
+    HC_IO_IN: ("port", "size"), HC_IO_OUT: ("port", "size", "value"), HC_BLOCK: (), HC_RDTSC: (),
+    HC_WBINVD: (), HC_MULTICALL: (), HC_EVENT_CHECK: (), HC_IRET: (), HC_SET_TIMER: ("deadline",),
+}
 BATCHABLE = (HC_SET_PTE, HC_INVLPG, HC_IO_OUT)   # allowed in a multicall entry
 
 EPERM = 1

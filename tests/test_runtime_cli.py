@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from guests.build import build, have_gcc
+from ckit.build import build, have_gcc
 from pvtool.commands import run as run_command
 
 pytestmark = pytest.mark.skipif(not have_gcc(), reason="gcc is needed to build the test guests")

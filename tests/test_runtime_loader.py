@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from guests.build import build, have_gcc
+from ckit.build import build, have_gcc
 from pvimage import abi
 from runtime.errors import ImageError
 from runtime.hypervisor import run
@@ -133,7 +133,7 @@ def test_malformed_notes_refused(pv):
     assert "page-aligned" in refused(patch_note(pv, abi.NOTE_HYPERCALL_PAGE, struct.pack("<Q", image.hypercall_page + 8)))
     assert "text segment" in refused(patch_note(pv, abi.NOTE_HYPERCALL_PAGE, struct.pack("<Q", 0x103000)))
     assert "no hypercall-page note" in refused(patch_note(pv, abi.NOTE_HYPERCALL_PAGE, page, new_type=99))
-    assert "NUL" in refused(patch_note(pv, abi.NOTE_GUEST_NAME, b"c-guestX"))
+    assert "NUL" in refused(patch_note(pv, abi.NOTE_HYPERCALL_PAGE, b"c-guestX", new_type=abi.NOTE_GUEST_NAME))
 
 
 def test_pv_image_with_a_sensitive_instruction_is_refused_before_it_runs():
