@@ -140,6 +140,10 @@ def hypercall_stub(nr: int) -> bytes:
     return code + b"\xcc" * (HYPERCALL_STRIDE - len(code))
 
 
+# Where a hypercall resumes in its stub: the instruction after the syscall.
+HYPERCALL_RESUME = hypercall_stub(0).index(b"\x0f\x05") + 2
+
+
 # -- the .pv.sites table -----------------------------------------------------------
 # header: magic[8] "PVSITES\0", u32 version, u32 count, u32 strings offset,
 # u32 strings size; then `count` records; then a string table (NUL-terminated
