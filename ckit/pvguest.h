@@ -5,7 +5,7 @@
 #define PVGUEST_H
 
 /* ABI version */
-#define ABI_VERSION 1
+#define ABI_VERSION 2
 
 /* guest-physical memory map */
 #define LOAD_BASE 0x100000UL

@@ -78,7 +78,8 @@ class InstructionStarts:
     def __init__(self) -> None:
         self._ranges: list[tuple[int, int, bytearray]] = []   # (start, end, bitmap)
 
-    def _add_range(self, start: int, end: int) -> bytearray:
+    def add_range(self, start: int, end: int) -> bytearray:
+        """A new, empty range; the validator sets its bits."""
         bits = bytearray((end - start + 7) // 8)
         self._ranges.append((start, end, bits))
         return bits
@@ -89,9 +90,6 @@ class InstructionStarts:
                 off = address - start
                 return bool(bits[off >> 3] & (1 << (off & 7)))
         return False
-
-    def __len__(self) -> int:
-        return sum(bin(b).count("1") for *_, bits in self._ranges for b in bits)
 
     @property
     def ranges(self) -> list[tuple[int, int]]:
@@ -188,7 +186,7 @@ class _Validator:
 
     def _decode_range(self, start: int, data: bytes) -> None:
         """R3/R4/R6 over one code range (32-aligned), bundle by bundle."""
-        bits = self.starts._add_range(start, start + len(data))
+        bits = self.starts.add_range(start, start + len(data))
         for chunk in range(0, len(data), _CHUNK):
             off, end = chunk, min(chunk + _CHUNK, len(data))
             while off < end:
@@ -196,7 +194,7 @@ class _Validator:
 
     def _decode_run(self, base: int, data: bytes, bits: bytearray, off: int, end: int) -> int:
         """Decode from `off` (a bundle start) until `end` or a broken bundle; the offset to go on from."""
-        prev: tuple[int, int, str, str] | None = None
+        prev: bytes | None = None          # the previous instruction in this bundle
         pos = off
         for address, size, mnemonic, operands in self.light.disasm_lite(data[off:end], base + off):
             at = address - base
@@ -208,8 +206,9 @@ class _Validator:
             if at % BUNDLE == 0:
                 prev = None
             bits[at >> 3] |= 1 << (at & 7)
-            self._check_instruction(base, data, address, size, mnemonic, operands, prev)
-            prev = (address, size, mnemonic, operands)
+            raw = data[at:at + size]
+            self._check_instruction(address, raw, mnemonic, operands, prev)
+            prev = raw
             pos = at + size
         if pos < end:       # capstone stopped: an undecodable byte, or an instruction running past `end`
             self._stopped(base, data, pos)
@@ -226,8 +225,8 @@ class _Validator:
         else:
             self.fail("R3", address, f"undecodable byte {data[pos]:#04x} at {self.info.describe(address)}")
 
-    def _check_instruction(self, base: int, data: bytes, address: int, size: int, mnemonic: str,
-                           operands: str, prev: tuple[int, int, str, str] | None) -> None:
+    def _check_instruction(self, address: int, raw: bytes, mnemonic: str, operands: str,
+                           prev: bytes | None) -> None:
         name = mnemonic.rsplit(" ", 1)[-1]          # past rep/lock/bnd/notrack prefixes
         asm = f"{mnemonic} {operands}".strip()
         if name in _DIRECT and operands.startswith("0x"):
@@ -241,12 +240,11 @@ class _Validator:
             self.fail("R4", address, f"{self.where(address, asm)}: its abort address is a control transfer "
                                      f"the rules do not track")
             return
-        hit = self._sensitive(name, mnemonic, operands, data[address - base:address - base + size], address)
+        hit = self._sensitive(name, mnemonic, operands, raw, address)
         if hit:
             self.fail("R4", address, f"{self.where(address, asm)} is sensitive ({hit[0]}: {hit[1]})")
         elif name in ("jmp", "call"):
-            self._check_indirect(data[address - base:address - base + size], base, data, address, name,
-                                 operands, asm, prev)
+            self._check_indirect(address, raw, name, operands, asm, prev)
 
     def _sensitive(self, name: str, mnemonic: str, operands: str, raw: bytes, address: int) -> tuple[str, str] | None:
         if name in _BY_OPERANDS:
@@ -257,8 +255,8 @@ class _Validator:
             self.sensitive_by_mnemonic[mnemonic] = classify(next(self.detail.disasm(raw, address)))
         return self.sensitive_by_mnemonic[mnemonic]
 
-    def _check_indirect(self, raw: bytes, base: int, data: bytes, address: int, name: str, operands: str,
-                        asm: str, prev: tuple[int, int, str, str] | None) -> None:
+    def _check_indirect(self, address: int, raw: bytes, name: str, operands: str, asm: str,
+                        prev: bytes | None) -> None:
         """R4 (no jmp/call through memory) and R6 (jmp/call r64 masked in its bundle)."""
         if operands not in _GPR64:
             self.fail("R4", address, f"{self.where(address, asm)} is an indirect {name} through memory")
@@ -268,7 +266,7 @@ class _Validator:
             self.fail("R6", address, f"{self.where(address, asm)} is not encoded as plain '{name} r64' "
                                      f"({_indirect_bytes(name, reg).hex(' ')})")
             return
-        if prev is None or data[prev[0] - base:prev[0] - base + prev[1]] != _mask_bytes(reg):
+        if prev != _mask_bytes(reg):
             self.fail("R6", address, f"{self.where(address, asm)} is not preceded by 'and {operands}, -32' "
                                      f"in its bundle")
             return

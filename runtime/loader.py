@@ -9,11 +9,13 @@ run safely:
   hypervisor's);
 - the entry point lies inside an executable segment;
 - an image with a hypercall page must carry the PVTool notes;
-- a PV image declares a page-aligned hypercall page inside a text segment,
-  and contains no sensitive instruction: the same capstone sweep as
-  `pvtool check` (`pvimage.sweep`), which skips the hypercall page.
+- a PV image obeys the code rules R1-R7 (`pvimage.validate`, the validator
+  `pvtool check` uses): no sensitive instruction can be reached.  What the
+  validator returns (instruction starts, hypercall resume points) is kept
+  for the run-time rule R8.
 
-The sweep's findings are kept: trap mode hooks exactly those addresses.
+A native image is swept for sensitive instructions instead (`pvimage.sweep`):
+trap mode hooks exactly those addresses.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from pvimage import abi
 from pvimage.elfread import ElfInfo, load
 from pvimage.sweep import Finding, sweep_image
+from pvimage.validate import ValidatedCode, validate
 
 from .errors import ImageError
 from .memory import PAGE, R, W, X
@@ -51,7 +54,8 @@ class Image:
     segments: list[LoadSegment]
     info: ElfInfo                         # symbols and lines for fault reports
     hypercall_page: int | None = None
-    sensitive: list[Finding] = field(default_factory=list)
+    sensitive: list[Finding] = field(default_factory=list)   # native: what the sweep found
+    code: ValidatedCode | None = None                       # pv: what the validator proved
 
     def describe(self, address: int) -> str:
         """`0x100123 kmain+0x13 (hello.pvk:7)`."""
@@ -70,14 +74,11 @@ def load_image(data: bytes, ram_size: int) -> Image:
         raise ImageError(f"image has a hypercall page at {orphan:#x} but no PVTool notes (mode, hypercall "
                          f"page): a PV guest must carry them (ckit/pvguest.ld writes them)")
     image = Image(info.entry, info.mode, segments, info)
-    image.sensitive = sweep_image(info)
     if info.mode == "pv":
-        image.hypercall_page = _check_hypercall_page(info.hypercall_page, segments)
-        if image.sensitive:
-            f = image.sensitive[0]
-            n = len(image.sensitive)
-            raise ImageError(f"PV image contains {n} sensitive instruction{'s' if n > 1 else ''}; "
-                             f"first: {f.asm} at {image.describe(f.address)}")
+        image.code = validate(info)
+        image.hypercall_page = image.code.hypercall_page
+    else:
+        image.sensitive = sweep_image(info)
     return image
 
 
@@ -102,16 +103,6 @@ def _segments(info: ElfInfo, ram_size: int) -> list[LoadSegment]:
 def _check_entry(entry: int, segments: list[LoadSegment]) -> None:
     if not any(s.perm & X and s.address <= entry < s.end for s in segments):
         raise ImageError(f"entry point {entry:#x} is not inside an executable segment")
-
-
-def _check_hypercall_page(page: int | None, segments: list[LoadSegment]) -> int:
-    if page is None:
-        raise ImageError("PV image has no hypercall-page note")
-    if page % PAGE:
-        raise ImageError(f"hypercall page {page:#x} is not page-aligned")
-    if not any(s.perm & X and s.address <= page and page + PAGE <= s.end for s in segments):
-        raise ImageError(f"hypercall page {page:#x} is not inside a text segment")
-    return page
 
 
 def hypercall_page_bytes() -> bytes:
