@@ -307,7 +307,7 @@ def _segments(data: bytes, headers: list[_Phdr]) -> list[Segment]:
         if h.vaddr + h.memsz > ADDRESS_LIMIT:
             raise ImageError(f"segment {k} ({h.vaddr:#x}+{h.memsz:#x}) runs past the end of the address space")
         if h.flags & PF_X and h.vaddr % abi.PAGE_SIZE:
-            raise ImageError(f"executable segment {k} at {h.vaddr:#x} is not page-aligned")
+            raise ImageError(f"executable segment {k} at {h.vaddr:#x} is not page-aligned (code rule R1)")
         out.append(Segment(k, h.vaddr, h.memsz, data[h.offset:h.offset + h.filesz], h.flags))
     if not any(s.executable for s in out):
         raise ImageError("no executable segment")
@@ -316,19 +316,18 @@ def _segments(data: bytes, headers: list[_Phdr]) -> list[Segment]:
         if b.address < a.end:
             raise ImageError(f"segments {a.index} and {b.index} overlap "
                              f"({a.address:#x}-{a.end:#x} and {b.address:#x}-{b.end:#x})")
-    for a, b in zip(out, out[1:]):
         # Pages are mapped whole: a neighbour in an executable segment's last
         # page would be executable too, and never validated.
         if a.executable and b.address < a.page_end:
             raise ImageError(f"segment {b.index} at {b.address:#x} shares a page with executable segment "
-                             f"{a.index} (executable segments must end on a page of their own)")
+                             f"{a.index} (code rule R1: executable segments end on a page of their own)")
     return out
 
 
 def _check_sections(data: bytes) -> None:
     shoff, = struct.unpack_from("<Q", data, 40)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 58)
-    if shoff and shnum == 0 or shstrndx == SHN_XINDEX:
+    if (shoff and shnum == 0) or shstrndx == SHN_XINDEX:
         raise ImageError("extended section numbering (section count or name index in section 0) is not supported")
     if not shnum:
         return
@@ -347,7 +346,7 @@ def _note_blobs(data: bytes, headers: list[_Phdr]) -> list[tuple[int, int, int]]
 
 
 def _notes(data: bytes, blobs: list[tuple[int, int, int]], owner: str) -> dict[int, bytes]:
-    """`owner`'s notes, first of each type, from PT_NOTE segments (else SHT_NOTE sections)."""
+    """`owner`'s notes, first of each type, from the note blobs (offset, size, alignment)."""
     notes: dict[int, bytes] = {}
     for off, size, align in blobs:
         for name, ntype, desc in _parse_notes(data[off:off + size], 8 if align == 8 else 4):

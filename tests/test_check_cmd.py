@@ -196,3 +196,10 @@ def test_conformance_builds(kernel, tmp_path, capsys):
         assert (status, report["mode"]) == (want, target), report["findings"][:5]
         if target == "native":   # the exit path at least: boot code writes port 0xf4
             assert any(f["mnemonic"] == "out" for f in report["findings"])
+
+
+def test_pv_guest_without_its_notes_is_named_as_such(tmp_path, capsys):
+    image = tmp_path / "lost.elf"
+    image.write_bytes(build("hello_pv").read_bytes().replace(b"PVTool\0\0", b"Other\0\0\0"))
+    status, out, _ = check(capsys, image)
+    assert status == 1 and "has a hypercall page: a PV guest whose notes are missing" in out.splitlines()[0]

@@ -98,6 +98,8 @@ def _where(info: ElfInfo, f: Finding) -> str:
 def render(image: str, info: ElfInfo, findings: list[Finding]) -> str:
     """A native image's sweep."""
     kind = "native" if info.has_pv_notes else "native (no PVTool note)"
+    if info.orphan_hypercall_page is not None:
+        kind = "native (no PVTool note, yet it has a hypercall page: a PV guest whose notes are missing)"
     if not findings:
         return f"{image}: {kind}, no sensitive instruction found, but not a paravirtual image"
     n = len(findings)
