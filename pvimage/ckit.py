@@ -96,22 +96,35 @@ _HYPERCALL_MACRO = r"""
 """
 
 _MASKED_CALL = r"""
-/* Call a function through a pointer, as the code rules allow: the target is
-   masked to a bundle start (`and $-32`), so it must be 32-byte aligned
-   (declare it with __attribute__((aligned(32)))).  The pair sits at the
-   end of one bundle, so the return address is a bundle start. */
+/* Call a `void (void)` function through a pointer, as the code rules allow:
+   the target is masked to a bundle start (`and $-32`), so it must be 32-byte
+   aligned (declare it with __attribute__((aligned(32)))).  The pair sits at
+   the end of one bundle, so the return address is a bundle start; the
+   stack is realigned to 16 bytes around the call, as the SysV ABI wants. */
 #define PV_CALL_MASKED(fn) do {                                                          \
     register long pv_fn_ __asm__("rax") = (long)(fn);                                   \
-    __asm__ volatile(".bundle_lock\n\t"                                                 \
-                     "%{disp32%} nopw 0(%%rax,%%rax,1)\n\t"                               \
-                     "%{disp32%} nopw 0(%%rax,%%rax,1)\n\t"                               \
-                     "%{disp32%} nopl 0(%%rax,%%rax,1)\n\t"                               \
+    __asm__ volatile("push %%rbp\n\t"                                                   \
+                     "mov %%rsp, %%rbp\n\t"                                             \
+                     "and $-16, %%rsp\n\t"                                              \
+                     ".bundle_lock\n\t"                                                 \
+                     "%{disp32%} nopw 0(%%rax,%%rax,1)\n\t"                             \
+                     "%{disp32%} nopw 0(%%rax,%%rax,1)\n\t"                             \
+                     "%{disp32%} nopl 0(%%rax,%%rax,1)\n\t"                             \
                      "andq $-32, %%rax\n\t"                                             \
                      "callq *%%rax\n\t"                                                 \
-                     ".bundle_unlock"                                                   \
+                     ".bundle_unlock\n\t"                                               \
+                     "mov %%rbp, %%rsp\n\t"                                             \
+                     "pop %%rbp"                                                        \
                      : "+r"(pv_fn_) :                                                   \
-                     : "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11", "memory", "cc"); \
+                     : "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11", "memory", "cc", \
+                       PV_XMM_CLOBBERS);                                                \
 } while (0)
+#ifdef __SSE__
+#define PV_XMM_CLOBBERS "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", \
+    "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15"
+#else
+#define PV_XMM_CLOBBERS "cc"
+#endif
 """
 
 _START = r"""
