@@ -58,6 +58,11 @@ def image(body: str) -> bytes:
     return out.read_bytes()
 
 
+def hexbytes(h: str) -> str:
+    """A `.byte` line for hex bytes: whatever the assembler would not write itself."""
+    return ".byte " + ", ".join(f"0x{b:02x}" for b in bytes.fromhex(h))
+
+
 def symbol(data: bytes, name: str) -> int:
     from pvimage.elfread import load
     fn = load(data).function(name)

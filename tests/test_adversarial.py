@@ -21,14 +21,10 @@ from runtime.loader import load_image
 pytestmark = pytest.mark.skipif(not pvasm.have_binutils(), reason="GNU as and ld are needed")
 
 
-def hexbytes(h: str) -> str:
-    return ".byte " + ", ".join(f"0x{b:02x}" for b in bytes.fromhex(h))
-
-
 def hidden(prefix: str, insn: str, room: int) -> bytes:
     """`jmp` into the immediate or displacement of an innocent instruction, where `insn` waits."""
     body = bytes.fromhex(insn).ljust(room, b"\x90")
-    return pvasm.image(f"jmp in\n {hexbytes(prefix)}\nin: {hexbytes(body.hex())}")
+    return pvasm.image(f"jmp in\n {pvasm.hexbytes(prefix)}\nin: {pvasm.hexbytes(body.hex())}")
 
 
 def with_fifth_segment_behind_pn_xnum() -> bytes:

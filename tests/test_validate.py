@@ -18,18 +18,18 @@ from pvimage.validate import BUNDLE, RuleViolation, validate, violations
 pytestmark = pytest.mark.skipif(not pvasm.have_binutils(), reason="GNU as and ld are needed")
 
 
-def hexbytes(h: str) -> str:
-    return ".byte " + ", ".join(f"0x{b:02x}" for b in bytes.fromhex(h))
-
-
 def rules_broken(body: str) -> list[str]:
     return [v.rule for v in violations(load(pvasm.image(body)))]
 
 
 def refused(body: str, rule: str) -> str:
-    """The first violation's line, which must name `rule`."""
+    """The first violation's line for the image of `body`, which must name `rule`."""
+    return refused_image(pvasm.image(body), rule)
+
+
+def refused_image(data: bytes, rule: str) -> str:
     with pytest.raises(RuleViolation) as e:
-        validate(load(pvasm.image(body)))
+        validate(load(data))
     line = str(e.value)
     assert line.startswith(f"rule {rule} (") and "\n" not in line, line
     return line
@@ -86,9 +86,9 @@ def test_the_bundle_after_a_broken_one_is_decoded_from_its_start():
 # -- R4 forbidden instructions ----------------------------------------------------------------
 
 @pytest.mark.parametrize("asm,words", [
-    ("ret", "is a return"), (hexbytes("c2 08 00"), "is a return"), (hexbytes("f3 c3"), "is a return"),
+    ("ret", "is a return"), (pvasm.hexbytes("c2 08 00"), "is a return"), (pvasm.hexbytes("f3 c3"), "is a return"),
     ("jmp *(%rax)", "through memory"), ("call *8(%rip)", "through memory"), ("jmp *(%rsp)", "through memory"),
-    (hexbytes("ff 2c 24"), "far"), (hexbytes("ff 18"), "far"), ("xbegin 1f\n1:", "abort address"),
+    (pvasm.hexbytes("ff 2c 24"), "far"), (pvasm.hexbytes("ff 18"), "far"), ("xbegin 1f\n1:", "abort address"),
     ("cli", "sensitive"), ("mov %rax, %cr3", "control register"), ("mov %ds, %ax", "segment register"),
     ("pushf", "sensitive"), ("lret", "sensitive"), ("ljmp *(%rax)", "far"),
 ])
@@ -139,7 +139,7 @@ HIDERS = {   # an innocent instruction whose immediate or displacement holds it:
 def test_a_jump_into_the_middle_of_an_instruction(insn, hider):
     prefix, room = HIDERS[hider]
     hidden = bytes.fromhex(HIDDEN[insn]).ljust(room, b"\x90")
-    body = f"jmp hidden\n {hexbytes(prefix)}\nhidden: {hexbytes(hidden.hex())}"
+    body = f"jmp hidden\n {pvasm.hexbytes(prefix)}\nhidden: {pvasm.hexbytes(hidden.hex())}"
     data = pvasm.image(body)
     assert not sweep_image(load(data)), "the linear sweep should not see the hidden instruction"
     line = refused(body, "R5")
@@ -170,8 +170,8 @@ def test_a_branch_outside_the_code():
     ("and $-16, %rax\n jmp *%rax", "not preceded by"),
     ("and $-32, %rax\n nop\n jmp *%rax", "not preceded by"),
     (".fill 28, 1, 0x90\n and $-32, %rax\n jmp *%rax", "not preceded by"),      # the pair split by a bundle end
-    (f"and $-32, %rax\n {hexbytes('66 ff e0')}", "not encoded as plain 'jmp r64'"),
-    (f"and $-32, %rax\n {hexbytes('40 ff e0')}", "not encoded as plain 'jmp r64'"),
+    (f"and $-32, %rax\n {pvasm.hexbytes('66 ff e0')}", "not encoded as plain 'jmp r64'"),
+    (f"and $-32, %rax\n {pvasm.hexbytes('40 ff e0')}", "not encoded as plain 'jmp r64'"),
 ])
 def test_unmasked_indirect_branches(asm, words):
     assert words in refused(asm, "R6")
@@ -199,13 +199,6 @@ def test_hypercall_page_note_rules():
     note = data.find(page.to_bytes(8, "little"))
     assert "not page-aligned" in refused_image(pvasm.patch(data, note, "<Q", page + 32), "R2")
     assert "not inside an executable segment" in refused_image(pvasm.patch(data, note, "<Q", page + 4096), "R2")
-
-
-def refused_image(data: bytes, rule: str) -> str:
-    with pytest.raises(RuleViolation) as e:
-        validate(load(data))
-    assert str(e.value).startswith(f"rule {rule} (")
-    return str(e.value)
 
 
 def test_violations_lists_every_broken_rule():
