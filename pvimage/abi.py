@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-ABI_VERSION = 1
+ABI_VERSION = 2             # 2: NaCl-style code rules (docs/abi.md section 8), stubs return by masked jump
 
 # -- guest-physical memory the hypervisor keeps for itself ---------------------
 # Everything below 1 MiB belongs to the hypervisor; images load at or above
@@ -92,7 +92,7 @@ MC_MAX = 64
 # rdx, r10, r8; the result comes back in rax (>= 0 success, -errno failure).
 # rax, rcx and r11 are clobbered; everything else is preserved.
 HYPERCALL_STRIDE = 32
-HYPERCALL_INSN = "syscall"   # what the runtime writes into each stub: mov eax, nr; syscall; ret
+HYPERCALL_INSN = "syscall"   # what enters the hypervisor, in each stub the runtime writes
 
 HC_CONSOLE_WRITE = 0     # (buf, len) -> len
 HC_SHUTDOWN = 1          # (status) -> does not return
@@ -118,6 +118,14 @@ HC_COUNT = 20
 
 HYPERCALL_NAMES = {v: k[3:].lower() for k, v in dict(globals()).items()
                    if k.startswith("HC_") and k != "HC_COUNT"}
+# Each hypercall's arguments, in register order (rdi, rsi, rdx, r10, r8).
+HYPERCALL_ARGS: dict[int, tuple[str, ...]] = {
+    HC_CONSOLE_WRITE: ("buf", "len"), HC_SHUTDOWN: ("status",), HC_SET_PTE: ("pte_ptr", "value"),
+    HC_INVLPG: ("va",), HC_NEW_BASEPTR: ("cr3",), HC_WRITE_CR: ("n", "value"), HC_SET_GDT: ("desc",),
+    HC_SET_TRAP_TABLE: ("desc",), HC_RDMSR: ("msr",), HC_WRMSR: ("msr", "value"), HC_CPUID: ("leaf", "out"),
+    HC_IO_IN: ("port", "size"), HC_IO_OUT: ("port", "size", "value"), HC_BLOCK: (), HC_RDTSC: (),
+    HC_WBINVD: (), HC_MULTICALL: (), HC_EVENT_CHECK: (), HC_IRET: (), HC_SET_TIMER: ("deadline",),
+}
 BATCHABLE = (HC_SET_PTE, HC_INVLPG, HC_IO_OUT)   # allowed in a multicall entry
 
 EPERM = 1
@@ -127,9 +135,14 @@ ENOSYS = 38
 
 
 def hypercall_stub(nr: int) -> bytes:
-    """The bytes the runtime writes at HYPERCALL_PAGE + nr*32: mov eax, nr; syscall; ret."""
-    code = b"\xb8" + struct.pack("<I", nr) + b"\x0f\x05" + b"\xc3"
+    """The bytes the runtime writes at HYPERCALL_PAGE + nr*32:
+    mov eax, nr; syscall; pop rcx; and rcx, -32; jmp rcx (a masked return), then int3."""
+    code = b"\xb8" + struct.pack("<I", nr) + b"\x0f\x05" + b"\x59" + b"\x48\x83\xe1\xe0" + b"\xff\xe1"
     return code + b"\xcc" * (HYPERCALL_STRIDE - len(code))
+
+
+# Where a hypercall resumes in its stub: the instruction after the syscall.
+HYPERCALL_RESUME = hypercall_stub(0).index(b"\x0f\x05") + 2
 
 
 # -- the .pv.sites table -----------------------------------------------------------

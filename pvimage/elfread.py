@@ -23,9 +23,14 @@ from . import abi
 EM_X86_64 = 62
 ET_EXEC, ET_DYN = 2, 3
 PT_LOAD, PT_NOTE = 1, 4
-PF_X = 1
-SHT_NOBITS, SHT_NOTE = 8, 7
+PF_X, PF_W, PF_R = 1, 2, 4
+PN_XNUM = 0xFFFF
+SHN_XINDEX = 0xFFFF
+SHT_NOBITS = 8
 SHF_EXECINSTR = 4
+ADDRESS_LIMIT = 1 << 64
+_PHDR = struct.Struct("<IIQQQQQQ")   # type, flags, offset, vaddr, paddr, filesz, memsz, align
+_KNOWN_FEATURES = abi.FEATURE_MULTICALL | abi.FEATURE_EVENTS
 
 _MACHINES = {3: "i386", 8: "MIPS", 20: "PowerPC", 21: "PowerPC64", 40: "ARM",
              43: "SPARC V9", 183: "AArch64", 243: "RISC-V"}
@@ -48,14 +53,33 @@ class Function:
 
 @dataclass(frozen=True)
 class Segment:
-    """A PT_LOAD segment's file bytes at its virtual address."""
+    """A PT_LOAD segment: its file bytes at its virtual (= physical) address, zero-filled to `memsz`."""
+    index: int            # in the program header table
     address: int
-    data: bytes
-    executable: bool
+    memsz: int
+    data: bytes           # the file bytes, at most memsz of them
+    flags: int            # PF_R | PF_W | PF_X
 
     @property
     def end(self) -> int:
-        return self.address + len(self.data)
+        return self.address + self.memsz
+
+    @property
+    def executable(self) -> bool:
+        return bool(self.flags & PF_X)
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.flags & PF_W)
+
+    @property
+    def page_end(self) -> int:
+        return _page_up(self.end)
+
+    @property
+    def code(self) -> bytes:
+        """What a loader maps executable for this segment: its bytes, zero-filled to the end of its last page."""
+        return self.data.ljust(self.page_end - self.address, b"\0")
 
 
 @dataclass
@@ -93,6 +117,15 @@ class ElfInfo:
     def guest_name(self) -> str | None:
         desc = self.notes.get(abi.NOTE_GUEST_NAME)
         return desc.split(b"\0", 1)[0].decode(errors="replace") if desc is not None else None
+
+    @property
+    def orphan_hypercall_page(self) -> int | None:
+        """The address of a `hypercall_page` symbol in an image without PVTool notes: a PV guest
+        that lost its notes (it would run as a native image and die in the unfilled page)."""
+        if self.has_pv_notes:
+            return None
+        fn = self.function("hypercall_page") or self.function("__hypercall_page")
+        return fn.address if fn else None
 
     @property
     def features(self) -> int:
@@ -171,20 +204,28 @@ def load_file(path: str | Path) -> ElfInfo:
 
 def load(data: bytes) -> ElfInfo:
     """Parse an ELF64 x86-64 image; raises ImageError with a one-line reason."""
-    _check_headers(data)
+    _check_header(data)
+    headers = _program_headers(data)
+    segments = _segments(data, headers)
+    _check_sections(data)
+    notes = _note_blobs(data, headers)
     try:
         elf = ELFFile(io.BytesIO(data))
-        segments = _segments(elf)
-        notes = _notes(elf, data, abi.NOTE_OWNER)
-        pvh = _notes(elf, data, abi.XEN_NOTE_OWNER).get(abi.XEN_ELFNOTE_PHYS32_ENTRY)
-        return ElfInfo(entry=elf.header.e_entry, segments=segments,
+        if not notes:
+            notes = [(s.header.sh_offset, s.header.sh_size, s.header.sh_addralign)
+                     for s in elf.iter_sections() if s.header.sh_type == "SHT_NOTE"]
+        pvtool = _notes(data, notes, abi.NOTE_OWNER)
+        pvh = _notes(data, notes, abi.XEN_NOTE_OWNER).get(abi.XEN_ELFNOTE_PHYS32_ENTRY)
+        info = ElfInfo(entry=struct.unpack_from("<Q", data, 24)[0], segments=segments,
                        functions=_functions(elf, segments), lines=_line_table(elf),
-                       notes=notes, sites=_sites(elf),
+                       notes=pvtool, sites=_sites(elf),
                        pvh_entry=_u(pvh, 4) if pvh and len(pvh) >= 4 else None)
     except ImageError:
         raise
     except Exception as e:  # pyelftools raises many kinds on malformed input
         raise ImageError(f"malformed ELF: {_one_line(e)}") from None
+    _check_notes(info.notes)
+    return info
 
 
 def _one_line(e: Exception) -> str:
@@ -192,8 +233,12 @@ def _one_line(e: Exception) -> str:
     return text[0] if text else type(e).__name__
 
 
-def _check_headers(data: bytes) -> None:
-    """The checks pyelftools would fail on with a traceback, done up front."""
+def _page_up(address: int) -> int:
+    return -(-address // abi.PAGE_SIZE) * abi.PAGE_SIZE
+
+
+def _check_header(data: bytes) -> None:
+    """The ELF header: the checks pyelftools would fail on with a traceback, done up front."""
     if len(data) < 4 or data[:4] != b"\x7fELF":
         raise ImageError("not an ELF file" if data else "empty file")
     if len(data) < 64:
@@ -207,50 +252,136 @@ def _check_headers(data: bytes) -> None:
         raise ImageError(f"ELF for {_MACHINES.get(machine, f'machine {machine}')}; expected x86-64")
     if e_type not in (ET_EXEC, ET_DYN):
         raise ImageError("not an executable image (ELF type is not EXEC or DYN)")
-    phoff, shoff = struct.unpack_from("<QQ", data, 32)
-    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 54)
+
+
+@dataclass(frozen=True)
+class _Phdr:
+    index: int
+    type: int
+    flags: int
+    offset: int
+    vaddr: int
+    paddr: int
+    filesz: int
+    memsz: int
+    align: int
+
+
+def _program_headers(data: bytes) -> list[_Phdr]:
+    """The program header table exactly as e_phoff/e_phnum/e_phentsize describe it.
+
+    Extended numbering (e_phnum = PN_XNUM, the count in section 0) is refused:
+    readers disagree on it, and a loader and a validator that count
+    differently would map code that was never checked."""
+    phoff, = struct.unpack_from("<Q", data, 32)
+    phentsize, phnum = struct.unpack_from("<HH", data, 54)
+    if phnum == PN_XNUM:
+        raise ImageError("extended program header numbering (e_phnum = PN_XNUM) is not supported")
     if phnum == 0:
         raise ImageError("no program headers")
-    if phentsize != 56 or phoff + phnum * 56 > len(data):
+    if phentsize != _PHDR.size:
+        raise ImageError(f"bad e_phentsize {phentsize} (ELF64 program headers are {_PHDR.size} bytes)")
+    if phoff + phnum * _PHDR.size > len(data):
         raise ImageError("truncated or bad program header table")
-    for k in range(phnum):
-        p_type, _, off, _, _, filesz = struct.unpack_from("<IIQQQQ", data, phoff + 56 * k)
-        if p_type in (PT_LOAD, PT_NOTE) and off + filesz > len(data):
-            raise ImageError(f"truncated: segment {k} extends past the end of the file")
-    if shnum:
-        if shentsize != 64 or shoff + shnum * 64 > len(data):
-            raise ImageError("truncated or bad section header table")
-        for k in range(shnum):
-            sh_type, = struct.unpack_from("<I", data, shoff + 64 * k + 4)
-            off, size = struct.unpack_from("<QQ", data, shoff + 64 * k + 24)
-            if sh_type != SHT_NOBITS and k and off + size > len(data):
-                raise ImageError(f"truncated: section {k} extends past the end of the file")
-
-
-def _segments(elf: ELFFile) -> list[Segment]:
     out = []
-    for seg in elf.iter_segments():
-        h = seg.header
-        if h.p_type == "PT_LOAD" and h.p_filesz:
-            out.append(Segment(h.p_vaddr, seg.data(), bool(h.p_flags & PF_X)))
+    for k in range(phnum):
+        h = _Phdr(k, *_PHDR.unpack_from(data, phoff + k * _PHDR.size))
+        if h.type in (PT_LOAD, PT_NOTE) and h.offset + h.filesz > len(data):
+            raise ImageError(f"truncated: segment {k} extends past the end of the file")
+        out.append(h)
+    return out
+
+
+def _segments(data: bytes, headers: list[_Phdr]) -> list[Segment]:
+    """The PT_LOAD segments, refusing any layout a loader could read two ways."""
+    out = []
+    for h in headers:
+        if h.type != PT_LOAD or h.memsz == 0:
+            continue
+        k = h.index
+        if h.filesz > h.memsz:
+            raise ImageError(f"segment {k}: file size {h.filesz:#x} exceeds memory size {h.memsz:#x}")
+        if h.vaddr != h.paddr:
+            raise ImageError(f"segment {k}: virtual address {h.vaddr:#x} differs from physical {h.paddr:#x} "
+                             f"(images are identity-placed)")
+        if h.vaddr + h.memsz > ADDRESS_LIMIT:
+            raise ImageError(f"segment {k} ({h.vaddr:#x}+{h.memsz:#x}) runs past the end of the address space")
+        if h.flags & PF_X and h.vaddr % abi.PAGE_SIZE:
+            raise ImageError(f"executable segment {k} at {h.vaddr:#x} is not page-aligned (code rule R1)")
+        out.append(Segment(k, h.vaddr, h.memsz, data[h.offset:h.offset + h.filesz], h.flags))
     if not any(s.executable for s in out):
         raise ImageError("no executable segment")
-    return sorted(out, key=lambda s: s.address)
+    out.sort(key=lambda s: s.address)
+    for a, b in zip(out, out[1:]):
+        if b.address < a.end:
+            raise ImageError(f"segments {a.index} and {b.index} overlap "
+                             f"({a.address:#x}-{a.end:#x} and {b.address:#x}-{b.end:#x})")
+        # Pages are mapped whole: a neighbour in an executable segment's last
+        # page would be executable too, and never validated.
+        if a.executable and b.address < a.page_end:
+            raise ImageError(f"segment {b.index} at {b.address:#x} shares a page with executable segment "
+                             f"{a.index} (code rule R1: executable segments end on a page of their own)")
+    return out
 
 
-def _notes(elf: ELFFile, data: bytes, owner: str) -> dict[int, bytes]:
-    """`owner`'s notes from PT_NOTE segments (what a loader sees), else SHT_NOTE sections."""
-    blobs = [(seg.header.p_offset, seg.header.p_filesz, seg.header.p_align)
-             for seg in elf.iter_segments() if seg.header.p_type == "PT_NOTE"]
-    if not blobs:
-        blobs = [(s.header.sh_offset, s.header.sh_size, s.header.sh_addralign)
-                 for s in elf.iter_sections() if s.header.sh_type == "SHT_NOTE"]
+def _check_sections(data: bytes) -> None:
+    shoff, = struct.unpack_from("<Q", data, 40)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 58)
+    if (shoff and shnum == 0) or shstrndx == SHN_XINDEX:
+        raise ImageError("extended section numbering (section count or name index in section 0) is not supported")
+    if not shnum:
+        return
+    if shentsize != 64 or shoff + shnum * 64 > len(data):
+        raise ImageError("truncated or bad section header table")
+    for k in range(1, shnum):
+        sh_type, = struct.unpack_from("<I", data, shoff + 64 * k + 4)
+        off, size = struct.unpack_from("<QQ", data, shoff + 64 * k + 24)
+        if sh_type != SHT_NOBITS and off + size > len(data):
+            raise ImageError(f"truncated: section {k} extends past the end of the file")
+
+
+def _note_blobs(data: bytes, headers: list[_Phdr]) -> list[tuple[int, int, int]]:
+    """(offset, size, alignment) of each PT_NOTE segment: the notes a loader sees."""
+    return [(h.offset, h.filesz, h.align) for h in headers if h.type == PT_NOTE]
+
+
+def _notes(data: bytes, blobs: list[tuple[int, int, int]], owner: str) -> dict[int, bytes]:
+    """`owner`'s notes, first of each type, from the note blobs (offset, size, alignment)."""
     notes: dict[int, bytes] = {}
     for off, size, align in blobs:
         for name, ntype, desc in _parse_notes(data[off:off + size], 8 if align == 8 else 4):
             if name == owner:
                 notes.setdefault(ntype, desc)
     return notes
+
+
+def _check_notes(notes: dict[int, bytes]) -> None:
+    """Refuse malformed PVTool notes, and an ABI version this toolchain does not speak."""
+    version = _u32_note(notes, abi.NOTE_ABI_VERSION, "ABI-version")
+    if version is not None and version != abi.ABI_VERSION:
+        raise ImageError(f"PV ABI version {version} is not supported (this toolchain speaks version "
+                         f"{abi.ABI_VERSION}: rebuild the image)")
+    mode = _u32_note(notes, abi.NOTE_MODE, "mode")
+    if mode not in (None, abi.MODE_NATIVE, abi.MODE_PV):
+        raise ImageError(f"PVTool mode note has unknown mode {mode}")
+    features = _u32_note(notes, abi.NOTE_FEATURES, "features")
+    if features is not None and features & ~_KNOWN_FEATURES:
+        raise ImageError(f"PVTool features note has unknown bits {features & ~_KNOWN_FEATURES:#x}")
+    page = notes.get(abi.NOTE_HYPERCALL_PAGE)
+    if page is not None and len(page) != 8:
+        raise ImageError(f"malformed PVTool hypercall-page note: {len(page)}-byte descriptor, expected 8")
+    name = notes.get(abi.NOTE_GUEST_NAME)
+    if name is not None and b"\0" not in name:
+        raise ImageError("PVTool guest-name note is not NUL-terminated")
+
+
+def _u32_note(notes: dict[int, bytes], ntype: int, what: str) -> int | None:
+    desc = notes.get(ntype)
+    if desc is None:
+        return None
+    if len(desc) != 4:
+        raise ImageError(f"malformed PVTool {what} note: {len(desc)}-byte descriptor, expected 4")
+    return int.from_bytes(desc, "little")
 
 
 def _parse_notes(blob: bytes, align: int):

@@ -7,7 +7,9 @@ source line.  What counts as sensitive is decided here, in one table,
 `SENSITIVE`, plus the operand rules in `classify` for the instructions that
 are sensitive only with some operands (`mov` to a control register, `push`
 of a segment register, far `call`/`jmp`).  `pvtool check` and the
-runtime's loader both use it.
+runtime's loader sweep native images with it (trap mode hooks what it
+finds); PV images are held to the code rules instead (validate.py, which
+classifies with the same table).
 
 Two categories, after Popek and Goldberg: *privileged* instructions fault
 outside ring 0 (so trap-and-emulate can catch them); *sensitive-unprivileged*

@@ -1,19 +1,21 @@
 """The loader: an ELF64 x86-64 ET_EXEC image, checked before anything runs.
 
-`load_image` reads the image with `pvimage.elfread` (which turns junk and
-truncation into a one-line `ImageError`), then refuses anything the
-hypervisor cannot run safely:
+`load_image` reads the image with `pvimage.elfread`, the one reader of
+images (it turns junk, truncation, ambiguous layouts and malformed notes
+into a one-line `ImageError`), then refuses anything this machine cannot
+run safely:
 
-- every PT_LOAD segment lies inside guest RAM, at or above 1 MiB (below is
-  the hypervisor's), is identity-placed (virtual == physical: the boot map
-  is an identity map), and overlaps no other segment;
+- every segment lies inside guest RAM, at or above 1 MiB (below is the
+  hypervisor's);
 - the entry point lies inside an executable segment;
-- the PVTool notes are well formed; a PV image declares a page-aligned
-  hypercall page inside a text segment;
-- a PV image contains no sensitive instruction: the same capstone sweep as
-  `pvtool check` (`pvimage.sweep`), which skips the hypercall page.
+- an image with a hypercall page must carry the PVTool notes;
+- a PV image obeys the code rules R1-R7 (`pvimage.validate`, the validator
+  `pvtool check` uses): no sensitive instruction can be reached.  What the
+  validator returns (instruction starts, hypercall resume points) is kept
+  for the run-time rule R8.
 
-The sweep's findings are kept: trap mode hooks exactly those addresses.
+A native image is swept for sensitive instructions instead (`pvimage.sweep`):
+trap mode hooks exactly those addresses.
 """
 from __future__ import annotations
 
@@ -23,16 +25,13 @@ from dataclasses import dataclass, field
 from pvimage import abi
 from pvimage.elfread import ElfInfo, load
 from pvimage.sweep import Finding, sweep_image
+from pvimage.validate import ValidatedCode, validate
 
 from .errors import ImageError
 from .memory import PAGE, R, W, X
 
 ET_EXEC = 2
-PT_LOAD = 1
-PF_X, PF_W = 1, 2
 MAX_SEGMENTS = 64
-_PHDR = struct.Struct("<IIQQQQQQ")
-_FEATURES = abi.FEATURE_MULTICALL | abi.FEATURE_EVENTS
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,8 @@ class Image:
     segments: list[LoadSegment]
     info: ElfInfo                         # symbols and lines for fault reports
     hypercall_page: int | None = None
-    sensitive: list[Finding] = field(default_factory=list)
+    sensitive: list[Finding] = field(default_factory=list)   # native: what the sweep found
+    code: ValidatedCode | None = None                       # pv: what the validator proved
 
     def describe(self, address: int) -> str:
         """`0x100123 kmain+0x13 (hello.pvk:7)`."""
@@ -67,95 +67,42 @@ def load_image(data: bytes, ram_size: int) -> Image:
     info = load(data)
     if struct.unpack_from("<H", data, 16)[0] != ET_EXEC:
         raise ImageError("not an ET_EXEC image (position-independent images cannot be loaded)")
-    segments = _segments(data, ram_size)
+    segments = _segments(info, ram_size)
     _check_entry(info.entry, segments)
-    mode = _check_notes(info)
-    image = Image(info.entry, mode, segments, info)
-    image.sensitive = sweep_image(info)
-    if mode == "pv":
-        image.hypercall_page = _check_hypercall_page(info.hypercall_page, segments)
-        if image.sensitive:
-            f = image.sensitive[0]
-            n = len(image.sensitive)
-            raise ImageError(f"PV image contains {n} sensitive instruction{'s' if n > 1 else ''}; "
-                             f"first: {f.asm} at {image.describe(f.address)}")
+    orphan = info.orphan_hypercall_page
+    if orphan is not None:
+        raise ImageError(f"image has a hypercall page at {orphan:#x} but no PVTool notes (mode, hypercall "
+                         f"page): a PV guest must carry them (ckit/pvguest.ld writes them)")
+    image = Image(info.entry, info.mode, segments, info)
+    if info.mode == "pv":
+        image.code = validate(info)
+        image.hypercall_page = image.code.hypercall_page
+    else:
+        image.sensitive = sweep_image(info)
     return image
 
 
-def _segments(data: bytes, ram_size: int) -> list[LoadSegment]:
-    phoff, = struct.unpack_from("<Q", data, 32)
-    phnum, = struct.unpack_from("<H", data, 56)
+def _segments(info: ElfInfo, ram_size: int) -> list[LoadSegment]:
+    """The image's segments (pvimage.elfread has refused overlaps and ambiguity), checked against the machine."""
     out = []
-    for k in range(phnum):
-        p_type, flags, offset, vaddr, paddr, filesz, memsz, _ = _PHDR.unpack_from(data, phoff + k * _PHDR.size)
-        if p_type != PT_LOAD or memsz == 0:
-            continue
-        if filesz > memsz:
-            raise ImageError(f"segment {k}: file size {filesz:#x} exceeds memory size {memsz:#x}")
-        if vaddr != paddr:
-            raise ImageError(f"segment {k}: virtual address {vaddr:#x} differs from physical {paddr:#x} "
-                             f"(the boot map is an identity map)")
-        if paddr < abi.RESERVED_END:
-            raise ImageError(f"segment {k} at {paddr:#x} overlaps hypervisor memory below "
+    for seg in info.segments:
+        k = seg.index
+        if seg.address < abi.RESERVED_END:
+            raise ImageError(f"segment {k} at {seg.address:#x} overlaps hypervisor memory below "
                              f"{abi.RESERVED_END:#x}")
-        if paddr + memsz > ram_size:
-            raise ImageError(f"segment {k} ({paddr:#x}-{paddr + memsz:#x}) does not fit in "
+        if seg.end > ram_size:
+            raise ImageError(f"segment {k} ({seg.address:#x}-{seg.end:#x}) does not fit in "
                              f"{ram_size >> 20} MiB of guest RAM")
-        perm = R | (W if flags & PF_W else 0) | (X if flags & PF_X else 0)
-        out.append(LoadSegment(k, paddr, memsz, data[offset:offset + filesz], perm))
-    if not out:
-        raise ImageError("no loadable segment")
+        perm = R | (W if seg.writable else 0) | (X if seg.executable else 0)
+        out.append(LoadSegment(k, seg.address, seg.memsz, seg.data, perm))
     if len(out) > MAX_SEGMENTS:
         raise ImageError(f"{len(out)} loadable segments; at most {MAX_SEGMENTS} are supported")
-    out.sort(key=lambda s: s.address)
-    for a, b in zip(out, out[1:]):
-        if b.address < a.end:
-            raise ImageError(f"segments {a.index} and {b.index} overlap")
     return out
 
 
 def _check_entry(entry: int, segments: list[LoadSegment]) -> None:
     if not any(s.perm & X and s.address <= entry < s.end for s in segments):
         raise ImageError(f"entry point {entry:#x} is not inside an executable segment")
-
-
-def _u32_note(info: ElfInfo, ntype: int, what: str) -> int | None:
-    desc = info.notes.get(ntype)
-    if desc is None:
-        return None
-    if len(desc) != 4:
-        raise ImageError(f"malformed PVTool {what} note: {len(desc)}-byte descriptor, expected 4")
-    return int.from_bytes(desc, "little")
-
-
-def _check_notes(info: ElfInfo) -> str:
-    """The image's mode; refuses malformed PVTool notes."""
-    version = _u32_note(info, abi.NOTE_ABI_VERSION, "ABI-version")
-    if version is not None and version != abi.ABI_VERSION:
-        raise ImageError(f"PV ABI version {version} is not supported (this runtime speaks {abi.ABI_VERSION})")
-    mode = _u32_note(info, abi.NOTE_MODE, "mode")
-    if mode not in (None, abi.MODE_NATIVE, abi.MODE_PV):
-        raise ImageError(f"PVTool mode note has unknown mode {mode}")
-    features = _u32_note(info, abi.NOTE_FEATURES, "features")
-    if features is not None and features & ~_FEATURES:
-        raise ImageError(f"PVTool features note has unknown bits {features & ~_FEATURES:#x}")
-    page = info.notes.get(abi.NOTE_HYPERCALL_PAGE)
-    if page is not None and len(page) != 8:
-        raise ImageError(f"malformed PVTool hypercall-page note: {len(page)}-byte descriptor, expected 8")
-    name = info.notes.get(abi.NOTE_GUEST_NAME)
-    if name is not None and b"\0" not in name:
-        raise ImageError("PVTool guest-name note is not NUL-terminated")
-    return "pv" if mode == abi.MODE_PV else "native"
-
-
-def _check_hypercall_page(page: int | None, segments: list[LoadSegment]) -> int:
-    if page is None:
-        raise ImageError("PV image has no hypercall-page note")
-    if page % PAGE:
-        raise ImageError(f"hypercall page {page:#x} is not page-aligned")
-    if not any(s.perm & X and s.address <= page and page + PAGE <= s.end for s in segments):
-        raise ImageError(f"hypercall page {page:#x} is not inside a text segment")
-    return page
 
 
 def hypercall_page_bytes() -> bytes:

@@ -104,7 +104,7 @@ class Pv(Mode):
         spans = sorted((s.address, s.address + s.length) for s in image.info.sites if s.batched)
         self._starts = [a for a, _ in spans]
         self._ends = [b for _, b in spans]
-        self.code = getattr(image, "code", None)      # the validator's proof: instruction starts (R8)
+        self.code = image.code                          # the validator's proof: instruction starts (R8)
 
     def interrupts_enabled(self, vm: Vm) -> bool:
         return vm.mem.read(MASK, 1) == b"\0"
@@ -150,7 +150,7 @@ class Pv(Mode):
 
     def check_entry_point(self, vm: Vm, address: int, what: str) -> None:
         """Rule R8: the hypervisor sends the guest only to validated instruction starts."""
-        if self.code is not None and not self.code.may_enter(address):
+        if address not in self.code.starts and address not in self.code.resume_points:
             raise GuestFault(f"{what}: {address:#x} is not an instruction start the validator saw (rule R8)")
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ckit.build import build
 from pvtool import driver
-
 from pvtool.cli import main
 
 GCC = shutil.which("gcc")
@@ -32,9 +32,10 @@ void _start(void) {
 }
 """
 
-# A PV image as a guest writer might make it by hand: PVTool notes, a
-# hypercall page full of placeholder bytes (here `cli`, which the sweep
-# must skip), and code that only calls into the page.
+# A PV image as a guest writer might make it by hand without the kit: PVTool
+# notes, a hypercall page full of placeholder bytes (here `cli`, never
+# validated: the hypervisor writes the page), and code that calls into the
+# page through an unmasked register: the code rules refuse that call.
 PV_C = """\
 __asm__(".pushsection .note.pvtool, \\"a\\", @note\\n.balign 4\\n"
         ".long 7, 4, 2\\n.asciz \\"PVTool\\"\\n.balign 4\\n.long 1\\n"
@@ -101,10 +102,31 @@ def test_native_image_reports_each_instruction(images, capsys):
     assert any("hlt" in l and "native.c:10" in l for l in lines)
 
 
-def test_pv_image_passes(images, capsys):
-    status, out, _ = check(capsys, images["pv"])
+def test_pv_image_built_with_the_kit_passes(capsys):
+    image = build("hello_pv")
+    status, out, _ = check(capsys, image)
     assert status == 0
-    assert out.strip() == f"{images['pv']}: paravirtual, no sensitive instruction"
+    assert out.strip() == f"{image}: paravirtual, obeys the code rules (no reachable sensitive instruction)"
+
+
+def test_pv_image_lists_each_rule_violation(capsys):
+    image = build("pv_hostile", ["-DWITH_CLI"])
+    status, out, err = check(capsys, image)
+    assert status == 1 and err == ""
+    lines = out.splitlines()
+    assert lines[0] == f"{image}: paravirtual, 1 code-rule violation"
+    assert lines[1].startswith("  rule R4 (forbidden instruction): 'cli' at 0x")
+    assert "sensitive+0x0 (pv_hostile.c:" in lines[1]
+
+
+def test_hand_made_pv_image_breaks_the_rules_but_its_hypercall_page_is_not_read(images, capsys):
+    status, out, _ = check(capsys, images["pv"], "--json")
+    report = json.loads(out)
+    assert status == 1 and report["mode"] == "pv" and report["passed"] is False
+    assert "R6" in {f["rule"] for f in report["findings"]}           # the unmasked call
+    assert not any("cli" in f["message"] for f in report["findings"])   # the page is not read
+    assert all(set(f) == {"rule", "address", "message"} for f in report["findings"])
+    assert "is not preceded by 'and" in report["findings"][0]["message"]
 
 
 def test_clean_native_image_is_not_a_pass(images, capsys):
@@ -140,10 +162,10 @@ def test_json_shape(images, capsys):
     assert Path(out_insn["file"]).name == "native.c" and out_insn["line"] == 2
 
 
-def test_json_pass(images, capsys):
-    status, out, _ = check(capsys, images["pv"], "--json")
-    assert status == 0 and json.loads(out) == {"image": str(images["pv"]), "mode": "pv",
-                                               "passed": True, "findings": []}
+def test_json_pass(capsys):
+    image = build("hello_pv")
+    status, out, _ = check(capsys, image, "--json")
+    assert status == 0 and json.loads(out) == {"image": str(image), "mode": "pv", "passed": True, "findings": []}
 
 
 def test_real_entry_point_no_traceback(images):
@@ -174,3 +196,10 @@ def test_conformance_builds(kernel, tmp_path, capsys):
         assert (status, report["mode"]) == (want, target), report["findings"][:5]
         if target == "native":   # the exit path at least: boot code writes port 0xf4
             assert any(f["mnemonic"] == "out" for f in report["findings"])
+
+
+def test_pv_guest_without_its_notes_is_named_as_such(tmp_path, capsys):
+    image = tmp_path / "lost.elf"
+    image.write_bytes(build("hello_pv").read_bytes().replace(b"PVTool\0\0", b"Other\0\0\0"))
+    status, out, _ = check(capsys, image)
+    assert status == 1 and "has a hypercall page: a PV guest whose notes are missing" in out.splitlines()[0]

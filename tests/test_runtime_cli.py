@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from guests.build import build, have_gcc
+from ckit.build import build, have_gcc
 from pvtool.cli import build_parser
 from pvtool.commands import run as run_command
 

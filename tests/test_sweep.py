@@ -302,3 +302,68 @@ def test_symbolizer_describe_without_symbols():
     assert info.function_at(BASE) is None and info.line_at(BASE) is None
     assert info.describe(BASE) == f"{BASE:#x}"
     assert info.read(BASE, 2) == b"\xfa\xf4" and info.read(0x10, 1) == b""
+
+
+# -- one reading of the program headers: anything two readers could see differently is refused ---
+
+def phdr_table(data: bytes) -> tuple[int, int]:
+    phoff, = struct.unpack_from("<Q", data, 32)
+    phnum, = struct.unpack_from("<H", data, 56)
+    return phoff, phnum
+
+
+def with_phdr(data: bytes, k: int, **fields) -> bytes:
+    names = ["type", "flags", "offset", "vaddr", "paddr", "filesz", "memsz", "align"]
+    phoff, _ = phdr_table(data)
+    values = list(struct.unpack_from("<IIQQQQQQ", data, phoff + 56 * k))
+    for name, value in fields.items():
+        values[names.index(name)] = value
+    out = bytearray(data)
+    struct.pack_into("<IIQQQQQQ", out, phoff + 56 * k, *values)
+    return bytes(out)
+
+
+def with_header(data: bytes, offset: int, fmt: str, value: int) -> bytes:
+    out = bytearray(data)
+    struct.pack_into(fmt, out, offset, value)
+    return bytes(out)
+
+
+TWO = make_elf(b"\x90" * 64, notes=pv_notes())   # a text segment and a note segment
+
+AMBIGUOUS = {
+    "pn-xnum": (with_header(TWO, 56, "<H", 0xFFFF), "PN_XNUM"),
+    "phentsize": (with_header(TWO, 54, "<H", 32), "e_phentsize"),
+    "shnum-in-section-0": (with_header(TWO, 40, "<Q", 0x1000), "extended section numbering"),
+    "vaddr-paddr": (with_phdr(TWO, 0, paddr=BASE + 0x1000), "differs from physical"),
+    "text-not-page-aligned": (with_phdr(TWO, 0, vaddr=BASE + 0x10, paddr=BASE + 0x10), "not page-aligned"),
+    "filesz-over-memsz": (with_phdr(TWO, 0, memsz=8), "exceeds memory size"),
+    "wraps": (with_phdr(TWO, 0, memsz=(1 << 63) + 0x1000, vaddr=1 << 63, paddr=1 << 63), "end of the address space"),
+    "truncated-note": (with_phdr(TWO, 1, filesz=0x10000), "truncated"),
+}
+
+
+@pytest.mark.parametrize("name", AMBIGUOUS)
+def test_ambiguous_layouts_refused_in_one_line(name):
+    data, words = AMBIGUOUS[name]
+    with pytest.raises(ImageError) as e:
+        elfinfo.load(data)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_overlapping_and_page_sharing_segments_refused():
+    # A second PT_LOAD in place of the note: read-only data after the text.
+    rodata = lambda vaddr: with_phdr(TWO, 1, type=1, flags=4, offset=0x1000, vaddr=vaddr, paddr=vaddr,
+                                     filesz=16, memsz=16)
+    assert [s.address for s in elfinfo.load(rodata(BASE + 0x1000)).segments] == [BASE, BASE + 0x1000]
+    with pytest.raises(ImageError, match="segments 0 and 1 overlap"):
+        elfinfo.load(rodata(BASE + 0x20))
+    # Not overlapping, but in the text's last page: those bytes would be mapped executable unchecked.
+    with pytest.raises(ImageError, match="shares a page with executable segment 0"):
+        elfinfo.load(rodata(BASE + 0x800))
+
+
+def test_the_code_a_loader_maps_is_zero_filled_to_the_page_end():
+    text = elfinfo.load(with_phdr(TWO, 0, memsz=0x1800)).executable[0]
+    assert (text.end, text.page_end) == (BASE + 0x1800, BASE + 0x2000)
+    assert text.code == b"\x90" * 64 + bytes(0x2000 - 64)

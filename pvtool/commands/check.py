@@ -1,8 +1,10 @@
-"""`pvtool check`: list the sensitive instructions left in an ELF64 x86-64 image.
+"""`pvtool check`: does an image obey the PV code rules; which sensitive instructions does it hold.
 
-Exit 0 only for a paravirtual image with none left, 1 otherwise (a native
-image is reported with all its sensitive instructions), 2 when the file
-cannot be read as an ELF64 x86-64 image.
+A paravirtual image is checked against the code rules R1-R7 with the
+validator the runtime's loader uses (`pvimage.validate`), and every
+violation is listed; a native image is swept for its sensitive
+instructions (`pvimage.sweep`).  Exit 0 only for a PV image that obeys the
+rules, 1 otherwise, 2 when the file cannot be read as an ELF64 x86-64 image.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 
 from pvimage.elfread import ElfInfo, ImageError, load_file
 from pvimage.sweep import Finding, sweep_image
+from pvimage.validate import Violation, violations
 
 EPILOG = """\
 categories:
@@ -20,17 +23,23 @@ categories:
                           (pushf/popf, sgdt/sidt, segment-register moves, far jumps,
                           cpuid, rdtsc, ...)
 
-exit status: 0 a PV image with no sensitive instruction, 1 anything found
-(or not a PV image), 2 unreadable input."""
+A PV image is checked against the code rules instead (docs/abi.md, section 8):
+  R1 code extent, W^X   R2 hypercall page   R3 32-byte bundles of whole instructions
+  R4 no sensitive instruction, ret, jmp/call through memory or xbegin
+  R5 direct branches to instruction starts or hypercall entries
+  R6 jmp/call r64 right after 'and r64, -32' in its bundle   R7 entry at a bundle start
+
+exit status: 0 a PV image that obeys the code rules, 1 any violation or
+sensitive instruction (or not a PV image), 2 unreadable input."""
 
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "check", help="list sensitive instructions left in an ELF image",
-        description="Disassemble every executable segment of an ELF64 x86-64 image (ours or\n"
-                    "any other compiler's) and list each sensitive instruction with its address,\n"
-                    "function and source line. The hypercall page of a PV image is skipped: the\n"
-                    "hypervisor writes it.",
+        "check", help="check a PV image against the code rules; list a native image's sensitive instructions",
+        description="Check an ELF64 x86-64 image (ours or any other compiler's). A PV image is\n"
+                    "validated against the code rules (the loader's validator) and every violation\n"
+                    "is listed with its address, function and source line; a native image is swept\n"
+                    "and each sensitive instruction listed.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image", metavar="IMAGE", help="an ELF64 x86-64 executable")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -45,20 +54,36 @@ def run(args: argparse.Namespace) -> int:
         print(f"pvtool check: {reason if reason.startswith(args.image) else f'{args.image}: {reason}'}",
               file=sys.stderr)
         return 2
-    findings = sweep_image(info)
-    passed = info.mode == "pv" and not findings
-    if args.json:
-        print(json.dumps(report(args.image, info, findings, passed), indent=2))
+    if info.mode == "pv":
+        broken = violations(info)
+        passed = not broken
+        doc = report_pv(args.image, broken) if args.json else render_pv(args.image, broken)
     else:
-        print(render(args.image, info, findings))
+        findings = sweep_image(info)
+        passed = False
+        doc = report(args.image, info, findings) if args.json else render(args.image, info, findings)
+    print(json.dumps(doc, indent=2) if args.json else doc)
     return 0 if passed else 1
 
 
-def report(image: str, info: ElfInfo, findings: list[Finding], passed: bool) -> dict:
+def report_pv(image: str, broken: list[Violation]) -> dict:
+    return {"image": image, "mode": "pv", "passed": not broken,
+            "findings": [{"rule": v.rule, "address": v.address, "message": str(v)} for v in broken]}
+
+
+def render_pv(image: str, broken: list[Violation]) -> str:
+    if not broken:
+        return f"{image}: paravirtual, obeys the code rules (no reachable sensitive instruction)"
+    n = len(broken)
+    return "\n".join([f"{image}: paravirtual, {n} code-rule violation{'s' if n != 1 else ''}"]
+                     + [f"  {v}" for v in broken])
+
+
+def report(image: str, info: ElfInfo, findings: list[Finding]) -> dict:
     return {
         "image": image,
         "mode": info.mode,
-        "passed": passed,
+        "passed": False,
         "findings": [{"address": f.address, "size": f.size, "mnemonic": f.mnemonic,
                       "operands": f.op_str, "category": f.category, "function": f.function,
                       "file": f.file, "line": f.line, "why": f.why} for f in findings],
@@ -71,10 +96,11 @@ def _where(info: ElfInfo, f: Finding) -> str:
 
 
 def render(image: str, info: ElfInfo, findings: list[Finding]) -> str:
-    kind = "paravirtual" if info.mode == "pv" else "native" if info.has_pv_notes else "native (no PVTool note)"
+    """A native image's sweep."""
+    kind = "native" if info.has_pv_notes else "native (no PVTool note)"
+    if info.orphan_hypercall_page is not None:
+        kind = "native (no PVTool note, yet it has a hypercall page: a PV guest whose notes are missing)"
     if not findings:
-        if info.mode == "pv":
-            return f"{image}: paravirtual, no sensitive instruction"
         return f"{image}: {kind}, no sensitive instruction found, but not a paravirtual image"
     n = len(findings)
     lines = [f"{image}: {kind}, {n} sensitive instruction{'s' if n != 1 else ''}"]
