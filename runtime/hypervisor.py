@@ -95,6 +95,7 @@ def create(image: Image, mode: str | None, ram: int, *, cmdline: str = "",
     vm.run.install()
     if chosen.name == "pv":
         hypercalls.publish(vm)
+    cpu.regs.finish()                  # from here on the API and the hooks see the same registers
     return vm
 
 

@@ -15,6 +15,7 @@ from pvimage import abi
 from pvimage.elfread import ImageError, load
 from pvimage.validate import validate
 from pvtool.cli import main
+from pvtool.cli import build_parser
 from pvtool.commands import run as run_command
 from runtime.loader import load_image
 
@@ -111,8 +112,7 @@ def test_check_refuses_in_one_line(name, case_files, capsys):
 
 @pytest.mark.parametrize("name", CASES)
 def test_run_refuses_in_one_line(name, case_files, capfd):
-    args = argparse.Namespace(image=str(case_files[name]), mode=None, timeout=5.0, memory=64, max_exits=None,
-                              cmdline="", stats=False, json=False, stats_file=None, trace=False)
+    args = build_parser().parse_args(["run", str(case_files[name]), "--timeout", "5"])
     assert run_command.run(args) == 125
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and err.startswith("pvtool run: ") and CASES[name][2] in err

@@ -13,7 +13,7 @@ import pytest
 from ckit.build import GUESTS, KIT, build, build_source, have_gcc
 from pvimage import abi, ckit
 from pvimage.elfread import load
-from runtime.hypercalls import HYPERCALLS
+from runtime.exits.hypercalls import HYPERCALLS
 from runtime.hypervisor import run
 
 ROOT = Path(__file__).resolve().parents[1]

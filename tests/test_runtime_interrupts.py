@@ -300,7 +300,9 @@ def test_hlt_with_interrupts_on_ends_emulation_just_after_it():
 
 TRIVIAL = "fn kmain() -> u64 {\n    putc('x');\n    return 0;\n}\n"
 IDT, STACK = 0x1800000, 0x1700008          # in the free 16-64 MiB; the stack deliberately unaligned
-HANDLER = 0x123456789A
+# The handler: _start of the PV build (its first bundle, after the hypercall page), so an instruction
+# start as rule R8 wants in pv mode; the native modes take any canonical address.
+HANDLER = abi.LOAD_BASE + abi.PAGE_SIZE
 
 
 @pytest.fixture(scope="module")
@@ -440,6 +442,20 @@ def test_bad_trap_tables_are_clear_faults(mode, gates, limit, expect, ready):
     kind = "upcall" if mode == "pv" else "interrupt"
     with pytest.raises(GuestFault, match=f"^{kind} 32: .*" + re.escape(expect)):
         deliver(vm)
+
+
+def test_pv_sends_the_guest_only_to_instruction_starts(ready):
+    """Rule R8: an upcall gate, and an iret's return address, must be instruction starts the validator saw
+    (0x101002 is inside _start's second instruction)."""
+    vm = ready("pv", gate(handler=HANDLER + 2))
+    vm.mem.write(abi.SHARED_PAGE + abi.SH_UPCALL_MASK, b"\0")
+    with pytest.raises(GuestFault, match=r"^upcall 32: gate 32: 0x101002 is not an instruction start .*\(rule R8\)"):
+        deliver(vm)
+    vm = ready("pv")
+    vm.mem.write(STACK, struct.pack("<5Q", HANDLER + 2, 0x08, 0x202, STACK, 0x10))
+    vm.engine.uc.reg_write(U.UC_X86_REG_RSP, STACK)
+    with pytest.raises(GuestFault, match=r"^iret: 0x101002 is not an instruction start .*\(rule R8\)"):
+        call(vm, delivery.iret)
 
 
 def test_a_frame_that_cannot_be_pushed_is_a_fault(ready):
