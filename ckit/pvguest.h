@@ -87,7 +87,9 @@
 #define HC_EVENT_CHECK 17
 #define HC_IRET 18
 #define HC_SET_TIMER 19
-#define HC_COUNT 20
+#define HC_STACK_SWITCH 20
+#define HC_SET_SYSCALL_ENTRY 21
+#define HC_COUNT 22
 
 /* hypercall errors (results are -errno) */
 #define EPERM 1
@@ -172,6 +174,8 @@ static inline long hc_multicall(void) { return PV_HYPERCALL(HC_MULTICALL, 0, 0, 
 static inline long hc_event_check(void) { return PV_HYPERCALL(HC_EVENT_CHECK, 0, 0, 0, 0, 0); }
 static inline long hc_iret(void) { return PV_HYPERCALL(HC_IRET, 0, 0, 0, 0, 0); }
 static inline long hc_set_timer(long deadline) { return PV_HYPERCALL(HC_SET_TIMER, deadline, 0, 0, 0, 0); }
+static inline long hc_stack_switch(long sp) { return PV_HYPERCALL(HC_STACK_SWITCH, sp, 0, 0, 0, 0); }
+static inline long hc_set_syscall_entry(long address) { return PV_HYPERCALL(HC_SET_SYSCALL_ENTRY, address, 0, 0, 0, 0); }
 
 /* Call a `void (void)` function through a pointer, as the code rules allow:
    the target is masked to a bundle start (`and $-32`), so it must be 32-byte

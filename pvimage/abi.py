@@ -32,6 +32,12 @@ BOOT_STACK_TOP = 0x80000     # 64 KiB below it
 BOOT_STACK_SIZE = 0x10000
 KERNEL_CS = 0x08
 KERNEL_DS = 0x10
+# User mode (docs/abi.md, "User mode"): the GDT layout sysretq expects with STAR[63:48] = 0x10 and
+# STAR[47:32] = KERNEL_CS.  A native kernel builds this GDT itself; the runtime's CPU loads these
+# selectors as flat 64-bit segments.
+USER_DS = 0x1B               # index 3, RPL 3
+USER_CS = 0x23               # index 4, RPL 3
+TSS_SELECTOR = 0x28          # a 16-byte 64-bit TSS descriptor, indices 5-6
 FREE_RAM_START = 16 << 20    # kernels may use 16-64 MiB freely
 FREE_RAM_END = 64 << 20
 DEFAULT_RAM = 64 << 20
@@ -114,7 +120,9 @@ HC_MULTICALL = 16        # () -> entries run; runs and empties the shared-page q
 HC_EVENT_CHECK = 17      # () -> 0; deliver pending events now (after unmasking)
 HC_IRET = 18             # () -> does not return; pops an interrupt frame (see docs/abi.md)
 HC_SET_TIMER = 19        # (deadline in virtual ns, 0 = cancel) -> 0
-HC_COUNT = 20
+HC_STACK_SWITCH = 20     # (sp) -> 0; the kernel stack for the next entry from user mode (Xen's stack_switch)
+HC_SET_SYSCALL_ENTRY = 21  # (address) -> 0; where a user-mode `syscall` enters the kernel (Xen's syscall callback)
+HC_COUNT = 22
 
 HYPERCALL_NAMES = {v: k[3:].lower() for k, v in dict(globals()).items()
                    if k.startswith("HC_") and k != "HC_COUNT"}
@@ -125,6 +133,7 @@ HYPERCALL_ARGS: dict[int, tuple[str, ...]] = {
     HC_SET_TRAP_TABLE: ("desc",), HC_RDMSR: ("msr",), HC_WRMSR: ("msr", "value"), HC_CPUID: ("leaf", "out"),
     HC_IO_IN: ("port", "size"), HC_IO_OUT: ("port", "size", "value"), HC_BLOCK: (), HC_RDTSC: (),
     HC_WBINVD: (), HC_MULTICALL: (), HC_EVENT_CHECK: (), HC_IRET: (), HC_SET_TIMER: ("deadline",),
+    HC_STACK_SWITCH: ("sp",), HC_SET_SYSCALL_ENTRY: ("address",),
 }
 BATCHABLE = (HC_SET_PTE, HC_INVLPG, HC_IO_OUT)   # allowed in a multicall entry
 
