@@ -208,6 +208,7 @@ class Runner:
                 print(f"exit {stats.total_exits} [{clock.ticks / 1000:.3f} us]: {reason} at {place}",
                       file=self.trace)
         else:
+            stats.current_reason = reason
             stats.exits[reason] += 1
             stats.total_exits += 1
         if self.max_exits is not None and stats.total_exits > self.max_exits:

@@ -43,9 +43,12 @@ class Stats:
     load_seconds: float = 0.0
     profile: bool = False
     sites: dict[str, Counter] = field(default_factory=dict)
+    phases: dict = field(default_factory=dict)         # devices/marker.py: phase id -> Phase
+    current_reason: str = ""                           # the exit being handled
 
     def account(self, reason: str, where: int | None = None) -> None:
         """One exit (or delivery) of this kind, at guest address `where` if known."""
+        self.current_reason = reason
         self.exits[reason] += 1
         self.total_exits += 1
         if self.profile and where is not None:
@@ -70,6 +73,7 @@ class Stats:
             "idle_virtual_ns": self.idle_ns,
             "deferred_upcalls": self.deferred,
             "slices": self.slices,
+            "phases": {str(k): p.as_dict() for k, p in sorted(self.phases.items())},
         }
 
     def render(self) -> str:
