@@ -353,10 +353,10 @@ def close_window(vm: Vm) -> None:
 
 def on_patch(vm: Vm, patch: Patch) -> None:
     """The CPU reached a patched instruction: the exit.  RIP is past the breakpoint byte."""
+    if vm.cpu.cpl == 3 and patch.privileged:          # what the real instruction does in user mode:
+        raise GuestException(13, 0, patch.address)    # the #GP is the exit
     if not _passed_through(vm, patch):
         vm.run.count(patch.reason, patch.address)
-    if vm.cpu.cpl == 3 and patch.privileged:          # what the real instruction does in user mode
-        raise GuestException(13, 0, patch.address)
     vm.cpu.jump(patch.address + patch.size)       # first: an emulation may send the guest elsewhere
     try:
         patch.emulate(vm, patch.insn)
