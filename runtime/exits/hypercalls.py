@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import TYPE_CHECKING, Callable
 
 from pvimage import abi
@@ -40,7 +41,7 @@ from ..cpu import DESCRIPTOR
 from ..devices.bus import SIZES
 from ..cpu import RFLAGS_IF, SYSCALL_SIZE
 from ..devices.msr import LSTAR, canonical
-from ..engine import GPR_INDEX, RIP_INDEX
+from ..engine import GPR_INDEX, HF_CPL_MASK, RIP_INDEX
 from ..memory import PAGE
 from ..errors import GuestFault, Refused, Shutdown
 
@@ -64,7 +65,7 @@ class Hypercall:
     reason: str           # its name in the exit statistics
     fn: Callable
     arity: int
-    args: tuple[int, ...]  # where its arguments are in RegisterFile.block()
+    args: Callable[[tuple[int, ...]], tuple[int, ...]]   # its arguments, from RegisterFile.block()
 
 
 HYPERCALLS: dict[int, Hypercall] = {}
@@ -76,9 +77,18 @@ def hypercall(nr: int):
         name = abi.HYPERCALL_NAMES[nr]
         arity = fn.__code__.co_argcount - 1
         HYPERCALLS[nr] = Hypercall(nr, name, f"hypercall {name}", fn, arity,
-                                   tuple(GPR_INDEX[reg] for reg in ARGS[:arity]))
+                                   _picker([GPR_INDEX[reg] for reg in ARGS[:arity]]))
         return fn
     return register
+
+
+def _picker(indices: list[int]) -> Callable[[tuple[int, ...]], tuple[int, ...]]:
+    if len(indices) >= 2:
+        return itemgetter(*indices)
+    if indices:
+        k = indices[0]
+        return lambda block: (block[k],)
+    return lambda block: ()
 
 
 # -- dispatch ----------------------------------------------------------------------------
@@ -86,11 +96,10 @@ def hypercall(nr: int):
 def on_syscall(vm: Vm) -> None:
     """The syscall hook in pv mode: a hypercall exit (or, from user mode, a system call to bounce)."""
     regs = vm.cpu.regs
-    block = regs.block()
-    rip = block[RIP_INDEX]
-    if vm.cpu.cpl == 3:
+    if regs.hflags & HF_CPL_MASK == 3:
         return user_syscall(vm)
-    if not vm.mode.in_hypercall_page(rip):
+    block = regs.block()
+    if not vm.mode.in_hypercall_page(block[RIP_INDEX]):
         raise GuestFault("syscall outside the hypercall page")
     nr = block[0]
     call = HYPERCALLS.get(nr)
@@ -98,7 +107,7 @@ def on_syscall(vm: Vm) -> None:
     try:
         if call is None:
             raise Refused(abi.ENOSYS, f"no hypercall number {nr}")
-        result = call.fn(vm, *[block[k] for k in call.args])
+        result = call.fn(vm, *call.args(block))
     except GuestFault as e:
         if e.rip is None:             # report the guest code that called, not the stub
             e.rip = call_site(vm)
@@ -109,7 +118,7 @@ def on_syscall(vm: Vm) -> None:
             print(f"  hypercall {call.name if call else nr} refused: -{e.errno}: {e.why}", file=vm.trace)
     if result is not None:                # None: the hypercall does not return (iret)
         regs["rax"] = result
-    vm.mem.write_u64(SH_TIME, vm.clock.ticks)
+    _U64.pack_into(vm.mem.view, SH_TIME, vm.clock.ticks)     # the shared page: plain guest data
 
 
 def user_syscall(vm: Vm) -> None:
