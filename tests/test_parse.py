@@ -263,7 +263,7 @@ def test_positions():
     ("var x = @;", 1, 9, "unexpected character '@'"),
     ("fn f() { \x00 }", 1, 10, "unexpected character '\\x00'"),
     ("fn", 1, 3, "expected identifier, found end of file"),
-    ("struct S { a: u8 b: u8 }", 1, 18, "expected ',' or '}', found 'b'"),
+    ("struct S { a: u8 b: u8 }", 1, 18, "expected ',', '::' or '}', found 'b'"),
 ])
 def test_syntax_errors(src, line, col, message):
     e = syntax_error(src)
