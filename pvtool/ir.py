@@ -301,6 +301,10 @@ class Slot:
 
 
 TRAP_KINDS = ("interrupt", "interrupt_error", "syscall")
+# The compiler-provided globals of the native syscall entry: the user's rsp while it switches
+# stacks, and the stack it switches to (set by `set_kernel_stack`).
+SYSCALL_USER_RSP = "__syscall_user_rsp"
+KERNEL_STACK = "__kernel_stack"
 
 
 @dataclass

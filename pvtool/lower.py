@@ -25,8 +25,6 @@ from .types import VOID, ArrayType, IntType, PtrType, Type, align_of, is_aggrega
 
 MASK = (1 << 64) - 1
 UNROLL_ZERO = 64        # bytes: zero larger slots with a loop
-SYSCALL_USER_RSP = "__syscall_user_rsp"   # the user rsp while the native syscall entry switches stacks
-KERNEL_STACK = "__kernel_stack"           # the stack the native syscall entry switches to
 TRAP_KINDS = {(True, False, False): "interrupt", (True, True, False): "interrupt_error",
               (False, False, True): "syscall"}   # (interrupt, error_code, syscall) -> TrapEntry.kind
 
@@ -72,7 +70,7 @@ class _Module:
             elif isinstance(item, ast.Fn):
                 functions.append(_Function(self, item).run())
         if self.kernel_stack:
-            data += [ir.Data(name, "bss", 8, 8) for name in (SYSCALL_USER_RSP, KERNEL_STACK)]
+            data += [ir.Data(name, "bss", 8, 8) for name in (ir.SYSCALL_USER_RSP, ir.KERNEL_STACK)]
         return ir.Module(functions, data + self.string_data, list(self.program.files))
 
     def string(self, value: bytes, loc: Loc | None = None, user: bool = False) -> str:
