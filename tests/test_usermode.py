@@ -27,6 +27,7 @@ from pvtool.diagnostics import CompileError
 from pvtool.tools.diffview import diff_images
 from pvtool.types import TRAP_FRAME_FIELDS
 from pvtool.x86 import codegen
+from qemu import boot as qemu_boot, requires_qemu
 from unicorn_harness import GPRS, KERNEL_CS, KERNEL_DS, RETURN, STACK_TOP, Machine
 
 KMAIN = "fn kmain() -> u64 { return 0; }\n"
@@ -508,3 +509,23 @@ def test_diff_pairs_native_and_pv_sites_of_the_new_operations(images):
                 ("start", "write_cr3"), ("bp", "iret"), ("gp", "iret"), ("sys", "iret")]:
         assert pairs[key].native is not None and pairs[key].pv is not None, key
     assert pairs["start", "write_cr3"].pv.becomes == "raises #GP in user mode"
+
+
+# -- a kernel that enters user mode, booted on QEMU ------------------------------------------------
+
+USER_KERNEL = Path(__file__).with_name("usermode_kernel.pvk")
+
+
+@requires_qemu
+@pytest.mark.qemu
+def test_native_kernel_enters_user_mode_on_qemu():
+    """GDT with user segments and a TSS, #GP gate, syscall MSRs; iretq to a user fn that
+    prints through system calls, gets a result back, then faults on `cli`."""
+    console, status = qemu_boot(driver.compile_file(str(USER_KERNEL), "native"), timeout=60)
+    assert (console, status) == ("to user mode\nhello\ny\n#GP from user mode\n", 3)
+
+
+def test_the_user_mode_kernel_obeys_the_code_rules_in_pv():
+    image = driver.compile_file(str(USER_KERNEL), "pv")
+    assert bundle_rules.image_findings(image) == []
+    assert validate.violations(elfread.load(image)) == []
