@@ -18,6 +18,7 @@ Interrupts are never delivered; `swtch` and hypercalls are not modelled.
 """
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -109,6 +110,11 @@ _BINOPS = {
 _CMPS = {"eq": "==", "ne": "!=", "ult": "<", "ule": "<=", "ugt": ">", "uge": ">=",
          "slt": "<", "sle": "<=", "sgt": ">", "sge": ">="}
 _PACK = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
+
+
+def _python_name(symbol: str) -> str:
+    """The Python function for an IR function: symbols may hold '.', ':' and '#' (h.body, con::f)."""
+    return "f_" + re.sub(r"\W", lambda m: f"_{ord(m.group()):x}_", symbol)
 
 
 class Machine:
@@ -257,7 +263,7 @@ class Machine:
     # -- execution ------------------------------------------------------------------------------
 
     def call(self, name: str, *args: int) -> int | None:
-        return self.namespace["f_" + name](*args)
+        return self.namespace[_python_name(name)](*args)
 
     def call_address(self, target: int, *args: int) -> int | None:
         name = self.by_address.get(target)
@@ -455,7 +461,7 @@ class _Translator:
     def source(self) -> str:
         f = self.f
         params = ", ".join(self.op(p) for p in f.params)
-        lines = [f"def f_{f.name}({params}):",
+        lines = [f"def {_python_name(f.name)}({params}):",
                  f"    sp = SP[0] - {self.frame}",
                  f"    if sp < {STACK_LIMIT}: raise Fault('stack overflow in {f.name}')",
                  "    SP[0] = sp"]
@@ -534,7 +540,7 @@ class _Translator:
             if len(args) > 6 and not isinstance(i, ir.MachineOp):
                 raise Fault("more than six call arguments")
             if isinstance(i, ir.Call):
-                call = f"f_{i.func}({', '.join(args)})"
+                call = f"{_python_name(i.func)}({', '.join(args)})"
             elif isinstance(i, ir.CallIndirect):
                 call = f"m.call_address({', '.join([o(i.target)] + args)})"
             else:

@@ -529,3 +529,16 @@ def test_the_user_mode_kernel_obeys_the_code_rules_in_pv():
     image = driver.compile_file(str(USER_KERNEL), "pv")
     assert bundle_rules.image_findings(image) == []
     assert validate.violations(elfread.load(image)) == []
+
+
+def test_pv_ir_behaves_like_native_ir_with_modules_and_kernel_stacks(tmp_path):
+    """The interpreter's models (tests/ir_interp.py, tests/test_paravirt.py): set_kernel_stack
+    natively and its stack_switch hypercall leave the same log, around a batched port write."""
+    from test_paravirt import NativeMachine, PVMachine, run
+    source = ('import "lib/console.pvk" as con;\nvar tss: [u8; 104];\nprivate var idt: u64 = 7;\n'
+              "fn kmain() -> u64 {\n    set_kernel_stack(&tss[0], 0x9000); outb(0x3f8, 65);\n"
+              "    set_kernel_stack(&tss[0], 0xa000);\n    return con::put(idt);\n}\n")
+    native, native_result = run(compile_module(tmp_path, source, "native", LIB), NativeMachine)
+    pv, pv_result = run(compile_module(tmp_path, source, "pv", LIB), PVMachine)
+    assert native_result == pv_result == 12
+    assert native.log == pv.log == [("kernel stack", 0x9000), ("out", 0x3F8, 65), ("kernel stack", 0xA000)]
