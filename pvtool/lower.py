@@ -88,13 +88,13 @@ class _Module:
     def global_data(self, item: ast.Global) -> ir.Data:
         t = item.sym.type
         name, size, align = item.sym.link_name, size_of(t), max(align_of(t), item.alignment)
-        if item.value is None:
-            return ir.Data(name, "user" if item.user else "bss", size, align, bytes(size) if item.user else b"",
-                           loc=item.loc)
+        if item.value is None and not item.user:
+            return ir.Data(name, "bss", size, align, loc=item.loc)
         buf = bytearray(size)
         relocs: list[ir.DataReloc] = []
-        self.serialize(item.value, t, buf, 0, relocs, item.loc)
-        if item.user:
+        if item.value is not None:
+            self.serialize(item.value, t, buf, 0, relocs, item.loc)
+        if item.user:              # .user.data holds its zeros too: one section, one segment
             return ir.Data(name, "user", size, align, bytes(buf), relocs, loc=item.loc)
         if not relocs and not any(buf):
             return ir.Data(name, "bss", size, align, loc=item.loc)

@@ -24,10 +24,12 @@ from codegen_support import disasm
 from pvimage import abi, elfread, validate
 from pvtool import driver, ir, lower, paravirt, parse, typecheck
 from pvtool.diagnostics import CompileError
+from pvtool.intrinsics import INTRINSICS
 from pvtool.tools.diffview import diff_images
 from pvtool.types import TRAP_FRAME_FIELDS
 from pvtool.x86 import codegen
 from qemu import boot as qemu_boot, requires_qemu
+from test_lower import INTRINSIC_CALLS
 from unicorn_harness import GPRS, KERNEL_CS, KERNEL_DS, RETURN, STACK_TOP, Machine
 
 KMAIN = "fn kmain() -> u64 { return 0; }\n"
@@ -372,23 +374,11 @@ def test_handler_bodies_return_through_the_iret_hypercall_in_pv(tmp_path):
                        "sys": ("syscall", abi.HC_IRET)}
 
 
-SENSITIVE_CALLS = {
-    "cli": "cli()", "sti": "sti()", "hlt": "hlt()", "save_flags": "x = save_flags()",
-    "restore_flags": "restore_flags(x)", "outb": "outb(1, 2)", "outw": "outw(1, 2)", "outl": "outl(1, 2)",
-    "inb": "x = inb(1) as u64", "inw": "x = inw(1) as u64", "inl": "x = inl(1) as u64",
-    "read_cr0": "x = read_cr0()", "read_cr2": "x = read_cr2()", "read_cr3": "x = read_cr3()",
-    "read_cr4": "x = read_cr4()", "write_cr0": "write_cr0(x)", "write_cr3": "write_cr3(x)",
-    "write_cr4": "write_cr4(x)", "invlpg": "invlpg(x)", "set_pte": "set_pte(&x, 3)",
-    "lgdt": "lgdt(&b[0])", "lidt": "lidt(&b[0])", "sgdt": "sgdt(&b[0])", "sidt": "sidt(&b[0])",
-    "rdmsr": "x = rdmsr(0xc0000080)", "wrmsr": "wrmsr(0xc0000080, x)", "cpuid": "cpuid(0, &r[0])",
-    "rdtsc": "x = rdtsc()", "wbinvd": "wbinvd()", "set_kernel_stack": "set_kernel_stack(&b[0], x)",
-    "load_tr": "load_tr(0x28)", "enter_user": "enter_user(&f)",
-}
+# One call of each sensitive intrinsic (the locals x, b, r, f are declared around them).
+SENSITIVE_CALLS = {op: call for op, call in INTRINSIC_CALLS.items() if INTRINSICS[op].sensitive}
 
 
 def test_every_sensitive_operation_of_user_code_raises_gp_without_leaving_the_guest(tmp_path):
-    from pvtool.intrinsics import INTRINSICS
-    assert set(SENSITIVE_CALLS) == {i.name for i in INTRINSICS.values() if i.sensitive}
     body = "\n".join(f"    {c};" for c in SENSITIVE_CALLS.values())
     source = KMAIN + f"user fn u() -> u64 {{\n    var x: u64; var b: [u8; 10]; var r: [u32; 4]; var f: TrapFrame;\n{body}\n    return x;\n}}"
     u = next(f for f in compile_module(tmp_path, source, "pv").functions if f.name == "u")
