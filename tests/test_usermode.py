@@ -532,3 +532,16 @@ def test_pv_ir_behaves_like_native_ir_with_modules_and_kernel_stacks(tmp_path):
     pv, pv_result = run(compile_module(tmp_path, source, "pv", LIB), PVMachine)
     assert native_result == pv_result == 12
     assert native.log == pv.log == [("kernel stack", 0x9000), ("out", 0x3F8, 65), ("kernel stack", 0xA000)]
+
+
+@pytest.mark.parametrize("mode", ["bare", "trap", "pv"])
+def test_the_runtime_loads_images_with_user_sections(tmp_path, mode):
+    """What works on the runtime today: the user segments load and their bounds are one page each
+    (entering user mode on the runtime is the runtime's part of issue #11)."""
+    from runtime import hypervisor
+    main = write_program(tmp_path, {"k.pvk": "user var counter: u64 = 3;\n"
+                                             "user fn start() -> u64 { counter += 1; return syscall(1, counter, 0, 0); }\n"
+                                             "fn kmain() -> u64 { return (USER_TEXT_END - USER_TEXT_START) / 4096 * 10\n"
+                                             "    + (USER_DATA_END - USER_DATA_START) / 4096; }\n"})
+    result = hypervisor.run(driver.compile_file(str(main), "native" if mode != "pv" else "pv"), mode, timeout=60)
+    assert (result.reason, result.status) == ("shutdown", 11), result.message
