@@ -711,7 +711,7 @@ class _Parser:
             case "true" | "false" as word:
                 return ast.BoolLit(self.loc(at), word == "true")
             case "syscall":
-                return ast.Name(self.loc(at), "syscall")      # the intrinsic; a keyword only before `fn`
+                return ast.Name(self.loc(at), "syscall")      # in an expression the keyword names the intrinsic
             case "null":
                 return ast.Null(self.loc(at))
             case "sizeof" | "offsetof":
