@@ -455,11 +455,12 @@ class _Checker:
             raise error(fn.loc, f"{what} needs a parameter frame: *TrapFrame")
 
     def check_kmain(self) -> None:
-        sym = self.names.shared.get("kmain")
+        main = self.program.files[0] if self.program.files else "<input>"
+        sym = self.names.shared.get("kmain") or self.names.own.get(main, {}).get("kmain")
         if sym is None:
-            main = self.program.files[0] if self.program.files else "<input>"
             raise error(Loc(main, 1, 1), "the program has no 'fn kmain() -> u64'")
-        if not isinstance(sym, ast.FnSym) or sym.item.handler or sym.item.user or sym.type != FnType((), U64):
+        if not isinstance(sym, ast.FnSym) or sym.item.handler or sym.item.user or sym.item.private \
+                or sym.type != FnType((), U64):
             raise error(sym.item.loc, "'kmain' must be declared 'fn kmain() -> u64'")
 
     def function(self, fn: ast.Fn) -> None:

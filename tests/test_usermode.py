@@ -90,9 +90,10 @@ def test_rule_errors(tmp_path, source, expected):
     assert error_of(tmp_path, KMAIN + source) == expected
 
 
-def test_kmain_cannot_be_a_user_fn(tmp_path):
-    assert error_of(tmp_path, "user fn kmain() -> u64 { return 0; }") == \
-        "k.pvk:1:1: 'kmain' must be declared 'fn kmain() -> u64'"
+@pytest.mark.parametrize("kind", ["user fn", "private fn"])
+def test_kmain_cannot_be_a_user_or_private_fn(tmp_path, kind):
+    assert error_of(tmp_path, f"{kind} kmain() -> u64 {{ return 0; }}").endswith(
+        ": 'kmain' must be declared 'fn kmain() -> u64'")
 
 
 def test_sizeof_offsetof_and_null_are_constants_of_their_context(tmp_path):
