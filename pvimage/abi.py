@@ -182,6 +182,7 @@ SITE_OPS: dict[int, str] = {
     18: "invlpg", 19: "set_pte", 20: "lgdt", 21: "lidt", 22: "sgdt", 23: "sidt",
     24: "rdmsr", 25: "wrmsr", 26: "cpuid", 27: "rdtsc", 28: "wbinvd",
     29: "pause", 30: "swtch", 31: "iret",
+    32: "syscall", 33: "set_kernel_stack", 34: "load_tr", 35: "enter_user",
 }
 OP_NUMBERS: dict[str, int] = {name: n for n, name in SITE_OPS.items()}
 

@@ -54,6 +54,7 @@ class FunctionCode:
     sites: list[SiteRow] = field(default_factory=list)
     loc: Loc | None = None
     align: int = 16
+    user: bool = False     # user code: placed in .user.text
 
 
 @dataclass
