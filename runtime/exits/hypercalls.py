@@ -96,10 +96,15 @@ def _picker(indices: list[int]) -> Callable[[tuple[int, ...]], tuple[int, ...]]:
 def on_syscall(vm: Vm) -> None:
     """The syscall hook in pv mode: a hypercall exit (or, from user mode, a system call to bounce)."""
     regs = vm.cpu.regs
-    if regs.hflags & HF_CPL_MASK == 3:
-        return user_syscall(vm)
     block = regs.block()
-    if not vm.mode.in_hypercall_page(block[RIP_INDEX]):
+    in_page = vm.mode.in_hypercall_page(block[RIP_INDEX])
+    if regs.hflags & HF_CPL_MASK == 3:
+        if in_page:                       # user code that reached the stubs: no hypercalls from ring 3
+            vm.run.count("hypercall from user mode", block[RIP_INDEX])
+            regs["rax"] = -abi.EPERM
+            return None
+        return user_syscall(vm)
+    if not in_page:
         raise GuestFault("syscall outside the hypercall page")
     nr = block[0]
     call = HYPERCALLS.get(nr)
@@ -312,9 +317,22 @@ def event_check(vm: Vm) -> int:
     return 0
 
 
+_IRET_SAVED = struct.Struct(f"<{len(abi.IRET_SAVED)}Q")
+
+
 @hypercall(abi.HC_IRET)
 def iret(vm: Vm) -> None:
-    """Pop the frame at rsp; the mask follows the saved IF.  Anything still pending follows at once."""
+    """Pop what the iret entry saved (rax, r11, rcx: its own instructions overwrite them), then
+    the frame; the mask follows the saved IF.  Anything still pending follows at once."""
+    regs = vm.cpu.regs
+    rsp = regs["rsp"]
+    try:
+        saved = _IRET_SAVED.unpack(vm.mmu.read_virt(rsp, _IRET_SAVED.size))
+    except Refused as e:
+        raise GuestFault(f"iret: the saved registers at {rsp:#x} cannot be read: {e.why}") from None
+    for name, value in zip(abi.IRET_SAVED, saved):
+        regs[name] = value
+    regs["rsp"] = rsp + _IRET_SAVED.size
     delivery.iret(vm)
     return None
 
