@@ -1,10 +1,11 @@
 """`pvtool bench`: bare vs trap-and-emulate vs paravirtualized, on the bundled hypervisor.
 
 Each kernel is built both ways in memory, then run in every mode, repeats
-interleaved; the table (or `--json`) goes to stdout.  The logic lives in
-pvtool/tools/bench.py (measuring) and costmodel.py (the modelled exit
-costs); this module is the command line around them.  A cost file that
-cannot be used is refused before anything runs.
+interleaved; the table (or `--json`) goes to stdout, a picture to `--plot`.
+The logic lives in pvtool/tools/bench.py (measuring), costmodel.py (the
+modelled exit costs) and benchplot.py (the picture); this module is the
+command line around them.  Everything the options can get wrong (a cost
+file, a plot's suffix, matplotlib missing) is refused before anything runs.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from runtime.errors import ImageError
 
 from ..errors import USER_ERRORS
-from ..tools import bench, costmodel
+from ..tools import bench, benchplot, costmodel
 
 EPILOG = """\
 what is measured (per kernel and mode, medians of the repeats):
@@ -39,9 +40,11 @@ examples:
   pvtool bench                                    # churn, critical, sieve, tasks; 5 repeats
   pvtool bench kernels/churn.pvk --repeat 9 --cost-model merom
   pvtool bench kernels/critical.pvk --modes trap,pv --json
+  pvtool bench kernels/churn.pvk --plot churn.svg # needs: pip install 'pvtool[plot]'
 
-exit status: 0 success; 1 compile error, failed or mismatched run;
-2 bad usage, a kernel or cost file that cannot be used."""
+exit status: 0 success; 1 compile error, failed or mismatched run, plot not
+written; 2 bad usage, a kernel or cost file that cannot be used, or --plot
+without matplotlib."""
 
 
 def register(sub) -> None:
@@ -68,6 +71,9 @@ def register(sub) -> None:
                         "bench/costs.toml has nehalem, penryn, merom)")
     p.add_argument("--cost-file", type=Path, metavar="F",
                    help="read the cost models from F (TOML, or JSON by suffix) instead of bench/costs.toml")
+    p.add_argument("--plot", type=_plot_path, metavar="FILE",
+                   help="also draw exits by reason and time per kernel and mode into FILE (.svg or .png; "
+                        "needs matplotlib: pip install 'pvtool[plot]')")
     p.set_defaults(func=run)
 
 
@@ -98,6 +104,13 @@ def _modes(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"{e} (choose from bare, trap, pv)") from None
 
 
+def _plot_path(text: str) -> Path:
+    path = Path(text)
+    if path.suffix.lower() not in benchplot.SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{text}: the picture's name must end in .svg or .png")
+    return path
+
+
 class _Unusable(Exception):
     """Options or inputs refused before anything runs; str() is the one-line message."""
 
@@ -122,6 +135,8 @@ def _cost_model(args: argparse.Namespace) -> costmodel.Model:
 def run(args: argparse.Namespace) -> int:
     try:
         paths = _kernel_paths(args.kernels)
+        if args.plot and not benchplot.available():
+            raise _Unusable(f"--plot needs matplotlib, which is not installed: {benchplot.INSTALL_HINT}")
         model = _cost_model(args)
     except _Unusable as e:
         print(f"pvtool bench: {e}", file=sys.stderr)
@@ -143,4 +158,13 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
     else:
         print(bench.table(rows, model))
+    return _plot(rows, args.plot) if args.plot else 0
+
+
+def _plot(rows: list[bench.Row], path: Path) -> int:
+    try:
+        benchplot.plot(rows, path)
+    except OSError as e:
+        print(f"pvtool bench: cannot write {path}: {e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
