@@ -29,7 +29,8 @@ BASES = [ROOT] + [ROOT / top for top in TOP]
 
 
 def documents() -> dict[str, str]:
-    docs = {str(p.relative_to(ROOT)): p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    docs = {str(p.relative_to(ROOT)): p.read_text() for p in files}
     parser = cli.build_parser()
     docs["pvtool --help"] = parser.format_help()
     for action in parser._subparsers._group_actions:

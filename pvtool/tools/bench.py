@@ -61,16 +61,20 @@ class PhaseRow:
     def unit(self) -> str:
         return "op" if self.operations else "run"
 
-    def as_dict(self) -> dict:
+    def per_op(self) -> dict:
+        """The figures per operation (per run if the kernel declared no operations)."""
         n = self.per
-        doc = asdict(self)
-        doc["host_seconds"] = round(self.host_seconds, 6)
-        doc["per"] = self.unit
-        doc["exits_per_op"] = round(self.exits / n, 4)
-        doc["exits_by_reason_per_op"] = {why: round(k / n, 4) for why, k in self.exits_by_reason.items()}
-        doc["virtual_ns_per_op"] = round(self.virtual_ns / n, 1)
-        doc["host_us_per_op"] = round(self.host_seconds / n * 1e6, 3)
-        doc["modelled_ns_per_op"] = None if self.modelled_ns is None else round(self.modelled_ns / n, 1)
+        return {"exits_per_op": self.exits / n,
+                "exits_by_reason_per_op": {why: k / n for why, k in self.exits_by_reason.items()},
+                "virtual_ns_per_op": self.virtual_ns / n,
+                "host_us_per_op": self.host_seconds / n * 1e6,
+                "modelled_ns_per_op": _divided(self.modelled_ns, n)}
+
+    def as_dict(self) -> dict:
+        doc = asdict(self) | {"host_seconds": round(self.host_seconds, 6), "per": self.unit}
+        for key, value in self.per_op().items():
+            doc[key] = ({why: round(k, 4) for why, k in value.items()} if isinstance(value, dict)
+                        else None if value is None else round(value, 4))
         return doc
 
 
@@ -108,6 +112,10 @@ class Row:
         doc["phases"] = [p.as_dict() for p in self.phases]
         doc["samples"] = [round(s, 6) for s in self.samples]
         return doc
+
+
+def _divided(value: float | None, n: float) -> float | None:
+    return None if value is None else value / n
 
 
 def median(values: list[float]) -> float:
@@ -278,7 +286,7 @@ def table(rows: list[Row], model: Model | None = None) -> str:
         body.append(("" if same else r.kernel, r.mode, f"{r.run_seconds:.3f}", f"{r.guest_seconds:.3f}",
                      f"{r.hypervisor_seconds:.3f}", f"{r.load_seconds:.3f}", _fmt(r.ratio_to_bare),
                      str(r.exits), _fmt(r.exits_vs_trap, ".3f"), _fmt(r.time_vs_trap, ".3f"))
-                    + ((_fmt(r.modelled_ns and r.modelled_ns / 1e6, ".3f", ""),) if model else ()))
+                    + ((_fmt(_divided(r.modelled_ns, 1e6), ".3f", ""),) if model else ()))
     lines = _columns(header, body, {0, 1})
     lines += ["", "run s = guest s + hyp s (+ the run loop); load s apart; vs bare and pv/trap time compare run s."]
     if model:
@@ -299,11 +307,11 @@ def phase_table(rows: list[Row], model: Model | None) -> list[str]:
         (("modelled ns",) if model else ()) + ("exits by reason",)
     body = []
     for r, p in _by_phase(rows):
-        n = p.per
-        reasons = ", ".join(f"{why} {k / n:.3g}" for why, k in p.exits_by_reason.items()) or "none"
-        body.append((r.kernel, str(p.phase), r.mode, p.unit, str(n), f"{p.exits / n:.3f}",
-                     f"{p.virtual_ns / n:.1f}", f"{p.host_seconds / n * 1e6:.3f}")
-                    + ((_fmt(p.modelled_ns and p.modelled_ns / n, ".1f", ""),) if model else ()) + (reasons,))
+        op = p.per_op()
+        reasons = ", ".join(f"{why} {k:.3g}" for why, k in op["exits_by_reason_per_op"].items()) or "none"
+        body.append((r.kernel, str(p.phase), r.mode, p.unit, str(p.per), f"{op['exits_per_op']:.3f}",
+                     f"{op['virtual_ns_per_op']:.1f}", f"{op['host_us_per_op']:.3f}")
+                    + ((_fmt(op["modelled_ns_per_op"], ".1f", ""),) if model else ()) + (reasons,))
     lines = _columns(header, body, {0, 2, 3, len(header) - 1})
     return ["per operation, by marked phase (port 0x80; count = operations, or runs if none declared):"] + lines
 

@@ -76,7 +76,7 @@ class Model:
                     batched: Mapping[str, int] | None = None) -> float:
         """The modelled cost of these exits (and multicall entries) in `mode`, in nanoseconds."""
         total = sum(n * self.ns(kind_of(mode, reason)) for reason, n in exits_by_reason.items())
-        if batched and mode != "bare":
+        if batched:
             total += sum(batched.values()) * self.ns(BATCHED)
         return total
 
