@@ -83,7 +83,8 @@ def create(image: Image, mode: str | None, ram: int, *, cmdline: str = "",
     pics = PicPair()
     stats = Stats(chosen.name, profile=profile)
     vm = Vm(image=image, mode=chosen, engine=engine, mem=mem,
-            mmu=Mmu(uc, mem, set_cr3=cpu.load_cr3, check_time=deadline.check),
+            mmu=Mmu(uc, mem, set_cr3=cpu.load_cr3, check_time=deadline.check,
+                    identity_frames=_text_frames(image) if chosen.name == "pv" else None),
             cpu=cpu, clock=clock, pics=pics, bus=IoBus(), cpuid=Cpuid(), msrs=MsrFile(uc, clock),
             oneshot=clock.add(Timer("set_timer", TIMER_IRQ, lambda deadline: pics.raise_irq(TIMER_IRQ))),
             console=Console(console), stats=stats, patches=Patches(mem), trace=trace)
@@ -150,6 +151,12 @@ def _start_info(vm: Vm, cmdline: str) -> bytes:
                        vm.image.hypercall_page or 0, abi.BOOT_PML4, abi.BOOT_STACK_TOP,
                        1 if vm.mode.name == "pv" else 0)
     return head.ljust(abi.SI_CMDLINE, b"\0") + text + b"\0"
+
+
+def _text_frames(image: Image) -> list[tuple[int, int]]:
+    """The guest-physical pages of the image's executable segments (rule R9: mapped only where they are)."""
+    page = abi.PAGE_SIZE
+    return [(s.address & ~(page - 1), (s.end + page - 1) & ~(page - 1)) for s in image.segments if s.perm & X]
 
 
 def _check_segments(image: Image, mode: Mode) -> None:

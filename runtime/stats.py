@@ -31,6 +31,7 @@ class Stats:
     mode: str
     exits: Counter = field(default_factory=Counter)
     batched: Counter = field(default_factory=Counter)
+    events: Counter = field(default_factory=Counter)   # what the runtime did as the CPU, with no exit
     total_exits: int = 0
     wall_seconds: float = 0.0
     run_seconds: float = 0.0
@@ -64,6 +65,7 @@ class Stats:
             "exits": self.total_exits,
             "exits_by_reason": dict(self.exits.most_common()),
             "multicall_entries": dict(self.batched.most_common()),
+            "cpu_events": dict(self.events.most_common()),
             "guest_seconds": round(self.guest_seconds, 6),
             "hypervisor_seconds": round(self.hypervisor_seconds, 6),
             "wall_seconds": round(self.wall_seconds, 6),
@@ -80,7 +82,7 @@ class Stats:
         lines = [f"mode {self.mode}: {self.total_exits} exits; guest {self.guest_seconds:.3f} s, "
                  f"hypervisor {self.hypervisor_seconds:.3f} s, load {self.load_seconds:.3f} s, "
                  f"wall {self.wall_seconds:.3f} s"]
-        width = max((len(r) for r in list(self.exits) + list(self.batched)), default=0)
+        width = max((len(r) for r in list(self.exits) + list(self.batched) + list(self.events)), default=0)
         lines += [f"  {reason.ljust(width)}  {n:>9}" for reason, n in self.exits.most_common()]
         if self.idle_skips or self.deferred or self.slices:
             lines.append(f"  idle skips {self.idle_skips} ({self.idle_ns / 1e6:.3f} ms virtual), "
@@ -88,4 +90,7 @@ class Stats:
         if self.batched:
             lines.append("  batched in multicalls (no exit of their own):")
             lines += [f"  {name.ljust(width)}  {n:>9}" for name, n in self.batched.most_common()]
+        if self.events:
+            lines.append("  done by the CPU, no exit:")
+            lines += [f"  {name.ljust(width)}  {n:>9}" for name, n in self.events.most_common()]
         return "\n".join(lines)

@@ -38,8 +38,10 @@ from pvimage import abi
 from .. import delivery
 from ..cpu import DESCRIPTOR
 from ..devices.bus import SIZES
-from ..devices.msr import canonical
+from ..cpu import RFLAGS_IF, SYSCALL_SIZE
+from ..devices.msr import LSTAR, canonical
 from ..engine import GPR_INDEX, RIP_INDEX
+from ..memory import PAGE
 from ..errors import GuestFault, Refused, Shutdown
 
 if TYPE_CHECKING:
@@ -82,10 +84,12 @@ def hypercall(nr: int):
 # -- dispatch ----------------------------------------------------------------------------
 
 def on_syscall(vm: Vm) -> None:
-    """The syscall hook in pv mode: one hypercall exit."""
+    """The syscall hook in pv mode: a hypercall exit (or, from user mode, a system call to bounce)."""
     regs = vm.cpu.regs
     block = regs.block()
     rip = block[RIP_INDEX]
+    if vm.cpu.cpl == 3:
+        return user_syscall(vm)
     if not vm.mode.in_hypercall_page(rip):
         raise GuestFault("syscall outside the hypercall page")
     nr = block[0]
@@ -106,6 +110,32 @@ def on_syscall(vm: Vm) -> None:
     if result is not None:                # None: the hypercall does not return (iret)
         regs["rax"] = result
     vm.mem.write_u64(SH_TIME, vm.clock.ticks)
+
+
+def user_syscall(vm: Vm) -> None:
+    """A user process's `syscall`: bounce it to the kernel's registered entry (Xen's syscall callback).
+
+    As the CPU would: RCX = the next RIP, R11 = RFLAGS; then, as a Xen guest
+    expects, on the kernel stack from `stack_switch` an interrupt frame back
+    to the user (rip, cs, rflags, rsp, ss), events masked, ring 0."""
+    vm.run.count("system call", vm.cpu.rip)
+    cpu, mode = vm.cpu, vm.mode
+    entry = mode.syscall_entry(vm)
+    rip = cpu.rip + SYSCALL_SIZE
+    rflags = cpu.rflags()
+    if mode.interrupts_enabled(vm):
+        rflags |= RFLAGS_IF
+    frame = delivery.Frame(rip, abi.USER_CS, rflags, cpu.regs["rsp"], abi.USER_DS)
+    try:
+        rsp = delivery.push_frame(vm.mmu, frame, mode.kernel_stack(vm))
+    except GuestFault as e:
+        raise GuestFault(f"system call: {e.what}") from None
+    cpu.regs["rcx"] = rip
+    cpu.regs["r11"] = rflags
+    cpu.regs["rsp"] = rsp
+    cpu.enter_ring(0)
+    mode.set_virtual_if(vm, False)
+    cpu.jump(entry)
 
 
 def caller(vm: Vm) -> int | None:
@@ -287,35 +317,77 @@ def set_timer(vm: Vm, deadline: int) -> int:
     return 0
 
 
+@hypercall(abi.HC_STACK_SWITCH)
+def stack_switch(vm: Vm, sp: int) -> int:
+    """The kernel stack for the next entry from user mode (Xen's stack_switch)."""
+    if not canonical(sp):
+        raise Refused(abi.EINVAL, f"stack pointer {sp:#x} is not canonical")
+    vm.mode.kernel_sp = sp
+    return 0
+
+
+@hypercall(abi.HC_SET_SYSCALL_ENTRY)
+def set_syscall_entry(vm: Vm, address: int) -> int:
+    """Where a user `syscall` enters the kernel (Xen's syscall callback): LSTAR, as the wrmsr hypercall sets it."""
+    vm.cpu.regs.store()
+    vm.msrs.write(LSTAR, address)
+    return 0
+
+
 # -- the multicall queue -----------------------------------------------------------------------
 
 def run_queue(vm: Vm) -> int:
-    """Run and empty the shared-page queue; returns how many entries ran."""
+    """Run and empty the shared-page queue; returns how many entries ran.
+
+    A run of set_pte entries into one page-table page is validated and
+    written in one piece (Mmu.set_leaves): most of a busy kernel's queue.
+    Anything else, or a run with an entry to refuse, goes entry by entry."""
     count = int.from_bytes(vm.mem.read(abi.SHARED_PAGE + abi.SH_MC_COUNT, 4), "little")
     if count > abi.MC_MAX:
         raise Refused(abi.EINVAL, f"multicall queue holds {count} entries (at most {abi.MC_MAX})")
     at = abi.SHARED_PAGE + abi.SH_MC_ENTRIES
     queue = bytearray(vm.mem.read(at, count * _MC_ENTRY.size))
+    entries = list(_MC_ENTRY.iter_unpack(queue))
     batched = vm.stats.batched
     with vm.mmu.batch():
-        for k, (nr, a0, a1, a2, queued_at) in enumerate(_MC_ENTRY.iter_unpack(bytes(queue))):
-            try:
-                if nr not in abi.BATCHABLE:
-                    raise Refused(abi.EINVAL, f"hypercall {abi.HYPERCALL_NAMES.get(nr, nr)} cannot be batched")
-                call = HYPERCALLS[nr]
-                result = call.fn(vm, *(a0, a1, a2)[:call.arity])
-                batched[call.name] += 1
-            except Refused as e:
-                _U64.pack_into(queue, k * _MC_ENTRY.size + _RESULT_AT, -e.errno & MASK64)
-                if not vm.run.lenient_batches:
-                    vm.mem.write(at, bytes(queue))
-                    _empty_queue(vm)
-                    raise GuestFault(_refusal(vm, k, nr, queued_at, e), _queued_at(vm, queued_at)) from None
-                continue
-            _U64.pack_into(queue, k * _MC_ENTRY.size + _RESULT_AT, result & MASK64)
+        k = 0
+        while k < count:
+            nr = entries[k][0]
+            if nr == abi.HC_SET_PTE:
+                page = entries[k][1] & ~(PAGE - 1)
+                end = k + 1
+                while end < count and entries[end][0] == abi.HC_SET_PTE and entries[end][1] & ~(PAGE - 1) == page:
+                    end += 1
+                if vm.mmu.set_leaves(page, [(e[1] - page, e[2]) for e in entries[k:end]]):
+                    for j in range(k, end):
+                        _U64.pack_into(queue, j * _MC_ENTRY.size + _RESULT_AT, 0)
+                    batched["set_pte"] += end - k
+                    k = end
+                    continue
+            _run_entry(vm, queue, k, entries[k])
+            k += 1
     vm.mem.write(at, bytes(queue))
     _empty_queue(vm)
     return count
+
+
+def _run_entry(vm: Vm, queue: bytearray, k: int, entry: tuple[int, ...]) -> None:
+    """One multicall entry: its result in the queue, or the guest stopped for a refusal."""
+    nr, a0, a1, a2, queued_at = entry
+    try:
+        if nr not in abi.BATCHABLE:
+            raise Refused(abi.EINVAL, f"hypercall {abi.HYPERCALL_NAMES.get(nr, nr)} cannot be batched")
+        call = HYPERCALLS[nr]
+        result = call.fn(vm, *(a0, a1, a2)[:call.arity])
+        vm.stats.batched[call.name] += 1
+    except Refused as e:
+        _U64.pack_into(queue, k * _MC_ENTRY.size + _RESULT_AT, -e.errno & MASK64)
+        if not vm.run.lenient_batches:
+            vm.mem.write(abi.SHARED_PAGE + abi.SH_MC_ENTRIES, bytes(queue))
+            _empty_queue(vm)
+            raise GuestFault(_refusal(vm, k, nr, queued_at, e), _queued_at(vm, queued_at)) from None
+        return
+    _U64.pack_into(queue, k * _MC_ENTRY.size + _RESULT_AT, result & MASK64)
 
 
 def _empty_queue(vm: Vm) -> None:
