@@ -65,17 +65,22 @@ def test_estimates_follow_the_stated_reductions():
     ("trap", "page-table write", "page-table write"), ("pv", "table page released", "page-table write"),
     ("trap", "write beside a page table", "page-table write"),
     ("bare", "port I/O out", "native"), ("bare", "interrupt 32", "native"), ("bare", "cpuid", "native"),
-    ("trap", "something new", "exit"),
+    ("hvm", "I/O instruction", "trapped instruction"), ("hvm", "HLT", "trapped instruction"),
+    ("hvm", "external interrupt 32", "interrupt"), ("hvm", "interrupt window", "interrupt window"),
+    ("hvm-shadow", "CR3 load", "trapped instruction"), ("hvm-shadow", "INVLPG", "trapped instruction"),
+    ("hvm-shadow", "page-table write (shadow)", "page-table write"), ("hvm-shadow", "exception 14", "exception"),
+    ("trap", "system call", "system call"), ("pv", "exception 13", "exception"),
+    ("trap", "something new", "exit"), ("pv", "CPUID", "exit"),
 ])
 def test_reason_kinds(mode, reason, kind):
     assert costmodel.kind_of(mode, reason) == kind
 
 
-@pytest.mark.parametrize("kernel", ["mm", "tasks", "churn"])
+@pytest.mark.parametrize("kernel", ["mm", "tasks", "churn", "machine"])
 def test_every_reason_a_kernel_exits_for_has_a_kind(kernel):
     source = str(ROOT / "kernels" / f"{kernel}.pvk")
-    for mode in ("trap", "pv"):
-        result = run(driver.compile_file(source, "pv" if mode == "pv" else "native"), mode, timeout=60)
+    for mode in ("trap", "pv", "hvm", "hvm-shadow"):
+        result = run(driver.compile_file(source, bench.TARGET_OF[mode]), mode, timeout=60)
         assert result.reason == "shutdown", result.message
         unnamed = [why for why in result.stats.exits if costmodel.kind_of(mode, why) == "exit"]
         assert unnamed == [], f"{kernel} {mode}: add these reasons to REASON_KINDS"

@@ -85,7 +85,8 @@ def test_a_marked_kernel_through_the_command(capsys, tmp_path):
     source.write_text(MARKED)
     assert cli.main(["bench", str(source), "--repeat", "2", "--json"]) == 0
     rows = {r["mode"]: r for r in json.loads(capsys.readouterr().out)}
-    for mode, reason in (("bare", None), ("trap", "trap wbinvd"), ("pv", "hypercall wbinvd")):
+    for mode, reason in (("bare", None), ("trap", "trap wbinvd"), ("pv", "hypercall wbinvd"), ("hvm", "WBINVD"),
+                         ("hvm-shadow", "WBINVD")):
         four, = rows[mode]["phases"]
         assert (four["phase"], four["operations"], four["runs"], four["per"]) == (4, 50, 1, "op")
         assert four["exits_by_reason_per_op"] == ({} if reason is None else {reason: 1.0})

@@ -49,9 +49,10 @@ without matplotlib."""
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "bench", help="compare bare, trap-and-emulate and PV runs of kernels",
+        "bench", help="compare bare, trap-and-emulate, PV and hardware-assisted runs of kernels",
         description="Build each kernel native and PV (in memory), run it bare, under "
-                    "trap-and-emulate and paravirtualized on the bundled hypervisor, repeats "
+                    "trap-and-emulate, paravirtualized and with the exits of VT-x (hvm, and "
+                    "hvm-shadow without nested paging) on the bundled hypervisor, repeats "
                     "interleaved so machine noise hits every mode alike, and report median "
                     "run time, exits by reason and the ratios between the modes.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,7 +62,7 @@ def register(sub) -> None:
     p.add_argument("--repeat", type=_positive_int, default=5, metavar="N",
                    help="runs per kernel and mode; the median is reported (default 5)")
     p.add_argument("--modes", type=_modes, default=list(bench.MODES), metavar="M,M",
-                   help="modes to run, any of bare,trap,pv (default: all three)")
+                   help=f"modes to run, any of {','.join(bench.MODES)} (default: all)")
     p.add_argument("--timeout", type=_timeout, default=60.0, metavar="S",
                    help="a run still going after S seconds fails the benchmark (default 60; 0: never)")
     p.add_argument("--json", action="store_true",
@@ -101,7 +102,7 @@ def _modes(text: str) -> list[str]:
     try:
         return bench.parse_modes(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{e} (choose from bare, trap, pv)") from None
+        raise argparse.ArgumentTypeError(f"{e} (choose from {', '.join(bench.MODES)})") from None
 
 
 def _plot_path(text: str) -> Path:

@@ -1,4 +1,4 @@
-"""Benchmarks: the same kernel built native and PV, run bare, trap-and-emulate and PV.
+"""Benchmarks: the same kernel built native and PV, run in every mode of the runtime (runtime/modes.py).
 
 `measure()` runs every (kernel, mode) pair once per repeat, interleaved -- for
 each repeat, for each kernel, for each mode -- so machine noise lands on all
@@ -26,7 +26,7 @@ from .costmodel import Model
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_KERNELS = tuple(ROOT / "kernels" / f"{name}.pvk" for name in ("churn", "critical", "sieve", "tasks"))
-TARGET_OF = {"bare": "native", "trap": "native", "pv": "pv", "hvm": "native", "hvm-shadow": "native"}
+TARGET_OF = {name: mode.image_mode for name, mode in MODES.items()}      # the build each mode runs
 
 Runner = Callable[[bytes, str, float | None], RunResult]
 

@@ -25,19 +25,25 @@ DEFAULT_FILE = Path(__file__).resolve().parents[2] / "bench" / "costs.toml"
 # others cost an exit unless the model says otherwise, except a multicall's
 # entries and bare mode's device accesses, which are no exits (0).
 KINDS = ("exit", "hypercall", "trapped instruction", "page-table write", "interrupt", "upcall",
-         "interrupt window", "batched entry", "native")
+         "interrupt window", "exception", "system call", "batched entry", "native")
+HVM = ("hvm", "hvm-shadow")
 
-# (mode or None for any, exit reason or its prefix, kind): the first match wins.
-REASON_KINDS: tuple[tuple[str | None, str, str], ...] = (
-    ("bare", "", "native"),                    # bare is the machine itself: its exits are device models
+# (modes, or None for any; exit reason or its prefix; kind): the first match wins.
+REASON_KINDS: tuple[tuple[tuple[str, ...] | None, str, str], ...] = (
+    (("bare",), "", "native"),                 # bare is the machine itself: its exits are device models
     (None, "hypercall ", "hypercall"),         # pv: `hypercall set_pte`, `hypercall multicall`, ...
     (None, "upcall ", "upcall"),               # pv: an interrupt delivered as an event upcall
-    (None, "interrupt window", "interrupt window"),   # trap: the guest can take an interrupt again
+    (None, "interrupt window", "interrupt window"),   # trap, hvm: the guest can take an interrupt again
     (None, "interrupt ", "interrupt"),         # trap: an external interrupt, exit and injection
-    (None, "trap ", "trapped instruction"),    # trap: `trap cli`, `trap mov to cr3`, ...
-    (None, "page-table write", "page-table write"),   # trap: a store into a live table (shadow paging)
+    (HVM, "external interrupt ", "interrupt"),        # hvm: the same, by VT-x's name
+    (None, "page-table write", "page-table write"),   # trap, hvm-shadow: a store into a live table
     (None, "write beside a page table", "page-table write"),  # a store into a protected granule
     (None, "table page released", "page-table write"),        # a store into a table no longer live
+    (None, "exception ", "exception"),         # an exception the hypervisor sees first (#PF under shadow paging)
+    (None, "system call", "system call"),      # a user process's syscall: trapped (trap) or bounced (pv)
+    (None, "trap ", "trapped instruction"),    # trap: `trap cli`, `trap mov to cr3`, ...
+    (HVM, "", "trapped instruction"),          # hvm: VT-x's instruction exits (I/O instruction, CPUID, HLT,
+                                               # CR3 load, INVLPG ...)
 )
 BATCHED = "batched entry"          # a multicall entry: no exit of its own (Stats.batched)
 BASES = ("published", "estimate", "not modelled")
@@ -101,8 +107,8 @@ class CostTable:
 
 def kind_of(mode: str, reason: str) -> str:
     """The model's kind of one exit reason; `exit` for a reason the table does not name."""
-    for table_mode, prefix, kind in REASON_KINDS:
-        if (table_mode is None or table_mode == mode) and reason.startswith(prefix):
+    for modes, prefix, kind in REASON_KINDS:
+        if (modes is None or mode in modes) and reason.startswith(prefix):
             return kind
     return "exit"
 
