@@ -1,6 +1,7 @@
 """kernels/lmbench.pvk and `pvtool bench`'s per-operation report: the exits each operation makes in
 each mode, counted from the kernel's code (below) and checked against the phases the runtime
-measured; the phase names; and `--markdown`.
+measured; the phase names; `--markdown`; and that docs/bench.md and README.md hold the tables it
+prints today.
 
 Counting from the code (lib/proc.pvk, lib/vm.pvk, kernels/lmbench.pvk).  A phase is opened and
 closed by a system call, so trap and pv see one more return (`trap iretq`, `hypercall iret`) and one
@@ -63,6 +64,7 @@ OPERATIONS = {1: N_NULL, 2: SWITCHES, 3: N_FORK, 4: N_PAGES, 5: N_PAGES, 6: N_PA
 # What the hypervisor does besides the operations: a table page of an earlier process's hierarchy,
 # remembered as validated, is released when the kernel first writes it as data again.
 RELEASES = {"table page released"}
+REGENERATE = "python -m pvtool bench kernels/lmbench.pvk --repeat 1 --markdown"
 slow = pytest.mark.slow                         # the fixture runs lmbench in five modes
 
 
@@ -99,6 +101,18 @@ def test_exits_by_reason_are_the_ones_the_code_makes(rows, mode, phase):
     assert {why: got.get(why, 0) for why in want} == want
     if phase != 7:                              # 7: only its page-table traffic is counted above
         assert set(got) - set(want) <= RELEASES
+
+
+@slow
+def test_the_documents_hold_todays_tables(rows):
+    blocks = bench.markdown(rows, MODEL).rstrip("\n").split("\n\n")
+    docs = (ROOT / "docs" / "bench.md").read_text()
+    at = 0
+    for block in blocks:                     # each table and title, in order, with prose between them
+        found = docs.find(block, at)
+        assert found >= 0, f"docs/bench.md lacks, or has out of order:\n{block}\nregenerate with {REGENERATE}"
+        at = found + len(block)
+    assert blocks[0] in (ROOT / "README.md").read_text(), "README.md: regenerate with " + REGENERATE
 
 
 # -- the report, without running anything -------------------------------------------------------
