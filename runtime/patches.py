@@ -36,6 +36,11 @@ class Patch:
     reason: str                # the exit's name in the statistics, e.g. "trap cli"
     emulate: Callable          # (vm, insn) -> None; the instruction's effect
     privileged: bool = False   # faults (#GP) in user mode instead
+    msr: bool = False          # rdmsr/wrmsr: the mode's MSR bitmap may let it through without an exit
+
+    @property
+    def next(self) -> int:
+        return self.address + self.size
 
 
 class Patches:
