@@ -37,13 +37,12 @@ from typing import TYPE_CHECKING, Callable
 from pvimage import abi
 
 from .. import delivery
-from ..cpu import DESCRIPTOR
+from ..cpu import DESCRIPTOR, RFLAGS_IF, SYSCALL_SIZE
 from ..devices.bus import SIZES
-from ..cpu import RFLAGS_IF, SYSCALL_SIZE
 from ..devices.msr import LSTAR, canonical
 from ..engine import GPR_INDEX, HF_CPL_MASK, RIP_INDEX
-from ..memory import PAGE
 from ..errors import GuestFault, Refused, Shutdown
+from ..memory import PAGE
 
 if TYPE_CHECKING:
     from ..machine import Vm
