@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 from runtime.errors import ImageError
 from runtime.hypervisor import (DEFAULT_MEMORY_MIB, MAX_MEMORY_MIB, MIN_MEMORY_MIB, MODES, RunResult,
                                 run as run_guest)
+
+from . import argtypes
 
 EPILOG = """\
 modes:
@@ -46,11 +47,11 @@ def register(sub) -> None:
     p.add_argument("image", metavar="IMAGE|SRC.pvk", help="an ELF64 x86-64 image or a PVK source")
     p.add_argument("--mode", choices=MODES, help="bare, trap, pv, hvm or hvm-shadow (default: pv for PV "
                                                  "images and .pvk sources, bare for native images)")
-    p.add_argument("--timeout", type=_seconds, default=60.0, metavar="S",
+    p.add_argument("--timeout", type=argtypes.seconds, default=60.0, metavar="S",
                    help="stop a guest still running after S seconds, exit 124 (default 60; 0: never)")
     p.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MIB, metavar="MiB",
                    help=f"guest RAM in MiB (default {DEFAULT_MEMORY_MIB})")
-    p.add_argument("--max-exits", type=_count, metavar="N", help="stop the guest after N exits, exit 124")
+    p.add_argument("--max-exits", type=argtypes.whole_number(0), metavar="N", help="stop the guest after N exits, exit 124")
     p.add_argument("--cmdline", default="", help="the command line in the start-info page")
     p.add_argument("--stats", action="store_true",
                    help="print exits by reason, guest and wall time to stderr")
@@ -64,26 +65,6 @@ def register(sub) -> None:
                    help="a refused multicall entry only gets -errno in its result field, instead of "
                         "stopping the guest (which is the default)")
     p.set_defaults(func=run)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite, non-negative number of seconds, not {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return value
 
 
 def _image(args: argparse.Namespace) -> tuple[bytes | None, int]:
