@@ -24,7 +24,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Callable, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 
 from pvimage import abi
 
@@ -49,6 +49,9 @@ from .modes import MODES, Mode, choose
 from .patches import Patches
 from .run import Runner
 from .stats import Stats
+
+if TYPE_CHECKING:
+    from .debugger import Debugger
 
 DEFAULT_MEMORY_MIB = abi.DEFAULT_RAM >> 20
 MIN_MEMORY_MIB, MAX_MEMORY_MIB = 2, 4096
@@ -168,8 +171,9 @@ def finish(vm: Vm) -> RunResult:
 def run(image: bytes, mode: str | None = None, timeout: float | None = 60.0,
         memory: int = DEFAULT_MEMORY_MIB, *, max_exits: int | None = None, trace: TextIO | None = None,
         console: Callable[[bytes], None] | None = None, cmdline: str = "", profile: bool = False,
-        lenient_batches: bool = False) -> RunResult:
-    """Load and run one guest.  Raises ImageError (one line) when the image or options are refused."""
+        lenient_batches: bool = False, debugger: Debugger | None = None) -> RunResult:
+    """Load and run one guest (under `debugger`, a debugger.Debugger, if given).
+    Raises ImageError (one line) when the image or options are refused."""
     start = perf_counter()
     if not MIN_MEMORY_MIB <= memory <= MAX_MEMORY_MIB:
         raise ImageError(f"--memory {memory} MiB is outside {MIN_MEMORY_MIB}..{MAX_MEMORY_MIB}")
@@ -177,6 +181,8 @@ def run(image: bytes, mode: str | None = None, timeout: float | None = 60.0,
     vm = create(loaded, mode, memory << 20, cmdline=cmdline, console=console, trace=trace,
                 max_exits=max_exits, timeout=timeout, profile=profile, lenient_batches=lenient_batches)
     vm.stats.load_seconds = perf_counter() - start
+    if debugger is not None:
+        debugger.attach(vm)
     result = finish(vm)
     result.stats.wall_seconds = perf_counter() - start
     return result

@@ -33,12 +33,18 @@ one instruction early, running a read-modify-write of memory twice
 stop left is the one that ends a run at its timeout.  Counting costs guest
 code about four times its speed while slicing; it is off whenever no timer
 is armed.
+
+A debugger (debugger.py, when `pvtool run --gdb`) is the loop's guest:
+the loop calls its `pause_point` at every instruction boundary outside an
+exit, lets it bound every entry (`budget`: slices, or one instruction for
+a step), and asks it first about every int3.  While it holds the guest
+(`paused`), no interrupt is delivered.
 """
 from __future__ import annotations
 
 from enum import Enum
 from time import perf_counter
-from typing import Callable, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 
 from unicorn import UC_ERR_INSN_INVALID, UcError
 
@@ -48,6 +54,9 @@ from .cpu import CODE, FAULT, INSN, LOOP, SYSCALL, TRAP
 from .errors import ExitLimit, GuestFault, Refused, Shutdown, TimeUp
 from .exits import faults, hypercalls, io, pagetables, trapped
 from .machine import Deadline, Stop, Vm
+
+if TYPE_CHECKING:
+    from .debugger import Debugger
 
 END = (1 << 64) - 1                 # emu_start's `until`: never reached (non-canonical)
 
@@ -81,9 +90,12 @@ def _dispatch(vm: Vm, kind: Exit, args: tuple):
         case Exit.CPUID:
             return io.cpuid(vm)
         case Exit.EXCEPTION:
-            patch = vm.patches.lookup(vm.cpu.rip) if args[0] == 3 else None
-            if patch is not None:
-                return trapped.on_patch(vm, patch)
+            if args[0] == 3:
+                if vm.run.debugger is not None and vm.run.debugger.hit(vm.cpu.rip - 1):
+                    return None
+                patch = vm.patches.lookup(vm.cpu.rip)
+                if patch is not None:
+                    return trapped.on_patch(vm, patch)
             return faults.on_exception(vm, args[0])
         case Exit.MEMORY:
             return pagetables.on_invalid_access(vm, *args)
@@ -110,8 +122,11 @@ class Runner:
         self._loop_wanted = False             # a hook stopped emulation to let the loop act
         self._step = False                    # run exactly one instruction next (the sti shadow ...)
         self._native: int | None = None       # ... the original one under the patch at this address
-        self._sliced = False                  # the current emu_start is bounded by an instruction count
+        self._sliced = False                  # the current emu_start is a time slice (counted instructions)
+        self._budget = 0                      # its instruction count (0: unbounded)
         self._exits_before = 0
+        self.debugger: "Debugger" | None = None   # debugger.py, for `pvtool run --gdb`
+        self.paused = False                   # the debugger holds the guest: deliver nothing
 
     # -- hooks --------------------------------------------------------------------------
     def install(self) -> None:
@@ -145,7 +160,7 @@ class Runner:
                 if check:
                     cpu.check_control_state()
                 result = _dispatch(vm, kind, args)
-                if vm.stop is None and (exit_like or result):
+                if vm.stop is None and not self.paused and (exit_like or result):
                     self._after_exit()
                 if mem.rebuilds != rebuilds:       # Unicorn stops after its memory map is rebuilt
                     self._want_loop()
@@ -266,6 +281,11 @@ class Runner:
         self._loop_wanted = True
         self.vm.engine.uc.emu_stop()
 
+    def pause(self) -> None:
+        """The debugger stopped the guest in a hook: deliver nothing, and get the loop to it."""
+        self.paused = True
+        self._want_loop()
+
     def shadow(self) -> None:
         """The instruction just emulated (sti) delays interrupts by one more instruction."""
         self._step = True
@@ -307,9 +327,14 @@ class Runner:
         vm.cpu.regs.finish()               # whatever set-up read, the hooks start from a fresh copy
         while vm.stop is None:
             if not self._step:
-                self.safely(self.deliver_events)
+                if self.debugger is not None:
+                    self.safely(self.debugger.pause_point)
+                if vm.stop is None and not self.paused:
+                    self.safely(self.deliver_events)
             if vm.stop is None:
                 self._enter_guest()
+        if self.debugger is not None:
+            self.safely(self.debugger.finished, vm.stop)
         return vm.stop
 
     def _enter_guest(self) -> None:
@@ -328,6 +353,10 @@ class Runner:
         self._loop_wanted = False
         self._exits_before = vm.stats.total_exits
         count = 1 if step else SLICE_INSNS if self._sliced else 0
+        if self.debugger is not None and not step:
+            count = self.debugger.budget(count)
+            self._sliced = self._sliced and count == SLICE_INSNS   # a debugger's step is no time slice
+        self._budget = count
         if native is not None:
             patch = vm.patches.live[native]
             vm.patches.disarm(native)
@@ -359,7 +388,7 @@ class Runner:
         left = self.deadline.left()
         if left is not None and left <= 0:
             vm.kill(_timed_out(self.deadline.seconds, self.where(rip)))
-        elif rip - 1 in self.hlt_sites or not (self._sliced or self._loop_wanted) and self._after_hlt(rip):
+        elif rip - 1 in self.hlt_sites or not (self._budget or self._loop_wanted) and self._after_hlt(rip):
             try:
                 self.halt(vm.cpu.interrupt_flag)
             except GuestFault as e:
@@ -370,7 +399,7 @@ class Runner:
             vm.stats.slices += 1
             if vm.stats.total_exits == self._exits_before:    # exits already made time pass
                 vm.clock.advance(SLICE_NS)
-        else:
+        elif not self._budget:                 # else the debugger's count ran out
             raise GuestFault("emulation stopped unexpectedly")
 
     def _after_hlt(self, rip: int) -> bool:
