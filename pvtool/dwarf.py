@@ -1,11 +1,22 @@
-"""DWARF debug information: `.debug_line`, plus the one compile unit that points at it.
+"""DWARF debug information: `.debug_line`, the one compile unit that points at it, `.debug_frame`.
 
 binutils, gdb and pyelftools only consult a line table through a compile
 unit in `.debug_info`, so besides the line program this module writes a
 minimal `DW_TAG_compile_unit` (stmt_list, low_pc/high_pc) with one
 `DW_TAG_subprogram` per source function.  Everything is DWARF version 4,
 32-bit format, 8-byte addresses; the line program is one sequence from the
-first row to the end of `.text`.
+first row to the end of `.text`.  A row may carry `prologue_end`: gdb
+places a function's breakpoint there, once the frame is built.
+
+`.debug_frame` tells a debugger how to unwind each function (`Frame`):
+functions keep rbp frames, but padded bundled code hides `push rbp` from
+gdb's own prologue reader, and epilogues and masked returns move the
+frame's base instruction by instruction.  A function entered by a call
+starts with its return address at [rsp]; an interrupt handler with the
+five-qword interrupt frame there (gdb then looks up the interrupted
+code at its address less one, as for a call: right unless the interrupt
+came at a function's first instruction); the boot code is outermost (its
+return address is undefined, so a backtrace ends there).
 """
 from __future__ import annotations
 
@@ -21,6 +32,7 @@ STD_OPCODE_LENGTHS = bytes([0, 1, 1, 1, 1, 0, 0, 0, 1, 0, 0, 1])
 
 # standard and extended line opcodes
 DW_LNS_copy, DW_LNS_advance_pc, DW_LNS_advance_line, DW_LNS_set_file, DW_LNS_set_column = 1, 2, 3, 4, 5
+DW_LNS_set_prologue_end = 10
 DW_LNE_end_sequence, DW_LNE_set_address = 1, 2
 
 # tags, attributes, forms
@@ -41,6 +53,19 @@ class Row:
     file: str
     line: int
     col: int = 0
+    prologue_end: bool = False
+
+
+@dataclass
+class Frame:
+    """A function's frame for the unwinder: how it was entered, and where the frame changes.
+
+    `entered_by`: 'call', 'interrupt' or 'outermost'; `steps`: (address, event, x86 register)
+    with the events of pvtool.obj (PUSHED_RBP ... RETURNED), in address order."""
+    low: int
+    high: int
+    entered_by: str
+    steps: list[tuple[int, str, int]]
 
 
 @dataclass
@@ -112,6 +137,8 @@ def _program(rows: list[Row], files: list[str], end: int) -> bytes:
             col = r.col
             out.append(DW_LNS_set_column)
             out += uleb(col)
+        if r.prologue_end:
+            out.append(DW_LNS_set_prologue_end)
         addr_delta, line_delta = r.address - addr, r.line - line
         opcode = (line_delta - LINE_BASE) + LINE_RANGE * addr_delta + OPCODE_BASE
         if line_delta in special_lines and opcode <= 255:
@@ -165,9 +192,102 @@ def _info(files: list[str], funcs: list[Func], low: int, high: int, comp_dir: st
     return struct.pack("<I", len(after_length)) + after_length
 
 
+# -- call-frame information ---------------------------------------------------------------
+
+DW_CFA_advance_loc, DW_CFA_offset, DW_CFA_restore = 0x40, 0x80, 0xC0
+DW_CFA_advance_loc1, DW_CFA_advance_loc2, DW_CFA_advance_loc4 = 0x02, 0x03, 0x04
+DW_CFA_undefined, DW_CFA_register, DW_CFA_remember_state, DW_CFA_restore_state = 0x07, 0x09, 0x0A, 0x0B
+DW_CFA_def_cfa, DW_CFA_def_cfa_register, DW_CFA_def_cfa_offset = 0x0C, 0x0D, 0x0E
+DATA_ALIGN = -8
+# DWARF numbers of the x86-64 registers (psABI), by the registers' x86 encoding 0-15
+DWARF_REG = (0, 2, 1, 3, 7, 6, 4, 5, 8, 9, 10, 11, 12, 13, 14, 15)
+RSP, RBP, RA, RFLAGS, CS, SS = 7, 6, 16, 49, 51, 52
+# Where the caller's state is, relative to the CFA, on entry
+ENTRY = {"call": (8, {RA: 8}),
+         "interrupt": (40, {RA: 40, CS: 32, RFLAGS: 24, RSP: 16, SS: 8})}   # rip cs rflags rsp ss
+
+
+def _saved(reg: int, below_cfa: int) -> bytes:
+    return bytes([DW_CFA_offset | reg]) + uleb(below_cfa // -DATA_ALIGN)
+
+
+def _advance(delta: int) -> bytes:
+    if delta < 0x40:
+        return bytes([DW_CFA_advance_loc | delta])
+    if delta < 0x100:
+        return bytes([DW_CFA_advance_loc1, delta])
+    if delta < 0x10000:
+        return bytes([DW_CFA_advance_loc2]) + struct.pack("<H", delta)
+    return bytes([DW_CFA_advance_loc4]) + struct.pack("<I", delta)
+
+
+def _cie(entered_by: str) -> bytes:
+    cfa, saved = ENTRY[entered_by]
+    body = (struct.pack("<IB", 0xFFFFFFFF, VERSION) + b"\0" + bytes([8, 0]) + uleb(1) + sleb(DATA_ALIGN)
+            + uleb(RA) + bytes([DW_CFA_def_cfa]) + uleb(RSP) + uleb(cfa)
+            + b"".join(_saved(reg, below) for reg, below in saved.items()))
+    return _padded(body)
+
+
+def _padded(body: bytes) -> bytes:
+    body += b"\0" * (-(len(body) + 4) % 8)          # DW_CFA_nop to the address size
+    return struct.pack("<I", len(body)) + body
+
+
+def _frame_program(frame: Frame) -> bytes:
+    """The call-frame instructions for one function's steps (events of pvtool.obj)."""
+    if frame.entered_by == "outermost":
+        return bytes([DW_CFA_undefined]) + uleb(RA)
+    entry = ENTRY[frame.entered_by][0]
+    out, at, cfa, pushed = bytearray(), frame.low, entry, []
+    for address, event, reg in frame.steps:
+        if address >= frame.high:
+            break
+        if address > at:
+            out += _advance(address - at)
+            at = address
+        match event:
+            case "pushed rbp":
+                cfa += 8
+                out += bytes([DW_CFA_def_cfa_offset]) + uleb(cfa) + _saved(RBP, cfa)
+            case "rbp frame":
+                out += bytes([DW_CFA_def_cfa_register]) + uleb(RBP)
+            case "saved":
+                pushed.append(DWARF_REG[reg])
+                out += _saved(DWARF_REG[reg], cfa + 8 * len(pushed))
+            case "leaving":
+                out.append(DW_CFA_remember_state)
+            case "popped rbp":
+                out += bytes([DW_CFA_def_cfa]) + uleb(RSP) + uleb(entry)
+                out += bytes(DW_CFA_restore | r for r in [RBP] + pushed)
+            case "return address in":
+                out += bytes([DW_CFA_def_cfa_offset]) + uleb(0)
+                out += bytes([DW_CFA_register]) + uleb(RA) + uleb(DWARF_REG[reg])
+            case "returned":
+                out.append(DW_CFA_restore_state)
+            case _:
+                raise ValueError(f"unknown frame event {event!r}")
+    return bytes(out)
+
+
+def debug_frame(frames: list[Frame]) -> bytes:
+    """A .debug_frame section: a CIE per way of entering a function, an FDE per function."""
+    out, cies = bytearray(), {}
+    for kind in sorted({"call" if f.entered_by == "outermost" else f.entered_by for f in frames}):
+        cies[kind] = len(out)
+        out += _cie(kind)
+    for f in frames:
+        cie = cies["call" if f.entered_by == "outermost" else f.entered_by]
+        out += _padded(struct.pack("<IQQ", cie, f.low, f.high - f.low) + _frame_program(f))
+    return bytes(out)
+
+
 def debug_sections(rows: list[Row], funcs: list[Func], files: list[str], low: int, high: int,
-                   comp_dir: str) -> dict[str, bytes]:
-    """The .debug_abbrev, .debug_info and .debug_line contents for code in [low, high)."""
-    return {".debug_abbrev": _abbrev(),
-            ".debug_info": _info(files, funcs, low, high, comp_dir),
-            ".debug_line": debug_line(rows, files, high)}
+                   comp_dir: str, frames: list[Frame] | None = None) -> dict[str, bytes]:
+    """The .debug_abbrev, .debug_info, .debug_line (and .debug_frame) contents for code in [low, high)."""
+    sections = {".debug_abbrev": _abbrev(),
+                ".debug_info": _info(files, funcs, low, high, comp_dir),
+                ".debug_line": debug_line(rows, files, high)}
+    if frames:
+        sections[".debug_frame"] = debug_frame(frames)
+    return sections

@@ -52,6 +52,7 @@ class LinkedImage:
     symbols: list[Symbol]
     files: list[str]
     lines: list[dwarf.Row] = field(default_factory=list)
+    frames: list[dwarf.Frame] = field(default_factory=list)  # for .debug_frame
     funcs: list[dwarf.Func] = field(default_factory=list)   # source functions, for .debug_info
     sites: list[abi.Site] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)

@@ -45,6 +45,24 @@ class SiteRow:
     kind: int = 0     # pvimage.abi.SITE_*; 0 (SITE_NATIVE) for the sensitive instruction itself
 
 
+# How the stack frame changes, for the unwinder (`.debug_frame`, pvtool/dwarf.py): from a
+# FrameStep's offset on ...
+PUSHED_RBP = "pushed rbp"            # the caller's rbp is on the stack
+RBP_FRAME = "rbp frame"              # rbp holds the frame's base: the CFA is rbp-relative
+SAVED = "saved"                      # `reg` is pushed below the ones saved before it
+LEAVING = "leaving"                  # an epilogue begins (code after its return is framed again)
+POPPED_RBP = "popped rbp"            # rbp and the saved registers are the caller's again
+RETURN_IN = "return address in"      # bundled return: the return address was popped into `reg`
+RETURNED = "returned"                # past the return: the frame as before the epilogue
+
+
+@dataclass
+class FrameStep:
+    offset: int
+    event: str
+    reg: int = 0                     # the register's x86 number, for SAVED and RETURN_IN
+
+
 @dataclass
 class FunctionCode:
     name: str
@@ -54,6 +72,9 @@ class FunctionCode:
     sites: list[SiteRow] = field(default_factory=list)
     loc: Loc | None = None
     align: int = 16
+    entered_by: str = ""             # 'call' or 'interrupt' (the frame it starts with); '': not described
+    frame: list[FrameStep] = field(default_factory=list)
+    body: int | None = None          # where the prologue ends: the first breakpoint in the function
 
 
 @dataclass

@@ -69,14 +69,17 @@ class Patches:
     def _cover(self, address: int) -> None:
         if address not in self._saved:
             self._saved[address] = self.mem.read(address, 1)
-            self.mem.write(address, INT3)
+            self._write(address, INT3)
 
     def _uncover(self, address: int) -> None:
         if address not in self.live and address not in self.breakpoints and address in self._saved:
-            self.mem.write(address, self._saved.pop(address))
-            # Unicorn 2.1.4 keeps running a translated int3 after its byte is written back
-            # (measured: tests/test_gdb_protocol.py); drop the translation.
-            self.mem.uc.ctl_remove_cache(address, address + 1)
+            self._write(address, self._saved.pop(address))
+
+    def _write(self, address: int, byte: bytes) -> None:
+        self.mem.write(address, byte)
+        # Unicorn 2.1.4 may go on running code translated before the write (measured: a block
+        # translated during a one-instruction step, an int3 written back; tests/test_gdb.py)
+        self.mem.uc.ctl_remove_cache(address, address + 1)
 
     def lookup(self, rip_after: int) -> Patch | None:
         """The patch whose breakpoint the CPU just hit (RIP is past the int3)."""

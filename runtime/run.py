@@ -124,6 +124,8 @@ class Runner:
         self._native: int | None = None       # ... the original one under the patch at this address
         self._sliced = False                  # the current emu_start is a time slice (counted instructions)
         self._budget = 0                      # its instruction count (0: unbounded)
+        self._begin = 0                       # where it started
+        self._debug_stop = False              # the debugger stopped it on a breakpoint
         self._exits_before = 0
         self.debugger: "Debugger" | None = None   # debugger.py, for `pvtool run --gdb`
         self.paused = False                   # the debugger holds the guest: deliver nothing
@@ -283,7 +285,7 @@ class Runner:
 
     def pause(self) -> None:
         """The debugger stopped the guest in a hook: deliver nothing, and get the loop to it."""
-        self.paused = True
+        self.paused = self._debug_stop = True
         self._want_loop()
 
     def shadow(self) -> None:
@@ -350,7 +352,7 @@ class Runner:
         self._step, self._native = False, None
         self._sliced = not step and self._needs_slices()
         self.bad_access = None
-        self._loop_wanted = False
+        self._loop_wanted = self._debug_stop = False
         self._exits_before = vm.stats.total_exits
         count = 1 if step else SLICE_INSNS if self._sliced else 0
         if self.debugger is not None and not step:
@@ -360,7 +362,7 @@ class Runner:
         if native is not None:
             patch = vm.patches.live[native]
             vm.patches.disarm(native)
-        begin = vm.cpu.rip
+        begin = self._begin = vm.cpu.rip
         vm.cpu.regs.finish()               # the guest changes its registers from here on
         start = perf_counter()
         try:
@@ -388,7 +390,9 @@ class Runner:
         left = self.deadline.left()
         if left is not None and left <= 0:
             vm.kill(_timed_out(self.deadline.seconds, self.where(rip)))
-        elif rip - 1 in self.hlt_sites or not (self._budget or self._loop_wanted) and self._after_hlt(rip):
+        elif self._debug_stop:                 # the debugger stopped the guest on a breakpoint
+            pass
+        elif self._halted(rip):
             try:
                 self.halt(vm.cpu.interrupt_flag)
             except GuestFault as e:
@@ -401,6 +405,12 @@ class Runner:
                 vm.clock.advance(SLICE_NS)
         elif not self._budget:                 # else the debugger's count ran out
             raise GuestFault("emulation stopped unexpectedly")
+
+    def _halted(self, rip: int) -> bool:
+        """Whether emu_start came back because the guest ran a hlt (RIP is just past it)."""
+        if self._budget == 1:                  # a debugger's step: was its one instruction a hlt?
+            return rip - 1 == self._begin and (rip - 1 in self.hlt_sites or self._after_hlt(rip))
+        return rip - 1 in self.hlt_sites or not (self._budget or self._loop_wanted) and self._after_hlt(rip)
 
     def _after_hlt(self, rip: int) -> bool:
         try:

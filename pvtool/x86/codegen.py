@@ -21,6 +21,8 @@ Public: `generate(module) -> obj.ObjectCode`.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from pvimage import abi
 
 from .. import ir, obj
@@ -113,10 +115,13 @@ def swtch_helper(bundled: bool) -> obj.FunctionCode:
     return obj.FunctionCode(SWTCH, a.finish(), a.relocs, align=function_align(bundled))
 
 
-def return_(a: Asm) -> None:
-    """Return to the caller; bundled code masks the return address (r11 is free at a return)."""
+def return_(a: Asm, popped: Callable[[], None] = lambda: None) -> None:
+    """Return to the caller; bundled code masks the return address (r11 is free at a return).
+    `popped` runs between a bundled return's pop and its jump (the unwinder is told)."""
     if a.bundled:
-        a.masked_ret(R11)
+        a.pop(R11)
+        popped()
+        a.masked_jmp(R11)
     else:
         a.ret()
 
@@ -133,6 +138,7 @@ class FunctionGen:
         self.lines: list[tuple[int, Loc]] = []        # (anchor, where the code from there comes from)
         self.sites: list[tuple[int, int, str, Loc | None, str, int]] = []   # anchors, op, loc, becomes, kind
         self.open_sites: dict[int, tuple[int, ir.SiteBegin]] = {}              # site -> (anchor, begin)
+        self.frame_steps: list[tuple[int, str, int]] = []                       # anchor, event, register
         self.calls_swtch = False
 
     # -- driver -------------------------------------------------------------
@@ -145,6 +151,7 @@ class FunctionGen:
         self.frame = layout(self.saved_registers(), fn.slots, self.alloc.spill_slots)
         self.mark(fn.loc)
         self.prologue()
+        body = self.a.anchor()
         for k, b in enumerate(self.blocks):
             self.next_label = self.blocks[k + 1].label if k + 1 < len(self.blocks) else None
             self.a.label(self.label(b.label))
@@ -166,8 +173,10 @@ class FunctionGen:
         lines = [obj.LineRow(a.at(k), loc) for k, loc in self.lines]
         sites = [obj.SiteRow(*a.span(start, end), op, loc, becomes, kind)
                  for start, end, op, loc, becomes, kind in self.sites]
+        frame = [obj.FrameStep(a.at(k), event, reg) for k, event, reg in self.frame_steps]
         return obj.FunctionCode(fn.name, code, a.relocs, lines, sites, loc=fn.loc,
-                                align=function_align(a.bundled))
+                                align=function_align(a.bundled), frame=frame, body=a.at(body),
+                                entered_by="interrupt" if fn.interrupt else "call")
 
     def check(self) -> None:
         fn = self.fn
@@ -343,12 +352,18 @@ class FunctionGen:
 
     # -- prologue and epilogue ---------------------------------------------------
 
+    def frame_step(self, event: str, reg: Reg | None = None) -> None:
+        self.frame_steps.append((self.a.anchor(), event, reg.n if reg is not None else 0))
+
     def prologue(self) -> None:
         a, f = self.a, self.frame
         a.push(RBP)
+        self.frame_step(obj.PUSHED_RBP)
         a.mov(RBP, RSP)
+        self.frame_step(obj.RBP_FRAME)
         for r in f.saved:
             a.push(r)
+            self.frame_step(obj.SAVED, r)
         if f.size:
             a.sub(RSP, f.size)
         used = {iv.vreg for iv in self.alloc.intervals if iv.end > 0}
@@ -356,6 +371,7 @@ class FunctionGen:
 
     def epilogue(self) -> None:
         a, f = self.a, self.frame
+        self.frame_step(obj.LEAVING)
         if f.size and f.saved:
             a.lea(RSP, Mem(RBP, -f.saved_area))
         elif f.size:
@@ -363,6 +379,7 @@ class FunctionGen:
         for r in reversed(f.saved):
             a.pop(r)
         a.pop(RBP)
+        self.frame_step(obj.POPPED_RBP)
 
     # -- terminators ------------------------------------------------------------
 
@@ -386,7 +403,8 @@ class FunctionGen:
             if t.value is not None:
                 self.move(RAX, self.where(t.value))
             self.epilogue()
-            return_(a)
+            return_(a, popped=lambda: self.frame_step(obj.RETURN_IN, R11))
+            self.frame_step(obj.RETURNED)
         elif isinstance(t, ir.IRet):
             self.epilogue()
             start = a.anchor()
@@ -397,6 +415,7 @@ class FunctionGen:
                 a.jmp_symbol(HYPERCALL_PAGE, t.hypercall * abi.HYPERCALL_STRIDE)
                 name = abi.HYPERCALL_NAMES.get(t.hypercall, str(t.hypercall))
                 self.site(start, "iret", t.loc, f"hypercall {name}", abi.SITE_HYPERCALL)
+            self.frame_step(obj.RETURNED)
         else:
             raise self.fail(f"unknown terminator {t!r}")
 
