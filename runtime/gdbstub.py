@@ -277,6 +277,14 @@ class GdbServer:
         self.log(f"refused a second debugger from {_peer(peer)}: one is already attached")
         try:
             sock.sendall(frame(b"E.one debugger at a time: another one is attached"))
+        except OSError:
+            sock.close()
+            return
+        self._refuse_later(sock)
+
+    def _refuse_later(self, sock: socket.socket) -> None:
+        """Close our end; the socket goes once the client closed its end (`_reap`)."""
+        try:
             sock.shutdown(socket.SHUT_WR)
             sock.setblocking(False)
         except OSError:
@@ -339,8 +347,16 @@ class GdbServer:
             self._drop()
 
     def finish(self, stop: StopReply, message: str = "") -> None:
-        """The run is over: send the final reply if gdb waits for one, and close everything."""
+        """The run is over: send the final reply if gdb waits for one, and close everything
+        once the client has read it (its end closed, or CLOSING_GRACE)."""
         self.report(stop, message)
+        if self.client is not None:
+            self._refuse_later(self.client.sock)
+            self.client = None
+        deadline = monotonic() + CLOSING_GRACE
+        while self._closing and monotonic() < deadline:
+            select.select([s for s, _ in self._closing], [], [], CLOSING_GRACE)
+            self._reap()
         self.close()
 
     def serve(self, target: Target, stop: StopReply, message: str = "") -> Resume:
