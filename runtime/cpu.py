@@ -112,6 +112,10 @@ class Cpu:
     def cpl(self) -> int:
         return self.regs.hflags & HF_CPL_MASK
 
+    def enter_ring(self, ring: int) -> None:
+        """What the CPU does to CS, SS and its privilege level when it changes rings (0 or 3)."""
+        self.regs.enter_ring(ring)
+
     def rflags(self) -> int:
         """All of RFLAGS (the arithmetic flags too, which only the API computes)."""
         self.regs.store()

@@ -19,9 +19,9 @@ guest's protections:
 - segment selectors: a present descriptor of the right kind in the guest's
   GDT, at the current privilege level, as a segment load checks;
 - control registers and EFER: CR0/CR2/CR4 through the same checks as an
-  emulated `mov crN` in bare and trap mode, CR3 through the MMU's
-  validation in trap mode; in pv mode the guest changes them only by
-  hypercall, so they are read-only here.  EFER is read-only.
+  emulated `mov crN`, CR3 through the MMU's validation where the
+  hypervisor tracks page tables; in pv mode the guest changes them only
+  by hypercall, so they are read-only here.  EFER is read-only.
 
 A write that changes nothing always succeeds (gdb's `G` writes them all).
 """
@@ -216,12 +216,11 @@ def _write_rflags(vm: Vm, value: int) -> None:
 
 
 def _write_control(vm: Vm, n: int, value: int) -> None:
-    mode = vm.mode.name
-    if mode == "pv":
+    if vm.mode.name == "pv":
         raise Refused(EPERM, "a pv guest's control registers change only by hypercall")
     if n != 3:
         vm.cpu.write_cr(n, value)
-    elif mode == "trap":
+    elif vm.mode.tracks_tables:
         vm.mmu.load_root(value)                  # validated and pinned, as a trapped mov to cr3
     else:
         vm.cpu.load_cr3(value)

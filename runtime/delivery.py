@@ -1,25 +1,28 @@
-"""How an interrupt enters the guest through its IDT (or trap table), and how iret leaves it.
+"""How an interrupt or exception enters the guest through its IDT (or trap table), and how iret leaves it.
 
-`enter` is what the CPU does when it takes a vector: read the gate, push a
-frame, mask interrupts for an interrupt gate, jump to the handler; `iret`
-pops the frame.  In pv mode the guest's IF is the shared page's mask
-(`Mode.virtual_if`): the frame carries the virtual IF and the real one stays
-clear.
+`enter` is what the CPU does when it takes a vector: read the gate; if the
+guest was in user mode, switch to the kernel stack (TSS.rsp0 natively, the
+`stack_switch` stack in pv: `Mode.kernel_stack`) and to ring 0; push the
+interrupt frame (and the error code, for the vectors that have one); mask
+interrupts for an interrupt gate; jump to the handler.  `iret` pops the
+frame, back to ring 3 if the frame says so.  In pv mode the guest's IF is
+the shared page's mask (`Mode.virtual_if`): the frame carries the virtual
+IF and the real one stays clear.
 
 Gates: a 64-bit IDT holds 16-byte gates (offset bits 0-15, selector, IST,
 type/DPL/present, offset bits 16-31, offset bits 32-63, reserved).  The
 runtime takes a present interrupt (0xE) or trap (0xF) gate inside the IDT
-limit, on the current code segment, with no IST stack (there is no TSS);
-anything else stops the guest with a fault that names the vector and what
-is wrong, as a real CPU would escalate to a double fault.
+limit, on the kernel code segment, with no IST stack; anything else stops
+the guest with a fault that names the vector and what is wrong, as a real
+CPU would escalate to a double fault.
 
-Frames: the 64-bit interrupt frame, lowest address first: RIP, CS, RFLAGS,
-RSP, SS.  The CPU aligns the stack down to 16 bytes before pushing it
-(always, in 64-bit mode); `iretq` pops it and loads RSP from it.  Frames are
-read and written through the guest's page tables with the guest's own
-permissions, so a frame on an unmapped or read-only page is a fault, never
-a host crash.  The runtime never changes privilege or segments: a frame or
-gate that asks for another code segment is refused.
+Frames: the 64-bit interrupt frame, lowest address first: [error code],
+RIP, CS, RFLAGS, RSP, SS.  The CPU aligns the stack down to 16 bytes before
+pushing it (always, in 64-bit mode); `iretq` pops it and loads RSP from it.
+Frames are read and written through the guest's page tables with the
+guest's own permissions, so a frame on an unmapped or read-only page is a
+fault, never a host crash.  The segments are the ABI's: kernel 0x08/0x10,
+user 0x23/0x1b (pvimage/abi.py).
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from unicorn import x86_const as U
+
+from pvimage import abi
 
 from .cpu import RFLAGS_IF
 from .devices.msr import canonical
@@ -41,10 +46,14 @@ if TYPE_CHECKING:
 MASK64 = (1 << 64) - 1
 GATE = struct.Struct("<HHBBHII")
 FRAME = struct.Struct("<5Q")
+ERROR_CODE = struct.Struct("<Q")
+HAS_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
+KERNEL, USER = (abi.KERNEL_CS, abi.KERNEL_DS), (abi.USER_CS, abi.USER_DS)
 INTERRUPT_GATE, TRAP_GATE = 0xE, 0xF
 # RFLAGS bits an iretq at CPL 0 restores: CF PF AF ZF SF IF DF OF IOPL NT AC ID (not TF: no single-stepping)
 RESTORABLE = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x200 | 0x400 | 0x800 | 0x3000 | 0x4000 | 0x40000 | 0x200000
 CLEARED_ON_ENTRY = (1 << 8) | (1 << 14) | (1 << 16)       # TF NT RF
+IOPL = 0x3000
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,7 @@ class Frame:
     ss: int
 
 
-def read_gate(mmu: Mmu, table: tuple[int, int], vector: int, cs: int) -> Gate:
+def read_gate(mmu: Mmu, table: tuple[int, int], vector: int, cs: int = abi.KERNEL_CS) -> Gate:
     """The gate for `vector` in the IDT (limit, base); GuestFault if it cannot be used."""
     limit, base = table
     if vector * 16 + 15 > limit:
@@ -78,33 +87,38 @@ def read_gate(mmu: Mmu, table: tuple[int, int], vector: int, cs: int) -> Gate:
     if kind & 0xF not in (INTERRUPT_GATE, TRAP_GATE):
         raise GuestFault(f"gate {vector} has type {kind & 0xF:#x}, not a 64-bit interrupt or trap gate")
     if ist & 7:
-        raise GuestFault(f"gate {vector} asks for IST stack {ist & 7}, and there is no TSS")
+        raise GuestFault(f"gate {vector} asks for IST stack {ist & 7}, which the runtime does not provide")
     if selector != cs:
-        raise GuestFault(f"gate {vector} selector {selector:#x} is not the code segment {cs:#x}")
+        raise GuestFault(f"gate {vector} selector {selector:#x} is not the kernel code segment {cs:#x}")
     if not canonical(handler):
         raise GuestFault(f"gate {vector} handler {handler:#x} is not canonical")
     return Gate(handler, kind & 0xF == TRAP_GATE)
 
 
-def push_frame(mmu: Mmu, frame: Frame) -> int:
-    """Push `frame` below frame.rsp aligned down to 16; returns the new RSP."""
-    rsp = ((frame.rsp & ~0xF) - FRAME.size) & MASK64
+def push_frame(mmu: Mmu, frame: Frame, stack: int, error_code: int | None = None) -> int:
+    """Push `frame` (and an error code below it) at `stack` aligned down to 16; returns the new RSP."""
+    data = FRAME.pack(frame.rip, frame.cs, frame.rflags, frame.rsp, frame.ss)
+    if error_code is not None:
+        data = ERROR_CODE.pack(error_code) + data
+    rsp = ((stack & ~0xF) - len(data)) & MASK64
     try:
-        mmu.write_virt(rsp, FRAME.pack(frame.rip, frame.cs, frame.rflags, frame.rsp, frame.ss))
+        mmu.write_virt(rsp, data)
     except Refused as e:
         raise GuestFault(f"cannot push the interrupt frame at {rsp:#x}: {e.why}") from None
     return rsp
 
 
 def pop_frame(mmu: Mmu, rsp: int, cs: int, ss: int) -> Frame:
-    """Read and check the iretq frame at `rsp` against the current CS and SS."""
+    """Read and check the iretq frame at `rsp`: to the current ring (CS, SS) or, from the kernel, to user mode."""
     try:
         frame = Frame(*FRAME.unpack(mmu.read_virt(rsp, FRAME.size)))
     except Refused as e:
         raise GuestFault(f"iret: cannot read the frame at rsp {rsp:#x}: {e.why}") from None
-    if frame.cs != cs:
-        raise GuestFault(f"iret: bad frame at {rsp:#x}: CS {frame.cs:#x} is not the code segment {cs:#x}")
-    if frame.ss not in (0, ss):
+    to_user = (frame.cs, frame.ss) == USER and cs == abi.KERNEL_CS
+    if frame.cs != cs and not to_user:
+        raise GuestFault(f"iret: bad frame at {rsp:#x}: CS {frame.cs:#x} is neither the code segment {cs:#x} "
+                         f"nor, from the kernel, the user code segment {abi.USER_CS:#x}")
+    if frame.ss not in (0, ss) and not to_user:
         raise GuestFault(f"iret: bad frame at {rsp:#x}: SS {frame.ss:#x} is not the stack segment {ss:#x}")
     for what, value in (("RIP", frame.rip), ("RSP", frame.rsp)):
         if not canonical(value):
@@ -112,22 +126,28 @@ def pop_frame(mmu: Mmu, rsp: int, cs: int, ss: int) -> Frame:
     return frame
 
 
-def enter(vm: Vm, vector: int, kind: str) -> None:
+def enter(vm: Vm, vector: int, kind: str, error_code: int | None = None) -> None:
     """Take `vector` as the hardware does: through its gate, on an interrupt frame.
 
-    `kind` names it in the statistics ("interrupt 32", "upcall 32")."""
+    `kind` names it in the statistics ("interrupt 32", "upcall 32",
+    "exception 14"); `error_code` is pushed below the frame when given."""
     cpu, mode = vm.cpu, vm.mode
     cs = cpu.segment(U.UC_X86_REG_CS)
     rflags = cpu.rflags()
     if mode.virtual_if:
-        rflags |= RFLAGS_IF                       # events were enabled, or it would not be delivered
+        rflags = rflags & ~RFLAGS_IF | (RFLAGS_IF if mode.interrupts_enabled(vm) else 0)
+    from_user = cpu.cpl == 3
     frame = Frame(cpu.resume_rip(), cs, rflags, cpu.regs["rsp"], cpu.segment(U.UC_X86_REG_SS))
     try:
-        gate = read_gate(vm.mmu, cpu.read_table("idt"), vector, cs)
+        gate = read_gate(vm.mmu, cpu.read_table("idt"), vector)
         mode.check_entry_point(vm, gate.handler, f"gate {vector}")
-        cpu.regs["rsp"] = push_frame(vm.mmu, frame)
+        stack = mode.kernel_stack(vm) if from_user else frame.rsp
+        rsp = push_frame(vm.mmu, frame, stack, error_code)
     except GuestFault as e:
         raise GuestFault(f"{kind} {vector}: {e.what}") from None
+    if from_user:
+        cpu.enter_ring(0)
+    cpu.regs["rsp"] = rsp
     rflags &= ~CLEARED_ON_ENTRY
     if not gate.trap:
         rflags &= ~RFLAGS_IF
@@ -141,14 +161,19 @@ def enter(vm: Vm, vector: int, kind: str) -> None:
 
 
 def iret(vm: Vm) -> None:
-    """Return from an interrupt: pop the frame at RSP (iretq, or the iret hypercall)."""
+    """Return from an interrupt: pop the frame at RSP (iretq, or the iret hypercall), to user mode if it says so."""
     cpu, mode = vm.cpu, vm.mode
     frame = pop_frame(vm.mmu, cpu.regs["rsp"], cpu.segment(U.UC_X86_REG_CS), cpu.segment(U.UC_X86_REG_SS))
     mode.check_entry_point(vm, frame.rip, "iret")
     rflags = cpu.rflags() & ~RESTORABLE | frame.rflags & RESTORABLE | 2
+    to_user = frame.cs == abi.USER_CS and cpu.cpl == 0
+    if to_user:
+        rflags &= ~IOPL                     # user mode never gets the I/O ports
     if mode.virtual_if:                # the virtual IF is the mask; the real one stays clear
         mode.set_virtual_if(vm, bool(frame.rflags & RFLAGS_IF))
         rflags &= ~RFLAGS_IF
     cpu.set_rflags(rflags)
+    if to_user:
+        cpu.enter_ring(3)
     cpu.regs["rsp"] = frame.rsp
     cpu.jump(frame.rip)

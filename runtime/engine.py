@@ -295,7 +295,7 @@ class RegisterFile:
     after, so neither copy overwrites the other."""
 
     __slots__ = ("handle", "buf", "view", "loaded", "dirty", "_gpr", "_rip", "_eflags", "_hflags", "_cr", "_efer",
-                 "_block", "_control", "_control_at")
+                 "_block", "_control", "_control_at", "_priv")
 
     def __init__(self, uc: Uc):
         lay = layout()
@@ -313,6 +313,7 @@ class RegisterFile:
                               f"the runtime is pinned to unicorn {PINNED_VERSION}")
         fmt = "<Q" + "".join(f"{b - a - 8}xQ" if b - a > 8 else "Q" for a, b in zip(at, at[1:]))
         self._control, self._control_at = struct.Struct(fmt), at[0]
+        self._priv = lay.privilege
 
     def load(self) -> None:
         if not self.loaded:
@@ -401,6 +402,33 @@ class RegisterFile:
         if not self.loaded:
             self.load()
         return _U64.unpack_from(self.view, self._efer)[0]
+
+    # -- privilege --------------------------------------------------------------------------
+    def enter_ring(self, ring: int) -> None:
+        """Switch the CPU to ring 0 or 3 with the ABI's flat code and stack segments (engine.Privilege)."""
+        if not self.loaded:
+            self.load()
+        priv, view = self._priv, self.view
+        template = priv.kernel if ring == 0 else priv.user
+        cs, ss = template[4:4 + SEGMENT_CACHE], template[4 + SEGMENT_CACHE:]
+        view[priv.cs:priv.cs + SEGMENT_CACHE] = cs
+        view[priv.ss:priv.ss + SEGMENT_CACHE] = ss
+        hflags = _U32.unpack_from(view, priv.hflags)[0]
+        _U32.pack_into(view, priv.hflags, hflags & ~HF_CPL_MASK | ring)
+        self.dirty = True
+
+    def exception_error_code(self) -> int:
+        """The error code of the exception Unicorn is reporting."""
+        if not self.loaded:
+            self.load()
+        return _U32.unpack_from(self.view, self._priv.error_code)[0]
+
+    def clear_exception(self) -> None:
+        """Forget the exception in flight: else QEMU turns the next page fault into a #DF."""
+        if not self.loaded:
+            self.load()
+        _U32.pack_into(self.view, self._priv.old_exception, 0xFFFFFFFF)
+        self.dirty = True
 
     def set_eflags_bit(self, mask: int, on: bool) -> None:
         """Set or clear a bit of RFLAGS that is stored as such (IF, TF): not an arithmetic flag."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pvimage.elfread import ImageError
 
-__all__ = ["ImageError", "Refused", "GuestFault", "Shutdown", "ExitLimit", "TimeUp"]
+__all__ = ["ImageError", "Refused", "GuestFault", "GuestException", "Shutdown", "ExitLimit", "TimeUp"]
 
 
 class Refused(Exception):
@@ -31,6 +31,20 @@ class GuestFault(Exception):
         super().__init__(what)
         self.what = what
         self.rip = rip
+
+
+class GuestException(Exception):
+    """The guest's CPU raises exception `vector` (an emulated instruction that would fault on
+    hardware, e.g. port I/O or cli in user mode): delivered to the guest's own handler, not the
+    end of the run.  `rip` is the faulting instruction (None: the current RIP)."""
+
+    def __init__(self, vector: int, error_code: int | None = None, rip: int | None = None,
+                 registers: dict[str, int] | None = None):
+        super().__init__(f"exception {vector}")
+        self.vector = vector
+        self.error_code = error_code
+        self.rip = rip
+        self.registers = registers or {}   # values to put back first (an `in` that faulted wrote rax)
 
 
 class Shutdown(Exception):

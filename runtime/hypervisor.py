@@ -34,6 +34,7 @@ from .cpu import Cpu
 from .devices.bus import IoBus
 from .devices.cpuid import Cpuid
 from .devices.debug_exit import PORT as DEBUG_EXIT_PORT, DebugExit
+from .devices.marker import PORT as MARKER_PORT, PhaseMarker
 from .devices.msr import MsrFile
 from .devices.pic import PicPair
 from .devices.pit import BASE as PIT_BASE, IRQ as TIMER_IRQ, Pit8254
@@ -108,6 +109,7 @@ def _attach_devices(vm: Vm) -> None:
     bus.attach(DebugExit(), DEBUG_EXIT_PORT)
     vm.pics.attach(bus)
     bus.attach(Pit8254(vm.clock, vm.pics.raise_irq), PIT_BASE, 4)
+    bus.attach(PhaseMarker(vm.stats, vm.clock), MARKER_PORT)
 
 
 def _load(vm: Vm, cmdline: str) -> None:

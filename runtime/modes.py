@@ -5,23 +5,42 @@
   instruction hooks.  The baseline.
 - `Trap`: a native image under trap-and-emulate.  Every sensitive
   instruction the sweep finds exits (trapped.py), and every write to a live
-  page table exits and is validated (pagetables.py), as shadow paging does.
+  page table exits and is validated (pagetables.py), as shadow paging does;
+  so do system calls and exceptions from user mode, which go to the
+  monitor first.
 - `Pv`: a paravirtualized image.  It reaches the hypervisor only through
-  the hypercall page (hypercalls.py); its IF is the shared page's mask.
+  the hypercall page (hypercalls.py); its IF is the shared page's mask;
+  system calls and exceptions bounce through the hypervisor, as in Xen.
+- `Hvm`: a native image with the exit profile of VT-x with EPT and VPID:
+  no exit for cli, sti, pushf, popf, page-table writes, CR3 loads, invlpg,
+  syscall, sysret or guest exceptions; an exit for port I/O, hlt, cpuid,
+  MSR accesses (but the FS/GS bases, passed through by the MSR bitmap),
+  xsetbv, wbinvd/invd, external interrupts and the interrupt window.
+- `HvmShadow`: VT-x without nested paging (first generation): everything
+  in `Hvm`, plus the exits of shadow paging: CR3 loads, invlpg, guest page
+  faults, and writes to guest page tables (write-protected, as
+  shadow-paging monitors did).
+  (docs/design.md cites the VM-execution controls of the Intel SDM behind
+  each rule.)
 
-A mode answers four questions for the rest of the runtime: which images it
-runs; which exits it installs; where the guest's IF lives and how an
-interrupt waits for it; and which addresses the hypervisor may send the
-guest to (pv: only validated instruction starts, rule R8 of docs/abi.md).
+A mode answers the rest of the runtime: which images it runs; which
+instructions exit and under which name; whether exceptions and system
+calls exit before the guest takes them; where the guest's IF lives and how
+an interrupt waits for it; and which addresses the hypervisor may send
+the guest to (pv: only validated instruction starts, rule R8 of
+docs/abi.md).
 """
 from __future__ import annotations
 
 from bisect import bisect_right
 from typing import TYPE_CHECKING
 
+from unicorn import x86_const as U
+
 from pvimage import abi
 
-from .errors import GuestFault, ImageError
+from .devices.msr import FS_BASE, GS_BASE, KERNEL_GS_BASE, LSTAR
+from .errors import GuestFault, ImageError, Refused
 from .exits import hypercalls, trapped
 
 if TYPE_CHECKING:
@@ -38,6 +57,23 @@ class Mode:
     tracks_tables = False          # the MMU validates and write-protects live page tables
     virtual_if = False             # the guest's IF is a flag in the shared page, not RFLAGS.IF
     watches_control_state = False  # CR0/CR3/CR4/EFER are the hypervisor's: checked at every exit
+    port_hooks = True              # in/out/cpuid reach the hypervisor through Unicorn's instruction hooks
+    window = False                 # an interrupt held behind IF opens the interrupt window (trapped.py)
+    interrupt_kind = "interrupt"   # a delivered interrupt's name in the statistics
+    exception_exits: frozenset[int] | None = frozenset()   # vectors that exit before the guest takes them (None: all)
+    syscall_exits = False          # a system call from user mode exits before the kernel takes it
+    exit_names: dict[str, str] = {}     # this mode's name for an exit (VT-x's exit reasons in hvm)
+    passthrough_msrs: frozenset[int] = frozenset()   # MSRs read and written without an exit
+
+    def exiting(self, insn) -> str | None:
+        """The exit a sensitive instruction makes for the whole run, by name; None: it runs natively."""
+        return None
+
+    def exit_name(self, reason: str) -> str:
+        return self.exit_names.get(reason, reason)
+
+    def exception_exits_on(self, vector: int) -> bool:
+        return self.exception_exits is None or vector in self.exception_exits
 
     def interrupts_enabled(self, vm: Vm) -> bool:
         return vm.cpu.interrupt_flag
@@ -61,9 +97,30 @@ class Mode:
     def set_virtual_if(self, vm: Vm, enabled: bool) -> None:
         raise AssertionError(f"{self.name} mode has no virtual IF")
 
+    def syscall_entry(self, vm: Vm) -> int:
+        """Where `syscall` from user mode goes: LSTAR (set by wrmsr, or pv's set_syscall_entry)."""
+        vm.cpu.regs.store()
+        entry = vm.engine.uc.msr_read(LSTAR)
+        if not entry:
+            raise GuestFault("syscall from user mode, but the kernel registered no system-call entry (LSTAR)")
+        self.check_entry_point(vm, entry, "system-call entry")
+        return entry
+
+    def kernel_stack(self, vm: Vm) -> int:
+        """The stack an entry from user mode switches to: the TSS's rsp0, as on hardware."""
+        vm.cpu.regs.store()
+        _, base, limit, _ = vm.engine.uc.reg_read(U.UC_X86_REG_TR)
+        if limit < 11:
+            raise GuestFault("entry from user mode, but no TSS is loaded (ltr) to give the kernel stack")
+        try:
+            return int.from_bytes(vm.mmu.read_virt(base + 4, 8), "little")
+        except Refused as e:
+            raise GuestFault(f"cannot read rsp0 from the TSS at {base:#x}: {e.why}") from None
+
 
 class Bare(Mode):
     name = "bare"
+    window = True
 
     def held(self, vm: Vm) -> None:
         # Open the interrupt window: the instructions that can set IF exit until it is taken.
@@ -77,6 +134,47 @@ class Trap(Mode):
     name = "trap"
     tracks_tables = True
     watches_control_state = True
+    port_hooks = False             # in/out are patched like every sensitive instruction
+    exception_exits = None
+    syscall_exits = True
+
+    def exiting(self, insn) -> str | None:
+        return trapped.exit_reason(insn)
+
+
+class Hvm(Bare):
+    """VT-x with EPT and VPID.  Each rule is a VM-execution control (Intel SDM vol. 3C, 24.6 and 25.1):
+    unconditional I/O exiting, HLT exiting, CPUID and XSETBV and INVD exiting unconditionally,
+    WBINVD exiting, MSR bitmaps (FS/GS bases passed through), external-interrupt exiting,
+    interrupt-window exiting; EPT makes page-table writes, CR3 loads, invlpg and guest page faults
+    the guest's own business (no CR3-load or INVLPG exiting, an exception bitmap without #PF)."""
+    name = "hvm"
+    interrupt_kind = "external interrupt"
+    exit_names = {"port I/O in": "I/O instruction", "port I/O out": "I/O instruction", "cpuid": "CPUID"}
+    passthrough_msrs = frozenset({FS_BASE, GS_BASE, KERNEL_GS_BASE})
+    EXITING = {"hlt": "HLT", "rdmsr": "RDMSR", "wrmsr": "WRMSR", "xsetbv": "XSETBV", "wbinvd": "WBINVD",
+               "invd": "INVD"}
+
+    def exiting(self, insn) -> str | None:
+        return self.EXITING.get(insn.mnemonic)
+
+
+class HvmShadow(Hvm):
+    """First-generation VT-x, without nested paging: the monitor keeps shadow page tables, so CR3 loads
+    (CR3-load exiting), invlpg (INVLPG exiting) and guest page faults (#PF in the exception bitmap)
+    exit, and so do writes to guest page tables, which it write-protects."""
+    name = "hvm-shadow"
+    tracks_tables = True
+    exception_exits = frozenset({14})
+    exit_names = {**Hvm.exit_names, "page-table write": "page-table write (shadow)"}
+
+    def exiting(self, insn) -> str | None:
+        reason = trapped.exit_reason(insn)
+        if reason == "trap mov to cr3":
+            return "CR3 load"
+        if insn.mnemonic == "invlpg":
+            return "INVLPG"
+        return super().exiting(insn)
 
 
 class Pv(Mode):
@@ -98,8 +196,12 @@ class Pv(Mode):
     tracks_tables = True
     virtual_if = True
     watches_control_state = True
+    interrupt_kind = "upcall"
+    exception_exits = None         # every exception bounces through the hypervisor
+    syscall_exits = True
 
     def __init__(self, image) -> None:
+        self.kernel_sp: int | None = None               # stack_switch: the stack for entries from user mode
         self.hypercall_page: int = image.hypercall_page
         spans = sorted((s.address, s.address + s.length) for s in image.info.sites if s.batched)
         self._starts = [a for a, _ in spans]
@@ -148,13 +250,18 @@ class Pv(Mode):
             return rip if caller is None else caller
         return rip
 
+    def kernel_stack(self, vm: Vm) -> int:
+        if self.kernel_sp is None:
+            raise GuestFault("entry from user mode, but the kernel set no stack for it (stack_switch)")
+        return self.kernel_sp
+
     def check_entry_point(self, vm: Vm, address: int, what: str) -> None:
         """Rule R8: the hypervisor sends the guest only to validated instruction starts."""
         if address not in self.code.starts and address not in self.code.resume_points:
             raise GuestFault(f"{what}: {address:#x} is not an instruction start the validator saw (rule R8)")
 
 
-MODES: dict[str, type[Mode]] = {"bare": Bare, "trap": Trap, "pv": Pv}
+MODES: dict[str, type[Mode]] = {"bare": Bare, "trap": Trap, "pv": Pv, "hvm": Hvm, "hvm-shadow": HvmShadow}
 
 
 def choose(name: str | None, image) -> Mode:

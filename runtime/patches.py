@@ -39,6 +39,7 @@ class Patch:
     insn: object               # its capstone decoding
     reason: str                # the exit's name in the statistics, e.g. "trap cli"
     emulate: Callable          # (vm, insn) -> None; the instruction's effect
+    privileged: bool = False   # faults (#GP) in user mode instead
 
 
 class Patches:

@@ -51,7 +51,7 @@ from unicorn import UC_ERR_INSN_INVALID, UcError
 from . import delivery
 from .clock import EXIT_NS, NEVER, SLICE_INSNS, SLICE_NS
 from .cpu import CODE, FAULT, INSN, LOOP, SYSCALL, TRAP
-from .errors import ExitLimit, GuestFault, Refused, Shutdown, TimeUp
+from .errors import ExitLimit, GuestException, GuestFault, Refused, Shutdown, TimeUp
 from .exits import faults, hypercalls, io, pagetables, trapped
 from .machine import Deadline, Stop, Vm
 
@@ -122,6 +122,7 @@ class Runner:
         self._loop_wanted = False             # a hook stopped emulation to let the loop act
         self._step = False                    # run exactly one instruction next (the sti shadow ...)
         self._native: int | None = None       # ... the original one under the patch at this address
+        self._pending_exception: GuestException | None = None   # raised where the guest could not be redirected
         self._sliced = False                  # the current emu_start is a time slice (counted instructions)
         self._budget = 0                      # its instruction count (0: unbounded)
         self._begin = 0                       # where it started
@@ -132,22 +133,20 @@ class Runner:
 
     # -- hooks --------------------------------------------------------------------------
     def install(self) -> None:
-        """Hook the exits the mode takes through Unicorn; every mode gets exceptions and faults."""
-        engine, mode = self.vm.engine, self.vm.mode
+        """Hook the exits the mode takes through Unicorn, and patch the instructions that exit in it."""
+        vm = self.vm
+        engine, mode = vm.engine, vm.mode
         engine.hook_interrupt(self._hook(Exit.EXCEPTION))
         engine.hook_invalid_memory(self._hook(Exit.MEMORY))
         engine.hook_syscall(self._hook(Exit.SYSCALL))
-        if mode.name == "bare":
+        if mode.port_hooks:                 # pv: direct port I/O or cpuid could only be hidden code: a fault
             engine.hook_in(self._hook(Exit.PORT_IN))
             engine.hook_out(self._hook(Exit.PORT_OUT))
             engine.hook_cpuid(self._hook(Exit.CPUID))
-            self.hlt_sites = frozenset(f.address for f in self.vm.image.sensitive if f.mnemonic == "hlt")
-        elif mode.name == "trap":
-            trapped.install(self.vm)
-        else:                             # pv: direct port I/O or cpuid can only be hidden code
-            engine.hook_in(self._hook(Exit.PORT_IN))
-            engine.hook_out(self._hook(Exit.PORT_OUT))
-            engine.hook_cpuid(self._hook(Exit.CPUID))
+        trapped.install(vm)
+        # Unicorn runs an unpatched hlt itself and stops after it: the loop then idles the guest.
+        self.hlt_sites = frozenset(f.address for f in vm.image.sensitive
+                                   if f.mnemonic == "hlt" and f.address not in vm.patches.live)
 
     def _hook(self, kind: Exit) -> Callable:
         vm, cpu, regs, stats, mem = self.vm, self.vm.cpu, self.vm.cpu.regs, self.vm.stats, self.vm.mem
@@ -155,6 +154,8 @@ class Runner:
         check = vm.mode.watches_control_state
 
         def hook(*args):
+            if vm.stop is not None:        # the run is over: Unicorn may still run an instruction or two
+                return on_kill
             start = perf_counter()
             cpu.exit_kind = hook_kind
             rebuilds = mem.rebuilds
@@ -167,6 +168,9 @@ class Runner:
                 if mem.rebuilds != rebuilds:       # Unicorn stops after its memory map is rebuilt
                     self._want_loop()
                 return result
+            except GuestException as e:
+                self._guest_exception(e)
+                return on_kill
             except BaseException as e:
                 self._end(e)
                 return on_kill
@@ -193,6 +197,24 @@ class Runner:
             case _:                   # a hypervisor bug must not crash the host either
                 vm.kill(Stop("fault", 125, f"hypervisor internal error while handling an exit at "
                                            f"{self.where(self._rip())}: {type(e).__name__}: {e}"))
+
+    def _guest_exception(self, exc: GuestException) -> None:
+        """The guest's CPU raised `exc` during an exit: deliver it now if this hook can redirect
+        the guest, else from the loop (registers put back first)."""
+        if self.vm.cpu.exit_kind in (SYSCALL, TRAP):
+            try:
+                faults.take(self.vm, exc)
+            except BaseException as e:
+                self._end(e)
+        else:
+            self._pending_exception = exc
+            self._want_loop()
+
+    def _take_pending_exception(self) -> None:
+        exc, self._pending_exception = self._pending_exception, None
+        for name, value in exc.registers.items():
+            self.vm.cpu.regs[name] = value
+        faults.take(self.vm, exc)
 
     def safely(self, fn: Callable, *args) -> None:
         """Run `fn` outside any hook with the same protection as a hook."""
@@ -225,6 +247,7 @@ class Runner:
                 print(f"exit {stats.total_exits} [{clock.ticks / 1000:.3f} us]: {reason} at {place}",
                       file=self.trace)
         else:
+            stats.current_reason = reason
             stats.exits[reason] += 1
             stats.total_exits += 1
         if self.max_exits is not None and stats.total_exits > self.max_exits:
@@ -264,7 +287,7 @@ class Runner:
         if not pics.pending():           # running the pv queue may have masked or acknowledged it
             mode.nothing_pending(vm)
             return False
-        delivery.enter(vm, pics.acknowledge(), "upcall" if mode.virtual_if else "interrupt")
+        delivery.enter(vm, pics.acknowledge(), mode.interrupt_kind)
         mode.delivered(vm)
         return True
 
@@ -328,7 +351,9 @@ class Runner:
         vm = self.vm
         vm.cpu.regs.finish()               # whatever set-up read, the hooks start from a fresh copy
         while vm.stop is None:
-            if not self._step:
+            if self._pending_exception is not None:
+                self.safely(self._take_pending_exception)
+            if not self._step and vm.stop is None:
                 if self.debugger is not None:
                     self.safely(self.debugger.pause_point)
                 if vm.stop is None and not self.paused:

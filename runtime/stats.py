@@ -31,6 +31,7 @@ class Stats:
     mode: str
     exits: Counter = field(default_factory=Counter)
     batched: Counter = field(default_factory=Counter)
+    events: Counter = field(default_factory=Counter)   # what the runtime did as the CPU, with no exit
     total_exits: int = 0
     wall_seconds: float = 0.0
     run_seconds: float = 0.0
@@ -43,9 +44,12 @@ class Stats:
     load_seconds: float = 0.0
     profile: bool = False
     sites: dict[str, Counter] = field(default_factory=dict)
+    phases: dict = field(default_factory=dict)         # devices/marker.py: phase id -> Phase
+    current_reason: str = ""                           # the exit being handled
 
     def account(self, reason: str, where: int | None = None) -> None:
         """One exit (or delivery) of this kind, at guest address `where` if known."""
+        self.current_reason = reason
         self.exits[reason] += 1
         self.total_exits += 1
         if self.profile and where is not None:
@@ -61,6 +65,7 @@ class Stats:
             "exits": self.total_exits,
             "exits_by_reason": dict(self.exits.most_common()),
             "multicall_entries": dict(self.batched.most_common()),
+            "cpu_events": dict(self.events.most_common()),
             "guest_seconds": round(self.guest_seconds, 6),
             "hypervisor_seconds": round(self.hypervisor_seconds, 6),
             "wall_seconds": round(self.wall_seconds, 6),
@@ -70,13 +75,14 @@ class Stats:
             "idle_virtual_ns": self.idle_ns,
             "deferred_upcalls": self.deferred,
             "slices": self.slices,
+            "phases": {str(k): p.as_dict() for k, p in sorted(self.phases.items())},
         }
 
     def render(self) -> str:
         lines = [f"mode {self.mode}: {self.total_exits} exits; guest {self.guest_seconds:.3f} s, "
                  f"hypervisor {self.hypervisor_seconds:.3f} s, load {self.load_seconds:.3f} s, "
                  f"wall {self.wall_seconds:.3f} s"]
-        width = max((len(r) for r in list(self.exits) + list(self.batched)), default=0)
+        width = max((len(r) for r in list(self.exits) + list(self.batched) + list(self.events)), default=0)
         lines += [f"  {reason.ljust(width)}  {n:>9}" for reason, n in self.exits.most_common()]
         if self.idle_skips or self.deferred or self.slices:
             lines.append(f"  idle skips {self.idle_skips} ({self.idle_ns / 1e6:.3f} ms virtual), "
@@ -84,4 +90,7 @@ class Stats:
         if self.batched:
             lines.append("  batched in multicalls (no exit of their own):")
             lines += [f"  {name.ljust(width)}  {n:>9}" for name, n in self.batched.most_common()]
+        if self.events:
+            lines.append("  done by the CPU, no exit:")
+            lines += [f"  {name.ljust(width)}  {n:>9}" for name, n in self.events.most_common()]
         return "\n".join(lines)

@@ -50,7 +50,7 @@ class TtyBuffer(io.StringIO):
 
 def test_hello_rows_for_every_mode(capsys):
     rows = bench_json(capsys, HELLO, "--repeat", "1")
-    assert [(r["kernel"], r["mode"]) for r in rows] == [("hello", m) for m in ("bare", "trap", "pv")]
+    assert [(r["kernel"], r["mode"]) for r in rows] == [("hello", m) for m in ("bare", "trap", "pv", "hvm", "hvm-shadow")]
     for r in rows:
         assert ROW_KEYS <= r.keys()
         assert r["repeats"] == 1 and r["status"] == 0
@@ -135,7 +135,7 @@ def test_progress_line_only_on_a_terminal(capsys, monkeypatch):
     monkeypatch.setattr(bench, "_default_runner", lambda image, mode, t: fake_result(mode))
     tty = TtyBuffer()
     monkeypatch.setattr(sys, "stderr", tty)
-    assert cli.main(["bench", HELLO, "--repeat", "2", "--json"]) == 0
+    assert cli.main(["bench", HELLO, "--repeat", "2", "--json", "--modes", "bare,trap,pv"]) == 0
     shown = tty.getvalue()
     assert shown.count("\r") >= 6 and "[6/6] repeat 2/2: hello pv" in shown
     assert shown.endswith("\r") and shown.rsplit("\r", 2)[1].strip() == ""    # cleared at the end

@@ -1,10 +1,10 @@
-"""Four-way equivalence: the project's main line of defence.
+"""Equivalence: the project's main line of defence.
 
 Every kernel in kernels/ and in ../shared/conformance/ (when present) runs
-four ways: its native build booted on QEMU (PVH), its native build on the
-runtime in `bare` and in `trap` mode, and its PV build on the runtime in
-`pv` mode.  All four must print exactly the lines in the kernel's header and
-end with its exit status.
+six ways: its native build booted on QEMU (PVH), its native build on the
+runtime in `bare`, `trap`, `hvm` and `hvm-shadow` mode, and its PV build on
+the runtime in `pv` mode.  All must print exactly the lines in the kernel's
+header and end with its exit status.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def on_runtime(image: bytes, mode: str) -> tuple[str, int]:
 
 
 @pytest.mark.parametrize("path", KERNELS, ids=kernels.kernel_id)
-@pytest.mark.parametrize("way", ["qemu", "bare", "trap", "pv"])
+@pytest.mark.parametrize("way", ["qemu", "bare", "trap", "pv", "hvm", "hvm-shadow"])
 def test_four_ways_agree(path, way, images):
     expected = kernels.expectation(path)
     if way == "qemu":

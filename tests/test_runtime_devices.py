@@ -126,3 +126,35 @@ def test_virtual_clock_is_deterministic_and_strictly_increasing():
     assert reads == [b.read_tsc() for _ in range(5)]
     assert all(y - x == TSC_STEP for x, y in zip(reads, reads[1:]))
     assert a.now_ns == 5 * TSC_STEP
+
+
+# -- the phase marker (port 0x80) ---------------------------------------------------------------------
+
+PHASES = """
+fn kmain() -> u64 {
+    outl(0x80, (100 << 8) | 7);
+    for i in 0..100 { wbinvd(); }
+    outl(0x80, 0);
+    outb(0x80, 9);
+    wbinvd();
+    outb(0x80, 0);
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("mode", ["bare", "trap", "pv"])
+def test_phase_markers_count_the_work_between_them(tmp_path, mode):
+    from pvtool import driver
+    from runtime.hypervisor import run
+    src = tmp_path / "phases.pvk"
+    src.write_text(PHASES)
+    result = run(driver.compile_file(str(src), "pv" if mode == "pv" else "native"), mode, timeout=30)
+    assert result.status == 0, result.message
+    seven, nine = result.stats.phases[7], result.stats.phases[9]
+    assert (seven.runs, seven.operations, nine.runs, nine.operations) == (1, 100, 1, 0)
+    reason = {"bare": None, "trap": "trap wbinvd", "pv": "hypercall wbinvd"}[mode]
+    assert dict(seven.exits) == ({} if reason is None else {reason: 100})     # the markers' own exits are not in
+    assert dict(nine.exits) == ({} if reason is None else {reason: 1})
+    assert seven.virtual_ns >= 100 * 1000 if reason else seven.virtual_ns >= 0
+    assert result.stats.as_dict()["phases"]["7"]["operations"] == 100

@@ -410,7 +410,8 @@ def test_iret_hypercall_restores_the_frame_and_the_mask_and_delivers_what_waits(
 
 @pytest.mark.parametrize("mode", ["trap", "pv"])
 @pytest.mark.parametrize("frame,expect", [
-    ((0x100000, 0x18, 0x202, STACK, 0x10), "CS 0x18 is not the code segment 0x8"),
+    ((0x100000, 0x18, 0x202, STACK, 0x10), "CS 0x18 is neither the code segment 0x8"),
+    ((0x100000, 0x23, 0x202, STACK, 0x10), "CS 0x23 is neither the code segment 0x8"),   # user CS, kernel SS
     ((0x100000, 0x08, 0x202, STACK, 0x2B), "SS 0x2b is not the stack segment 0x10"),
     ((1 << 63, 0x08, 0x202, STACK, 0x10), "RIP 0x8000000000000000 is not canonical"),
     ((0x100000, 0x08, 0x202, 1 << 50, 0x10), "RSP 0x4000000000000 is not canonical"),
@@ -431,7 +432,7 @@ def test_bad_iret_frames_are_clear_faults(mode, frame, expect, ready):
     (gate(kind=0x0E), 0xFFF, "gate 32 of the IDT at 0x1800000 is not present"),
     (gate(kind=0x8C), 0xFFF, "gate 32 has type 0xc, not a 64-bit interrupt or trap gate"),
     (gate(ist=1), 0xFFF, "asks for IST stack 1"),
-    (gate(selector=0x10), 0xFFF, "selector 0x10 is not the code segment 0x8"),
+    (gate(selector=0x10), 0xFFF, "selector 0x10 is not the kernel code segment 0x8"),
     (gate(handler=1 << 47), 0xFFF, "handler 0x800000000000 is not canonical"),
 ])
 @pytest.mark.parametrize("mode", MODES)

@@ -37,6 +37,11 @@ modes:
          and every write to a live page table exits to the hypervisor
   pv     a paravirtualized image: it reaches the hypervisor only through
          hypercalls (the default for PV images; bare is the default for native)
+  hvm    a native image with the exits of VT-x with EPT: port I/O, hlt, cpuid,
+         MSRs, xsetbv, wbinvd, external interrupts and the interrupt window
+  hvm-shadow
+         VT-x without nested paging: hvm's exits plus CR3 loads, invlpg, guest
+         page faults and writes to guest page tables (shadow paging)
 
 debugging:
   pvtool run kernels/hello.pv.elf --gdb 1234 --gdb-wait
@@ -54,8 +59,8 @@ def register(sub) -> None:
                     "target, on the bundled Unicorn hypervisor. stdout is the guest's console.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image", metavar="IMAGE|SRC.pvk", help="an ELF64 x86-64 image or a PVK source")
-    p.add_argument("--mode", choices=MODES, help="bare, trap or pv (default: pv for PV images "
-                                                 "and .pvk sources, bare for native images)")
+    p.add_argument("--mode", choices=MODES, help="bare, trap, pv, hvm or hvm-shadow (default: pv for PV "
+                                                 "images and .pvk sources, bare for native images)")
     p.add_argument("--timeout", type=_seconds, default=60.0, metavar="S",
                    help="stop a guest still running after S seconds, exit 124 (default 60; 0: never)")
     p.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MIB, metavar="MiB",

@@ -23,7 +23,7 @@ from .. import driver
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_KERNELS = tuple(ROOT / "kernels" / f"{name}.pvk" for name in ("churn", "critical", "sieve", "tasks"))
-TARGET_OF = {"bare": "native", "trap": "native", "pv": "pv"}
+TARGET_OF = {"bare": "native", "trap": "native", "pv": "pv", "hvm": "native", "hvm-shadow": "native"}
 
 Runner = Callable[[bytes, str, float | None], RunResult]
 

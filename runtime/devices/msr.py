@@ -2,9 +2,11 @@
 
 Registers the CPU itself uses (EFER, FS/GS base, the kernel GS base) live in
 Unicorn's vCPU and are written through, after checks that keep the
-hypervisor's invariants (long mode stays on; bases stay canonical).  The
-rest are plain storage.  The syscall MSRs are storage too: `syscall` is the
-hypercall instruction here and never jumps to LSTAR.  An unknown MSR, or a
+hypervisor's invariants (long mode stays on; bases stay canonical).  So do
+the system-call MSRs (STAR, LSTAR, CSTAR, SFMASK): Unicorn's own `sysretq`
+reads them, and the runtime reads them when it performs a `syscall`
+(faults.py, hypercalls.py); STAR must name the ABI's selectors.  The rest
+are plain storage.  An unknown MSR, or a
 write the file refuses, raises `Refused(EINVAL)`: `-EINVAL` from the
 hypercall, #GP (a fault) when trapped.  `bare` mode does not come here:
 Unicorn cannot hook rdmsr/wrmsr, so a bare guest reads Unicorn's own MSRs.
@@ -30,9 +32,8 @@ TSC_AUX = 0xC0000103
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1 << 0, 1 << 8, 1 << 10, 1 << 11
 _EFER_FIXED = EFER_LME | EFER_LMA           # long mode cannot be left
 _EFER_WRITABLE = EFER_SCE | EFER_NXE | _EFER_FIXED
-_IN_CPU = (EFER, FS_BASE, GS_BASE, KERNEL_GS_BASE)
-_STORED = {IA32_PAT: 0x0007040600070406, IA32_MISC_ENABLE: 1, IA32_APIC_BASE: 0,
-           STAR: 0, LSTAR: 0, CSTAR: 0, SFMASK: 0, TSC_AUX: 0}
+_IN_CPU = (EFER, FS_BASE, GS_BASE, KERNEL_GS_BASE, STAR, LSTAR, CSTAR, SFMASK)
+_STORED = {IA32_PAT: 0x0007040600070406, IA32_MISC_ENABLE: 1, IA32_APIC_BASE: 0, TSC_AUX: 0}
 _READ_ONLY = (IA32_MISC_ENABLE, IA32_APIC_BASE)
 
 
@@ -62,10 +63,17 @@ class MsrFile:
             if value & ~_EFER_WRITABLE or value & _EFER_FIXED != _EFER_FIXED:
                 raise Refused(abi.EINVAL, f"EFER value {value:#x} would leave long mode or sets reserved bits")
             self.uc.msr_write(msr, value)
-        elif msr in (FS_BASE, GS_BASE, KERNEL_GS_BASE):
+        elif msr in (FS_BASE, GS_BASE, KERNEL_GS_BASE, LSTAR, CSTAR):
             if not canonical(value):
-                raise Refused(abi.EINVAL, f"non-canonical base {value:#x} for MSR {msr:#x}")
+                raise Refused(abi.EINVAL, f"non-canonical address {value:#x} for MSR {msr:#x}")
             self.uc.msr_write(msr, value)
+        elif msr == STAR:
+            if value and (value >> 32 & 0xFFFF != abi.KERNEL_CS or (value >> 48) + 16 | 3 != abi.USER_CS):
+                raise Refused(abi.EINVAL, f"STAR {value:#x}: the selectors must be the ABI's "
+                                          f"(kernel {abi.KERNEL_CS:#x}, user {abi.USER_CS:#x})")
+            self.uc.msr_write(msr, value)
+        elif msr == SFMASK:
+            self.uc.msr_write(msr, value & 0xFFFFFFFF)
         elif msr in self.stored and msr not in _READ_ONLY:
             self.stored[msr] = value
         else:

@@ -38,7 +38,8 @@ from pvimage import abi
 from .. import delivery
 from ..cpu import DESCRIPTOR
 from ..devices.bus import SIZES
-from ..devices.msr import canonical
+from ..cpu import RFLAGS_IF, SYSCALL_SIZE
+from ..devices.msr import LSTAR, canonical
 from ..engine import GPR_INDEX, RIP_INDEX
 from ..errors import GuestFault, Refused, Shutdown
 
@@ -82,10 +83,12 @@ def hypercall(nr: int):
 # -- dispatch ----------------------------------------------------------------------------
 
 def on_syscall(vm: Vm) -> None:
-    """The syscall hook in pv mode: one hypercall exit."""
+    """The syscall hook in pv mode: a hypercall exit (or, from user mode, a system call to bounce)."""
     regs = vm.cpu.regs
     block = regs.block()
     rip = block[RIP_INDEX]
+    if vm.cpu.cpl == 3:
+        return user_syscall(vm)
     if not vm.mode.in_hypercall_page(rip):
         raise GuestFault("syscall outside the hypercall page")
     nr = block[0]
@@ -106,6 +109,32 @@ def on_syscall(vm: Vm) -> None:
     if result is not None:                # None: the hypercall does not return (iret)
         regs["rax"] = result
     vm.mem.write_u64(SH_TIME, vm.clock.ticks)
+
+
+def user_syscall(vm: Vm) -> None:
+    """A user process's `syscall`: bounce it to the kernel's registered entry (Xen's syscall callback).
+
+    As the CPU would: RCX = the next RIP, R11 = RFLAGS; then, as a Xen guest
+    expects, on the kernel stack from `stack_switch` an interrupt frame back
+    to the user (rip, cs, rflags, rsp, ss), events masked, ring 0."""
+    vm.run.count("system call", vm.cpu.rip)
+    cpu, mode = vm.cpu, vm.mode
+    entry = mode.syscall_entry(vm)
+    rip = cpu.rip + SYSCALL_SIZE
+    rflags = cpu.rflags()
+    if mode.interrupts_enabled(vm):
+        rflags |= RFLAGS_IF
+    frame = delivery.Frame(rip, abi.USER_CS, rflags, cpu.regs["rsp"], abi.USER_DS)
+    try:
+        rsp = delivery.push_frame(vm.mmu, frame, mode.kernel_stack(vm))
+    except GuestFault as e:
+        raise GuestFault(f"system call: {e.what}") from None
+    cpu.regs["rcx"] = rip
+    cpu.regs["r11"] = rflags
+    cpu.regs["rsp"] = rsp
+    cpu.enter_ring(0)
+    mode.set_virtual_if(vm, False)
+    cpu.jump(entry)
 
 
 def caller(vm: Vm) -> int | None:
@@ -284,6 +313,23 @@ def iret(vm: Vm) -> None:
 def set_timer(vm: Vm, deadline: int) -> int:
     """One-shot: raise IRQ 0 when the virtual clock reaches `deadline` ns (0 cancels; a past one fires now)."""
     vm.clock.arm(vm.oneshot, deadline or None)
+    return 0
+
+
+@hypercall(abi.HC_STACK_SWITCH)
+def stack_switch(vm: Vm, sp: int) -> int:
+    """The kernel stack for the next entry from user mode (Xen's stack_switch)."""
+    if not canonical(sp):
+        raise Refused(abi.EINVAL, f"stack pointer {sp:#x} is not canonical")
+    vm.mode.kernel_sp = sp
+    return 0
+
+
+@hypercall(abi.HC_SET_SYSCALL_ENTRY)
+def set_syscall_entry(vm: Vm, address: int) -> int:
+    """Where a user `syscall` enters the kernel (Xen's syscall callback): LSTAR, as the wrmsr hypercall sets it."""
+    vm.cpu.regs.store()
+    vm.msrs.write(LSTAR, address)
     return 0
 
 

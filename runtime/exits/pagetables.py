@@ -44,7 +44,7 @@ def on_invalid_access(vm: Vm, access: int, address: int, size: int, value: int) 
             return True
         level = vm.mmu.tables.get(page_of(address))
         if level is not None:
-            if vm.mode.name == "pv":
+            if vm.mode.virtual_if:             # pv: tables change only through set_pte
                 raise GuestFault(f"direct write to a live page table at {address:#x} (level {level}); "
                                  f"PV guests update page tables with set_pte")
             return shadow_write(vm, address, size, value)
@@ -57,7 +57,7 @@ def shadow_write(vm: Vm, pa: int, size: int, value: int) -> bool:
 
     The hypervisor performs the store, validated; returning True lets the
     CPU perform it too, with the same bytes, and go on past it."""
-    vm.run.count("page-table write", vm.cpu.rip)
+    vm.run.count(vm.mode.exit_name("page-table write"), vm.cpu.rip)
     entry = pa & ~7
     if size > 8 or pa + size > entry + 8:
         raise GuestFault(f"a {size}-byte store at {pa:#x} crosses page-table entries; only whole-entry "

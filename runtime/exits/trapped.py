@@ -35,9 +35,10 @@ from capstone import x86_const as C
 from .. import delivery
 from ..cpu import DESCRIPTOR, RFLAGS_IF
 from ..devices.msr import FS_BASE, GS_BASE, TSC_AUX
-from ..errors import GuestFault, Refused
+from ..errors import GuestException, GuestFault, Refused
 from ..memory import PAGE
 from ..patches import Patch
+from pvimage.sweep import PRIVILEGED
 
 if TYPE_CHECKING:
     from ..machine import Vm
@@ -46,6 +47,7 @@ MASK64 = (1 << 64) - 1
 # RFLAGS bits popf may change at CPL 0 (not TF: single-stepping is not emulated)
 POPF_MASK = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x200 | 0x400 | 0x800 | 0x3000 | 0x4000 | 0x40000 | 0x200000
 PUSHF_MASK = ~((1 << 16) | (1 << 17)) & MASK64   # RF and VM read as 0
+IOPL = 0x3000
 WINDOW = ("sti", "popf", "popfq", "iretq", "iret")  # what can set IF: the interrupt window's exits
 _SEGMENT_OR_DEBUG = {"cs", "ds", "es", "fs", "gs", "ss"} | {f"dr{n}" for n in range(16)}
 
@@ -148,7 +150,8 @@ def popf(vm: Vm, insn) -> None:
     rsp = vm.cpu.regs["rsp"]
     value, = struct.unpack("<Q", vm.mmu.read_virt(rsp, 8))
     vm.cpu.regs["rsp"] = (rsp + 8) & MASK64
-    vm.cpu.set_rflags((vm.cpu.rflags() & ~POPF_MASK) | (value & POPF_MASK) | 2)
+    mask = POPF_MASK if vm.cpu.cpl == 0 else POPF_MASK & ~(RFLAGS_IF | IOPL)   # user mode: silently kept
+    vm.cpu.set_rflags((vm.cpu.rflags() & ~mask) | (value & mask) | 2)
 
 
 def _port(vm: Vm, insn, op) -> int:
@@ -256,6 +259,12 @@ def emulator_for(insn) -> Callable:
     return cannot
 
 
+def _passed_through(vm: Vm, patch: Patch) -> bool:
+    """An MSR access the mode's MSR bitmap lets through: emulated, but no exit (hvm: the FS/GS bases)."""
+    return patch.insn.mnemonic in ("rdmsr", "wrmsr") and \
+        vm.cpu.regs["rcx"] & 0xFFFFFFFF in vm.mode.passthrough_msrs
+
+
 def cannot(vm: Vm, insn) -> None:
     raise GuestFault(f"trap: cannot emulate '{text(insn)}'")
 
@@ -306,30 +315,31 @@ def _decode(code: bytes, address: int):
 # -- which instructions exit ------------------------------------------------------------------
 
 
-def patches_for(vm: Vm, mnemonics: tuple[str, ...] | None = None) -> list[Patch]:
-    """Patches for the sensitive instructions of the image (those named, or all)."""
+def patches_for(vm: Vm, reason_of: Callable) -> list[Patch]:
+    """Patches for the image's sensitive instructions that `reason_of(insn)` names an exit for."""
     out = []
     for finding in vm.image.sensitive:
-        if mnemonics is not None and finding.mnemonic not in mnemonics:
-            continue
         insn = decode(vm, finding.address, finding.size)
-        if insn is not None:
-            out.append(Patch(insn.address, insn.size, insn, exit_reason(insn), emulator_for(insn)))
+        reason = reason_of(insn) if insn is not None else None
+        if reason is not None:
+            out.append(Patch(insn.address, insn.size, insn, reason, emulator_for(insn),
+                             finding.category == PRIVILEGED))
     return out
 
 
 def install(vm: Vm) -> int:
-    """Trap mode: every sensitive instruction exits, for the whole run; returns how many."""
-    patches = patches_for(vm)
+    """The instructions that exit in this mode for the whole run (trap: all of them); returns how many."""
+    patches = patches_for(vm, vm.mode.exiting)
     for patch in patches:
         vm.patches.arm(patch)
     return len(patches)
 
 
 def open_window(vm: Vm) -> None:
-    """Bare mode: an interrupt waits for IF, so the instructions that can set it exit until it is taken."""
+    """An interrupt waits for IF: the instructions that can set it exit until it is taken."""
     if vm.run.window is None:
-        vm.run.window = patches_for(vm, WINDOW)
+        vm.run.window = [p for p in patches_for(vm, lambda insn: "interrupt window" if insn.mnemonic in WINDOW
+                                                 else None) if p.address not in vm.patches.live]
         for patch in vm.run.window:
             vm.patches.arm(patch)
 
@@ -343,7 +353,10 @@ def close_window(vm: Vm) -> None:
 
 def on_patch(vm: Vm, patch: Patch) -> None:
     """The CPU reached a patched instruction: the exit.  RIP is past the breakpoint byte."""
-    vm.run.count(patch.reason if vm.run.window is None else "interrupt window", patch.address)
+    if vm.cpu.cpl == 3 and patch.privileged:          # what the real instruction does in user mode:
+        raise GuestException(13, 0, patch.address)    # the #GP is the exit
+    if not _passed_through(vm, patch):
+        vm.run.count(patch.reason, patch.address)
     vm.cpu.jump(patch.address + patch.size)       # first: an emulation may send the guest elsewhere
     try:
         patch.emulate(vm, patch.insn)
