@@ -108,7 +108,7 @@ def _symtab(image: LinkedImage, index: dict[str, int], strtab: _Strtab) -> tuple
 def _debug(image: LinkedImage) -> dict[str, bytes]:
     text = image.section(".text")
     return dwarf.debug_sections(image.lines, image.funcs, image.files,
-                                text.addr, text.addr + text.size, os.getcwd(), image.frames)
+                                text.addr, text.addr + text.size, os.getcwd(), image.frames, image.variables)
 
 
 def write(image: LinkedImage) -> bytes:

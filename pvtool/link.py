@@ -233,6 +233,14 @@ def _mark_prologue_end(rows: list[dwarf.Row], body: int) -> list[dwarf.Row]:
     return rows
 
 
+def _debug_function(p: _Placed) -> dwarf.Func:
+    fn = p.code
+    variables = [dwarf.Variable(v.name, v.type, v.param,
+                                [(p.addr + start, p.addr + end, reg, offset) for start, end, reg, offset in v.places],
+                                v.line) for v in fn.variables]
+    return dwarf.Func(p.name, p.addr, p.addr + p.size, fn.loc.file, fn.loc.line, fn.result, variables)
+
+
 def _stub_frames() -> list[FrameStep]:
     """The runtime's hypercall stubs (pvimage.abi.hypercall_stub): the caller's frame until
     the `pop rcx` after the syscall, then a masked return through rcx."""
@@ -359,6 +367,7 @@ def link(obj: ObjectCode) -> LinkedImage:
         entry32=syms.addr.get("_start32"), hypercall_page=hc_page,
         sections=sections, symbols=syms.table, files=_file_list(obj),
         lines=_lines(text), frames=_frames(text, bc.functions), sites=_sites(text, obj.target),
-        funcs=[dwarf.Func(p.name, p.addr, p.addr + p.size, p.code.loc.file, p.code.loc.line)
-               for p in text if p.code.loc is not None],
+        funcs=[_debug_function(p) for p in text if p.code.loc is not None],
+        variables=[dwarf.Global(p.name, p.data.type, p.addr, p.loc.file, p.loc.line)
+                   for p in data + bss if p.data.type is not None and p.loc is not None],
         notes=[n for _, group in groups for n in group])

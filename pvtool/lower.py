@@ -77,13 +77,13 @@ class _Module:
         t = item.sym.type
         size, align = size_of(t), align_of(t)
         if item.value is None:
-            return ir.Data(item.name, "bss", size, align, loc=item.loc)
+            return ir.Data(item.name, "bss", size, align, loc=item.loc, type=t)
         buf = bytearray(size)
         relocs: list[ir.DataReloc] = []
         self.serialize(item.value, t, buf, 0, relocs, item.loc)
         if not relocs and not any(buf):
-            return ir.Data(item.name, "bss", size, align, loc=item.loc)
-        return ir.Data(item.name, "data", size, align, bytes(buf), relocs, loc=item.loc)
+            return ir.Data(item.name, "bss", size, align, loc=item.loc, type=t)
+        return ir.Data(item.name, "data", size, align, bytes(buf), relocs, loc=item.loc, type=t)
 
     def serialize(self, v: ast.StaticValue, t: Type, buf: bytearray, at: int,
                   relocs: list[ir.DataReloc], loc: Loc) -> None:
@@ -106,7 +106,7 @@ class _Function:
         self.module = module
         self.fn = fn
         self.f = ir.Function(fn.name, [], [], returns_value=fn.result is not None,
-                             interrupt=fn.interrupt, loc=fn.loc)
+                             interrupt=fn.interrupt, loc=fn.loc, result=fn.sym.type.result)
         self.home: dict[ast.Local, ir.VReg | int] = {}     # vreg, or slot index
         self.loops: list[tuple[str, str]] = []             # (continue target, break target)
         self.labels = 0
@@ -120,10 +120,11 @@ class _Function:
             self.f.params.append(v)
             self.loc = p.loc
             if is_aggregate(p.sym.type) or p.sym.addr_taken:
-                self.allocate(p.sym)
+                self.allocate(p.sym, param=True)
                 self.store_local(p.sym, v)
             else:
                 self.home[p.sym] = v
+                self.f.vars.append(ir.Var(p.name, p.sym.type, v, True, p.loc))
         for s in self.fn.body.stmts:
             self.stmt(s)
         self.loc = self.fn.body.end
@@ -207,7 +208,7 @@ class _Function:
 
     # -- locals ------------------------------------------------------------------------------
 
-    def allocate(self, local: ast.Local) -> None:
+    def allocate(self, local: ast.Local, param: bool = False) -> None:
         if local in self.home:
             return
         t = local.type
@@ -218,6 +219,7 @@ class _Function:
             self.home[local] = self.f.new_slot(size_of(t), align_of(t))
         else:
             self.home[local] = self.new()
+        self.f.vars.append(ir.Var(local.name, t, self.home[local], param, local.loc))
 
     def slot_addr(self, slot: int) -> ir.VReg:
         dst = self.new()

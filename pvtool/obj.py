@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from .ir import Data
 from .source import Loc
+from .types import Type
 
 # Relocation kinds, as in the x86-64 psABI: S = symbol address, A = addend,
 # P = address of the field being patched.
@@ -64,6 +65,17 @@ class FrameStep:
 
 
 @dataclass
+class Variable:
+    """A source variable and where it lives: `places` of (start, end, register, rbp offset), code
+    offsets [start, end) where it is in that x86 register, or at [rbp + offset] if register is None."""
+    name: str
+    type: Type
+    param: bool
+    places: list[tuple[int, int, int | None, int]]
+    line: int = 0
+
+
+@dataclass
 class FunctionCode:
     name: str
     code: bytes
@@ -75,6 +87,8 @@ class FunctionCode:
     entered_by: str = ""             # 'call' or 'interrupt' (the frame it starts with); '': not described
     frame: list[FrameStep] = field(default_factory=list)
     body: int | None = None          # where the prologue ends: the first breakpoint in the function
+    variables: list[Variable] = field(default_factory=list)
+    result: Type | None = None       # the source's result type
 
 
 @dataclass

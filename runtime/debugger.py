@@ -17,7 +17,10 @@ into a handler; they are delivered when the guest continues.
 Breakpoints are int3 patches (patches.py) at guest-physical addresses;
 the exception hook asks `hit` first, so a breakpoint on an instruction the
 runtime patched itself (a trapped `cli`, the interrupt window) stops the
-guest, and the runtime's own exit runs when it goes on.  The time spent
+guest, and the runtime's own exit runs when it goes on.  A breakpoint
+outside text (gdb's return address when it calls a guest function) is
+no patch: the guest's fetch from there faults, and `hit_fetch` turns the
+fault into the stop.  The time spent
 stopped does not count against --timeout.
 
 What the debugger may change is what the guest could change itself
@@ -35,6 +38,7 @@ from __future__ import annotations
 from time import perf_counter
 from typing import TYPE_CHECKING
 
+from pvimage.validate import BUNDLE
 from pvimage.sweep import code_ranges, decode
 
 from . import debugregs
@@ -58,10 +62,12 @@ class Debugger:
         self.server = server
         self.wait = wait                     # stop before the first instruction, for a client to come
         self.vm: Vm | None = None
-        self.breakpoints: dict[int, int] = {}     # guest-virtual address -> guest-physical
+        self.breakpoints: dict[int, int] = {}     # guest-virtual address -> guest-physical, in text
+        self.fetch_stops: dict[int, int] = {}     # the same, elsewhere (never executable)
         self.stepping = False                # the guest runs one instruction, then stops
         self.pending: StopReply | None = None     # the guest stopped; gdb has not been told
         self._starts: frozenset[int] | None = None
+        self._relocate: int | None = None         # where a stop at a fetch breakpoint puts RIP
 
     def attach(self, vm: Vm) -> None:
         self.vm = vm
@@ -109,6 +115,21 @@ class Debugger:
         self.vm.run.pause()
         return True
 
+    def hit_fetch(self, pa: int) -> bool:
+        """The guest tried to execute at guest-physical `pa`, which it cannot: stop it if that is
+        a breakpoint.  Bundled code returns to the start of the return address's bundle, so in
+        pv mode the breakpoint may lie in the bundle; the guest is then put on it (gdb knows a
+        stop by its exact address)."""
+        mask = ~(BUNDLE - 1) if self.vm.mode.name == "pv" else -1
+        address = next((va for va, at in self.fetch_stops.items() if at & mask == pa), None)
+        if address is None:
+            return False
+        self.stepping = False
+        self.pending = StopReply("T", SIGTRAP, swbreak=True)
+        self._relocate = address            # a memory hook cannot move RIP: the loop does
+        self.vm.run.pause()
+        return True
+
     def finished(self, stop: Stop) -> None:
         """The run is over: tell gdb how it ended (after a fault, let it look first)."""
         self._release()
@@ -130,6 +151,8 @@ class Debugger:
 
     def _serve(self) -> None:
         stop, self.pending = self.pending, None
+        if self._relocate is not None:
+            self.vm.cpu.regs.rip, self._relocate = self._relocate, None
         stop.registers = self._reply(stop.code).registers
         resume = self._paused(self.server.serve, self, stop)
         run = self.vm.run
@@ -159,7 +182,7 @@ class Debugger:
 
     def _release(self) -> None:
         """No debugger any more: breakpoints out, the guest runs free."""
-        for address in list(self.breakpoints):
+        for address in list(self.breakpoints) + list(self.fetch_stops):
             self.remove_breakpoint(address)
         self.stepping = False
         self.vm.run.paused = False
@@ -233,20 +256,25 @@ class Debugger:
 
     # -- breakpoints --------------------------------------------------------------------------
     def insert_breakpoint(self, address: int) -> None:
-        if address in self.breakpoints:
+        """An int3 in text; elsewhere nothing is written: the guest cannot execute there, and its
+        attempt stops it instead of faulting (`hit_fetch`; gdb calls functions that way, with
+        the return address on the stack)."""
+        if address in self.breakpoints or address in self.fetch_stops:
             return
-        self.check_code(address, "breakpoint at")
         vm = self.vm
         try:
             pa = vm.mmu.translate(address)
         except Refused as e:
             raise Refused(EFAULT, e.why) from None
         if not vm.mem.perm[pa // PAGE] & X:
-            raise Refused(EPERM, f"breakpoint at {address:#x}: {vm.mem.describe(pa)} is not guest text")
+            self.fetch_stops[address] = pa
+            return
+        self.check_code(address, "breakpoint at")
         vm.patches.add_breakpoint(pa)
         self.breakpoints[address] = pa
 
     def remove_breakpoint(self, address: int) -> None:
+        self.fetch_stops.pop(address, None)
         pa = self.breakpoints.pop(address, None)
         if pa is not None and pa not in self.breakpoints.values():
             self.vm.patches.remove_breakpoint(pa)

@@ -37,8 +37,10 @@ is armed.
 A debugger (debugger.py, when `pvtool run --gdb`) is the loop's guest:
 the loop calls its `pause_point` at every instruction boundary outside an
 exit, lets it bound every entry (`budget`: slices, or one instruction for
-a step), and asks it first about every int3.  While it holds the guest
-(`paused`), no interrupt is delivered.
+a step), and asks it first about every int3 and every fetch from a
+page that cannot be executed (a breakpoint there, where gdb returns from
+a function it calls itself).  While it holds the guest (`paused`), no
+interrupt is delivered.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from enum import Enum
 from time import perf_counter
 from typing import TYPE_CHECKING, Callable, TextIO
 
-from unicorn import UC_ERR_INSN_INVALID, UcError
+from unicorn import UC_ERR_INSN_INVALID, UC_MEM_FETCH_PROT, UcError
 
 from . import delivery
 from .clock import EXIT_NS, NEVER, SLICE_INSNS, SLICE_NS
@@ -98,6 +100,8 @@ def _dispatch(vm: Vm, kind: Exit, args: tuple):
                     return trapped.on_patch(vm, patch)
             return faults.on_exception(vm, args[0])
         case Exit.MEMORY:
+            if args[0] == UC_MEM_FETCH_PROT and vm.run.debugger is not None and vm.run.debugger.hit_fetch(args[1]):
+                return False
             return pagetables.on_invalid_access(vm, *args)
 
 
@@ -393,7 +397,7 @@ class Runner:
         try:
             vm.engine.uc.emu_start(begin, END, timeout=budget_us, count=count)
         except UcError as e:
-            if vm.stop is None:
+            if vm.stop is None and not self._debug_stop:
                 vm.kill(self._unicorn_error(e))
         finally:
             vm.stats.run_seconds += perf_counter() - start

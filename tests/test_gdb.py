@@ -1,6 +1,7 @@
 """Debugging guests with the real GNU gdb (batch mode) against `pvtool run --gdb`: breakpoints by
-function, line and address, the source line, globals, stepping, finish, backtraces (through an
-interrupt handler too), Ctrl-C, kill and detach, in bare, trap and pv mode."""
+function, line and address, the source line, globals, parameters and locals of every kind of
+type, stepping, finish, backtraces (through an interrupt handler too), calls into the guest,
+Ctrl-C, kill and detach, in every mode."""
 from __future__ import annotations
 
 import re
@@ -19,7 +20,7 @@ from gdbclient import DEBUGME, DEBUGME_STATUS, REPO, SPIN, Session, build, line_
 
 pytestmark = pytest.mark.skipif(shutil.which("gdb") is None,
                                 reason="GNU gdb is not installed (scripts/install.sh installs it)")
-MODES = {"pv": "pv", "trap": "native", "bare": "native"}      # mode -> image target
+MODES = {"pv": "pv", "trap": "native", "bare": "native", "hvm": "native", "hvm-shadow": "native"}   # -> target
 
 
 @pytest.fixture(scope="module")
@@ -57,22 +58,44 @@ def test_break_check_a_global_and_the_line_step_and_see_the_exit_status(images, 
     image = images["debugme", MODES[mode]]
     session = Session(image, "--mode", mode)
     try:
-        out = gdb(session, image, "break add", "continue", "print *(unsigned long *)&counter", "bt",
-                  "next", "next", "finish", "next", "stepi", "info registers rip", "delete", "continue")
+        out = gdb(session, image, "break add", "continue", "print counter", "info args", "bt",
+                  "next", "next", "info locals", "finish", "next", "stepi", "info registers rip",
+                  "delete", "continue")
         result = session.finish()
     finally:
         session.kill()
     line = lambda marker: line_of(DEBUGME, marker)
     assert re.search(rf"Breakpoint 1 at 0x[0-9a-f]+: file \S*debugme\.pvk, line {line('add')}\.", out), out
-    assert re.search(rf"Breakpoint 1, add \(.*\) at \S*debugme\.pvk:{line('add')}", out), out
-    assert "$1 = 1\n" in out                                      # counter, before add changed it
+    assert at_line(out, "Breakpoint 1, add", line("add")) and "add (a=2, b=3)" in out, out
+    assert "$1 = 1\n" in out and "a = 2\nb = 3\n" in out, out       # counter before add changed it
     assert re.search(rf"#1 +0x[0-9a-f]+ in kmain \(\) at \S*debugme\.pvk:{line('call')}", out), out
     assert re.search(rf"\n{line('add2')}\t", out) and re.search(rf"\n{line('add3')}\t", out), out
+    assert "sum = 5\n" in out, out                                    # info locals
     assert re.search(rf"0x[0-9a-f]+ in kmain \(\) at \S*debugme\.pvk:{line('call')}", out), out   # finish
-    assert re.search(rf"\n{line('second')}\t", out), out           # next, back in kmain
+    assert "Value returned is $2 = 5" in out, out
+    assert re.search(rf"\n{line('second')}\t", out), out             # next, back in kmain
     assert re.search(r"rip +0x[0-9a-f]+ +0x[0-9a-f]+ <kmain\+\d+>", out), out
-    assert f"exited with code 0{DEBUGME_STATUS:o}]" in out, out               # gdb says it in octal
+    assert f"exited with code 0{DEBUGME_STATUS:o}]" in out, out         # gdb says it in octal
     assert result.status == DEBUGME_STATUS and result.stdout == b""
+
+
+@pytest.mark.parametrize("mode", ["pv", "trap"])
+def test_print_and_change_globals_of_every_kind_and_call_a_guest_function(images, mode):
+    image = images["debugme", MODES[mode]]
+    session = Session(image, "--mode", mode)
+    try:
+        out = gdb(session, image, "break add", "continue", "delete", "print table", "print table[2]",
+                  "print origin", "print cursor->y", "print *cursor", "print flag", "print delta",
+                  "ptype origin", "set var counter = 50", "print add(3, 4)", "print counter", "continue")
+        result = session.finish()
+    finally:
+        session.kill()
+    assert "$1 = {10, 20, 30, 40}\n$2 = 30\n" in out, out
+    assert "$3 = {x = 7, y = -3, tag = 9 '\\t'}\n$4 = -3\n$5 = {x = 7, y = -3, tag = 9 '\\t'}\n" in out, out
+    assert "$6 = true\n$7 = -12\n" in out, out
+    assert re.search(r"type = struct Point \{\s+u64 x;\s+i32 y;\s+u8 tag;\s+\}", out), out
+    assert "$8 = 7\n$9 = 57\n" in out, out                            # add(3, 4) ran in the guest
+    assert result.status == 81                                         # 9 + (57 + 5 + 9 + 1)
 
 
 @pytest.mark.parametrize("mode", ["pv", "bare"])
@@ -80,13 +103,13 @@ def test_ctrl_c_stops_a_spinning_guest_and_a_memory_write_lets_it_end(images, mo
     image = images["spin", MODES[mode]]
     session = Session(image, "--mode", mode)
     try:
-        out = gdb(session, image, "continue", "print $pc", "set var *(char *)&stop = 1", "continue",
+        out = gdb(session, image, "continue", "print $pc", "print n % 2", "set var stop = 1", "continue",
                   interrupt_after=1.0)
         result = session.finish()
     finally:
         session.kill()
     assert "Program received signal SIGINT" in out, out
-    assert re.search(r"\$1 = .*<kmain\+\d+>", out), out
+    assert re.search(r"\$1 = .*<kmain\+\d+>", out) and "$2 = 0\n" in out, out
     assert "exited with code 03]" in out, out
     assert result.status == 3
 

@@ -152,11 +152,23 @@ class FunctionGen:
         self.mark(fn.loc)
         self.prologue()
         body = self.a.anchor()
+        # Program points (regalloc's numbering) where a variable's register starts or stops holding it.
+        live = {iv.vreg: iv for iv in self.alloc.intervals}
+        marks = sorted({p for v in fn.vars if type(v.home) is ir.VReg and v.home.id in live
+                        for p in (live[v.home.id].start, live[v.home.id].end + 1) if p}, reverse=True)
+        points: dict[int, int] = {}             # point -> anchor
+        p = 0
         for k, b in enumerate(self.blocks):
             self.next_label = self.blocks[k + 1].label if k + 1 < len(self.blocks) else None
             self.a.label(self.label(b.label))
+            p += 1
+            if marks and marks[-1] == p:
+                points[marks.pop()] = self.a.anchor()
             loc = None
             for ins in b.instrs:
+                p += 1
+                if marks and marks[-1] == p:
+                    points[marks.pop()] = self.a.anchor()
                 if ins.loc is not loc:          # most neighbours share their statement's position
                     loc = ins.loc
                     self.mark(loc)
@@ -164,6 +176,9 @@ class FunctionGen:
                 if emit is None:
                     raise self.fail(f"cannot compile {ins!r}")
                 emit(self, ins)
+            p += 1
+            if marks and marks[-1] == p:
+                points[marks.pop()] = self.a.anchor()
             self.mark(b.term.loc)
             self.terminator(b.term)
         if self.open_sites:
@@ -174,9 +189,30 @@ class FunctionGen:
         sites = [obj.SiteRow(*a.span(start, end), op, loc, becomes, kind)
                  for start, end, op, loc, becomes, kind in self.sites]
         frame = [obj.FrameStep(a.at(k), event, reg) for k, event, reg in self.frame_steps]
+        variables = self.variables(live, {q: a.at(k) for q, k in points.items()}, a.at(body), len(code))
         return obj.FunctionCode(fn.name, code, a.relocs, lines, sites, loc=fn.loc,
                                 align=function_align(a.bundled), frame=frame, body=a.at(body),
-                                entered_by="interrupt" if fn.interrupt else "call")
+                                entered_by="interrupt" if fn.interrupt else "call",
+                                variables=variables, result=fn.result)
+
+    def variables(self, live: dict, at: dict[int, int], body: int, end: int) -> list[obj.Variable]:
+        """Where each source variable lives, for the debugger: a stack slot for the whole body,
+        or its vreg's register or spill slot over the code of the vreg's live interval (a
+        value dead after its last use is gone: gdb says <optimized out> there)."""
+        out = []
+        for v in self.fn.vars:
+            places = []
+            if type(v.home) is int:
+                places.append((body, end, None, self.frame.slot_disp[v.home]))
+            elif v.home.id in live:
+                iv = live[v.home.id]
+                home = self.alloc.home[iv.vreg]
+                start, stop = max(body, at.get(iv.start, body)), at.get(iv.end + 1, end)
+                if start < stop:
+                    places.append((start, stop, home.n, 0) if type(home) is Reg
+                                  else (start, stop, None, self.frame.spill_disp[home]))
+            out.append(obj.Variable(v.name, v.type, v.param, places, v.loc.line if v.loc else 0))
+        return out
 
     def check(self) -> None:
         fn = self.fn
