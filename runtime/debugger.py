@@ -45,7 +45,8 @@ from . import debugregs
 from .clock import SLICE_INSNS
 from .debugregs import EXPEDITED, REGISTERS
 from .errors import Refused
-from .gdbstub import SIGINT, SIGSEGV, SIGTRAP, Event, GdbServer, Resume, StopReply
+from .gdbstub import (SIGALRM, SIGINT, SIGKILL, SIGSEGV, SIGTRAP, SIGXCPU, Event, GdbServer, Resume,
+                      StopReply)
 from .machine import Stop
 from .memory import PAGE, W, X
 
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
 
 EFAULT, EPERM, EINVAL = debugregs.EFAULT, debugregs.EPERM, debugregs.EINVAL
 KILLED_STATUS = 137                      # 128 + SIGKILL, as a shell reports a killed process
-END_SIGNALS = {"fault": SIGSEGV, "timeout": 14, "exit-limit": 24, "interrupted": SIGINT, "killed": 9}
+END_SIGNALS = {"fault": SIGSEGV, "timeout": SIGALRM, "exit-limit": SIGXCPU, "interrupted": SIGINT, "killed": SIGKILL}
 
 
 class Debugger:
@@ -110,10 +111,7 @@ class Debugger:
             except Refused:
                 return False
         self.vm.cpu.jump(address)
-        self.stepping = False
-        self.pending = StopReply("T", SIGTRAP, swbreak=True)
-        self.vm.run.pause()
-        return True
+        return self._stopped_on_breakpoint()
 
     def hit_fetch(self, pa: int) -> bool:
         """The guest tried to execute at guest-physical `pa`, which it cannot: stop it if that is
@@ -124,9 +122,12 @@ class Debugger:
         address = next((va for va, at in self.fetch_stops.items() if at & mask == pa), None)
         if address is None:
             return False
+        self._relocate = address            # a memory hook cannot move RIP: the loop does
+        return self._stopped_on_breakpoint()
+
+    def _stopped_on_breakpoint(self) -> bool:
         self.stepping = False
         self.pending = StopReply("T", SIGTRAP, swbreak=True)
-        self._relocate = address            # a memory hook cannot move RIP: the loop does
         self.vm.run.pause()
         return True
 

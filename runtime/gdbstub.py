@@ -36,7 +36,7 @@ from .errors import Refused
 PACKET_SIZE = 0x4000                 # the largest packet we take (qSupported PacketSize)
 INTERRUPT = 0x03
 EIO, EFAULT, EINVAL = 5, 14, 22
-SIGINT, SIGTRAP, SIGSEGV = 2, 5, 11
+SIGINT, SIGTRAP, SIGKILL, SIGSEGV, SIGALRM, SIGXCPU = 2, 5, 9, 11, 14, 24   # gdb's signal numbers
 THREAD = "1"                         # the one vCPU, as gdb's one thread
 CLOSING_GRACE = 2.0                  # seconds a refused client has to read its answer
 
@@ -224,8 +224,7 @@ class GdbServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self.listener.getsockname()[:2]
-        return host, port
+        return self.listener.getsockname()[:2]
 
     # -- connections -----------------------------------------------------------------
     def wait_for_client(self) -> None:
@@ -236,8 +235,7 @@ class GdbServer:
 
     def poll(self) -> Event | None:
         """While the guest runs: a new client, a Ctrl-C or a disconnect; never blocks."""
-        watched = [self.listener] + ([self.client.sock] if self.client else [])
-        ready = select.select(watched, [], [], 0)[0] if watched else []
+        ready = select.select([self.listener] + ([self.client.sock] if self.client else []), [], [], 0)[0]
         self._reap()
         if self.listener in ready and self._accept():
             return Event.ATTACHED
@@ -280,9 +278,9 @@ class GdbServer:
         except OSError:
             sock.close()
             return
-        self._refuse_later(sock)
+        self._close_gracefully(sock)
 
-    def _refuse_later(self, sock: socket.socket) -> None:
+    def _close_gracefully(self, sock: socket.socket) -> None:
         """Close our end; the socket goes once the client closed its end (`_reap`)."""
         try:
             sock.shutdown(socket.SHUT_WR)
@@ -351,7 +349,7 @@ class GdbServer:
         once the client has read it (its end closed, or CLOSING_GRACE)."""
         self.report(stop, message)
         if self.client is not None:
-            self._refuse_later(self.client.sock)
+            self._close_gracefully(self.client.sock)
             self.client = None
         deadline = monotonic() + CLOSING_GRACE
         while self._closing and monotonic() < deadline:

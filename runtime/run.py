@@ -100,7 +100,8 @@ def _dispatch(vm: Vm, kind: Exit, args: tuple):
                     return trapped.on_patch(vm, patch)
             return faults.on_exception(vm, args[0])
         case Exit.MEMORY:
-            if args[0] == UC_MEM_FETCH_PROT and vm.run.debugger is not None and vm.run.debugger.hit_fetch(args[1]):
+            debugger = vm.run.debugger
+            if args[0] == UC_MEM_FETCH_PROT and debugger is not None and debugger.hit_fetch(args[1]):
                 return False
             return pagetables.on_invalid_access(vm, *args)
 
@@ -132,7 +133,7 @@ class Runner:
         self._begin = 0                       # where it started
         self._debug_stop = False              # the debugger stopped it on a breakpoint
         self._exits_before = 0
-        self.debugger: "Debugger" | None = None   # debugger.py, for `pvtool run --gdb`
+        self.debugger: Debugger | None = None     # debugger.py, for `pvtool run --gdb`
         self.paused = False                   # the debugger holds the guest: deliver nothing
 
     # -- hooks --------------------------------------------------------------------------

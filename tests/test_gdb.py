@@ -150,6 +150,22 @@ def test_backtrace_from_an_interrupt_handler(kernel_image, target):
     assert result.status == 0 and result.stdout.endswith(b"ticks ok\n")
 
 
+@pytest.mark.parametrize("target", ["pv", "native"])
+def test_a_parameter_is_shown_while_it_lives_and_optimized_out_once_a_call_took_its_register(kernel_image, target):
+    image = kernel_image(REPO / "kernels" / "mm.pvk", target)
+    session = Session(image)
+    try:
+        out = gdb(session, image, "break map", "continue", "step", "bt", "up", "print va", "print space",
+                  "kill")
+    finally:
+        session.kill()
+    assert re.search(r"Breakpoint 1, map \(space=\d+, va=1073741824, frame=\d+\) at \S*mm\.pvk:\d+", out), out
+    assert re.search(r"#0 +walk \(space=\d+, va=1073741824\)", out), out
+    # space was passed to walk in its argument register; va lives on in a callee-saved one
+    assert re.search(r"#1 +0x[0-9a-f]+ in map \(space=<optimized out>, va=1073741824, frame=\d+\)", out), out
+    assert "$1 = 1073741824\n$2 = <optimized out>\n" in out, out
+
+
 def test_kill_ends_the_run_and_detach_lets_it_finish(images):
     image = images["debugme", "pv"]
     killed, detached = Session(image), Session(image)

@@ -155,20 +155,21 @@ class FunctionGen:
         # Program points (regalloc's numbering) where a variable's register starts or stops holding it.
         live = {iv.vreg: iv for iv in self.alloc.intervals}
         marks = sorted({p for v in fn.vars if type(v.home) is ir.VReg and v.home.id in live
-                        for p in (live[v.home.id].start, live[v.home.id].end + 1) if p}, reverse=True)
-        points: dict[int, int] = {}             # point -> anchor
+                        for p in (live[v.home.id].start, live[v.home.id].end, live[v.home.id].end + 1) if p},
+                       reverse=True)
+        points: dict[int, tuple[int, ir.Instr | None]] = {}     # point -> (anchor, its instruction)
         p = 0
         for k, b in enumerate(self.blocks):
             self.next_label = self.blocks[k + 1].label if k + 1 < len(self.blocks) else None
             self.a.label(self.label(b.label))
             p += 1
             if marks and marks[-1] == p:
-                points[marks.pop()] = self.a.anchor()
+                points[marks.pop()] = (self.a.anchor(), None)
             loc = None
             for ins in b.instrs:
                 p += 1
                 if marks and marks[-1] == p:
-                    points[marks.pop()] = self.a.anchor()
+                    points[marks.pop()] = (self.a.anchor(), ins)
                 if ins.loc is not loc:          # most neighbours share their statement's position
                     loc = ins.loc
                     self.mark(loc)
@@ -178,7 +179,7 @@ class FunctionGen:
                 emit(self, ins)
             p += 1
             if marks and marks[-1] == p:
-                points[marks.pop()] = self.a.anchor()
+                points[marks.pop()] = (self.a.anchor(), b.term)
             self.mark(b.term.loc)
             self.terminator(b.term)
         if self.open_sites:
@@ -189,16 +190,19 @@ class FunctionGen:
         sites = [obj.SiteRow(*a.span(start, end), op, loc, becomes, kind)
                  for start, end, op, loc, becomes, kind in self.sites]
         frame = [obj.FrameStep(a.at(k), event, reg) for k, event, reg in self.frame_steps]
-        variables = self.variables(live, {q: a.at(k) for q, k in points.items()}, a.at(body), len(code))
+        variables = self.variables(live, {q: (a.at(k), ins) for q, (k, ins) in points.items()}, a.at(body),
+                                   len(code))
         return obj.FunctionCode(fn.name, code, a.relocs, lines, sites, loc=fn.loc,
                                 align=function_align(a.bundled), frame=frame, body=a.at(body),
                                 entered_by="interrupt" if fn.interrupt else "call",
                                 variables=variables, result=fn.result)
 
-    def variables(self, live: dict, at: dict[int, int], body: int, end: int) -> list[obj.Variable]:
+    def variables(self, live: dict, at: dict[int, tuple[int, ir.Instr | None]], body: int,
+                  end: int) -> list[obj.Variable]:
         """Where each source variable lives, for the debugger: a stack slot for the whole body,
-        or its vreg's register or spill slot over the code of the vreg's live interval (a
-        value dead after its last use is gone: gdb says <optimized out> there)."""
+        or its vreg's register or spill slot over the code of the vreg's live interval, up to
+        the end of its last use, or only to that use's first instruction if it destroys the
+        register (a call); past it the value is gone and gdb says <optimized out>."""
         out = []
         for v in self.fn.vars:
             places = []
@@ -207,7 +211,10 @@ class FunctionGen:
             elif v.home.id in live:
                 iv = live[v.home.id]
                 home = self.alloc.home[iv.vreg]
-                start, stop = max(body, at.get(iv.start, body)), at.get(iv.end + 1, end)
+                last_at, last = at.get(iv.end, (end, None))
+                start, stop = max(body, at.get(iv.start, (body, None))[0]), at.get(iv.end + 1, (end, None))[0]
+                if type(home) is Reg and last is not None and home in isel.clobbers(last):
+                    stop = last_at + 1              # a stop at its first byte still sees the value
                 if start < stop:
                     places.append((start, stop, home.n, 0) if type(home) is Reg
                                   else (start, stop, None, self.frame.spill_disp[home]))
