@@ -145,13 +145,26 @@ ENOSYS = 38
 
 def hypercall_stub(nr: int) -> bytes:
     """The bytes the runtime writes at HYPERCALL_PAGE + nr*32:
-    mov eax, nr; syscall; pop rcx; and rcx, -32; jmp rcx (a masked return), then int3."""
-    code = b"\xb8" + struct.pack("<I", nr) + b"\x0f\x05" + b"\x59" + b"\x48\x83\xe1\xe0" + b"\xff\xe1"
+    mov eax, nr; syscall; pop rcx; and rcx, -32; jmp rcx (a masked return), then int3.
+
+    The iret entry, reached by a jump, first saves what `mov eax` and `syscall`
+    overwrite, as Xen's does: push rcx; push r11; push rax; mov eax, nr;
+    syscall; ud2 (it never resumes: the hypervisor pops those three, then the frame)."""
+    if nr == HC_IRET:
+        code = b"\x51" + b"\x41\x53" + b"\x50" + b"\xb8" + struct.pack("<I", nr) + b"\x0f\x05" + b"\x0f\x0b"
+    else:
+        code = b"\xb8" + struct.pack("<I", nr) + b"\x0f\x05" + b"\x59" + b"\x48\x83\xe1\xe0" + b"\xff\xe1"
     return code + b"\xcc" * (HYPERCALL_STRIDE - len(code))
 
 
-# Where a hypercall resumes in its stub: the instruction after the syscall.
-HYPERCALL_RESUME = hypercall_stub(0).index(b"\x0f\x05") + 2
+def hypercall_resume(nr: int) -> int:
+    """Where hypercall `nr` resumes in its stub (an offset): the instruction after the syscall."""
+    return hypercall_stub(nr).index(b"\x0f\x05") + 2
+
+
+# Where a returning hypercall resumes in its stub (the same offset in every stub but iret's).
+HYPERCALL_RESUME = hypercall_resume(HC_CONSOLE_WRITE)
+IRET_SAVED = ("rax", "r11", "rcx")   # what the iret entry pushes, lowest address first, above the frame
 
 
 # -- the .pv.sites table -----------------------------------------------------------
@@ -182,6 +195,7 @@ SITE_OPS: dict[int, str] = {
     18: "invlpg", 19: "set_pte", 20: "lgdt", 21: "lidt", 22: "sgdt", 23: "sidt",
     24: "rdmsr", 25: "wrmsr", 26: "cpuid", 27: "rdtsc", 28: "wbinvd",
     29: "pause", 30: "swtch", 31: "iret",
+    32: "syscall", 33: "set_kernel_stack", 34: "load_tr", 35: "enter_user",
 }
 OP_NUMBERS: dict[str, int] = {name: n for n, name in SITE_OPS.items()}
 

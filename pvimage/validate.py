@@ -171,7 +171,8 @@ class _Validator:
             self._decode_range(start, data)
         self._check_branches(page)
         self._check_entry()
-        resume = frozenset(page + nr * abi.HYPERCALL_STRIDE + abi.HYPERCALL_RESUME for nr in range(abi.HC_COUNT))
+        resume = frozenset(page + nr * abi.HYPERCALL_STRIDE + abi.hypercall_resume(nr)
+                           for nr in range(abi.HC_COUNT) if nr != abi.HC_IRET)     # iret never resumes
         return ValidatedCode(self.starts, page, resume), self.found
 
     def _hypercall_page(self, text: list[Segment]) -> int | None:

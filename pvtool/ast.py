@@ -65,6 +65,7 @@ class GlobalSym:
     name: str
     type: Type | None
     item: Global
+    link_name: str = ""        # the symbol in the image (the name, unless it must be told apart)
 
 
 @dataclass(eq=False, slots=True)
@@ -78,11 +79,18 @@ class ConstSym:
 @dataclass(eq=False, slots=True)
 class FnSym:
     name: str
-    type: FnType | None
+    type: FnType | None        # a handler's: its body's (frame: *TrapFrame); &handler is a fn()
     item: Fn
+    link_name: str = ""
 
 
-Symbol = Union[Local, GlobalSym, ConstSym, FnSym]
+@dataclass(eq=False, slots=True)
+class LinkSym:
+    """A predeclared u64 whose value the linker fixes (USER_TEXT_START, ...): an address."""
+    name: str
+
+
+Symbol = Union[Local, GlobalSym, ConstSym, FnSym, LinkSym]
 
 
 # -- expressions -------------------------------------------------------------------
@@ -122,8 +130,25 @@ class ArrayLit(Expr):
 
 @dataclass(eq=False, slots=True)
 class Name(Expr):
-    name: str
+    name: str             # `m::x` for a name imported with `import "..." as m`
     sym: Symbol | None = field(default=None, kw_only=True, repr=False)   # checker
+
+
+@dataclass(eq=False, slots=True)
+class Null(Expr):
+    """`null`: the null pointer, of the pointer type its context expects."""
+
+
+@dataclass(eq=False, slots=True)
+class SizeOf(Expr):
+    target: TypeExpr
+
+
+@dataclass(eq=False, slots=True)
+class OffsetOf(Expr):
+    target: TypeExpr
+    field: str
+    field_loc: Loc | None = field(default=None, kw_only=True, repr=False)
 
 
 @dataclass(eq=False, slots=True)
@@ -244,7 +269,8 @@ Stmt = Union[Block, VarStmt, Assign, If, While, For, Break, Continue, Return, Ex
 @dataclass(eq=False, slots=True)
 class Import(Node):
     path: str             # as written
-    resolved: str = field(default="", repr=False)   # the path the parser opened
+    resolved: str = field(default="", repr=False)   # the path the file was parsed under
+    alias: str | None = field(default=None, repr=False)   # `import "..." as alias;`
 
 
 @dataclass(eq=False, slots=True)
@@ -253,6 +279,7 @@ class Const(Node):
     type_expr: TypeExpr
     value: Expr
     sym: ConstSym | None = field(default=None, kw_only=True, repr=False)
+    private: bool = field(default=False, kw_only=True, repr=False)
 
 
 @dataclass(eq=False, slots=True)
@@ -263,6 +290,11 @@ class Global(Node):
     sym: GlobalSym | None = field(default=None, kw_only=True, repr=False)
     # checker: the initial value, see StaticValue
     value: StaticValue | None = field(default=None, kw_only=True, repr=False)
+    private: bool = field(default=False, kw_only=True, repr=False)
+    user: bool = field(default=False, kw_only=True, repr=False)          # `user var`
+    align: Expr | None = field(default=None, kw_only=True, repr=False)   # `align(N)` as written
+    alignment: int = field(default=0, kw_only=True, repr=False)          # checker: N, or 0
+
 
 
 @dataclass(eq=False, slots=True)
@@ -275,6 +307,7 @@ class FieldDecl(Node):
 class Struct(Node):
     name: str
     fields: list[FieldDecl]
+    private: bool = field(default=False, kw_only=True, repr=False)
 
 
 @dataclass(eq=False, slots=True)
@@ -290,8 +323,26 @@ class Fn(Node):
     params: list[Param]
     result: TypeExpr | None
     body: Block
-    interrupt: bool = False
+    interrupt: bool = False        # `interrupt fn` or `interrupt(error_code) fn`
     sym: FnSym | None = field(default=None, kw_only=True, repr=False)
+    error_code: bool = field(default=False, kw_only=True, repr=False)   # `interrupt(error_code) fn`
+    syscall: bool = field(default=False, kw_only=True, repr=False)      # `syscall fn`
+    user: bool = field(default=False, kw_only=True, repr=False)         # `user fn`
+    private: bool = field(default=False, kw_only=True, repr=False)
+
+    @property
+    def handler(self) -> bool:
+        """Entered by the CPU (or the hypervisor), never called."""
+        return self.interrupt or self.syscall
+
+    @property
+    def kind_name(self) -> str:
+        """How the function is declared, for messages: 'fn', 'interrupt fn', ..."""
+        if self.syscall:
+            return "syscall fn"
+        if self.interrupt:
+            return "interrupt(error_code) fn" if self.error_code else "interrupt fn"
+        return "user fn" if self.user else "fn"
 
 
 Item = Union[Import, Const, Global, Struct, Fn]

@@ -29,9 +29,9 @@ examples:
   pvtool build kernels/hello.pvk -o hello.elf          # PV image (default)
   pvtool build kernels/hello.pvk --target native       # boots on QEMU
   pvtool check hello.elf                               # any sensitive instruction left?
-  pvtool diff kernels/oschurn.pvk                      # what the PV pass changed
+  pvtool diff kernels/churn.pvk                        # what the PV pass changed
   pvtool run kernels/hello.pvk --mode trap --stats     # run on the hypervisor
-  pvtool bench kernels/oschurn.pvk                     # bare vs trap vs pv
+  pvtool bench kernels/churn.pvk                       # bare vs trap vs pv
 
 exit status: 0 success, 1 compile error or check failure, 2 bad usage or
 unreadable input, 70 internal error (a bug in pvtool: please report it, with

@@ -15,8 +15,12 @@ frame's base instruction by instruction.  A function entered by a call
 starts with its return address at [rsp]; an interrupt handler with the
 five-qword interrupt frame there (gdb then looks up the interrupted
 code at its address less one, as for a call: right unless the interrupt
-came at a function's first instruction); the boot code is outermost (its
-return address is undefined, so a backtrace ends there).
+came at a function's first instruction); the entry of a handler that
+takes a TrapFrame is marked a signal frame (augmentation "zS"), so the
+interrupted code is looked up at its exact address and the entry shows
+as `<signal handler called>` between the handler and what it
+interrupted; the boot code is outermost (its return address is
+undefined, so a backtrace ends there).
 """
 from __future__ import annotations
 
@@ -71,12 +75,12 @@ class Row:
 class Frame:
     """A function's frame for the unwinder: how it was entered, and where the frame changes.
 
-    `entered_by`: 'call', 'interrupt' or 'outermost'; `steps`: (address, event, x86 register)
-    with the events of pvtool.obj (PUSHED_RBP ... RETURNED), in address order."""
+    `entered_by`: 'call', 'interrupt', 'trap entry' or 'outermost'; `steps`: (address, event, x86 register,
+    distance) with the events of pvtool.obj (PUSHED_RBP ... RETURN_AT), in address order."""
     low: int
     high: int
     entered_by: str
-    steps: list[tuple[int, str, int]]
+    steps: list[tuple[int, str, int, int]]
 
 
 @dataclass
@@ -351,7 +355,8 @@ DW_CFA_def_cfa, DW_CFA_def_cfa_register, DW_CFA_def_cfa_offset = 0x0C, 0x0D, 0x0
 DATA_ALIGN = -8
 # Where the caller's state is, relative to the CFA, on entry
 ENTRY = {"call": (8, {RA: 8}),
-         "interrupt": (40, {RA: 40, CS: 32, RFLAGS: 24, RSP: 16, SS: 8})}   # rip cs rflags rsp ss
+         "interrupt": (40, {RA: 40, CS: 32, RFLAGS: 24, RSP: 16, SS: 8}),   # rip cs rflags rsp ss
+         "trap entry": (40, {RA: 40, CS: 32, RFLAGS: 24, RSP: 16, SS: 8})}
 
 
 def _saved(reg: int, below_cfa: int) -> bytes:
@@ -370,8 +375,10 @@ def _advance(delta: int) -> bytes:
 
 def _cie(entered_by: str) -> bytes:
     cfa, saved = ENTRY[entered_by]
-    body = (struct.pack("<IB", 0xFFFFFFFF, VERSION) + b"\0" + bytes([8, 0]) + uleb(1) + sleb(DATA_ALIGN)
-            + uleb(RA) + bytes([DW_CFA_def_cfa]) + uleb(RSP) + uleb(cfa)
+    augmentation = b"zS\0" if entered_by == "trap entry" else b"\0"      # S: a signal frame, see above
+    body = (struct.pack("<IB", 0xFFFFFFFF, VERSION) + augmentation + bytes([8, 0]) + uleb(1) + sleb(DATA_ALIGN)
+            + uleb(RA) + (uleb(0) if entered_by == "trap entry" else b"")
+            + bytes([DW_CFA_def_cfa]) + uleb(RSP) + uleb(cfa)
             + b"".join(_saved(reg, below) for reg, below in saved.items()))
     return _padded(body)
 
@@ -387,7 +394,7 @@ def _frame_program(frame: Frame) -> bytes:
         return bytes([DW_CFA_undefined]) + uleb(RA)
     entry = ENTRY[frame.entered_by][0]
     out, at, cfa, pushed = bytearray(), frame.low, entry, []
-    for address, event, reg in frame.steps:
+    for address, event, reg, value in frame.steps:
         if address >= frame.high:
             break
         if address > at:
@@ -412,6 +419,14 @@ def _frame_program(frame: Frame) -> bytes:
                 out += bytes([DW_CFA_register]) + uleb(RA) + uleb(DWARF_REG[reg])
             case "returned":
                 out.append(DW_CFA_restore_state)
+            case "caller unknown":
+                out += bytes([DW_CFA_undefined]) + uleb(RA)
+            case "cfa at":
+                out += bytes([DW_CFA_def_cfa]) + uleb(DWARF_REG[reg]) + uleb(value)
+            case "saved at":
+                out += _saved(DWARF_REG[reg], value)
+            case "return address at":
+                out += _saved(RA, value)
             case _:
                 raise ValueError(f"unknown frame event {event!r}")
     return bytes(out)
@@ -425,7 +440,8 @@ def debug_frame(frames: list[Frame]) -> bytes:
         out += _cie(kind)
     for f in frames:
         cie = cies["call" if f.entered_by == "outermost" else f.entered_by]
-        out += _padded(struct.pack("<IQQ", cie, f.low, f.high - f.low) + _frame_program(f))
+        augmentation = uleb(0) if f.entered_by == "trap entry" else b""
+        out += _padded(struct.pack("<IQQ", cie, f.low, f.high - f.low) + augmentation + _frame_program(f))
     return bytes(out)
 
 

@@ -9,7 +9,8 @@ File layout:
 
 Allocated contents sit at a fixed distance from their address, so every
 PT_LOAD has p_offset = p_vaddr (mod 0x1000).  One PT_LOAD per permission
-group (R-X text, R rodata + notes, RW data + bss) and one PT_NOTE.
+group (R-X text, R rodata + notes, RW data + bss), one for each user section
+(R-X .user.text, RW .user.data), and one PT_NOTE.
 """
 from __future__ import annotations
 
@@ -76,11 +77,12 @@ def file_offset(addr: int) -> int:
 
 
 def _segments(image: LinkedImage) -> list[bytes]:
+    groups: dict[str, list[Section]] = {}
+    for s in image.sections:
+        groups.setdefault(s.segment or s.perm, []).append(s)
     phdrs = []
-    for perm in ("rx", "r", "rw"):
-        group = [s for s in image.sections if s.perm == perm]
-        if not group:
-            continue
+    for group in groups.values():
+        perm = group[0].perm
         start = min(s.addr for s in group)
         file_end = max([start] + [s.addr + s.size for s in group if s.kind != "nobits"])
         mem_end = max(s.addr + s.size for s in group)
@@ -106,9 +108,10 @@ def _symtab(image: LinkedImage, index: dict[str, int], strtab: _Strtab) -> tuple
 
 
 def _debug(image: LinkedImage) -> dict[str, bytes]:
-    text = image.section(".text")
+    code = [s for s in image.sections if s.perm == "rx"]
     return dwarf.debug_sections(image.lines, image.funcs, image.files,
-                                text.addr, text.addr + text.size, os.getcwd(), image.frames, image.variables)
+                                code[0].addr, code[-1].addr + code[-1].size, os.getcwd(), image.frames,
+                                image.variables)
 
 
 def write(image: LinkedImage) -> bytes:

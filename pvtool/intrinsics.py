@@ -54,6 +54,14 @@ _TABLE = [
     # Save rbp, rbx, r12-r15 and rsp to *old, load rsp = new, restore the
     # callee-saved registers found there and return on the new stack.
     Intrinsic("swtch", ("*u64", "u64"), None, "push/pop callee-saved; mov rsp", False),
+    # User mode (docs/language.md 7): a system call from user code (rax = nr, rdi, rsi, rdx;
+    # the result in rax; rcx and r11 clobbered), the kernel stack for the next entry from
+    # user mode (TSS.rsp0 and the syscall entry's stack), the task register, and leaving
+    # the kernel to the context a TrapFrame holds.
+    Intrinsic("syscall", ("u64", "u64", "u64", "u64"), "u64", "syscall", False),
+    Intrinsic("set_kernel_stack", ("*u8", "u64"), None, "mov [tss+4], top; mov [__kernel_stack], top", True),
+    Intrinsic("load_tr", ("u16",), None, "ltr r16", True),
+    Intrinsic("enter_user", ("*TrapFrame",), None, "mov rsp, frame; pop 15 registers; add rsp, 8; iretq", True),
 ]
 
 INTRINSICS: dict[str, Intrinsic] = {i.name: i for i in _TABLE}

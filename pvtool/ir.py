@@ -22,6 +22,12 @@ Model
   of them in one place.  The pass produces `Hypercall`s, plain `Load`s and
   `Store`s on the shared page, and `SiteBegin`/`SiteEnd` markers around each
   rewritten operation so the back end can record the site's code range.
+* A handler that sees the interrupted context (`interrupt fn h(frame:
+  *TrapFrame)`, `syscall fn`) is an ordinary function, its body, with a
+  `TrapEntry`: the back end adds the entry code that builds the TrapFrame,
+  calls the body and returns from the interrupt.
+* `user fn`s are Functions with `user` set and `user var`s Data in the
+  "user" section: the linker puts them in their own pages.
 """
 from __future__ import annotations
 
@@ -220,6 +226,24 @@ class SiteEnd(Instr):
     site: int
 
 
+@dataclass
+class CodeAddr(Instr):
+    """dst = the address of the code here (`lea dst, [rip]`): where a multicall entry was queued."""
+    dst: VReg
+
+
+@dataclass
+class ResumeFrame(Instr):
+    """Leave to the context in the TrapFrame at `frame`: rsp = frame, pop the 15 registers,
+    drop the error code, then `iretq`, or a jump to the hypercall entry `hypercall` (set by
+    the paravirt pass).  Never returns (`enter_user` in a PV build)."""
+    frame: Operand
+    hypercall: int | None = None
+
+    def uses(self):
+        return [self.frame]
+
+
 # -- terminators ------------------------------------------------------------
 
 @dataclass
@@ -277,6 +301,24 @@ class Slot:
     align: int
 
 
+TRAP_KINDS = ("interrupt", "interrupt_error", "syscall")
+# The compiler-provided globals of the native syscall entry: the user's rsp while it switches
+# stacks, and the stack it switches to (set by `set_kernel_stack`).
+SYSCALL_USER_RSP = "__syscall_user_rsp"
+KERNEL_STACK = "__kernel_stack"
+
+
+@dataclass
+class TrapEntry:
+    """The entry of a handler whose body is the Function holding this: the symbol the IDT
+    (or LSTAR) names, and how the CPU arrives: 'interrupt' (no error code pushed),
+    'interrupt_error' (the CPU pushed one) or 'syscall'.  `hypercall` is set by the
+    paravirt pass: the entry returns by a jump to that hypercall-page entry, not iretq."""
+    name: str
+    kind: str
+    hypercall: int | None = None
+
+
 @dataclass
 class Var:
     """A parameter or local of the source and where `lower` keeps it, for debuggers (DWARF)."""
@@ -296,6 +338,8 @@ class Function:
     returns_value: bool = False
     interrupt: bool = False        # an `interrupt fn`: saves every register it touches, ends in IRet
     loc: Loc | None = None
+    user: bool = False             # a `user fn`: placed in .user.text
+    trap_entry: TrapEntry | None = None   # this is the body of a handler with a TrapFrame
     next_vreg: int = 0             # first unused vreg id
     vars: list[Var] = field(default_factory=list)     # the source's variables, parameters first
     result: Type | None = None     # the source's result type
@@ -332,7 +376,8 @@ class DataReloc:
 
 @dataclass
 class Data:
-    """A global object.  section: 'rodata' (string literals), 'data' (initialised) or 'bss'."""
+    """A global object.  section: 'rodata' (string literals), 'data' (initialised), 'bss', or
+    'user' (a `user var` or a string of user code, initialised or zero: .user.data)."""
     name: str
     section: str
     size: int
@@ -395,9 +440,13 @@ def _quoted(data: bytes) -> str:
 
 
 def _function_lines(f: Function) -> list[str]:
-    kind = "interrupt fn" if f.interrupt else "fn"
+    kind = "interrupt fn" if f.interrupt else "user fn" if f.user else "fn"
     result = " -> value" if f.returns_value else ""
     lines = [_commented(f"{kind} {f.name}({', '.join(map(_operand, f.params))}){result}", f.loc)]
+    if f.trap_entry is not None:
+        e = f.trap_entry
+        exit_ = "iretq" if e.hypercall is None else f"hypercall {_hypercall(e.hypercall)}"
+        lines.append(f"  ; body of {e.kind} entry {e.name} (returns through {exit_})")
     for n, slot in enumerate(f.slots):
         lines.append(f"  slot{n}: {slot.size} bytes, align {slot.align}")
     for b in f.blocks:
@@ -456,6 +505,11 @@ def _instr_text(i: Instr) -> str:
             return f"site {i.site} begin, {abi.SITE_KINDS.get(i.kind, i.kind)}: {i.op} -> {i.becomes}"
         case SiteEnd():
             return f"site {i.site} end"
+        case CodeAddr():
+            return f"%{i.dst.id} = code address"
+        case ResumeFrame():
+            via = "iretq" if i.hypercall is None else f"hypercall {_hypercall(i.hypercall)}"
+            return f"resume frame {_operand(i.frame)} through {via}"
         case Jump():
             return f"jump {i.target}"
         case Branch():

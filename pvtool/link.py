@@ -12,6 +12,12 @@ ELF writer can give it its own W^X segment:
     .rodata  boot GDT, string literals; then the note sections             R
     .data    initialised globals                                           RW
     .bss     boot page tables + boot stack | __bss_start  globals  __bss_end
+    .user.text  user fns                                                   R-X
+    .user.data  user vars, strings of user code                            RW
+
+The user sections have PT_LOADs of their own, so a kernel can map exactly
+their pages for CPL 3; USER_TEXT_START/END and USER_DATA_START/END are their
+page-aligned bounds (equal, after the kernel's pages, when they are empty).
 
 A bundled image (the PV code rules) has its functions on 32-byte bundles and
 .text filled with int3 to the end of its last bundle.
@@ -42,6 +48,7 @@ RCX_NUMBER = 1                   # rcx in x86 encodings: the hypercall stubs ret
 # native boot code uses 32-bit absolute addresses.  An image that ends at or
 # below 2 GiB is in reach of both.
 IMAGE_LIMIT = 1 << 31
+USER_BOUNDS = ("USER_TEXT_START", "USER_TEXT_END", "USER_DATA_START", "USER_DATA_END")
 
 
 class LinkError(CompileError):
@@ -99,7 +106,7 @@ def _place(items: list[FunctionCode | Data], start: int) -> tuple[list[_Placed],
 
 
 def _check_data(d: Data) -> None:
-    if d.section not in ("rodata", "data", "bss"):
+    if d.section not in ("rodata", "data", "bss", "user"):
         raise _internal(f"data '{d.name}': unknown section '{d.section}'")
     if d.section == "bss" and (d.init or d.relocs):
         raise _internal(f"data '{d.name}': .bss object has an initialiser")
@@ -238,7 +245,7 @@ def _debug_function(p: _Placed) -> dwarf.Func:
     variables = [dwarf.Variable(v.name, v.type, v.param,
                                 [(p.addr + start, p.addr + end, reg, offset) for start, end, reg, offset in v.places],
                                 v.line) for v in fn.variables]
-    return dwarf.Func(p.name, p.addr, p.addr + p.size, fn.loc.file, fn.loc.line, fn.result, variables)
+    return dwarf.Func(fn.debug_name, p.addr, p.addr + p.size, fn.loc.file, fn.loc.line, fn.result, variables)
 
 
 def _stub_frames() -> list[FrameStep]:
@@ -265,7 +272,7 @@ def _frames(text: list[_Placed], boot: list[FunctionCode]) -> list[dwarf.Frame]:
             if not 0 <= step.offset <= p.size:
                 raise _internal(f"{p.name}: frame step at offset {step.offset:#x} is outside the function")
         frames.append(dwarf.Frame(p.addr, p.addr + p.size, entered_by,
-                                  [(p.addr + s.offset, s.event, s.reg) for s in fn.frame]))
+                                  [(p.addr + s.offset, s.event, s.reg, s.value) for s in fn.frame]))
     return frames
 
 
@@ -311,9 +318,14 @@ def _max_align(placed: list[_Placed]) -> int:
 
 
 def _section(name: str, placed: list[_Placed], start: int, end: int, perm: str,
-             render, fill: int = 0) -> Section:
+             render, fill: int = 0, segment: str = "") -> Section:
     blob = _concat(placed, start, end, render, fill)
-    return Section(name, start, blob, end - start, "progbits", perm, _max_align(placed))
+    return Section(name, start, blob, end - start, "progbits", perm, _max_align(placed), segment)
+
+
+def _code_end(end: int, bundled: bool) -> int:
+    """Bundled code is filled with int3 to the end of its last bundle: every bundle decodes whole."""
+    return align_up(end, BUNDLE) if bundled else end
 
 
 def link(obj: ObjectCode) -> LinkedImage:
@@ -328,9 +340,9 @@ def link(obj: ObjectCode) -> LinkedImage:
                          frame=_stub_frames())] if obj.target == "pv" else []
     syms = _Symbols()
 
-    text, text_end = _place(page + bc.functions + obj.functions, abi.LOAD_BASE)
-    if obj.bundled:      # int3 to the end of the last bundle: every bundle decodes whole
-        text_end = align_up(text_end, BUNDLE)
+    kernel_fns = [f for f in obj.functions if not f.user]
+    text, text_end = _place(page + bc.functions + kernel_fns, abi.LOAD_BASE)
+    text_end = _code_end(text_end, obj.bundled)
     rodata_start = align_up(text_end, PAGE)
     rodata, rodata_end = _place(bc.rodata + in_section("rodata"), rodata_start)
     syms.define_all(text, "func", ".text")
@@ -352,7 +364,18 @@ def link(obj: ObjectCode) -> LinkedImage:
     syms.define_all(scratch + bss, "object", ".bss")
     syms.define("__bss_start", scratch_end, 0, "notype", ".bss")
     syms.define("__bss_end", bss_end, 0, "notype", ".bss")
-    _check_reach(text + rodata + data + scratch + bss)
+
+    utext_start = align_up(bss_end, PAGE)
+    utext, utext_end = _place([f for f in obj.functions if f.user], utext_start)
+    utext_end = _code_end(utext_end, obj.bundled)
+    udata_start = align_up(utext_end, PAGE)
+    udata, udata_end = _place(in_section("user"), udata_start)
+    syms.define_all(utext, "func", ".user.text")
+    syms.define_all(udata, "object", ".user.data")
+    bounds = (utext_start, udata_start, udata_start, align_up(udata_end, PAGE))
+    for name, addr in zip(USER_BOUNDS, bounds):
+        syms.define(name, addr, 0, "notype", ".user.data" if udata else ".bss")
+    _check_reach(text + rodata + data + scratch + bss + utext + udata)
 
     code = lambda p: _function_bytes(p, syms.addr)
     init = lambda p: _data_bytes(p, syms.addr)
@@ -362,12 +385,17 @@ def link(obj: ObjectCode) -> LinkedImage:
                 *notes,
                 _section(".data", data, data_start, data_end, "rw", init),
                 Section(".bss", bss_start, b"", bss_end - bss_start, "nobits", "rw", _max_align(scratch + bss))]
+    if utext:
+        sections.append(_section(".user.text", utext, utext_start, utext_end, "rx", code, FILL, "user text"))
+    if udata:
+        sections.append(_section(".user.data", udata, udata_start, udata_end, "rw", init, 0, "user data"))
     return LinkedImage(
         name=obj.name, target=obj.target, entry=syms.addr["_start"],
         entry32=syms.addr.get("_start32"), hypercall_page=hc_page,
         sections=sections, symbols=syms.table, files=_file_list(obj),
-        lines=_lines(text), frames=_frames(text, bc.functions), sites=_sites(text, obj.target),
-        funcs=[_debug_function(p) for p in text if p.code.loc is not None],
+        lines=_lines(text + utext), frames=_frames(text + utext, bc.functions),
+        sites=_sites(text + utext, obj.target),
+        funcs=[_debug_function(p) for p in text + utext if p.code.debug_name and p.code.loc is not None],
         variables=[dwarf.Global(p.name, p.data.type, p.addr, p.loc.file, p.loc.line)
-                   for p in data + bss if p.data.type is not None and p.loc is not None],
+                   for p in data + bss + udata if p.data.type is not None and p.loc is not None],
         notes=[n for _, group in groups for n in group])

@@ -22,6 +22,7 @@ class Section:
     kind: str            # 'progbits', 'nobits' or 'note'
     perm: str            # 'rx', 'r' or 'rw'
     align: int
+    segment: str = ""    # neighbours with the same segment (default: their perm) share a PT_LOAD
 
 
 @dataclass

@@ -6,7 +6,11 @@ structs get stack slots.  Globals become `ir.Data` objects (string literals
 are deduplicated read-only `.str.N` objects).  Narrow integers are kept
 canonical with `Ext` after every operation that can break the form; `&&`,
 `||` and conditions become branches.  Every instruction carries the `Loc`
-of the source construct it implements.
+of the source construct it implements.  A handler with a TrapFrame becomes
+its body, `name.body`, with an `ir.TrapEntry` named `name`; `user` items go
+to the user sections (their string literals too).  The compiler-provided
+globals of the native system-call entry are added when a program has one
+or calls `set_kernel_stack`.
 
 The program must have passed `pvtool.typecheck.check`: lowering reads the
 annotations the checker leaves on the tree.
@@ -21,6 +25,8 @@ from .types import VOID, ArrayType, IntType, PtrType, Type, align_of, is_aggrega
 
 MASK = (1 << 64) - 1
 UNROLL_ZERO = 64        # bytes: zero larger slots with a loop
+TRAP_KINDS = {(True, False, False): "interrupt", (True, True, False): "interrupt_error",
+              (False, False, True): "syscall"}   # (interrupt, error_code, syscall) -> TrapEntry.kind
 
 _ARITH = {"+": "add", "-": "sub", "*": "mul", "&": "and", "|": "or", "^": "xor", "<<": "shl"}
 _NEEDS_EXT = ("add", "sub", "mul", "shl", "sdiv", "srem", "neg")
@@ -52,8 +58,9 @@ def _signed(t: Type | None) -> bool:
 class _Module:
     def __init__(self, program: ast.Program):
         self.program = program
-        self.strings: dict[bytes, str] = {}
+        self.strings: dict[tuple[bytes, bool], str] = {}
         self.string_data: list[ir.Data] = []
+        self.kernel_stack = False          # the syscall entry's globals are needed
 
     def run(self) -> ir.Module:
         data, functions = [], []
@@ -62,28 +69,36 @@ class _Module:
                 data.append(self.global_data(item))
             elif isinstance(item, ast.Fn):
                 functions.append(_Function(self, item).run())
+        if self.kernel_stack:
+            data += [ir.Data(name, "bss", 8, 8) for name in (ir.SYSCALL_USER_RSP, ir.KERNEL_STACK)]
         return ir.Module(functions, data + self.string_data, list(self.program.files))
 
-    def string(self, value: bytes, loc: Loc | None = None) -> str:
-        """The name of the read-only copy of a string literal (one per distinct text)."""
-        if value not in self.strings:
-            name = f".str.{len(self.strings)}"
-            self.strings[value] = name
+    def string(self, value: bytes, loc: Loc | None = None, user: bool = False) -> str:
+        """The name of the read-only copy of a string literal (one per distinct text);
+        user code has its own copies, in its own pages."""
+        key = (value, user)
+        if key not in self.strings:
+            name = f".{'ustr' if user else 'str'}.{len(self.strings)}"
+            self.strings[key] = name
             init = value + b"\0"
-            self.string_data.append(ir.Data(name, "rodata", len(init), 1, init, loc=loc))
-        return self.strings[value]
+            section = "user" if user else "rodata"
+            self.string_data.append(ir.Data(name, section, len(init), 1, init, loc=loc))
+        return self.strings[key]
 
     def global_data(self, item: ast.Global) -> ir.Data:
         t = item.sym.type
-        size, align = size_of(t), align_of(t)
-        if item.value is None:
-            return ir.Data(item.name, "bss", size, align, loc=item.loc, type=t)
+        name, size, align = item.sym.link_name, size_of(t), max(align_of(t), item.alignment)
+        if item.value is None and not item.user:
+            return ir.Data(name, "bss", size, align, loc=item.loc, type=t)
         buf = bytearray(size)
         relocs: list[ir.DataReloc] = []
-        self.serialize(item.value, t, buf, 0, relocs, item.loc)
+        if item.value is not None:
+            self.serialize(item.value, t, buf, 0, relocs, item.loc)
+        if item.user:              # .user.data holds its zeros too: one section, one segment
+            return ir.Data(name, "user", size, align, bytes(buf), relocs, loc=item.loc)
         if not relocs and not any(buf):
-            return ir.Data(item.name, "bss", size, align, loc=item.loc, type=t)
-        return ir.Data(item.name, "data", size, align, bytes(buf), relocs, loc=item.loc, type=t)
+            return ir.Data(name, "bss", size, align, loc=item.loc, type=t)
+        return ir.Data(name, "data", size, align, bytes(buf), relocs, loc=item.loc, type=t)
 
     def serialize(self, v: ast.StaticValue, t: Type, buf: bytearray, at: int,
                   relocs: list[ir.DataReloc], loc: Loc) -> None:
@@ -105,8 +120,14 @@ class _Function:
     def __init__(self, module: _Module, fn: ast.Fn):
         self.module = module
         self.fn = fn
-        self.f = ir.Function(fn.name, [], [], returns_value=fn.result is not None,
-                             interrupt=fn.interrupt, loc=fn.loc, result=fn.sym.type.result)
+        self.f = ir.Function(fn.sym.link_name, [], [], returns_value=fn.result is not None,
+                             interrupt=fn.interrupt and not fn.params, loc=fn.loc, user=fn.user,
+                             result=fn.sym.type.result)
+        if fn.handler and fn.params:
+            self.f.name = f"{fn.sym.link_name}.body"
+            kind = TRAP_KINDS[fn.interrupt, fn.error_code, fn.syscall]
+            self.f.trap_entry = ir.TrapEntry(fn.sym.link_name, kind)
+            module.kernel_stack |= fn.syscall
         self.home: dict[ast.Local, ir.VReg | int] = {}     # vreg, or slot index
         self.loops: list[tuple[str, str]] = []             # (continue target, break target)
         self.labels = 0
@@ -166,7 +187,7 @@ class _Function:
         self.terminate(ir.Jump(target))
 
     def return_term(self, value: ir.Operand | None) -> ir.Instr:
-        if self.fn.interrupt:
+        if self.f.interrupt:
             t = ir.IRet()
         elif self.fn.result is not None:
             t = ir.Ret(0 if value is None else value)
@@ -435,14 +456,20 @@ class _Function:
 
     def name(self, e: ast.Name) -> ir.Operand:
         home = self.home.get(e.sym)
-        return home if isinstance(home, ir.VReg) else self.load(*self.address(e), e.type)
+        if isinstance(home, ir.VReg):
+            return home
+        if isinstance(e.sym, ast.LinkSym):         # an address the linker fixes
+            dst = self.new()
+            self.emit(ir.AddrOf(dst, e.name))
+            return dst
+        return self.load(*self.address(e), e.type)
 
     def element(self, e: ast.Index | ast.FieldAccess) -> ir.Operand:
         return self.load(*self.address(e), e.type)
 
     def string_literal(self, e: ast.StrLit) -> ir.Operand:
         dst = self.new()
-        self.emit(ir.AddrOf(dst, self.module.string(e.value, e.loc)))
+        self.emit(ir.AddrOf(dst, self.module.string(e.value, e.loc, self.fn.user)))
         return dst
 
     def unary(self, e: ast.Unary) -> ir.Operand:
@@ -535,10 +562,11 @@ class _Function:
         dst = None if result is None else self.new()
         if e.intrinsic is not None:
             self.emit(ir.MachineOp(e.intrinsic.name, dst, args))
+            self.module.kernel_stack |= e.intrinsic.name == "set_kernel_stack"
             if dst is not None:
                 self.ext(dst, result)      # the result of `in` is canonical from here on
         elif e.func is not None:
-            self.emit(ir.Call(dst, e.func.name, args))
+            self.emit(ir.Call(dst, e.func.link_name, args))
         else:
             self.emit(ir.CallIndirect(dst, target, args))
         return dst
@@ -568,7 +596,7 @@ class _Function:
                     where = self.slot_addr(self.home[e.sym]), 0
                 else:
                     dst = self.new()
-                    self.emit(ir.AddrOf(dst, e.name))
+                    self.emit(ir.AddrOf(dst, e.sym.link_name))
                     where = dst, 0
             case ast.FieldAccess():
                 if e.deref:

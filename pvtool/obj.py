@@ -55,13 +55,18 @@ LEAVING = "leaving"                  # an epilogue begins (code after its return
 POPPED_RBP = "popped rbp"            # rbp and the saved registers are the caller's again
 RETURN_IN = "return address in"      # bundled return: the return address was popped into `reg`
 RETURNED = "returned"                # past the return: the frame as before the epilogue
+CALLER_UNKNOWN = "caller unknown"    # the caller's frame cannot be described here
+CFA_AT = "cfa at"                    # the caller's rsp (the CFA) is `reg` + `value`
+SAVED_AT = "saved at"                # `reg` is saved at CFA - `value`
+RETURN_AT = "return address at"      # the return address is at CFA - `value`
 
 
 @dataclass
 class FrameStep:
     offset: int
     event: str
-    reg: int = 0                     # the register's x86 number, for SAVED and RETURN_IN
+    reg: int = 0                     # a register's x86 number, for the events that name one
+    value: int = 0                   # a distance, for the events that take one
 
 
 @dataclass
@@ -84,7 +89,9 @@ class FunctionCode:
     sites: list[SiteRow] = field(default_factory=list)
     loc: Loc | None = None
     align: int = 16
-    entered_by: str = ""             # 'call' or 'interrupt' (the frame it starts with); '': not described
+    user: bool = False     # user code: placed in .user.text
+    entered_by: str = ""             # 'call', 'interrupt' or 'trap entry': the frame it starts with ('': none)
+    debug_name: str | None = None    # its name for debuggers (DWARF); None: code the source does not show
     frame: list[FrameStep] = field(default_factory=list)
     body: int | None = None          # where the prologue ends: the first breakpoint in the function
     variables: list[Variable] = field(default_factory=list)

@@ -8,11 +8,20 @@ form (see docs/abi.md):
   is pending;
 * reads of virtual CPU state (`read_cr*`, `sgdt`, `sidt`): shared-page loads;
 * `set_pte`, `invlpg` and port writes: appended to the shared-page multicall
-  queue, flushed with one hypercall at the next point that could observe them;
-* everything else: one hypercall.
+  queue (each entry's result field holding the address of the code that
+  queued it, for the hypervisor's messages), flushed with one hypercall at
+  the next point that could observe them;
+* `load_tr`: nothing (the hypervisor keeps the kernel stack, see
+  `set_kernel_stack`); `enter_user`: a jump to the `iret` hypercall entry;
+* everything else: one hypercall (`set_kernel_stack` is `stack_switch`).
+
+In a `user fn` no operation may exit or touch the shared page (user code
+cannot): each sensitive one becomes a load through a non-canonical address,
+which raises #GP(0) at CPL 3 as the real instruction would.
 
 Each replacement is wrapped in SiteBegin/SiteEnd so the back end records it
-in `.pv.sites`.  Interrupt returns become the `iret` hypercall.
+in `.pv.sites`.  Interrupt returns, and those of the TrapFrame entries,
+become the `iret` hypercall.
 """
 from __future__ import annotations
 
@@ -21,8 +30,9 @@ from dataclasses import dataclass, field
 from pvimage import abi
 from .errors import InternalError
 from .intrinsics import INTRINSICS
-from .ir import (AddrOf, BinOp, Block, Branch, Cmp, Copy, Ext, Function, Hypercall, Instr, IRet, Jump,
-                 Load, MachineOp, Module, Operand, SiteBegin, SiteEnd, SlotAddr, Store, UnOp, VReg)
+from .ir import (AddrOf, BinOp, Block, Branch, Cmp, CodeAddr, Copy, Ext, Function, Hypercall, Instr, IRet,
+                 Jump, Load, MachineOp, Module, Operand, ResumeFrame, SiteBegin, SiteEnd, SlotAddr, Store,
+                 UnOp, VReg)
 from .source import Loc
 
 S = abi.SHARED_PAGE
@@ -37,9 +47,12 @@ DT_FIELD = {"sgdt": abi.SH_GDTR, "sidt": abi.SH_IDTR}
 SIMPLE_HYPERCALLS = {"hlt": abi.HC_BLOCK, "write_cr3": abi.HC_NEW_BASEPTR, "lgdt": abi.HC_SET_GDT,
                      "lidt": abi.HC_SET_TRAP_TABLE, "wrmsr": abi.HC_WRMSR, "cpuid": abi.HC_CPUID,
                      "rdtsc": abi.HC_RDTSC, "wbinvd": abi.HC_WBINVD}
+NON_CANONICAL = 0x8000_0000_0000_0000     # a load from here raises #GP(0)
+MC_RESULT = 8 * 4                         # the result field of a multicall entry
+USER_FAULT = "raises #GP in user mode"
 
 # Instructions that only compute in registers: a pending batch cannot be observed by them.
-PURE = (Copy, BinOp, UnOp, Ext, Cmp, AddrOf, SlotAddr)
+PURE = (Copy, BinOp, UnOp, Ext, Cmp, AddrOf, SlotAddr, CodeAddr)
 
 
 class ParavirtError(InternalError):
@@ -53,6 +66,8 @@ def paravirtualize(module: Module) -> Module:
     """Rewrite `module` in place for the PV target and return it."""
     for fn in module.functions:
         _Rewriter(fn).run()
+        if fn.trap_entry is not None:
+            fn.trap_entry.hypercall = abi.HC_IRET
     module.target = "pv"
     for fn in module.functions:
         for ins in fn.instructions():
@@ -110,6 +125,9 @@ class _Rewriter:
     next_site: int = 0
 
     def run(self) -> None:
+        if self.fn.user:
+            self.run_user()
+            return
         self.labels = {b.label for b in self.fn.blocks}
         entry_state = pending_at_entry(self.fn)
         for block in self.fn.blocks:
@@ -131,6 +149,25 @@ class _Rewriter:
                 self.flush()
             self.cur.term = self.rewrite_terminator(block.term)
         self.fn.blocks = self.blocks
+
+    def run_user(self) -> None:
+        """User code: nothing is queued, so nothing is flushed; each sensitive operation faults."""
+        for block in self.fn.blocks:
+            instrs, block.instrs = block.instrs, []
+            self.cur = block
+            for ins in instrs:
+                self.loc = ins.loc
+                if isinstance(ins, MachineOp) and INTRINSICS[ins.op].sensitive:
+                    self.site(ins, self.user_fault)
+                else:
+                    self.emit(ins)
+
+    def user_fault(self, ins: MachineOp) -> tuple[int, str]:
+        value = self.tmp()
+        self.emit(Load(value, NON_CANONICAL, 0, 8))
+        if ins.dst is not None:
+            self.emit(Copy(ins.dst, value))    # never reached; keeps the result defined
+        return abi.SITE_NO_EXIT, USER_FAULT
 
     # -- building blocks ---------------------------------------------------
     def emit(self, ins: Instr) -> Instr:
@@ -189,14 +226,21 @@ class _Rewriter:
         entry = self.op("add", self.op("mul", count, abi.MC_ENTRY_SIZE), S + abi.SH_MC_ENTRIES)
         for k, value in enumerate([nr, *args, *[0] * (3 - len(args))]):
             self.emit(Store(entry, 8 * k, value, 8))
+        here = self.tmp()
+        self.emit(CodeAddr(here))
+        self.emit(Store(entry, MC_RESULT, here, 8))
         self.emit(Store(S, abi.SH_MC_COUNT, self.op("add", count, 1), 4))
 
     # -- the rewrites -------------------------------------------------------------
     def rewrite(self, ins: MachineOp) -> None:
+        self.site(ins, self.replace)
+
+    def site(self, ins: MachineOp, replace) -> None:
+        """`replace(ins)` between the markers of a new site."""
         site = self.next_site
         self.next_site += 1
         begin = self.emit(SiteBegin(site, ins.op, ""))
-        begin.kind, begin.becomes = self.replace(ins)
+        begin.kind, begin.becomes = replace(ins)
         self.emit(SiteEnd(site))
 
     def replace(self, ins: MachineOp) -> tuple[int, str]:
@@ -232,6 +276,14 @@ class _Rewriter:
         if op in ("write_cr0", "write_cr4"):
             self.emit(self.hypercall(abi.HC_WRITE_CR, [int(op[-1]), args[0]]))
             return abi.SITE_HYPERCALL, "hypercall write_cr"
+        if op == "load_tr":
+            return abi.SITE_NO_EXIT, "nothing: the hypervisor keeps the kernel stack (stack_switch)"
+        if op == "set_kernel_stack":
+            self.emit(self.hypercall(abi.HC_STACK_SWITCH, args[1:]))
+            return abi.SITE_HYPERCALL, "hypercall stack_switch"
+        if op == "enter_user":
+            self.emit(ResumeFrame(args[0], abi.HC_IRET))
+            return abi.SITE_HYPERCALL, "jump to hypercall iret"
         if op == "rdmsr":
             self.emit(self.hypercall(abi.HC_RDMSR, args))
             self.emit(Load(dst, S, abi.SH_HC_VALUE, 8))

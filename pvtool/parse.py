@@ -80,7 +80,7 @@ class _Program:
         self.items: list[ast.Item] = []
         self.files: list[str] = []
         self.sources: dict[str, str] = {}
-        self.seen: set[str] = set()
+        self.seen: dict[str, str] = {}          # real path -> the path it was parsed under
 
     def run(self) -> ast.Program:
         with quoting(self.sources):
@@ -91,7 +91,7 @@ class _Program:
         if len(chain) > MAX_NESTING:
             raise CompileError(at, "imports nested too deeply")
         real = _real_path(path, at)
-        self.seen.add(real)
+        self.seen[real] = path
         text = read_source(path, at)
         self.sources[path] = text
         items = _Parser(_lex(text), path).program()
@@ -112,6 +112,7 @@ class _Program:
             raise CompileError(item.loc, f"import cycle: {' -> '.join(loop)}")
         if target_real not in self.seen:
             self.visit(target, item.loc, chain)
+        item.resolved = self.seen[target_real]
 
 
 def _real_path(path: str, at: Loc | None) -> str:
@@ -121,8 +122,9 @@ def _real_path(path: str, at: Loc | None) -> str:
 
 # -- lexing --------------------------------------------------------------------------------------------
 
-KEYWORDS = frozenset(("as", "break", "const", "continue", "else", "false", "fn", "for", "if", "import",
-                      "in", "interrupt", "return", "struct", "true", "var", "while"))
+KEYWORDS = frozenset(("align", "as", "break", "const", "continue", "else", "false", "fn", "for", "if",
+                      "import", "in", "interrupt", "null", "offsetof", "private", "return", "sizeof",
+                      "struct", "syscall", "true", "user", "var", "while"))
 
 # One match per token, with the blanks and comments before it (taken
 # possessively: a comment is never re-read as operators).  Groups: 1 a name
@@ -138,7 +140,7 @@ _TOKEN = re.compile(_BLANKS + r"""
       | ('(?:[^'\\\n]|\\[^\n])*')
       | ("(?:[^"\\\n]|\\[^\n])*")
       | (/\*)
-      | ([(){}\[\];:,~]|->|\.\.?|<<=?|>>=?|&[&=]?|\|[|=]?|[-+*/%^!=<>]=?)
+      | (::|[(){}\[\];:,~]|->|\.\.?|<<=?|>>=?|&[&=]?|\|[|=]?|[-+*/%^!=<>]=?)
       | (.)
       | (\Z)
     )""", re.VERBOSE | re.DOTALL | re.ASCII)
@@ -281,28 +283,38 @@ class _Parser:
 
     # -- items
     def item(self) -> ast.Item:
+        if self.kinds[self.i] == "import":
+            return self.import_item()
+        if self.accept("private"):
+            item = self.declaration()
+            item.private = True
+            return item
+        return self.declaration()
+
+    def declaration(self) -> ast.Const | ast.Global | ast.Struct | ast.Fn:
         match self.kinds[self.i]:
-            case "import":
-                return self.import_item()
             case "const":
                 return self.const_item()
             case "var":
                 return self.global_item()
             case "struct":
                 return self.struct_item()
-            case "fn" | "interrupt":
+            case "user":
+                return self.global_item() if self.kinds[self.i + 1] == "var" else self.fn_item()
+            case "fn" | "interrupt" | "syscall":
                 return self.fn_item()
         raise self.stuck()
 
     def import_item(self) -> ast.Import:
         at = self.expect("import")
         path_at = self.expect("STRING")
+        alias = self.name() if self.accept("as") else None
         self.expect(";")
         try:
             path = self.string(path_at).decode()
         except UnicodeDecodeError:
             raise CompileError(self.loc(path_at), "the import path is not valid UTF-8") from None
-        return ast.Import(self.loc(at), path)
+        return ast.Import(self.loc(at), path, alias=alias)
 
     def const_item(self) -> ast.Const:
         self.enter()
@@ -318,11 +330,19 @@ class _Parser:
 
     def global_item(self) -> ast.Global:
         self.enter()
-        at = self.expect("var")
-        name, ty, init = self.name(), self.optional_type(), self.optional_init()
+        at = self.i
+        user = self.accept("user")
+        self.expect("var")
+        name, ty = self.name(), self.optional_type()
+        align = None
+        if self.accept("align"):
+            self.expect("(")
+            align = self.expr()
+            self.expect(")")
+        init = self.optional_init()
         self.expect(";")
         self.depth -= 1
-        return ast.Global(self.loc(at), name, ty, init)
+        return ast.Global(self.loc(at), name, ty, init, user=user, align=align)
 
     def optional_type(self) -> ast.TypeExpr | None:
         return self.type() if self.accept(":") else None
@@ -357,6 +377,14 @@ class _Parser:
         self.enter()
         at = self.i
         interrupt = self.accept("interrupt")
+        error_code = interrupt and self.accept("(")
+        if error_code:
+            word = self.expect("NAME")
+            if self.texts[word] != "error_code":
+                raise CompileError(self.loc(word), f"expected 'error_code', found {_show(self.texts[word])}")
+            self.expect(")")
+        syscall = not interrupt and self.accept("syscall")
+        user = not (interrupt or syscall) and self.accept("user")
         self.expect("fn")
         name = self.name()
         self.expect("(")
@@ -369,7 +397,8 @@ class _Parser:
         result = self.type() if self.accept("->") else None
         body = self.block()
         self.depth -= 1
-        return ast.Fn(self.loc(at), name, params, result, body, interrupt=interrupt)
+        return ast.Fn(self.loc(at), name, params, result, body, interrupt=interrupt,
+                      error_code=error_code, syscall=syscall, user=user)
 
     def param(self) -> ast.Param:
         self.enter()
@@ -387,7 +416,7 @@ class _Parser:
             case "NAME":
                 self.i += 1
                 self.height = 1
-                return ast.TName(self.loc(at), self.texts[at])
+                return ast.TName(self.loc(at), self.qualified(at))
             case "*":
                 self.i += 1
                 self.enter()
@@ -666,7 +695,7 @@ class _Parser:
         self.height = 1
         match self.kinds[at]:
             case "NAME":
-                return ast.Name(self.loc(at), self.texts[at])
+                return ast.Name(self.loc(at), self.qualified(at))
             case "INT":
                 return ast.IntLit(self.loc(at), self.integer(at))
             case "(":
@@ -681,8 +710,41 @@ class _Parser:
                 return ast.StrLit(self.loc(at), self.string(at))
             case "true" | "false" as word:
                 return ast.BoolLit(self.loc(at), word == "true")
+            case "syscall":
+                return ast.Name(self.loc(at), "syscall")      # in an expression the keyword names the intrinsic
+            case "null":
+                return ast.Null(self.loc(at))
+            case "sizeof" | "offsetof":
+                self.i = at
+                return self.type_query()
         self.i = at
         raise self.stuck()
+
+    def qualified(self, at: int) -> str:
+        """The name at token `at`, and `::name` after it if there is one (the cursor is past `at`)."""
+        if self.kinds[self.i] != "::":
+            return self.texts[at]
+        self.i += 1
+        return f"{self.texts[at]}::{self.texts[self.expect('NAME')]}"
+
+    def type_query(self) -> ast.SizeOf | ast.OffsetOf:
+        """`sizeof ( type )` or `offsetof ( type , NAME )`."""
+        at = self.i
+        word = self.kinds[at]
+        self.i += 1
+        self.expect("(")
+        self.enter()
+        target = self.type()
+        self.depth -= 1
+        if word == "sizeof":
+            self.expect(")")
+            self.height = 1
+            return ast.SizeOf(self.loc(at), target)
+        self.expect(",")
+        name_at = self.expect("NAME")
+        self.expect(")")
+        self.height = 1
+        return ast.OffsetOf(self.loc(at), target, self.texts[name_at], field_loc=self.loc(name_at))
 
     def group(self) -> ast.Expr:
         """`( expr )`.  A run of '(' is taken in a loop, each ')' then continuing

@@ -6,19 +6,26 @@ it is a compile-time constant, its value; names get their symbols; calls,
 field accesses, globals and locals get what `lower` needs.  The first
 violation raises `CompileError`.
 
-Top-level names live in one namespace shared by all files; struct names in
-another.  Structs are laid out before anything else; constants and global
-types are resolved on first use, so items may refer to each other in any
-order (a cycle is an error).
+Top-level names live in one namespace shared by the files imported plainly
+(and the main file); struct names in another.  A `private` item is seen only
+in its own file, and the public items of a file imported `as m` only as
+`m::name` (see `_Namespace`).  Structs are laid out before anything else;
+constants and global types are resolved on first use, so items may refer to
+each other in any order (a cycle is an error).  A `user fn` reaches only user
+code and data.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 from . import ast
 from .diagnostics import CompileError, deep_recursion
 from .errors import InternalError
 from .intrinsics import INTRINSICS
 from .source import Loc
-from .types import (BOOL, BUILTIN, U8, U64, VOID, ArrayType, BoolType, Field, FnType, IntType,
+from .types import (BOOL, BUILTIN, TRAP_FRAME, U8, U64, VOID, ArrayType, BoolType, Field, FnType, IntType,
                     PtrType, StructType, Type, VoidType, align_of, fits, fold_binary, fold_compare,
                     is_aggregate, is_int, is_ptr, is_scalar, parse_type_string, size_of, wrap)
 
@@ -29,6 +36,11 @@ SHIFTS = frozenset(("<<", ">>"))
 COMPARE = frozenset(("==", "!=", "<", "<=", ">", ">="))
 LOGIC = frozenset(("&&", "||"))
 _NOT_VALUES = (VoidType, ArrayType, StructType)    # what a register cannot hold
+MAX_GLOBAL_ALIGN = 4096
+HANDLER_TYPE = FnType((), None)        # &h of an interrupt or syscall fn: its entry
+TRAP_FRAME_PTR = PtrType(TRAP_FRAME)
+# The bounds of the user sections, fixed by the linker (pvtool.link).
+LINK_NAMES = ("USER_TEXT_START", "USER_TEXT_END", "USER_DATA_START", "USER_DATA_END")
 
 _INTRINSIC_TYPES = {
     name: (tuple(parse_type_string(p) for p in i.params),
@@ -102,11 +114,59 @@ def _breaks(s: ast.Stmt) -> bool:
     return False
 
 
+class _Namespace:
+    """Top-level names (of values, or of structs) as each file sees them.
+
+    `own[file]` holds every item of the file, private or not; `exports[file]`
+    its public ones, reached as `m::name` through `import "file" as m`;
+    `shared` the public items of the files imported plainly and of the main
+    file, seen unqualified everywhere.  A file's own items come first."""
+
+    def __init__(self, what: str):
+        self.what = what          # "" for values, "struct " for structs (in messages)
+        self.own: dict[str, dict[str, object]] = {}
+        self.exports: dict[str, dict[str, object]] = {}
+        self.shared: dict[str, object] = {}
+
+    def define(self, name: str, value: object, item: ast.Node, private: bool, shared: bool,
+               first_loc) -> None:
+        file = item.loc.file
+        own = self.own.setdefault(file, {})
+        tables = [own]
+        if not private:
+            tables.append(self.exports.setdefault(file, {}))
+            if shared:
+                tables.append(self.shared)
+        for table in (own, tables[-1]):
+            if name in table:
+                raise error(item.loc, f"duplicate definition of {self.what}'{name}' "
+                                      f"(first defined at {first_loc(table[name])})")
+        for table in tables:
+            table[name] = value
+
+    def find(self, name: str, file: str, aliases: dict[str, str], loc: Loc) -> object | None:
+        if "::" not in name:
+            own = self.own.get(file)
+            found = own.get(name) if own else None
+            return found if found is not None else self.shared.get(name)
+        module, _, short = name.partition("::")
+        target = aliases.get(module)
+        if target is None:
+            raise error(loc, f"unknown module '{module}' (import a file with 'as {module}')")
+        found = self.exports.get(target, {}).get(short)
+        if found is None and short in self.own.get(target, {}):
+            raise error(loc, f"'{short}' is private to {target}")
+        return found
+
+
 class _Checker:
     def __init__(self, program: ast.Program):
         self.program = program
-        self.structs: dict[str, tuple[ast.Struct, StructType]] = {}
-        self.globals: dict[str, ast.Symbol] = {}
+        self.structs: dict[str, tuple[ast.Struct | None, StructType]] = {"TrapFrame": (None, TRAP_FRAME)}
+        self.struct_names = _Namespace("struct ")
+        self.names = _Namespace("")
+        self.aliases: dict[str, dict[str, str]] = {}     # file -> module alias -> imported file
+        self.file = program.files[0] if program.files else "<input>"   # whose names are in view
         self.busy: set[int] = set()             # ids of items being resolved (cycle check)
         self.scopes: list[dict[str, ast.Local]] = []
         self.fn: ast.Fn | None = None
@@ -117,7 +177,8 @@ class _Checker:
     def run(self) -> None:
         self.collect()
         for item, st in self.structs.values():
-            self.layout(item, st)
+            if item is not None:
+                self.layout(item, st)
         items = self.program.items
         for item in items:
             if isinstance(item, ast.Const):
@@ -137,30 +198,54 @@ class _Checker:
                 self.function(item)
 
     def collect(self) -> None:
-        for item in self.program.items:
+        items = self.program.items
+        imports = [i for i in items if isinstance(i, ast.Import)]
+        shared = {self.program.files[0] if self.program.files else "<input>"}
+        shared |= {i.resolved or i.path for i in imports if i.alias is None}
+        for i in imports:
+            if i.alias is not None:
+                self.alias(i)
+        link_names = _LinkNames(items, shared)
+        for item in items:
             if isinstance(item, ast.Import):
                 continue
+            in_shared = item.loc.file in shared
             if isinstance(item, ast.Struct):
-                if item.name in BUILTIN:
+                if item.name in BUILTIN or item.name == TRAP_FRAME.name:
                     raise error(item.loc, f"'{item.name}' is a built-in type")
-                if item.name in self.structs:
-                    first = self.structs[item.name][0].loc
-                    raise error(item.loc, f"duplicate definition of struct '{item.name}' "
-                                          f"(first defined at {first})")
-                self.structs[item.name] = (item, StructType(item.name))
+                st = StructType(link_names.of(item))
+                self.struct_names.define(item.name, st, item, item.private, in_shared,
+                                         lambda st: self.structs[st.name][0].loc)
+                self.structs[st.name] = (item, st)
                 continue
             if item.name in INTRINSICS:
                 raise error(item.loc, f"'{item.name}' is the name of a machine operation")
-            if item.name in self.globals:
-                first = self.globals[item.name].item.loc
-                raise error(item.loc, f"duplicate definition of '{item.name}' (first defined at {first})")
+            if item.name in LINK_NAMES:
+                raise error(item.loc, f"'{item.name}' is a predeclared name")
             if isinstance(item, ast.Const):
                 item.sym = ast.ConstSym(item.name, None, item)
             elif isinstance(item, ast.Global):
-                item.sym = ast.GlobalSym(item.name, None, item)
+                item.sym = ast.GlobalSym(item.name, None, item, link_names.of(item))
             else:
-                item.sym = ast.FnSym(item.name, None, item)
-            self.globals[item.name] = item.sym
+                item.sym = ast.FnSym(item.name, None, item, link_names.of(item))
+            self.names.define(item.name, item.sym, item, item.private, in_shared, lambda sym: sym.item.loc)
+        for name in LINK_NAMES:
+            self.names.shared.setdefault(name, ast.LinkSym(name))
+
+    def alias(self, i: ast.Import) -> None:
+        table = self.aliases.setdefault(i.loc.file, {})
+        if i.alias in table:
+            raise error(i.loc, f"module name '{i.alias}' is already used in this file")
+        table[i.alias] = i.resolved or i.path
+
+    @contextmanager
+    def in_file(self, item: ast.Node) -> Iterator[None]:
+        """Resolve names as the file of `item` sees them."""
+        saved, self.file = self.file, item.loc.file
+        try:
+            yield
+        finally:
+            self.file = saved
 
     def enter(self, key: object, loc: Loc, what: str) -> None:
         if id(key) in self.busy:
@@ -176,10 +261,12 @@ class _Checker:
             case ast.TName():
                 if te.name in BUILTIN:
                     return BUILTIN[te.name]
-                if te.name in self.structs:
-                    item, st = self.structs[te.name]
+                if te.name == TRAP_FRAME.name:
+                    return TRAP_FRAME
+                st = self.struct_names.find(te.name, self.file, self.aliases.get(self.file, {}), te.loc)
+                if st is not None:
                     if layout:
-                        self.layout(item, st)
+                        self.layout(self.structs[st.name][0], st)
                     return st
                 raise error(te.loc, f"unknown type '{te.name}'")
             case ast.TPtr():
@@ -217,6 +304,10 @@ class _Checker:
         if st.info.fields is not None:
             return
         self.enter(item, item.loc, f"struct '{item.name}' contains itself")
+        with self.in_file(item):
+            self.lay_out_fields(item, st)
+
+    def lay_out_fields(self, item: ast.Struct, st: StructType) -> None:
         if not item.fields:
             raise error(item.loc, f"struct '{item.name}' has no fields")
         fields: list[Field] = []
@@ -252,11 +343,12 @@ class _Checker:
             return
         item = sym.item
         self.enter(item, item.loc, f"constant '{item.name}' depends on itself")
-        t = self.resolve(item.type_expr)
-        if not (is_int(t) or t == BOOL):
-            raise error(item.type_expr.loc,
-                        f"constant '{item.name}' must have an integer or bool type, not {t}")
-        sym.value = self.const_int(item.value, t, f"value of constant '{item.name}'")
+        with self.in_file(item):
+            t = self.resolve(item.type_expr)
+            if not (is_int(t) or t == BOOL):
+                raise error(item.type_expr.loc,
+                            f"constant '{item.name}' must have an integer or bool type, not {t}")
+            sym.value = self.const_int(item.value, t, f"value of constant '{item.name}'")
         sym.type = t
 
     def global_type(self, sym: ast.GlobalSym) -> Type:
@@ -264,6 +356,16 @@ class _Checker:
             return sym.type
         item = sym.item
         self.enter(item, item.loc, f"the type of '{item.name}' depends on itself")
+        with self.in_file(item):
+            sym.type = self.declared_type(item)
+        return sym.type
+
+    def declared_type(self, item: ast.Global) -> Type:
+        if item.align is not None:
+            n = self.const_int(item.align, U64, "alignment")
+            if n <= 0 or n & (n - 1) or n > MAX_GLOBAL_ALIGN:
+                raise error(item.align.loc, f"alignment must be a power of two up to {MAX_GLOBAL_ALIGN}, not {n}")
+            item.alignment = n
         if item.type_expr is not None:
             t = self.resolve(item.type_expr)
         elif item.init is None:
@@ -272,12 +374,12 @@ class _Checker:
             raise error(item.init.loc, f"'{item.name}' needs a type: write var {item.name}: [T; N] = [...]")
         else:
             t = self.value(item.init)
-        sym.type = t
         return t
 
     def global_init(self, item: ast.Global) -> None:
         if item.init is not None:
-            item.value = self.static_value(item.init, item.sym.type, f"initialiser of '{item.name}'")
+            with self.in_file(item):
+                item.value = self.static_value(item.init, item.sym.type, f"initialiser of '{item.name}'")
 
     def static_value(self, e: ast.Expr, t: Type, what: str) -> ast.StaticValue:
         """The value a global starts with: fixed before the program runs."""
@@ -308,11 +410,13 @@ class _Checker:
             return self.address_constant(e.operand)
         if isinstance(e, ast.Unary) and e.op == "&":
             return self.static_lvalue(e.operand)
+        if isinstance(e, ast.Name) and isinstance(e.sym, ast.LinkSym):
+            return ast.AddrValue(e.name, 0)
         return None
 
     def static_lvalue(self, e: ast.Expr) -> ast.AddrValue | None:
         if isinstance(e, ast.Name) and isinstance(e.sym, (ast.GlobalSym, ast.FnSym)):
-            return ast.AddrValue(e.name, 0)
+            return ast.AddrValue(e.sym.link_name, 0)
         if isinstance(e, ast.Index) and isinstance(e.base.type, ArrayType) and e.index.const is not None:
             base = self.static_lvalue(e.base)
             if base is not None:
@@ -328,25 +432,42 @@ class _Checker:
     # -- functions ------------------------------------------------------------------------
 
     def signature(self, fn: ast.Fn) -> None:
-        if fn.interrupt:
-            if fn.params:
-                raise error(fn.params[0].loc, f"interrupt fn '{fn.name}' cannot take parameters")
-            if fn.result is not None:
-                raise error(fn.result.loc, f"interrupt fn '{fn.name}' cannot return a value")
         if len(fn.params) > MAX_PARAMS:
             raise error(fn.params[MAX_PARAMS].loc,
                         f"'{fn.name}' has {len(fn.params)} parameters; at most {MAX_PARAMS} are allowed")
-        fn.sym.type = self.fn_type([p.type_expr for p in fn.params], fn.result, fn.loc)
+        with self.in_file(fn):
+            fn.sym.type = self.fn_type([p.type_expr for p in fn.params], fn.result, fn.loc)
+        if fn.handler:
+            self.handler_signature(fn)
+
+    def handler_signature(self, fn: ast.Fn) -> None:
+        """No result; no parameter (plain `interrupt fn` only) or one frame: *TrapFrame."""
+        what = f"{fn.kind_name} '{fn.name}'"
+        if fn.result is not None:
+            raise error(fn.result.loc, f"{what} cannot return a value")
+        if len(fn.params) > 1:
+            raise error(fn.params[1].loc, f"{what} takes one parameter, frame: *TrapFrame")
+        if fn.params and fn.sym.type.params[0] != TRAP_FRAME_PTR:
+            p = fn.params[0]
+            raise error(p.type_expr.loc, f"the parameter of {what} must be a *TrapFrame, "
+                                         f"not {fn.sym.type.params[0]}")
+        if not fn.params and (fn.error_code or fn.syscall):
+            raise error(fn.loc, f"{what} needs a parameter frame: *TrapFrame")
 
     def check_kmain(self) -> None:
-        sym = self.globals.get("kmain")
+        main = self.program.files[0] if self.program.files else "<input>"
+        sym = self.names.shared.get("kmain") or self.names.own.get(main, {}).get("kmain")
         if sym is None:
-            main = self.program.files[0] if self.program.files else "<input>"
             raise error(Loc(main, 1, 1), "the program has no 'fn kmain() -> u64'")
-        if not isinstance(sym, ast.FnSym) or sym.item.interrupt or sym.type != FnType((), U64):
+        if not isinstance(sym, ast.FnSym) or sym.item.handler or sym.item.user or sym.item.private \
+                or sym.type != FnType((), U64):
             raise error(sym.item.loc, "'kmain' must be declared 'fn kmain() -> u64'")
 
     def function(self, fn: ast.Fn) -> None:
+        with self.in_file(fn):
+            self.function_body(fn)
+
+    def function_body(self, fn: ast.Fn) -> None:
         self.fn, self.loops = fn, 0
         self.scopes = [{}]
         for p, t in zip(fn.params, fn.sym.type.params):
@@ -366,12 +487,22 @@ class _Checker:
         scope[name] = local
         return local
 
-    def lookup(self, name: str) -> ast.Symbol | None:
+    def lookup(self, name: str, loc: Loc) -> ast.Symbol | None:
         for scope in reversed(self.scopes):
             local = scope.get(name)
             if local is not None:
                 return local
-        return self.globals.get(name)
+        sym = self.names.find(name, self.file, self.aliases.get(self.file, {}), loc)
+        if sym is not None and self.fn is not None and self.fn.user:
+            self.user_may_use(sym, name, loc)
+        return sym
+
+    def user_may_use(self, sym: ast.Symbol, name: str, loc: Loc) -> None:
+        """User code reaches user fns and vars, constants and link-time names only."""
+        if isinstance(sym, ast.FnSym) and not sym.item.user:
+            raise error(loc, f"user fn '{self.fn.name}' cannot use kernel function '{name}'")
+        if isinstance(sym, ast.GlobalSym) and not sym.item.user:
+            raise error(loc, f"user fn '{self.fn.name}' cannot use kernel variable '{name}'")
 
     # -- statements --------------------------------------------------------------------------
 
@@ -515,6 +646,27 @@ class _Checker:
     def str_lit(self, e: ast.StrLit, want: Type | None) -> Type:
         return PtrType(U8)
 
+    def null(self, e: ast.Null, want: Type | None) -> Type:
+        if not isinstance(want, (PtrType, FnType)):
+            where = f" (a {want} is expected here)" if want is not None else ""
+            raise error(e.loc, f"null needs a pointer type from its context{where}")
+        e.const = 0
+        return want
+
+    def size_of(self, e: ast.SizeOf, want: Type | None) -> Type:
+        e.const = size_of(self.resolve(e.target))
+        return U64
+
+    def offset_of(self, e: ast.OffsetOf, want: Type | None) -> Type:
+        st = self.resolve(e.target)
+        if not isinstance(st, StructType):
+            raise error(e.target.loc, f"offsetof needs a struct type, not {st}")
+        f = st.info.field(e.field)
+        if f is None:
+            raise error(e.field_loc, f"struct '{st.name}' has no field '{e.field}'")
+        e.const = f.offset
+        return U64
+
     def array_lit(self, e: ast.ArrayLit, want: Type | None) -> Type:
         raise error(e.loc, "an array literal can only initialise an array variable")
 
@@ -535,13 +687,13 @@ class _Checker:
     def operands(self, left: ast.Expr, right: ast.Expr, want: Type | None,
                  ptr_offset: bool = False) -> tuple[Type, Type]:
         """Types of two operands that must agree: a literal side takes the other side's type."""
-        if _flexible(left) and not _flexible(right):
+        if (_flexible(left) or type(left) is ast.Null) and not (_flexible(right) or type(right) is ast.Null):
             tr = self.value(right, want)
-            tl = self.value(left, tr if is_int(tr) else want)
+            tl = self.value(left, tr if is_int(tr) or type(left) is ast.Null else want)
         else:
             tl = self.value(left, want)
             hint = U64 if ptr_offset and is_ptr(tl) else tl
-            tr = self.value(right, hint if is_int(hint) else None)
+            tr = self.value(right, hint if is_int(hint) or type(right) is ast.Null else None)
         return tl, tr
 
     def arith_types(self, op: str, tl: Type, tr: Type, loc: Loc) -> Type:
@@ -562,7 +714,7 @@ class _Checker:
         return t
 
     def name(self, e: ast.Name, want: Type | None) -> Type:
-        sym = self.lookup(e.name)
+        sym = self.lookup(e.name, e.loc)
         if sym is None:
             if e.name in INTRINSICS:
                 raise error(e.loc, f"machine operation '{e.name}' can only be called")
@@ -576,6 +728,8 @@ class _Checker:
             self.const_value(sym)
             e.const = sym.value
             return sym.type
+        if isinstance(sym, ast.LinkSym):
+            return U64
         raise error(e.loc, f"function '{e.name}' is not a value; write &{e.name} for its address")
 
     def unary(self, e: ast.Unary, want: Type | None) -> Type:
@@ -605,10 +759,11 @@ class _Checker:
     def address_of(self, e: ast.Unary) -> Type:
         x = e.operand
         if isinstance(x, ast.Name):
-            sym = self.lookup(x.name)
+            sym = self.lookup(x.name, x.loc)
             if isinstance(sym, ast.FnSym):
-                x.sym, x.type = sym, sym.type
-                return sym.type
+                t = HANDLER_TYPE if sym.item.handler else sym.type
+                x.sym, x.type = sym, t
+                return t
         t = self.expr(x)
         self.require_lvalue(x, "take the address of")
         if isinstance(x, ast.Name) and isinstance(x.sym, ast.Local):
@@ -619,6 +774,8 @@ class _Checker:
         if isinstance(e, ast.Name):
             if isinstance(e.sym, ast.ConstSym):
                 raise error(e.loc, f"cannot {doing} constant '{e.name}'")
+            if isinstance(e.sym, ast.LinkSym):
+                raise error(e.loc, f"cannot {doing} '{e.name}', an address the linker fixes")
             return
         if isinstance(e, ast.Unary) and e.op == "*":
             return
@@ -681,16 +838,18 @@ class _Checker:
         name = "this function"
         if isinstance(callee, ast.Name):
             name = f"'{callee.name}'"
-            sym = self.lookup(callee.name)
+            sym = self.lookup(callee.name, callee.loc)
             if sym is None and callee.name in INTRINSICS:
+                if callee.name == "swtch" and self.fn is not None and self.fn.user:
+                    raise error(callee.loc, f"user fn '{self.fn.name}' cannot use 'swtch' (it runs kernel code)")
                 e.intrinsic = INTRINSICS[callee.name]
                 params, result = _INTRINSIC_TYPES[callee.name]
                 ftype = FnType(params, result)
             elif sym is None:
                 raise error(callee.loc, f"unknown function '{callee.name}'")
             elif isinstance(sym, ast.FnSym):
-                if sym.item.interrupt:
-                    raise error(e.loc, f"interrupt fn '{callee.name}' cannot be called")
+                if sym.item.handler:
+                    raise error(e.loc, f"{sym.item.kind_name} '{callee.name}' cannot be called")
                 e.func, callee.sym, callee.type = sym, sym, sym.type
                 ftype = sym.type
         if ftype is None:
@@ -739,6 +898,7 @@ _EXPRESSIONS = {
     ast.FieldAccess: _Checker.field_access, ast.Index: _Checker.index, ast.Call: _Checker.call,
     ast.Cast: _Checker.cast, ast.Unary: _Checker.unary, ast.CharLit: _Checker.char_lit,
     ast.BoolLit: _Checker.bool_lit, ast.StrLit: _Checker.str_lit, ast.ArrayLit: _Checker.array_lit,
+    ast.Null: _Checker.null, ast.SizeOf: _Checker.size_of, ast.OffsetOf: _Checker.offset_of,
 }
 
 
@@ -752,3 +912,28 @@ def _convertible(s: Type, t: Type) -> bool:
     if isinstance(t, FnType):
         return isinstance(s, FnType) or s == U64
     return False
+
+
+class _LinkNames:
+    """The symbol of each global and function in the image: its own name when no
+    other item has it, else (for a private item or one of a file imported `as m`)
+    the name qualified by its file's stem, `console::buf`, made unique."""
+
+    def __init__(self, items: list[ast.Item], shared: set[str]):
+        self.shared = shared
+        self.count: dict[str, int] = {}
+        for item in items:
+            if not isinstance(item, ast.Import):
+                self.count[item.name] = self.count.get(item.name, 0) + 1
+        self.taken: set[str] = set(self.count)
+
+    def of(self, item: ast.Const | ast.Global | ast.Struct | ast.Fn) -> str:
+        if self.count[item.name] == 1 or (not item.private and item.loc.file in self.shared):
+            return item.name
+        base = f"{Path(item.loc.file).stem}::{item.name}"
+        name, k = base, 1
+        while name in self.taken:
+            k += 1
+            name = f"{base}#{k}"
+        self.taken.add(name)
+        return name

@@ -105,6 +105,16 @@ VOID = VoidType()
 INT_TYPES = (U8, U16, U32, U64, I8, I16, I32, I64)
 BUILTIN: dict[str, Type] = {t.name: t for t in INT_TYPES} | {"bool": BOOL}
 
+# The built-in struct every program has: the interrupted context as a handler sees it
+# (docs/language.md 3), lowest address first: the general registers the entry pushes,
+# the error code, then the frame the CPU (or the hypervisor) pushed.
+TRAP_FRAME_FIELDS = ("r15", "r14", "r13", "r12", "r11", "r10", "r9", "r8", "rbp", "rdi", "rsi",
+                     "rdx", "rcx", "rbx", "rax", "error_code", "rip", "cs", "rflags", "rsp", "ss")
+TRAP_FRAME = StructType("TrapFrame")
+TRAP_FRAME.info.fields = [Field(name, U64, 8 * k) for k, name in enumerate(TRAP_FRAME_FIELDS)]
+TRAP_FRAME.info.size, TRAP_FRAME.info.align = 8 * len(TRAP_FRAME_FIELDS), 8
+TRAP_FRAME_REGISTERS = TRAP_FRAME_FIELDS[:15]     # what a handler's entry pushes, last first
+
 
 def is_int(t: Type | None) -> bool:
     return isinstance(t, IntType)
@@ -149,7 +159,7 @@ def parse_type_string(s: str) -> Type:
     """The intrinsics table writes its types as strings like 'u16' or '*u64'."""
     if s.startswith("*"):
         return PtrType(parse_type_string(s[1:]))
-    return BUILTIN[s]
+    return TRAP_FRAME if s == TRAP_FRAME.name else BUILTIN[s]
 
 
 # -- integer arithmetic -------------------------------------------------------

@@ -10,7 +10,16 @@ experiment and checked here when the first engine is made:
   save);
 - the offsets of the fields used (general registers, RIP, RFLAGS, the
   TB flags, the control registers, EFER) are found by writing known values
-  through the API and looking for them in a saved context (`_probe`).
+  through the API and looking for them in a saved context (`_probe`);
+- in 2.1.4 a context save or restore is a plain copy of that struct (no
+  per-architecture hook on x86), so the register file can instead be a
+  view of the live struct itself: no copy at all, which halves an exit's
+  cost.  Where it lives is found once, safely, by reading the process's
+  own memory through /proc/self/mem (`_probe_live`): the `cpu` pointer in
+  Unicorn's engine struct, then the struct at a fixed distance from it.
+  Each engine's view is checked against a context save before use; where
+  /proc/self/mem cannot be read or the check fails, the register file
+  copies instead (`RegisterFile.live` says which; `pvtool bench` shows it).
 
 Hooks are registered through the C API too (`Engine.hook_*`): the Python
 binding's wrapper costs twice a raw callback.  A callback must never
@@ -94,6 +103,7 @@ class Layout:
     efer: int
     size: int
     privilege: "Privilege | None" = None
+    live: "tuple[int, int] | None" = None   # (offset of `cpu` in uc_struct, of the CPU state from *cpu)
 
 
 @dataclass(frozen=True)
@@ -167,7 +177,64 @@ def _probe() -> Layout:
     efer = _changed_u64(before, _save(uc, buf), uc.msr_read(0xC0000080))
     layout = Layout(gpr, rip, eflags, hflags, cr, efer, size)
     _verify(uc, buf, layout, gpr_ids)
-    return Layout(gpr, rip, eflags, hflags, cr, efer, size, _probe_privilege(hflags))
+    return Layout(gpr, rip, eflags, hflags, cr, efer, size, _probe_privilege(hflags),
+                  _probe_live(uc, _save(uc, buf)))
+
+
+ENGINE_SCAN = 0x1000           # bytes of uc_struct searched for its `cpu` pointer
+CPU_SCAN = 0x40000             # bytes after *cpu searched for the CPU state (X86CPU embeds it)
+
+
+def _probe_live(uc: Uc, snap: bytes) -> tuple[int, int] | None:
+    """Where the live CPU state is, as (offset of the `cpu` pointer in the engine struct, offset
+    of the state from what it points to); None if this process cannot read its own memory.
+
+    A candidate must follow a register written through the API, so a stale
+    copy of the registers elsewhere in memory is not mistaken for the state."""
+    regs = snap[HEADER:HEADER + 8 * len(GPR_ORDER)]      # the distinct values _probe left
+    engine = _read_own(uc._uch.value, ENGINE_SCAN)
+    for at in range(0, len(engine) - 7, 8):
+        cpu = struct.unpack_from("<Q", engine, at)[0]
+        if cpu % 8 or cpu < 0x10000 or cpu >= 1 << 47:
+            continue
+        found = _read_own(cpu, CPU_SCAN).find(regs)
+        if found >= 0 and _follows_api(uc, cpu + found):
+            return at, found
+    return None
+
+
+def _follows_api(uc: Uc, state: int) -> bool:
+    old = uc.reg_read(U.UC_X86_REG_RAX)
+    uc.reg_write(U.UC_X86_REG_RAX, 0x3C3C_5A5A_0F0F_A5A5)
+    ok = _read_own(state, 8) == struct.pack("<Q", 0x3C3C_5A5A_0F0F_A5A5)
+    uc.reg_write(U.UC_X86_REG_RAX, old)
+    return ok
+
+
+def _read_own(address: int, size: int) -> bytes:
+    """`size` bytes of this process's memory at `address`, fewer where it is not mapped:
+    through /proc/self/mem, where a bad address is an error, not a crash."""
+    try:
+        with open("/proc/self/mem", "rb", buffering=0) as mem:
+            mem.seek(address)
+            return mem.read(size) or b""
+    except (OSError, OverflowError, ValueError):
+        return b""
+
+
+def _live_view(uc: Uc, size: int):
+    """A byte view of `uc`'s live CPU state laid out like a saved context (header included),
+    or None where the probe could not find it."""
+    where = layout().live
+    if where is None:
+        return None
+    cpu_field, state = where
+    check = _context_buffer(uc)
+    _context_save(uc._uch, check)          # also makes Unicorn create its CPU (it does so lazily)
+    cpu = struct.unpack("<Q", _read_own(uc._uch.value + cpu_field, 8).ljust(8, b"\0"))[0]
+    if _read_own(cpu + state, size - HEADER) != bytes(check)[HEADER:]:
+        return None                        # not where the probe found it: copy instead (slower, as correct)
+    return (ctypes.c_char * size).from_address(cpu + state - HEADER)
 
 
 # The probe machine: the ABI's GDT, one 2 MiB user page, code that goes to ring 3 and faults there.
@@ -294,15 +361,18 @@ class RegisterFile:
     (a CR0 write, RIP from a code hook) must `store` first and `invalidate`
     after, so neither copy overwrites the other."""
 
-    __slots__ = ("handle", "buf", "view", "loaded", "dirty", "_gpr", "_rip", "_eflags", "_hflags", "_cr", "_efer",
+    __slots__ = ("handle", "buf", "view", "live", "loaded", "dirty", "_gpr", "_rip", "_eflags", "_hflags", "_cr", "_efer",
                  "_block", "_control", "_control_at", "_priv")
 
     def __init__(self, uc: Uc):
         lay = layout()
         self.handle = uc._uch
-        self.buf = _context_buffer(uc)
+        self.buf = _live_view(uc, lay.size)
+        self.live = self.buf is not None
+        if not self.live:
+            self.buf = _context_buffer(uc)
         self.view = memoryview(self.buf).cast("B")
-        self.loaded = self.dirty = False
+        self.loaded = self.dirty = self.live     # a live view is always loaded; nothing to write back
         self._gpr, self._rip, self._eflags, self._hflags = lay.gpr, lay.rip, lay.eflags, lay.hflags
         self._cr, self._efer = lay.cr, lay.efer
         self._block = struct.Struct(f"<{RIP_INDEX + 1}Q")        # the GPRs then RIP: contiguous
@@ -321,18 +391,20 @@ class RegisterFile:
             self.loaded = True
 
     def store(self) -> None:
-        if self.dirty:
+        if self.dirty and not self.live:
             _context_restore(self.handle, self.buf)
             self.dirty = False
 
     def invalidate(self) -> None:
-        self.loaded = self.dirty = False
+        if not self.live:
+            self.loaded = self.dirty = False
 
     def finish(self) -> None:
         """End of an exit: write back what changed, and read afresh next time."""
-        if self.dirty:
-            _context_restore(self.handle, self.buf)
-        self.loaded = self.dirty = False
+        if not self.live:
+            if self.dirty:
+                _context_restore(self.handle, self.buf)
+            self.loaded = self.dirty = False
 
     def __getitem__(self, name: str) -> int:
         if not self.loaded:

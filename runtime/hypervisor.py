@@ -73,8 +73,8 @@ class RunResult:
 def create(image: Image, mode: str | None, ram: int, *, cmdline: str = "",
            console: Callable[[bytes], None] | None = None, trace: TextIO | None = None,
            max_exits: int | None = None, timeout: float | None = None, profile: bool = False,
-           lenient_batches: bool = False) -> Vm:
-    """Put a guest's machine together, ready to run."""
+           lenient_batches: bool = False, debugger: Debugger | None = None) -> Vm:
+    """Put a guest's machine together, ready to run (under `debugger`, a debugger.Debugger)."""
     chosen = choose(mode, image)
     _check_segments(image, chosen)
     deadline = Deadline(timeout)
@@ -86,11 +86,14 @@ def create(image: Image, mode: str | None, ram: int, *, cmdline: str = "",
     pics = PicPair()
     stats = Stats(chosen.name, profile=profile)
     vm = Vm(image=image, mode=chosen, engine=engine, mem=mem,
-            mmu=Mmu(uc, mem, set_cr3=cpu.load_cr3, check_time=deadline.check),
+            mmu=Mmu(uc, mem, set_cr3=cpu.load_cr3, check_time=deadline.check,
+                    identity_frames=_text_frames(image) if chosen.name == "pv" else None),
             cpu=cpu, clock=clock, pics=pics, bus=IoBus(), cpuid=Cpuid(), msrs=MsrFile(uc, clock),
             oneshot=clock.add(Timer("set_timer", TIMER_IRQ, lambda deadline: pics.raise_irq(TIMER_IRQ))),
             console=Console(console), stats=stats, patches=Patches(mem), trace=trace)
     vm.run = Runner(vm, deadline, max_exits=max_exits, trace=trace, lenient_batches=lenient_batches)
+    if debugger is not None:
+        debugger.attach(vm)                # before install: the exits are chosen with it in mind
     _attach_devices(vm)
     _load(vm, cmdline)
     cpu.reset(image.entry)
@@ -155,6 +158,12 @@ def _start_info(vm: Vm, cmdline: str) -> bytes:
     return head.ljust(abi.SI_CMDLINE, b"\0") + text + b"\0"
 
 
+def _text_frames(image: Image) -> list[tuple[int, int]]:
+    """The guest-physical pages of the image's executable segments (rule R9: mapped only where they are)."""
+    page = abi.PAGE_SIZE
+    return [(s.address & ~(page - 1), (s.end + page - 1) & ~(page - 1)) for s in image.segments if s.perm & X]
+
+
 def _check_segments(image: Image, mode: Mode) -> None:
     if mode.name != "bare" and any(s.perm & X and s.perm & W for s in image.segments):
         raise ImageError(f"a segment is both writable and executable; {mode.name} mode needs text that cannot change")
@@ -174,17 +183,15 @@ def run(image: bytes, mode: str | None = None, timeout: float | None = 60.0,
         memory: int = DEFAULT_MEMORY_MIB, *, max_exits: int | None = None, trace: TextIO | None = None,
         console: Callable[[bytes], None] | None = None, cmdline: str = "", profile: bool = False,
         lenient_batches: bool = False, debugger: Debugger | None = None) -> RunResult:
-    """Load and run one guest (under `debugger`, a debugger.Debugger, if given).
-    Raises ImageError (one line) when the image or options are refused."""
+    """Load and run one guest.  Raises ImageError (one line) when the image or options are refused."""
     start = perf_counter()
     if not MIN_MEMORY_MIB <= memory <= MAX_MEMORY_MIB:
         raise ImageError(f"--memory {memory} MiB is outside {MIN_MEMORY_MIB}..{MAX_MEMORY_MIB}")
     loaded = load_image(image, memory << 20)
     vm = create(loaded, mode, memory << 20, cmdline=cmdline, console=console, trace=trace,
-                max_exits=max_exits, timeout=timeout, profile=profile, lenient_batches=lenient_batches)
+                max_exits=max_exits, timeout=timeout, profile=profile, lenient_batches=lenient_batches,
+                debugger=debugger)
     vm.stats.load_seconds = perf_counter() - start
-    if debugger is not None:
-        debugger.attach(vm)
     result = finish(vm)
     result.stats.wall_seconds = perf_counter() - start
     return result

@@ -32,6 +32,12 @@ A page used as a table at two different levels is refused (-EINVAL).  A
 table page written while not live (a hierarchy being built) gets only the
 checks that need no level; the rest happen when it becomes live.
 
+In pv mode one more rule keeps the code validator's proof true at run time
+(rule R9 of docs/abi.md): a leaf that maps an executable frame (the image's
+text, whose bytes and addresses the validator checked) must map it at its
+own address (-EPERM).  So the walk knows the virtual address of every
+entry, and remembers each table's (`table_vas`) for later writes to it.
+
 Unicorn's TLB caches translations, so `flush` is needed where invlpg or a
 CR3 load requires it; unicorn 2.1.4's Python binding has no wrapper for
 UC_CTL_TLB_FLUSH, so it is issued with `uc.ctl`.  The flush is global:
@@ -60,9 +66,17 @@ PAGE_SIZE_AT = {1: 1 << 12, 2: 1 << 21, 3: 1 << 30}
 LEVEL_NAME = {4: "PML4", 3: "PDPT", 2: "PD", 1: "PT"}
 CR3_FLAGS = 0x18                          # PWT, PCD
 _ENTRIES = struct.Struct("<512Q")
+_U64 = struct.Struct("<Q")
 MAX_REMEMBERED_ROOTS = 16
 MAX_REMEMBERED_TABLES = 8192            # table pages whose validation is kept, all roots together
 WALK_CHUNK = 256                        # tables validated between two looks at the clock
+MAX_PATHS = 1 << 16                     # (table, address) pairs a walk follows
+SPAN_AT = {4: 1 << 39, 3: 1 << 30, 2: 1 << 21}   # what one entry of a table at this level covers
+
+
+def _canonical(va: int) -> int:
+    """A 48-bit address with bit 47 copied up, as the MMU reads it."""
+    return va | 0xFFFF_0000_0000_0000 if va & (1 << 47) else va
 
 
 def _lanes(value: int) -> int:
@@ -71,6 +85,9 @@ def _lanes(value: int) -> int:
 
 
 _LANES_P = _lanes(P)
+_LANES_FRAME = _lanes(ADDR)
+_LANES_INDEX = int.from_bytes(b"".join((k * PAGE).to_bytes(8, "little") for k in range(512)), "little")
+_LANES_NONZERO = _lanes((1 << 52) - 1)                    # carries into bit 52 iff a lane is not zero
 _LANES_RESERVED = _lanes(RESERVED)
 _LANES_ADDR = _lanes(ADDR & ~(abi.RESERVED_END - 1))      # the frame bits from 1 MiB up
 _LANES_FILL = _lanes((1 << 52) - abi.RESERVED_END)        # carries into bit 52 iff those bits are not all zero
@@ -106,10 +123,14 @@ def guest_low_page(frame: int) -> bool:
 
 class Mmu:
     def __init__(self, uc: Uc, mem: GuestMemory, set_cr3: Callable[[int], None],
-                 check_time: Callable[[], None] = lambda: None):
+                 check_time: Callable[[], None] = lambda: None,
+                 identity_frames: list[tuple[int, int]] | None = None):
         self.uc = uc
         self.mem = mem
         self.check_time = check_time         # raises if the run's time is up (run.py)
+        # pv (R9): guest-physical ranges that may only be mapped at their own address
+        self.identity_frames = identity_frames or []
+        self.table_vas: dict[int, set[int]] = {}   # live table page -> the virtual addresses it maps from
         self.set_cr3 = set_cr3               # the CPU's half of a root switch (cpu.py)
         self.tables: dict[int, int] = {}     # live table page -> level
         self.root = 0
@@ -151,45 +172,83 @@ class Mmu:
             raise Refused(abi.EPERM, f"PT entry {entry:#x} maps hypervisor page {frame:#x} writable")
 
     def walk(self, root: int) -> dict[int, int]:
-        """Validate the hierarchy under `root`; its table pages and their levels.
+        """Validate the hierarchy under `root`; its table pages and their levels (and, in
+        `table_vas`, the virtual addresses each one maps from).
 
-        Bounded by the hierarchy's size, itself bounded by RAM; the caller's
+        Bounded by the hierarchy's size, itself bounded by RAM (a table reached
+        by more paths than MAX_PATHS allows is refused); the caller's
         `check_time` runs every WALK_CHUNK tables so a run's timeout holds
         inside a long validation too."""
         self.check_table(root)
         found: dict[int, int] = {}
-        todo = [(root, 4)]
+        vas: dict[int, set[int]] = {}
+        todo = [(root, 4, 0)]
+        paths = 0
         while todo:
-            table, level = todo.pop()
-            if table in found:
-                if found[table] != level:
-                    raise Refused(abi.EINVAL, f"page {table:#x} is used as a table at two levels")
+            table, level, base = todo.pop()
+            if table in found and found[table] != level:
+                raise Refused(abi.EINVAL, f"page {table:#x} is used as a table at two levels")
+            seen = vas.setdefault(table, set())
+            if base in seen:
                 continue
+            paths += 1
+            if paths > MAX_PATHS:
+                raise Refused(abi.EINVAL, f"page tables shared along more than {MAX_PATHS} paths")
+            first = table not in found
             found[table] = level
-            if len(found) % WALK_CHUNK == 0:
+            seen.add(base)
+            if len(found) % WALK_CHUNK == 0 and first:
                 self.check_time()
             if level == 1:
-                self._check_leaf_table(table)
+                self._check_leaf_table(table, base, rules=first)
                 continue
-            for entry in _ENTRIES.unpack_from(self.mem.view, table):
+            span = SPAN_AT[level]
+            for k, entry in enumerate(_ENTRIES.unpack_from(self.mem.view, table)):
                 if entry & P:
-                    self.check_entry(level, entry)
+                    va = _canonical(base + k * span)
+                    if first:
+                        self.check_entry(level, entry)
                     if not is_leaf(level, entry):
-                        todo.append((entry & ADDR, level - 1))
+                        todo.append((entry & ADDR, level - 1, va))
+                    elif self.identity_frames:
+                        self._check_identity(level, entry, va)
+        self.table_vas = vas
         return found
 
-    def _check_leaf_table(self, table: int) -> None:
-        """check_entry for all 512 leaves of a page table at once, as arithmetic on the
-        page read as one 32768-bit number (most of a big hierarchy is leaf tables).
-        Only a table with a suspect entry is then checked entry by entry, for the message."""
+    def _check_identity(self, level: int, entry: int, va: int) -> None:
+        """R9: a leaf mapping an executable frame maps it at its own address."""
+        size = PAGE_SIZE_AT[level]
+        frame = entry & ADDR & ~(size - 1)
+        for lo, hi in self.identity_frames:
+            if frame < hi and lo < frame + size and va != frame:
+                raise Refused(abi.EPERM, f"{LEVEL_NAME[level]} entry {entry:#x} maps executable frames at "
+                                         f"{va:#x}, not at their own address (rule R9)")
+
+    def _check_leaf_table(self, table: int, base: int = 0, rules: bool = True) -> None:
+        """check_entry (when `rules`) and R9 for all 512 leaves of a page table mapping from `base`, at
+        once, as arithmetic on the page read as one 32768-bit number (most of a big hierarchy is
+        leaf tables).  Only a table with a suspect entry is then checked entry by entry, for the
+        message."""
         x = int.from_bytes(self.mem.view[table:table + PAGE], "little")
         present = (x & _LANES_P) * 0xFFFF_FFFF_FFFF_FFFF      # each present entry's lane all ones
         y = x & present
-        low = (y & _LANES_ADDR) + _LANES_FILL & _LANES_BIT52    # bit 52: the frame is at or above 1 MiB
-        writable_low = (y >> 1) & _LANES_P & ~(low >> 52)
-        if y & _LANES_RESERVED or writable_low:
-            for entry in _ENTRIES.unpack_from(self.mem.view, table):
-                self.check_entry(1, entry)
+        suspect = 0
+        if rules:
+            low = (y & _LANES_ADDR) + _LANES_FILL & _LANES_BIT52    # bit 52: the frame is at or above 1 MiB
+            suspect = y & _LANES_RESERVED or (y >> 1) & _LANES_P & ~(low >> 52)
+        frames = y & _LANES_FRAME
+        for lo, hi in self.identity_frames:
+            # per lane: at or above lo, below hi, and not the lane's own address (base + 4 KiB * k)
+            at_lo = (frames + _lanes((1 << 52) - lo)) >> 52 & _LANES_P
+            at_hi = (frames + _lanes((1 << 52) - hi)) >> 52 & _LANES_P
+            moved = (frames ^ (_lanes(base & ADDR) + _LANES_INDEX)) + _LANES_NONZERO >> 52 & _LANES_P
+            suspect = suspect or at_lo & ~at_hi & moved & (present & _LANES_P)
+        if suspect:
+            for k, entry in enumerate(_ENTRIES.unpack_from(self.mem.view, table)):
+                if rules:
+                    self.check_entry(1, entry)
+                if entry & P and self.identity_frames:
+                    self._check_identity(1, entry, _canonical(base + k * PAGE))
 
     # -- changes --------------------------------------------------------------------
     def load_root(self, cr3: int) -> None:
@@ -219,6 +278,45 @@ class Mmu:
         page = self._tlb.get((va & ~(PAGE - 1), False))
         self.write_entry(page | (va & (PAGE - 1)) if page is not None else self.translate(va), value)
 
+    def set_leaves(self, va_page: int, writes: list[tuple[int, int]]) -> bool:
+        """Many set_pte into one page at once (a multicall's run of them): if that page is a live table
+        of 4 KiB leaves, validate all the new entries in one piece of arithmetic and write them; True
+        if done.  False (nothing written) when the fast path does not apply or an entry would be
+        refused: the caller then writes them one by one, for the exact refusal."""
+        pa_page = self._tlb.get((va_page, False))
+        if pa_page is None:
+            try:
+                pa_page = self.translate(va_page) & ~(PAGE - 1)
+            except Refused:
+                return False
+        if self.tables.get(pa_page) != 1 or any(offset & 7 for offset, _ in writes):
+            return False
+        values = [v & 0xFFFF_FFFF_FFFF_FFFF for _, v in writes]
+        n = len(values)
+        x = int.from_bytes(struct.pack(f"<{n}Q", *values), "little")
+        present = (x & _LANES_P) * 0xFFFF_FFFF_FFFF_FFFF
+        y = x & present
+        low = (y & _LANES_ADDR) + _LANES_FILL & _LANES_BIT52
+        if y & _LANES_RESERVED or (y >> 1) & _LANES_P & ~(low >> 52):
+            return False
+        if self.identity_frames:
+            frames = y & _LANES_FRAME
+            for base in self.table_vas.get(pa_page, ()):
+                own = int.from_bytes(struct.pack(f"<{n}Q", *(((base & ADDR) + offset // 8 * PAGE) & ADDR
+                                                              for offset, _ in writes)), "little")
+                for lo, hi in self.identity_frames:
+                    at_lo = (frames + _lanes((1 << 52) - lo)) >> 52 & _LANES_P
+                    at_hi = (frames + _lanes((1 << 52) - hi)) >> 52 & _LANES_P
+                    moved = (frames ^ own) + _LANES_NONZERO >> 52 & _LANES_P
+                    if at_lo & ~at_hi & moved & present & _LANES_P:
+                        return False
+        view = self.mem.view
+        for (offset, _), value in zip(writes, values):
+            _U64.pack_into(view, pa_page + offset, value)
+        if pa_page in self._tlb_tables:
+            self._drop_tlb()
+        return True
+
     def write_entry(self, pa: int, value: int) -> None:
         """A validated page-table write of the u64 at guest-physical `pa`."""
         value &= (1 << 64) - 1
@@ -230,6 +328,10 @@ class Mmu:
             self._write_unpinned(pa, value)
             return
         self.check_entry(level, value)
+        if self.identity_frames and is_leaf(level, value) and value & P:
+            span = PAGE_SIZE_AT[level]
+            for base in self.table_vas.get(page, ()):
+                self._check_identity(level, value, _canonical(base + (pa - page) // 8 * span))
         old = self.mem.read_u64(pa) if level > 1 else 0     # a leaf table has no subtrees
         self.mem.write_u64(pa, value)
         if page in self._tlb_tables:

@@ -209,13 +209,13 @@ class Pv(Mode):
         self.code = image.code                          # the validator's proof: instruction starts (R8)
 
     def interrupts_enabled(self, vm: Vm) -> bool:
-        return vm.mem.read(MASK, 1) == b"\0"
+        return vm.mem.view[MASK] == 0
 
     def may_deliver(self, vm: Vm) -> bool:
         if self.in_batched_site(self.guest_pc(vm)):
             vm.stats.deferred += 1
             return False
-        if int.from_bytes(vm.mem.read(MC_COUNT, 4), "little"):
+        if int.from_bytes(vm.mem.view[MC_COUNT:MC_COUNT + 4], "little"):
             hypercalls.run_queue_before_upcall(vm)
         return True
 
@@ -229,11 +229,12 @@ class Pv(Mode):
         self._set_pending(vm, vm.pics.pending())
 
     def set_virtual_if(self, vm: Vm, enabled: bool) -> None:
-        vm.mem.write(MASK, b"\0" if enabled else b"\1")
+        vm.mem.view[MASK] = 0 if enabled else 1       # the shared page: plain guest data
 
     def _set_pending(self, vm: Vm, pending: bool) -> None:
-        if pending or vm.mem.read(PENDING, 1) != b"\0":
-            vm.mem.write(PENDING, b"\1" if pending else b"\0")
+        view = vm.mem.view
+        if view[PENDING] != pending:
+            view[PENDING] = pending
 
     def in_hypercall_page(self, rip: int) -> bool:
         return self.hypercall_page <= rip < self.hypercall_page + abi.PAGE_SIZE

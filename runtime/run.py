@@ -7,7 +7,7 @@ The loop (`run`) delivers what is pending, enters the guest with
 halted, a slice ran out, a hook asked for the loop, or time is up.
 
 Guest code runs inside Unicorn; an *exit* is a Unicorn hook, and every hook
-the runtime installs goes through one dispatch, `_dispatch`, a match over
+the runtime installs goes through one dispatch, `_handler`, a match over
 the kinds of exit (`Exit`) that names each handler.  The hook's wrapper
 (`_hook`) times it, writes the register file back, and turns whatever the
 handler raises into the end of the run through `Vm.kill`, the one path
@@ -79,31 +79,46 @@ _HOOK_KIND = {Exit.SYSCALL: SYSCALL, Exit.PORT_IN: INSN, Exit.PORT_OUT: INSN, Ex
 _ON_KILL = {Exit.PORT_IN: 0, Exit.CPUID: 1, Exit.MEMORY: False}
 
 
-def _dispatch(vm: Vm, kind: Exit, args: tuple):
+def _handler(vm: Vm, kind: Exit) -> Callable:
+    """The handler of each kind of exit, called as handler(vm, *the hook's arguments).
+    Chosen once per run, when the hooks are installed: an exit pays for no choice."""
     match kind:
         case Exit.SYSCALL if vm.mode.name == "pv":
-            return hypercalls.on_syscall(vm)
+            return hypercalls.on_syscall
         case Exit.SYSCALL:
-            return faults.system_call(vm)
+            return faults.system_call
         case Exit.PORT_IN:
-            return io.port_in(vm, *args)
+            return io.port_in
         case Exit.PORT_OUT:
-            return io.port_out(vm, *args)
+            return io.port_out
         case Exit.CPUID:
-            return io.cpuid(vm)
+            return io.cpuid
         case Exit.EXCEPTION:
-            if args[0] == 3:
-                if vm.run.debugger is not None and vm.run.debugger.hit(vm.cpu.rip - 1):
-                    return None
-                patch = vm.patches.lookup(vm.cpu.rip)
-                if patch is not None:
-                    return trapped.on_patch(vm, patch)
-            return faults.on_exception(vm, args[0])
+            return _on_interrupt if vm.run.debugger is None else _on_interrupt_debugged
         case Exit.MEMORY:
-            debugger = vm.run.debugger
-            if args[0] == UC_MEM_FETCH_PROT and debugger is not None and debugger.hit_fetch(args[1]):
-                return False
-            return pagetables.on_invalid_access(vm, *args)
+            return pagetables.on_invalid_access if vm.run.debugger is None else _on_invalid_access_debugged
+
+
+def _on_interrupt(vm: Vm, vector: int):
+    """An int3 is one of the runtime's patches (a trapped instruction) or the guest's own."""
+    patch = vm.patches.lookup(vm.cpu.rip) if vector == 3 else None
+    if patch is not None:
+        return trapped.on_patch(vm, patch)
+    return faults.on_exception(vm, vector)
+
+
+def _on_interrupt_debugged(vm: Vm, vector: int):
+    """Under a debugger an int3 may be one of its breakpoints first."""
+    if vector == 3 and vm.run.debugger.hit(vm.cpu.rip - 1):
+        return None
+    return _on_interrupt(vm, vector)
+
+
+def _on_invalid_access_debugged(vm: Vm, access: int, address: int, size: int, value: int) -> bool:
+    """Under a debugger a fetch from a page that cannot run may be one of its breakpoints."""
+    if access == UC_MEM_FETCH_PROT and vm.run.debugger.hit_fetch(address):
+        return False
+    return pagetables.on_invalid_access(vm, access, address, size, value)
 
 
 def _timed_out(timeout: float, where: str) -> Stop:
@@ -156,7 +171,7 @@ class Runner:
     def _hook(self, kind: Exit) -> Callable:
         vm, cpu, regs, stats, mem = self.vm, self.vm.cpu, self.vm.cpu.regs, self.vm.stats, self.vm.mem
         hook_kind, on_kill, exit_like = _HOOK_KIND[kind], _ON_KILL.get(kind), kind is not Exit.MEMORY
-        check = vm.mode.watches_control_state
+        check, handle = vm.mode.watches_control_state, _handler(vm, kind)
 
         def hook(*args):
             if vm.stop is not None:        # the run is over: Unicorn may still run an instruction or two
@@ -165,9 +180,9 @@ class Runner:
             cpu.exit_kind = hook_kind
             rebuilds = mem.rebuilds
             try:
-                if check:
+                if check and regs.control() != cpu.expected:
                     cpu.check_control_state()
-                result = _dispatch(vm, kind, args)
+                result = handle(vm, *args)
                 if vm.stop is None and not self.paused and (exit_like or result):
                     self._after_exit()
                 if mem.rebuilds != rebuilds:       # Unicorn stops after its memory map is rebuilt
@@ -299,12 +314,17 @@ class Runner:
     def _after_exit(self) -> None:
         """After every exit: deliver what is pending, or get the loop to; start slicing if needed."""
         vm = self.vm
+        pending = vm.pics.pending()
         if vm.cpu.exit_kind in (INSN, FAULT):
-            if vm.pics.pending():
+            if pending:
                 self._want_loop()
-        elif not self._step:
+        elif self._step:
+            pass
+        elif pending:
             self.deliver_events()
-        if not self._sliced and self._needs_slices():
+        else:
+            vm.mode.nothing_pending(vm)
+        if not self._sliced and (vm.clock.next_deadline != NEVER or pending and vm.pics.pending()):
             self._want_loop()
 
     def _want_loop(self) -> None:

@@ -18,6 +18,7 @@ Interrupts are never delivered; `swtch` and hypercalls are not modelled.
 """
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ RAM = 64 << 20
 TEXT_BASE = abi.LOAD_BASE
 STACK_TOP = abi.BOOT_STACK_TOP
 STACK_LIMIT = STACK_TOP - abi.BOOT_STACK_SIZE
+CODE_ADDRESSES = 0xC0DE_0000     # what `CodeAddr` yields: the interpreter has no machine code
 BOOT_GDT = [0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF]
 
 
@@ -110,6 +112,11 @@ _CMPS = {"eq": "==", "ne": "!=", "ult": "<", "ule": "<=", "ugt": ">", "uge": ">=
 _PACK = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
 
 
+def _python_name(symbol: str) -> str:
+    """The Python function for an IR function: symbols may hold '.', ':' and '#' (h.body, con::f)."""
+    return "f_" + re.sub(r"\W", lambda m: f"_{ord(m.group()):x}_", symbol)
+
+
 class Machine:
     def __init__(self, module: ir.Module):
         self.module = module
@@ -122,6 +129,8 @@ class Machine:
         self.gdtr = (len(BOOT_GDT) * 8 - 1, abi.BOOT_GDT)
         self.idtr = (0, 0)
         self.tsc = 0
+        self.kernel_stack = 0
+        self.tr = 0
         self.tlb: dict[int, int] = {}
         self.sp = [STACK_TOP]
         self.symbols: dict[str, int] = {}
@@ -254,7 +263,7 @@ class Machine:
     # -- execution ------------------------------------------------------------------------------
 
     def call(self, name: str, *args: int) -> int | None:
-        return self.namespace["f_" + name](*args)
+        return self.namespace[_python_name(name)](*args)
 
     def call_address(self, target: int, *args: int) -> int | None:
         name = self.by_address.get(target)
@@ -286,7 +295,9 @@ class Machine:
                 "lidt": self.op_lidt, "sgdt": self.op_sgdt, "sidt": self.op_sidt,
                 "rdmsr": self.op_rdmsr, "wrmsr": self.op_wrmsr, "cpuid": self.op_cpuid,
                 "rdtsc": self.op_rdtsc, "wbinvd": self.op_wbinvd, "pause": self.op_pause,
-                "swtch": self.op_swtch}
+                "swtch": self.op_swtch, "syscall": self.op_syscall,
+                "set_kernel_stack": self.op_set_kernel_stack, "load_tr": self.op_load_tr,
+                "enter_user": self.op_enter_user}
 
     def op_outb(self, port, v):
         self.out(port, v & 0xFF)
@@ -404,6 +415,20 @@ class Machine:
     def op_swtch(self, old, new):
         raise Fault("swtch is not modelled by the IR interpreter")
 
+    # User mode: the kernel stack and the task register are state; there is no CPL 3 here.
+    def op_set_kernel_stack(self, tss, top):
+        self.store((tss + 4) & M64, 8, top)
+        self.kernel_stack = top
+
+    def op_load_tr(self, selector):
+        self.tr = selector
+
+    def op_syscall(self, nr, a, b, c):
+        raise Fault("syscall (user mode) is not modelled by the IR interpreter")
+
+    def op_enter_user(self, frame):
+        raise Fault("enter_user (user mode) is not modelled by the IR interpreter")
+
 
 class _Translator:
     """Python source for one IR function."""
@@ -421,6 +446,7 @@ class _Translator:
         self.frame = (at + 15) // 16 * 16
         self.uses: dict[ir.VReg, int] = {}
         self.preds: dict[str, int] = {}
+        self.code_addrs = 0
         for b in f.blocks:
             for i in [*b.instrs, b.term]:
                 for u in i.uses():
@@ -435,7 +461,7 @@ class _Translator:
     def source(self) -> str:
         f = self.f
         params = ", ".join(self.op(p) for p in f.params)
-        lines = [f"def f_{f.name}({params}):",
+        lines = [f"def {_python_name(f.name)}({params}):",
                  f"    sp = SP[0] - {self.frame}",
                  f"    if sp < {STACK_LIMIT}: raise Fault('stack overflow in {f.name}')",
                  "    SP[0] = sp"]
@@ -514,7 +540,7 @@ class _Translator:
             if len(args) > 6 and not isinstance(i, ir.MachineOp):
                 raise Fault("more than six call arguments")
             if isinstance(i, ir.Call):
-                call = f"f_{i.func}({', '.join(args)})"
+                call = f"{_python_name(i.func)}({', '.join(args)})"
             elif isinstance(i, ir.CallIndirect):
                 call = f"m.call_address({', '.join([o(i.target)] + args)})"
             else:
@@ -522,6 +548,10 @@ class _Translator:
             return call if i.dst is None else f"{o(i.dst)} = {call}"
         if isinstance(i, (ir.SiteBegin, ir.SiteEnd)):
             return "pass"
+        if isinstance(i, ir.CodeAddr):
+            # No code exists here: a distinct made-up address per instruction stands for it.
+            self.code_addrs += 1
+            return f"{o(i.dst)} = {CODE_ADDRESSES + (self.code_addrs << 4)}"
         raise Fault(f"the interpreter does not run {type(i).__name__}")
 
     def term(self, t: ir.Instr | None) -> list[str]:

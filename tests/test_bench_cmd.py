@@ -1,4 +1,7 @@
-"""`pvtool bench` and bench/code_quality.py: rows, checks, progress line, errors."""
+"""`pvtool bench` and bench/code_quality.py: rows, checks, times, progress line, errors.
+
+The cost model, the phases and the picture have their own files
+(test_bench_costs.py, test_bench_phases.py, test_bench_plot.py)."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,20 +10,20 @@ import json
 import shutil
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
+from bench_fakes import fake_kernels, fake_result
 
 from pvtool import cli
 from pvtool.tools import bench
-from runtime.hypervisor import RunResult
-from runtime.stats import Stats
 
 ROOT = Path(__file__).resolve().parents[1]
 HELLO = str(ROOT / "kernels" / "hello.pvk")
 CRITICAL = str(ROOT / "kernels" / "critical.pvk")
-ROW_KEYS = {"kernel", "mode", "seconds", "exits", "exits_by_reason", "ratio_to_bare", "repeats", "status"}
+ROW_KEYS = {"kernel", "mode", "run_seconds", "guest_seconds", "hypervisor_seconds", "load_seconds", "wall_seconds",
+            "exits", "exits_by_reason", "multicall_entries", "ratio_to_bare", "exits_vs_trap", "time_vs_trap",
+            "cost_model", "modelled_ns", "phases", "repeats", "status", "samples"}
 
 
 def bench_json(capsys, *argv: str) -> list[dict]:
@@ -28,17 +31,6 @@ def bench_json(capsys, *argv: str) -> list[dict]:
     out = capsys.readouterr()
     assert out.err == ""                      # no progress line when stderr is not a terminal
     return json.loads(out.out)
-
-
-def fake_result(mode: str, console: bytes = b"ok\n", status: int = 0, reason: str = "shutdown",
-                exits: dict[str, int] | None = None) -> RunResult:
-    stats = Stats(mode, exits=Counter(exits or {}))
-    stats.total_exits = sum(stats.exits.values())
-    return RunResult(status, reason, "" if reason == "shutdown" else f"{reason}: stopped", console, stats)
-
-
-def fake_kernels(*names: str) -> list[bench.Kernel]:
-    return [bench.Kernel(n, {"native": f"{n}-native".encode(), "pv": f"{n}-pv".encode()}) for n in names]
 
 
 class TtyBuffer(io.StringIO):
@@ -50,11 +42,13 @@ class TtyBuffer(io.StringIO):
 
 def test_hello_rows_for_every_mode(capsys):
     rows = bench_json(capsys, HELLO, "--repeat", "1")
-    assert [(r["kernel"], r["mode"]) for r in rows] == [("hello", m) for m in ("bare", "trap", "pv", "hvm", "hvm-shadow")]
+    assert [(r["kernel"], r["mode"]) for r in rows] == [("hello", m) for m in bench.MODES]
     for r in rows:
-        assert ROW_KEYS <= r.keys()
+        assert r.keys() == ROW_KEYS
         assert r["repeats"] == 1 and r["status"] == 0
-        assert r["seconds"] > 0
+        assert 0 < r["run_seconds"] < r["wall_seconds"] and 0 < r["load_seconds"] < r["wall_seconds"]
+        assert r["guest_seconds"] + r["hypervisor_seconds"] <= r["run_seconds"] + 1e-6
+        assert r["samples"] == [r["run_seconds"]]
         assert r["exits"] == sum(r["exits_by_reason"].values()) > 0
     assert rows[0]["ratio_to_bare"] == 1.0
     assert any(k.startswith("hypercall") for k in rows[2]["exits_by_reason"])
@@ -65,7 +59,7 @@ def test_table_on_stdout(capsys):
     assert cli.main(["bench", HELLO, "--repeat", "1", "--modes", "pv,bare"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].split()[:3] == ["kernel", "mode", "seconds"]
+    assert lines[0].split()[:10] == ["kernel", "mode", "run", "s", "guest", "s", "hyp", "s", "load", "s"]
     assert lines[1].split()[:2] == ["hello", "bare"] and lines[2].split()[0] == "pv"
     assert "trap" not in out.split("exits by reason:")[0].replace("pv/trap", "")
     assert "hello pv: hypercall" in out
@@ -103,6 +97,38 @@ def test_ratios_from_exits():
     assert pv.exits == 5 and pv.exits_vs_trap == pytest.approx(0.05)
     assert rows[1].exits_by_reason == {"trap cli": 90, "trap out": 10}
     assert rows[0].exits_vs_trap is None and rows[1].time_vs_trap is None
+
+
+def test_ratios_compare_the_run_without_loading():
+    # loading takes 1 s in every mode; the runs take 0.1, 0.8 and 0.2 s: wall-clock ratios would say
+    # 1.1 : 1.8 : 1.2, the runs say 1 : 8 : 2
+    times = {"bare": (1.1, 1.0), "trap": (1.8, 1.0), "pv": (1.2, 1.0)}
+    rows = bench.measure(fake_kernels("k"), ["bare", "trap", "pv"], 1, runner=lambda image, mode, t: fake_result(
+        mode, wall=times[mode][0], load=times[mode][1], run=times[mode][0] - 1.05, hypervisor=0.01))
+    bare, trap, pv = rows
+    assert [r.run_seconds for r in rows] == pytest.approx([0.1, 0.8, 0.2])
+    assert [r.load_seconds for r in rows] == [1.0, 1.0, 1.0] and [r.wall_seconds for r in rows] == [1.1, 1.8, 1.2]
+    assert trap.ratio_to_bare == pytest.approx(8.0) and pv.ratio_to_bare == pytest.approx(2.0)
+    assert pv.time_vs_trap == pytest.approx(0.25)
+    assert pv.hypervisor_seconds == 0.01 and pv.guest_seconds == pytest.approx(0.14)
+
+
+def test_times_are_medians_of_the_repeats():
+    walls = iter([1.5, 1.2, 9.0])                 # one slow outlier
+    rows = bench.measure(fake_kernels("k"), ["pv"], 3,
+                         runner=lambda image, mode, t: fake_result(mode, wall=next(walls), load=1.0))
+    assert rows[0].samples == pytest.approx([0.5, 0.2, 8.0])
+    assert rows[0].run_seconds == pytest.approx(0.5) and rows[0].wall_seconds == 1.5
+
+
+def test_default_kernels_are_in_the_repository(capsys, monkeypatch):
+    assert all(p.is_file() for p in bench.DEFAULT_KERNELS)
+    monkeypatch.setattr(bench, "_default_runner", lambda image, mode, t: fake_result(mode))
+    monkeypatch.setattr(bench, "build", lambda path, name, modes: bench.Kernel(name, {"native": b"", "pv": b""}))
+    assert cli.main(["bench", "--repeat", "1", "--json"]) == 0
+    kernels = [r["kernel"] for r in json.loads(capsys.readouterr().out)]
+    assert list(dict.fromkeys(kernels)) == ["churn", "critical", "sieve", "tasks"]
+    assert len(kernels) == 4 * len(bench.MODES)
 
 
 def test_console_mismatch_is_an_error():

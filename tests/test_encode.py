@@ -369,6 +369,11 @@ CASES = {
     "wbinvd": plain("wbinvd"),
     "pause": plain("pause"),
     "iretq": plain("iretq"),
+    "syscall": plain("syscall"),
+    "push_imm": lambda: iter([C("push_imm", v, text=f"push {v}") for v in (0, 0x1B, -1, 0x80, -0x81, 0x7FFFFFFF)]),
+    "push_mem": lambda: (C("push_mem", m, text=f"push {M(m, 8)}") for m in FEW_MEMS),
+    "lea_here": lambda: (C("lea_here", r, text=f"lea {R(r)}, [rip]") for r in REGS),
+    "ltr": lambda: (C("ltr", r, text=f"ltr {R(r, 2)}") for r in REGS),
     "cld": plain("cld"),
     "rep_stosb": plain("rep_stosb", "rep stosb byte ptr [rdi], al"),
 }

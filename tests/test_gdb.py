@@ -166,6 +166,25 @@ def test_a_parameter_is_shown_while_it_lives_and_optimized_out_once_a_call_took_
     assert "$1 = 1073741824\n$2 = <optimized out>\n" in out, out
 
 
+@pytest.mark.parametrize("mode", ["trap", "bare"])
+def test_backtrace_from_a_system_call_handler_into_user_mode(kernel_image, mode):
+    source = REPO / "tests" / "usermode_kernel.pvk"
+    image = kernel_image(source, "native")
+    text = source.read_text()
+    handler = next(k for k, line in enumerate(text.splitlines(), 1) if "frame.rax == 1" in line)
+    session = Session(image, "--mode", mode)
+    try:
+        out = gdb(session, image, f"break usermode_kernel.pvk:{handler}", "continue", "bt", "print/c frame.rdi",
+                  "frame 2", "info registers cs", "delete", "continue")
+        result = session.finish()
+    finally:
+        session.kill()
+    assert re.search(rf"#0 +on_syscall \(frame=0x[0-9a-f]+ <kstack\+\d+>\) at \S*usermode_kernel\.pvk:{handler}", out), out
+    assert re.search(r"#1 +<signal handler called>\n#2 +0x[0-9a-f]+ in user_main \(\) at \S*usermode_kernel\.pvk:\d+", out), out
+    assert "$1 = 104 'h'" in out and re.search(r"cs +0x23 ", out), out        # the user's code segment
+    assert result.status == 3 and result.stdout.endswith(b"#GP from user mode\n")
+
+
 def test_kill_ends_the_run_and_detach_lets_it_finish(images):
     image = images["debugme", "pv"]
     killed, detached = Session(image), Session(image)

@@ -268,7 +268,7 @@ def test_strings_are_deduplicated_rodata():
 
 def test_global_sections_and_initial_bytes():
     m = build("var z: [u64; 100];\nvar zero: u32 = 0;\nvar t: [i16; 3] = [-1, 2];\nvar b: bool = true;\n"
-              "var p: *u8 = &t[1] as *u8;\nvar null: *u8 = 0 as *u8;\nvar hi: *u8 = 0x1000 as *u8;\n"
+              "var p: *u8 = &t[1] as *u8;\nvar np: *u8 = 0 as *u8;\nvar hi: *u8 = 0x1000 as *u8;\n"
               "fn kmain() -> u64 { return 0; }")
     d = {x.name: x for x in m.data}
     assert (d["z"].section, d["z"].size, d["z"].align) == ("bss", 800, 8)
@@ -276,24 +276,30 @@ def test_global_sections_and_initial_bytes():
     assert (d["t"].section, d["t"].init, d["t"].align) == ("data", b"\xff\xff\x02\x00\x00\x00", 2)
     assert d["b"].init == b"\x01"
     assert d["p"].relocs == [ir.DataReloc(0, "t", 2)]
-    assert (d["null"].section, d["hi"].init) == ("bss", (0x1000).to_bytes(8, "little"))
+    assert (d["np"].section, d["hi"].init) == ("bss", (0x1000).to_bytes(8, "little"))
+
+
+# One call of each intrinsic, in the function of test_every_intrinsic_is_one_machine_op.
+INTRINSIC_CALLS = {
+    "cli": "cli()", "sti": "sti()", "hlt": "hlt()", "save_flags": "x = save_flags()",
+    "restore_flags": "restore_flags(x)", "outb": "outb(1, 2)", "outw": "outw(1, 2)", "outl": "outl(1, 2)",
+    "inb": "x = inb(1) as u64", "inw": "x = inw(1) as u64", "inl": "x = inl(1) as u64",
+    "read_cr0": "x = read_cr0()", "read_cr2": "x = read_cr2()", "read_cr3": "x = read_cr3()",
+    "read_cr4": "x = read_cr4()", "write_cr0": "write_cr0(x)", "write_cr3": "write_cr3(x)",
+    "write_cr4": "write_cr4(x)", "invlpg": "invlpg(x)", "set_pte": "set_pte(&x, 3)",
+    "lgdt": "lgdt(&b[0])", "lidt": "lidt(&b[0])", "sgdt": "sgdt(&b[0])", "sidt": "sidt(&b[0])",
+    "rdmsr": "x = rdmsr(0xc0000080)", "wrmsr": "wrmsr(0xc0000080, x)", "cpuid": "cpuid(0, &r[0])",
+    "rdtsc": "x = rdtsc()", "wbinvd": "wbinvd()", "pause": "pause()", "swtch": "swtch(&x, 0)",
+    "syscall": "x = syscall(1, 2, 3, 4)", "set_kernel_stack": "set_kernel_stack(&b[0], x)",
+    "load_tr": "load_tr(0x28)", "enter_user": "enter_user(&f)",
+}
 
 
 def test_every_intrinsic_is_one_machine_op():
-    calls = {
-        "cli": "cli()", "sti": "sti()", "hlt": "hlt()", "save_flags": "x = save_flags()",
-        "restore_flags": "restore_flags(x)", "outb": "outb(1, 2)", "outw": "outw(1, 2)", "outl": "outl(1, 2)",
-        "inb": "x = inb(1) as u64", "inw": "x = inw(1) as u64", "inl": "x = inl(1) as u64",
-        "read_cr0": "x = read_cr0()", "read_cr2": "x = read_cr2()", "read_cr3": "x = read_cr3()",
-        "read_cr4": "x = read_cr4()", "write_cr0": "write_cr0(x)", "write_cr3": "write_cr3(x)",
-        "write_cr4": "write_cr4(x)", "invlpg": "invlpg(x)", "set_pte": "set_pte(&x, 3)",
-        "lgdt": "lgdt(&b[0])", "lidt": "lidt(&b[0])", "sgdt": "sgdt(&b[0])", "sidt": "sidt(&b[0])",
-        "rdmsr": "x = rdmsr(0xc0000080)", "wrmsr": "wrmsr(0xc0000080, x)", "cpuid": "cpuid(0, &r[0])",
-        "rdtsc": "x = rdtsc()", "wbinvd": "wbinvd()", "pause": "pause()", "swtch": "swtch(&x, 0)",
-    }
+    calls = INTRINSIC_CALLS
     assert set(calls) == set(INTRINSICS)
     lines = "\n".join(f"    {c};" for c in calls.values())
-    m = build(f"fn kmain() -> u64 {{\n    var x: u64; var b: [u8; 10]; var r: [u32; 4];\n{lines}\n    return x;\n}}")
+    m = build(f"fn kmain() -> u64 {{\n    var x: u64; var b: [u8; 10]; var r: [u32; 4]; var f: TrapFrame;\n{lines}\n    return x;\n}}")
     ops = [i for i in m.functions[0].instructions() if isinstance(i, ir.MachineOp)]
     assert [o.op for o in ops] == list(calls)
     for line, o in enumerate(ops, start=3):

@@ -72,6 +72,10 @@ class NativeMachine(ir_interp.Machine):
         self.log.append(("msr", msr, v))
         super().op_wrmsr(msr, v)
 
+    def op_set_kernel_stack(self, tss, top):
+        self.log.append(("kernel stack", top))
+        super().op_set_kernel_stack(tss, top)
+
 
 class _PVTranslator(ir_interp._Translator):
     def instr(self, i):
@@ -131,6 +135,10 @@ class PVMachine(NativeMachine):
             self.phys_store(S + abi.SH_HC_VALUE, 8, self.op_rdmsr(a[0]))
             return 0
         if nr == abi.HC_EVENT_CHECK:
+            return 0
+        if nr == abi.HC_STACK_SWITCH:
+            self.log.append(("kernel stack", a[0]))
+            self.kernel_stack = a[0]
             return 0
         if nr == abi.HC_WRITE_CR:
             return {0: self.op_write_cr0, 4: self.op_write_cr4}[a[0]](a[1])
@@ -198,7 +206,7 @@ def flat(module: ir.Module) -> list[ir.Instr]:
     return list(module.functions[0].instructions())
 
 
-ARGS = {"*u64": 0x1000000, "*u8": 0x1000000, "*u32": 0x1000000, "u64": 0x1234, "u32": 0x10, "u16": 0x3f8, "u8": 7}
+ARGS = {"*u64": 0x1000000, "*TrapFrame": 0x1000000, "*u8": 0x1000000, "*u32": 0x1000000, "u64": 0x1234, "u32": 0x10, "u16": 0x3f8, "u8": 7}
 
 
 @pytest.mark.parametrize("op", [i.name for i in INTRINSICS.values() if i.sensitive])

@@ -263,7 +263,7 @@ def test_positions():
     ("var x = @;", 1, 9, "unexpected character '@'"),
     ("fn f() { \x00 }", 1, 10, "unexpected character '\\x00'"),
     ("fn", 1, 3, "expected identifier, found end of file"),
-    ("struct S { a: u8 b: u8 }", 1, 18, "expected ',' or '}', found 'b'"),
+    ("struct S { a: u8 b: u8 }", 1, 18, "expected ',', '::' or '}', found 'b'"),
 ])
 def test_syntax_errors(src, line, col, message):
     e = syntax_error(src)
@@ -391,3 +391,26 @@ def test_conformance_kernels_parse(path):
     prog = parse_program(str(path))
     assert prog.files[0] == str(path)
     assert any(isinstance(i, ast.Fn) and i.name == "kmain" for i in prog.items)
+
+
+def test_user_mode_items_and_their_modifiers():
+    imp, const, uvar, glob, handler, sys_fn, ufn = items(
+        'import "lib/con.pvk" as con;\n'
+        "private const N: u64 = sizeof(TrapFrame);\n"
+        "private user var stack: [u8; 64] align(16);\n"
+        "var p: *con::Task = null;\n"
+        "interrupt(error_code) fn gp(frame: *TrapFrame) { }\n"
+        "syscall fn sys(frame: *TrapFrame) { }\n"
+        "user fn u() -> u64 { return syscall(1, 2, 3, offsetof(TrapFrame, rip)); }\n")
+    assert (imp.path, imp.alias) == ("lib/con.pvk", "con")
+    assert const.private and ast.dump(const.value) == "(SizeOf (TName 'TrapFrame'))"
+    assert (uvar.private, uvar.user, ast.dump(uvar.align)) == (True, True, "(IntLit 16)")
+    assert ast.dump(glob) == "(Global 'p' (TPtr (TName 'con::Task')) (Null))"
+    assert (handler.interrupt, handler.error_code, handler.syscall, handler.user) == (True, True, False, False)
+    assert (sys_fn.interrupt, sys_fn.syscall) == (False, True)
+    assert ufn.user and ast.dump(ufn.body.stmts[0].value) == (
+        "(Call (Name 'syscall') [(IntLit 1) (IntLit 2) (IntLit 3) (OffsetOf (TName 'TrapFrame') 'rip')])")
+
+
+def test_qualified_names_in_expressions():
+    assert expr("con::f(con::x) + y") == "(Binary '+' (Call (Name 'con::f') [(Name 'con::x')]) (Name 'y'))"

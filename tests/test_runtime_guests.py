@@ -10,7 +10,7 @@ from pvtool import driver
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckit.build import build, have_gcc
+from ckit.build import build, build_source, have_gcc
 from pvimage import abi
 from runtime.hypervisor import create, run
 from runtime.loader import load_image
@@ -106,6 +106,41 @@ def test_max_exits_stops_a_guest(hostile):
     result = run(hostile, timeout=10, cmdline="loop", max_exits=100)
     assert (result.status, result.reason) == (124, "exit-limit")
     assert result.stats.total_exits == 101
+
+
+IRET_GUEST = r"""
+#define PVGUEST_MAIN
+#include "pvguest.h"
+/* A breakpoint handler that only returns: through the iret entry, with rsp at the CPU's frame. */
+__asm__(".text\n.balign 32, 0xcc\nbp_entry:\n    jmp hypercall_page + 32 * 18\n.balign 32, 0xcc\n");
+void bp_entry(void);
+static u64 idt[2 * 16] __attribute__((aligned(16)));
+static struct __attribute__((packed)) { u16 limit; u64 base; } desc;
+
+long guest_main(const struct pv_start_info *si)
+{
+    u64 at = (u64)bp_entry;
+    idt[6] = (at & 0xffff) | (8UL << 16) | (0x8eUL << 40) | ((at >> 16 & 0xffff) << 48);
+    idt[7] = at >> 32;
+    desc.limit = sizeof idt - 1;
+    desc.base = (u64)idt;
+    if (PV_HYPERCALL(HC_SET_TRAP_TABLE, (long)&desc, 0, 0, 0, 0))
+        return 100;
+    u64 rax, rcx, r11;
+    __asm__ volatile("mov $0x1111, %%eax\n mov $0x2222, %%ecx\n mov $0x3333, %%r11d\n int3\n"
+                     "mov %%rax, %0\n mov %%rcx, %1\n mov %%r11, %2"
+                     : "=r"(rax), "=r"(rcx), "=r"(r11) : : "rax", "rcx", "r11", "memory");
+    return (rax != 0x1111) | (rcx != 0x2222) << 1 | (r11 != 0x3333) << 2;
+}
+"""
+
+
+def test_the_iret_entry_gives_back_rax_rcx_and_r11():
+    """The iret entry's own `mov eax` and `syscall` overwrite rax, rcx and r11: it saves them
+    first and the hypervisor restores them, so the interrupted code sees what it had."""
+    result = run(build_source("iret_saves", IRET_GUEST).read_bytes(), timeout=10)
+    assert (result.reason, result.status) == ("shutdown", 0), (result.message, result.status)
+    assert result.stats.exits["hypercall iret"] == 1
 
 
 # -- native: bare and trap --------------------------------------------------------------------

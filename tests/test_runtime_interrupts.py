@@ -399,9 +399,14 @@ def test_iret_hypercall_restores_the_frame_and_the_mask_and_delivers_what_waits(
     vm.mem.write(abi.SHARED_PAGE + abi.SH_UPCALL_MASK, b"\0")
     rip = reg(vm, "RIP")
     deliver(vm)
-    vm.engine.uc.reg_write(U.UC_X86_REG_RAX, 0x5555)
+    # What the iret entry does before its syscall: push rcx, r11, rax (their values come back).
+    rsp = reg(vm, "RSP") - 24
+    vm.mmu.write_virt(rsp, struct.pack("<3Q", 0x5555, 0x7777, 0x6666))
+    vm.engine.uc.reg_write(U.UC_X86_REG_RSP, rsp)
+    vm.engine.uc.reg_write(U.UC_X86_REG_RAX, abi.HC_IRET)
     assert call(vm, hypercalls.iret) is None                                   # no result: rax is the guest's
-    assert (reg(vm, "RIP"), reg(vm, "RSP"), reg(vm, "RAX")) == (rip, STACK, 0x5555)
+    assert (reg(vm, "RIP"), reg(vm, "RSP")) == (rip, STACK)
+    assert (reg(vm, "RAX"), reg(vm, "R11"), reg(vm, "RCX")) == (0x5555, 0x7777, 0x6666)
     assert shared(vm, abi.SH_UPCALL_MASK) == 0 and not reg(vm, "RFLAGS") & IF
     vm.bus.write(0x20, 1, 0x20)                                          # EOI, and a new tick waiting
     vm.pics.raise_irq(0)

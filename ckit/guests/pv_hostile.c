@@ -112,6 +112,16 @@ static void errors(void)
     check("invlpg non-canonical", hypercall(HC_INVLPG, NONCANON, 0, 0), -EINVAL);
     check("invlpg", hypercall(HC_INVLPG, ALIAS, 0, 0), 0);
 
+    /* R9: text only ever at its own address, whether the entry is written live or found by a walk. */
+    u64 text_page = text & ~0xfffUL, text_2m = text & ~0x1fffffUL;
+    check("text mapped elsewhere", set_pte(&table(4)[6], text_page | 1), -EPERM);
+    check("text in a 2M page elsewhere", set_pte(&table(3)[2], text_2m | 1 | HUGE), -EPERM);
+    check("back to the boot tables", hypercall(HC_NEW_BASEPTR, BOOT_PML4, 0, 0), 0);
+    table(4)[6] = text_page | 1;
+    check("a hierarchy mapping text elsewhere", hypercall(HC_NEW_BASEPTR, PT_BASE, 0, 0), -EPERM);
+    table(4)[6] = 0;
+    check("the same hierarchy without it", hypercall(HC_NEW_BASEPTR, PT_BASE, 0, 0), 0);
+
     check("new_baseptr hypervisor memory", hypercall(HC_NEW_BASEPTR, HV_PAGE, 0, 0), -EPERM);
     check("new_baseptr beyond RAM", hypercall(HC_NEW_BASEPTR, ram_end, 0, 0), -EINVAL);
     check("new_baseptr low bits", hypercall(HC_NEW_BASEPTR, PT_BASE | 0x800, 0, 0), -EINVAL);

@@ -17,9 +17,9 @@ from ..tools.diffview import diff_images, render, to_json
 
 EPILOG = """\
 examples:
-  pvtool diff kernels/oschurn.pvk             # build both ways, compare
+  pvtool diff kernels/churn.pvk               # build both ways, compare
   pvtool diff k.native.elf k.pv.elf --full    # two images, every instruction
-  pvtool diff kernels/paging.pvk --json | jq .summary
+  pvtool diff kernels/mm.pvk --json | jq .summary
 
 Each sensitive site of the native build is shown next to what the PV build
 made of it (its source line and the PV site's description); the code

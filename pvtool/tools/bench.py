@@ -1,29 +1,32 @@
-"""Benchmarks: the same kernel built native and PV, run bare, trap-and-emulate and PV.
+"""Benchmarks: the same kernel built native and PV, run in every mode of the runtime (runtime/modes.py).
 
 `measure()` runs every (kernel, mode) pair once per repeat, interleaved -- for
 each repeat, for each kernel, for each mode -- so machine noise lands on all
 modes alike, and checks that every run shut down with the same status and
-console output as the kernel's first run.  Each `Row` holds the median wall
-time of the run itself (the build is not timed), the exits in total and by
-reason, and the ratios that matter: time against bare, and for pv, exits and
-time against trap.  `Progress` and `median` are shared with
-bench/code_quality.py.
+console output as the kernel's first run.  Each `Row` holds medians of the
+runtime's own times (runtime/stats.py): the run without loading, split into
+guest and hypervisor time, and the loading apart (the build is not timed);
+the exits in total and by reason; the ratios that matter (run time against
+bare, and for pv, exits and run time against trap); the exit overhead a cost
+model (costmodel.py) gives those exits on a real CPU, labelled "modelled";
+and per phase the kernel marked (runtime/devices/marker.py), figures per
+operation.  `Progress` and `median` are shared with bench/code_quality.py.
 """
 from __future__ import annotations
 
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from time import perf_counter
 from typing import Callable, TextIO
 
 from runtime.hypervisor import MODES, RunResult, run as run_guest
 
 from .. import driver
+from .costmodel import Model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_KERNELS = tuple(ROOT / "kernels" / f"{name}.pvk" for name in ("churn", "critical", "sieve", "tasks"))
-TARGET_OF = {"bare": "native", "trap": "native", "pv": "pv", "hvm": "native", "hvm-shadow": "native"}
+TARGET_OF = {name: mode.image_mode for name, mode in MODES.items()}      # the build each mode runs
 
 Runner = Callable[[bytes, str, float | None], RunResult]
 
@@ -39,36 +42,80 @@ class Kernel:
 
 
 @dataclass
-class Sample:
-    seconds: float
-    result: RunResult
+class PhaseRow:
+    """One marked phase of one kernel in one mode; `per` operations (or runs, if it declared none)."""
+    phase: int
+    runs: int
+    operations: int
+    exits: int
+    exits_by_reason: dict[str, int]
+    virtual_ns: int
+    host_seconds: float                # median over the repeats
+    modelled_ns: float | None = None   # the model's cost of the phase's exits
+
+    @property
+    def per(self) -> int:
+        return self.operations or self.runs
+
+    @property
+    def unit(self) -> str:
+        return "op" if self.operations else "run"
+
+    def per_op(self) -> dict:
+        """The figures per operation (per run if the kernel declared no operations)."""
+        n = self.per
+        return {"exits_per_op": self.exits / n,
+                "exits_by_reason_per_op": {why: k / n for why, k in self.exits_by_reason.items()},
+                "virtual_ns_per_op": self.virtual_ns / n,
+                "host_us_per_op": self.host_seconds / n * 1e6,
+                "modelled_ns_per_op": _divided(self.modelled_ns, n)}
+
+    def as_dict(self) -> dict:
+        doc = asdict(self) | {"host_seconds": round(self.host_seconds, 6), "per": self.unit}
+        for key, value in self.per_op().items():
+            doc[key] = ({why: round(k, 4) for why, k in value.items()} if isinstance(value, dict)
+                        else None if value is None else round(value, 4))
+        return doc
 
 
 @dataclass
 class Row:
     kernel: str
     mode: str
-    seconds: float                     # median wall time of the run
+    run_seconds: float                 # medians over the repeats: the run without loading ...
+    guest_seconds: float               # ... of which guest code
+    hypervisor_seconds: float          # ... and exit handling
+    load_seconds: float                # reading, validating and loading the image
+    wall_seconds: float                # all of it
     exits: int
     exits_by_reason: dict[str, int]
+    multicall_entries: dict[str, int]
     status: int
     repeats: int
-    guest_seconds: float               # medians of the runtime's own split
-    hypervisor_seconds: float
-    ratio_to_bare: float | None = None
+    ratio_to_bare: float | None = None   # run time against bare's
     exits_vs_trap: float | None = None   # pv only
-    time_vs_trap: float | None = None    # pv only
-    samples: list[float] = field(default_factory=list)
+    time_vs_trap: float | None = None    # pv only: run time against trap's
+    cost_model: str | None = None
+    modelled_ns: float | None = None     # the model's exit overhead for one run
+    phases: list[PhaseRow] = field(default_factory=list)
+    samples: list[float] = field(default_factory=list)   # run seconds of each repeat
 
     def as_dict(self) -> dict:
         doc = asdict(self)
-        for key in ("seconds", "guest_seconds", "hypervisor_seconds"):
+        for key in ("run_seconds", "guest_seconds", "hypervisor_seconds", "load_seconds", "wall_seconds"):
             doc[key] = round(doc[key], 6)
         for key in ("ratio_to_bare", "exits_vs_trap", "time_vs_trap"):
             if doc[key] is not None:
                 doc[key] = round(doc[key], 4)
+        if self.modelled_ns is not None:
+            doc["modelled_ns"] = round(self.modelled_ns, 1)
+        doc["phases"] = [p.as_dict() for p in self.phases]
         doc["samples"] = [round(s, 6) for s in self.samples]
         return doc
+
+
+def _divided(value: float | None, n: float) -> float | None:
+    return None if value is None else value / n
 
 
 def median(values: list[float]) -> float:
@@ -115,24 +162,23 @@ def build(path: Path, name: str, modes: list[str]) -> Kernel:
 
 
 def measure(kernels: list[Kernel], modes: list[str], repeat: int, timeout: float | None = 60.0,
-            runner: Runner | None = None, progress: Progress | None = None) -> list[Row]:
-    """Run everything `repeat` times, interleaved; one Row per kernel and mode."""
+            runner: Runner | None = None, progress: Progress | None = None,
+            model: Model | None = None) -> list[Row]:
+    """Run everything `repeat` times, interleaved; one Row per kernel and mode, priced by `model`."""
     runner = runner or _default_runner
-    samples: dict[tuple[str, str], list[Sample]] = {(k.name, m): [] for k in kernels for m in modes}
+    results: dict[tuple[str, str], list[RunResult]] = {(k.name, m): [] for k in kernels for m in modes}
     first: dict[str, tuple[str, RunResult]] = {}
     for r in range(repeat):
         for k in kernels:
             for mode in modes:
                 if progress:
                     progress.step(f"repeat {r + 1}/{repeat}: {k.name} {mode}")
-                start = perf_counter()
                 result = runner(k.images[TARGET_OF[mode]], mode, timeout)
-                seconds = perf_counter() - start
                 _check(k.name, mode, result, first.setdefault(k.name, (mode, result)))
-                samples[k.name, mode].append(Sample(seconds, result))
+                results[k.name, mode].append(result)
     if progress:
         progress.clear()
-    return [_row(k.name, m, samples) for k in kernels for m in modes]
+    return [_row(k.name, m, results, model) for k in kernels for m in modes]
 
 
 def _default_runner(image: bytes, mode: str, timeout: float | None) -> RunResult:
@@ -158,25 +204,53 @@ def _first_difference(a: bytes, b: bytes) -> str:
     return f"{len(a.splitlines())} lines vs {len(b.splitlines())}"
 
 
-def _row(kernel: str, mode: str, samples: dict[tuple[str, str], list[Sample]]) -> Row:
-    runs = samples[kernel, mode]
-    last = runs[-1].result
+def _run_seconds(result: RunResult) -> float:
+    """The run without loading, by the runtime's own clock."""
+    return max(0.0, result.stats.wall_seconds - result.stats.load_seconds)
+
+
+def _median_of(runs: list[RunResult], what: Callable[[RunResult], float]) -> float:
+    return median([what(r) for r in runs])
+
+
+def _row(kernel: str, mode: str, results: dict[tuple[str, str], list[RunResult]], model: Model | None) -> Row:
+    runs = results[kernel, mode]
+    stats = runs[-1].stats                  # exits are deterministic: the last run's stand for all
     row = Row(kernel, mode,
-              seconds=median([s.seconds for s in runs]),
-              exits=last.stats.total_exits,
-              exits_by_reason=dict(last.stats.exits.most_common()),
-              status=last.status,
+              run_seconds=_median_of(runs, _run_seconds),
+              guest_seconds=_median_of(runs, lambda r: r.stats.guest_seconds),
+              hypervisor_seconds=_median_of(runs, lambda r: r.stats.hypervisor_seconds),
+              load_seconds=_median_of(runs, lambda r: r.stats.load_seconds),
+              wall_seconds=_median_of(runs, lambda r: r.stats.wall_seconds),
+              exits=stats.total_exits,
+              exits_by_reason=dict(stats.exits.most_common()),
+              multicall_entries=dict(stats.batched.most_common()),
+              status=runs[-1].status,
               repeats=len(runs),
-              guest_seconds=median([s.result.stats.guest_seconds for s in runs]),
-              hypervisor_seconds=median([s.result.stats.hypervisor_seconds for s in runs]),
-              samples=[s.seconds for s in runs])
-    if (kernel, "bare") in samples:
-        row.ratio_to_bare = ratio(row.seconds, median([s.seconds for s in samples[kernel, "bare"]]))
-    if mode == "pv" and (kernel, "trap") in samples:
-        trap = samples[kernel, "trap"]
-        row.exits_vs_trap = ratio(row.exits, trap[-1].result.stats.total_exits)
-        row.time_vs_trap = ratio(row.seconds, median([s.seconds for s in trap]))
+              phases=_phases(mode, runs, model),
+              samples=[_run_seconds(r) for r in runs])
+    if model is not None:
+        row.cost_model = model.name
+        row.modelled_ns = model.overhead_ns(mode, stats.exits, stats.batched)
+    if (kernel, "bare") in results:
+        row.ratio_to_bare = ratio(row.run_seconds, _median_of(results[kernel, "bare"], _run_seconds))
+    if mode == "pv" and (kernel, "trap") in results:
+        trap = results[kernel, "trap"]
+        row.exits_vs_trap = ratio(row.exits, trap[-1].stats.total_exits)
+        row.time_vs_trap = ratio(row.run_seconds, _median_of(trap, _run_seconds))
     return row
+
+
+def _phases(mode: str, runs: list[RunResult], model: Model | None) -> list[PhaseRow]:
+    """The marked phases (runtime/devices/marker.py): counts from the last run, host time the median."""
+    rows = []
+    for phase_id, phase in sorted(runs[-1].stats.phases.items()):
+        exits = dict(phase.exits.most_common())
+        host = median([r.stats.phases[phase_id].host_seconds for r in runs if phase_id in r.stats.phases])
+        rows.append(PhaseRow(phase_id, phase.runs, phase.operations, phase.total_exits, exits,
+                             phase.virtual_ns, host,
+                             None if model is None else model.overhead_ns(mode, exits)))
+    return rows
 
 
 def parse_modes(text: str) -> list[str]:
@@ -194,20 +268,56 @@ def _fmt(value: float | None, spec: str = ".2f", suffix: str = "x") -> str:
     return "" if value is None else f"{value:{spec}}{suffix}"
 
 
-def table(rows: list[Row]) -> str:
-    """The human-readable report: one line per kernel and mode, then exits by reason."""
-    header = ("kernel", "mode", "seconds", "vs bare", "exits", "pv/trap exits", "pv/trap time")
+def _columns(header: tuple[str, ...], body: list[tuple[str, ...]], text: set[int]) -> list[str]:
+    """Aligned lines: the `text` columns to the left, the others (figures) to the right."""
+    widths = [max(len(line[c]) for line in [header] + body) for c in range(len(header))]
+    return ["  ".join(cell.ljust(w) if c in text else cell.rjust(w)
+                      for c, (cell, w) in enumerate(zip(line, widths))).rstrip()
+            for line in [header] + body]
+
+
+def table(rows: list[Row], model: Model | None = None) -> str:
+    """The human-readable report: one line per kernel and mode, exits by reason, then the phases."""
+    header = ("kernel", "mode", "run s", "guest s", "hyp s", "load s", "vs bare", "exits",
+              "pv/trap exits", "pv/trap time") + (("modelled ms",) if model else ())
     body = []
     for i, r in enumerate(rows):
         same = i > 0 and rows[i - 1].kernel == r.kernel
-        body.append(("" if same else r.kernel, r.mode, f"{r.seconds:.3f}", _fmt(r.ratio_to_bare),
-                     str(r.exits), _fmt(r.exits_vs_trap, ".3f"), _fmt(r.time_vs_trap, ".3f")))
-    widths = [max(len(line[c]) for line in [header] + body) for c in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if c < 2 else cell.rjust(w)
-                       for c, (cell, w) in enumerate(zip(line, widths))).rstrip()
-             for line in [header] + body]
+        body.append(("" if same else r.kernel, r.mode, f"{r.run_seconds:.3f}", f"{r.guest_seconds:.3f}",
+                     f"{r.hypervisor_seconds:.3f}", f"{r.load_seconds:.3f}", _fmt(r.ratio_to_bare),
+                     str(r.exits), _fmt(r.exits_vs_trap, ".3f"), _fmt(r.time_vs_trap, ".3f"))
+                    + ((_fmt(_divided(r.modelled_ns, 1e6), ".3f", ""),) if model else ()))
+    lines = _columns(header, body, {0, 1})
+    lines += ["", "run s = guest s + hyp s (+ the run loop); load s apart; vs bare and pv/trap time compare run s."]
+    if model:
+        lines.append(f"modelled ms: the exits' overhead on a real CPU, cost model {model.describe()} "
+                     f"(docs/bench.md cites the figures).")
     lines += ["", "exits by reason:"]
     for r in rows:
         reasons = ", ".join(f"{why} {n}" for why, n in r.exits_by_reason.items()) or "none"
         lines.append(f"  {r.kernel} {r.mode}: {reasons}")
+    if any(r.phases for r in rows):
+        lines += ["", *phase_table(rows, model)]
     return "\n".join(lines)
+
+
+def phase_table(rows: list[Row], model: Model | None) -> list[str]:
+    """Per operation, for every phase the kernels marked: exits, virtual and host time, modelled cost."""
+    header = ("kernel", "phase", "mode", "per", "count", "exits", "virtual ns", "host us") + \
+        (("modelled ns",) if model else ()) + ("exits by reason",)
+    body = []
+    for r, p in _by_phase(rows):
+        op = p.per_op()
+        reasons = ", ".join(f"{why} {k:.3g}" for why, k in op["exits_by_reason_per_op"].items()) or "none"
+        body.append((r.kernel, str(p.phase), r.mode, p.unit, str(p.per), f"{op['exits_per_op']:.3f}",
+                     f"{op['virtual_ns_per_op']:.1f}", f"{op['host_us_per_op']:.3f}")
+                    + ((_fmt(op["modelled_ns_per_op"], ".1f", ""),) if model else ()) + (reasons,))
+    lines = _columns(header, body, {0, 2, 3, len(header) - 1})
+    return ["per operation, by marked phase (port 0x80; count = operations, or runs if none declared):"] + lines
+
+
+def _by_phase(rows: list[Row]) -> list[tuple[Row, PhaseRow]]:
+    """Each kernel's phases in order, and within a phase the modes side by side."""
+    kernels, modes = list(dict.fromkeys(r.kernel for r in rows)), list(MODES)
+    pairs = [(r, p) for r in rows for p in r.phases]
+    return sorted(pairs, key=lambda rp: (kernels.index(rp[0].kernel), rp[1].phase, modes.index(rp[0].mode)))

@@ -16,6 +16,9 @@ Conventions inside a function body:
   returns with `pop r11; and r11, -32; jmp r11` (r11 is free at a return)
   and calls indirectly with `and rax, -32; call rax`.  An interrupt
   return in pv is a direct jump to the `iret` hypercall entry.
+* A handler with a TrapFrame is its body plus an entry (`trap_entry`)
+  that builds the frame, calls the body on a 16-byte aligned stack and
+  returns from the interrupt with the registers the frame then holds.
 
 Public: `generate(module) -> obj.ObjectCode`.
 """
@@ -29,14 +32,17 @@ from .. import ir, obj
 from ..diagnostics import CompileError
 from ..errors import InternalError
 from ..intrinsics import INTRINSICS
+from ..ir import KERNEL_STACK, SYSCALL_USER_RSP
 from ..source import Loc
+from ..types import TRAP_FRAME_REGISTERS
 from . import isel
-from .encode import (BUNDLE, Asm, EncodeError, Mem, Reg, fits_s32, RAX, RBX, RCX, RDX, RSP, RBP,
-                     RSI, RDI, R8, R9, R10, R11, R12, R13, R14, R15)
+from .encode import (BUNDLE, REG_NAMES, REGS, Asm, EncodeError, Mem, Reg, fits_s32, RAX, RBX, RCX, RDX,
+                     RSP, RBP, RSI, RDI, R8, R9, R10, R11, R12, R13, R14, R15)
 from .frame import FrameError, FrameTooLarge, layout
 from .isel import CmpBranch, MLoad, MStore
 from .regalloc import allocate
 
+REGS_BY_NAME = dict(zip(REG_NAMES[8], REGS))
 ARG_REGS = (RDI, RSI, RDX, RCX, R8, R9)
 HYPERCALL_REGS = (RDI, RSI, RDX, R10, R8)
 CALLEE_SAVED = (RBX, R12, R13, R14, R15)
@@ -47,6 +53,9 @@ SCRATCH = (RAX, R11)
 
 SWTCH = "__pvk_swtch"
 HYPERCALL_PAGE = "__hypercall_page"
+# The registers of a TrapFrame, lowest address first (the entry pushes them last first).
+FRAME_REGS = tuple(REGS_BY_NAME[name] for name in TRAP_FRAME_REGISTERS)
+TSS_RSP0 = 4            # TSS.rsp0: the stack the CPU switches to on an entry from CPL 3
 
 CC = {"eq": "e", "ne": "ne", "ult": "b", "ule": "be", "ugt": "a", "uge": "ae",
       "slt": "l", "sle": "le", "sgt": "g", "sge": "ge"}
@@ -83,6 +92,8 @@ def generate(module: ir.Module, registers: list[Reg] | None = None,
     for fn in module.functions:
         gen = FunctionGen(fn, registers, bundled)
         try:
+            if fn.trap_entry is not None:
+                functions.append(trap_entry(fn, bundled))
             functions.append(gen.run())
         except FrameTooLarge as e:
             raise CompileError(fn.loc, f"function '{fn.name}' {e}") from None
@@ -113,6 +124,76 @@ def swtch_helper(bundled: bool) -> obj.FunctionCode:
         a.pop(r)
     return_(a)
     return obj.FunctionCode(SWTCH, a.finish(), a.relocs, align=function_align(bundled))
+
+
+def trap_entry(body: ir.Function, bundled: bool) -> obj.FunctionCode:
+    """The entry of a handler with a TrapFrame (docs/language.md 3): complete the CPU's
+    frame to a TrapFrame, call the body with it, and return to what the frame then says."""
+    entry = body.trap_entry
+    if entry.kind not in ir.TRAP_KINDS:
+        raise CodegenError(f"{body.name}: unknown trap entry kind {entry.kind!r}")
+    a = Asm(bundled)
+    if entry.kind == "syscall" and entry.hypercall is None:
+        syscall_frame(a)
+    if entry.kind != "interrupt_error":
+        a.push_imm(0)                    # the error code the CPU did not push
+    for r in reversed(FRAME_REGS):
+        a.push(r)
+    a.cld()                              # the body is a System V function
+    a.mov(RBX, RSP)                      # the frame; rbx survives the call
+    framed = a.anchor()
+    a.and_(RSP, -16)
+    a.mov(RDI, RBX)
+    a.call(body.name)
+    a.mov(RSP, RBX)
+    unframed = a.anchor()
+    start, end, becomes, kind = resume_frame(a, entry.hypercall)
+    code = a.finish()
+    sites = [obj.SiteRow(*a.span(start, end), "iret", body.loc, becomes, kind)]
+    lines = [obj.LineRow(0, body.loc)] if body.loc is not None else []
+    return obj.FunctionCode(entry.name, code, a.relocs, lines, sites, loc=body.loc,
+                            align=function_align(bundled), entered_by="trap entry",
+                            frame=trap_frame_steps(a.at(framed), a.at(unframed)))
+
+
+def trap_frame_steps(framed: int, unframed: int) -> list[obj.FrameStep]:
+    """The unwinder's view of a trap entry: while the body runs, rbx points at the TrapFrame,
+    which holds the interrupted registers and, at its top, the interrupt frame; while the
+    frame is being built or taken down, the interrupted context is not described."""
+    size = 8 * (len(FRAME_REGS) + 1 + 5)              # the registers, the error code, rip cs rflags rsp ss
+    known = [obj.FrameStep(framed, obj.CFA_AT, RBX.n, size), obj.FrameStep(framed, obj.RETURN_AT, 0, 40)]
+    known += [obj.FrameStep(framed, obj.SAVED_AT, r.n, size - 8 * k) for k, r in enumerate(FRAME_REGS)]
+    return [obj.FrameStep(0, obj.CALLER_UNKNOWN)] + known + [obj.FrameStep(unframed, obj.CALLER_UNKNOWN)]
+
+
+def syscall_frame(a: Asm) -> None:
+    """Native: the CPU arrives from `syscall` at CPL 0 with the user's rsp, rcx = the user's
+    rip and r11 = its rflags.  Switch to the kernel stack and push the interrupt frame an
+    exception from user mode would have (a PV kernel gets it from the hypervisor)."""
+    a.mov(Mem(symbol=SYSCALL_USER_RSP), RSP)
+    a.mov(RSP, Mem(symbol=KERNEL_STACK))
+    a.push_imm(abi.USER_DS)
+    a.push_mem(Mem(symbol=SYSCALL_USER_RSP))
+    a.push(R11)
+    a.push_imm(abi.USER_CS)
+    a.push(RCX)
+
+
+def resume_frame(a: Asm, hypercall: int | None) -> tuple[int, int, str, int]:
+    """With rsp at a TrapFrame: pop its registers, drop the error code and return from the
+    interrupt (`iretq`, or in PV a jump to the `hypercall` entry).  Returns the anchors
+    around that last instruction, what it is in words and its site kind."""
+    for r in FRAME_REGS:
+        a.pop(r)
+    a.add(RSP, 8)
+    start = a.anchor()
+    if hypercall is None:
+        a.iretq()
+        becomes, kind = "", abi.SITE_NATIVE
+    else:
+        a.jmp_symbol(HYPERCALL_PAGE, hypercall * abi.HYPERCALL_STRIDE)
+        becomes, kind = f"hypercall {abi.HYPERCALL_NAMES.get(hypercall, hypercall)}", abi.SITE_HYPERCALL
+    return start, a.anchor(), becomes, kind
 
 
 def return_(a: Asm, popped: Callable[[], None] = lambda: None) -> None:
@@ -193,7 +274,8 @@ class FunctionGen:
         variables = self.variables(live, {q: (a.at(k), ins) for q, (k, ins) in points.items()}, a.at(body),
                                    len(code))
         return obj.FunctionCode(fn.name, code, a.relocs, lines, sites, loc=fn.loc,
-                                align=function_align(a.bundled), frame=frame, body=a.at(body),
+                                align=function_align(a.bundled), user=fn.user, frame=frame, body=a.at(body),
+                                debug_name=fn.trap_entry.name if fn.trap_entry is not None else fn.name,
                                 entered_by="interrupt" if fn.interrupt else "call",
                                 variables=variables, result=fn.result)
 
@@ -691,6 +773,18 @@ class FunctionGen:
             raise self.fail(f"site {i.site} begins twice")
         self.open_sites[i.site] = (self.a.anchor(), i)
 
+    def code_addr(self, i: ir.CodeAddr) -> None:
+        R = self.target(i.dst)
+        self.a.lea_here(R)
+        self.result(i.dst, R)
+
+    def resume(self, i: ir.ResumeFrame) -> None:
+        """PV enter_user: the frame's context, through the iret hypercall (the site is the pass's)."""
+        if i.hypercall is None:
+            raise self.fail("ResumeFrame without a hypercall: enter_user is a machine operation natively")
+        self.move(RSP, self.where(i.frame))
+        resume_frame(self.a, i.hypercall)
+
     def site_end(self, i: ir.SiteEnd) -> None:
         if i.site not in self.open_sites:
             raise self.fail(f"SiteEnd {i.site} without SiteBegin")
@@ -741,8 +835,36 @@ class FunctionGen:
                     self.call_args(i.args, ARG_REGS, "swtch")
                     a.call(SWTCH)
                     self.calls_swtch = True
+                case "syscall":
+                    self.system_call(i)
+                case "set_kernel_stack":
+                    self.set_kernel_stack(i)
+                case "load_tr":
+                    R = self.reg(i.args[0], R11)
+                    self.sensitive(i, lambda: a.ltr(R))
+                case "enter_user":
+                    self.move(RSP, self.where(i.args[0]))     # the frame's registers come from memory
+                    start, end, _, _ = resume_frame(a, None)
+                    self.sites.append((start, end, i.op, i.loc, "", abi.SITE_NATIVE))
                 case _:
                     raise self.fail(f"no code for machine operation {op}")
+
+    def system_call(self, i: ir.MachineOp) -> None:
+        """rax = nr, rdi, rsi, rdx = a, b, c; the result in rax (rcx, r11 clobbered)."""
+        self.move(RAX, self.where(i.args[0]))
+        self.call_args(i.args[1:], (RDI, RSI, RDX), "syscall")
+        self.a.syscall()
+        self.result(i.dst, RAX)
+
+    def set_kernel_stack(self, i: ir.MachineOp) -> None:
+        """TSS.rsp0 = top (entries from CPL 3 through the IDT) and the syscall entry's stack."""
+        T = self.reg(i.args[0], R11)
+        V = self.reg(i.args[1], RAX)
+
+        def emit():
+            self.a.mov(Mem(T, TSS_RSP0), V)
+            self.a.mov(Mem(symbol=KERNEL_STACK), V)
+        self.sensitive(i, emit)
 
     def sensitive(self, i: ir.MachineOp, emit) -> None:
         """Emit the sensitive instruction(s) and record their site row."""
@@ -830,7 +952,7 @@ EMITTERS = {
     ir.AddrOf: FunctionGen.addr_of, ir.SlotAddr: FunctionGen.slot_addr, ir.Call: FunctionGen.call,
     ir.CallIndirect: FunctionGen.call_indirect, ir.Hypercall: FunctionGen.hypercall,
     ir.SiteBegin: FunctionGen.site_begin, ir.SiteEnd: FunctionGen.site_end,
-    ir.MachineOp: FunctionGen.machine_op,
+    ir.MachineOp: FunctionGen.machine_op, ir.CodeAddr: FunctionGen.code_addr, ir.ResumeFrame: FunctionGen.resume,
 }
 
 # Operators by encoder method.

@@ -456,6 +456,25 @@ class Asm:
     def push(self, r: Reg) -> None:
         self._short_op(0x50, r)
 
+    def push_imm(self, v: int) -> None:
+        """push imm8 / imm32, sign-extended to 64 bits."""
+        if fits_s8(v):
+            self._put(b"\x6A" + imm_bytes(v, 1))
+        elif fits_s32(v):
+            self._put(b"\x68" + imm_bytes(v, 4))
+        else:
+            raise EncodeError(f"push of {v:#x} needs a sign-extended imm32")
+
+    def push_mem(self, m: Mem) -> None:
+        """push qword [m]."""
+        if not isinstance(m, Mem):
+            raise EncodeError("push_mem takes a memory operand")
+        self._emit(b"\xFF", 6, m, 4)
+
+    def lea_here(self, dst: Reg) -> None:
+        """lea dst, [rip]: the address of the next instruction."""
+        self._put(bytes((0x48 | dst.n >> 3 << 2, 0x8D, 0x05 | (dst.n & 7) << 3)) + bytes(4))
+
     def pop(self, r: Reg) -> None:
         self._short_op(0x58, r)
 
@@ -699,6 +718,13 @@ class Asm:
 
     def invlpg(self, m: Mem) -> None:
         self._group7(7, m)
+
+    def ltr(self, src: Reg) -> None:
+        """ltr r16: load the task register."""
+        self._emit(b"\x0F\x00", 3, src, 4, kind=FIXED)
+
+    def syscall(self) -> None:
+        self._plain(0x0F, 0x05)
 
     def rdmsr(self) -> None:
         self._plain(0x0F, 0x32)

@@ -35,6 +35,7 @@ MACHINE_CLOBBERS = {
     "cpuid": frozenset({RBX, RCX, RDX}),
     "rdtsc": ONLY_RDX,
     "swtch": CALLER_SAVED,
+    "syscall": frozenset({RCX, RDX, RSI, RDI}),     # arguments in rdi, rsi, rdx; rcx is the CPU's
 }
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import TYPE_CHECKING, Callable
 
 from pvimage import abi
@@ -40,7 +41,8 @@ from ..cpu import DESCRIPTOR
 from ..devices.bus import SIZES
 from ..cpu import RFLAGS_IF, SYSCALL_SIZE
 from ..devices.msr import LSTAR, canonical
-from ..engine import GPR_INDEX, RIP_INDEX
+from ..engine import GPR_INDEX, HF_CPL_MASK, RIP_INDEX
+from ..memory import PAGE
 from ..errors import GuestFault, Refused, Shutdown
 
 if TYPE_CHECKING:
@@ -63,7 +65,7 @@ class Hypercall:
     reason: str           # its name in the exit statistics
     fn: Callable
     arity: int
-    args: tuple[int, ...]  # where its arguments are in RegisterFile.block()
+    args: Callable[[tuple[int, ...]], tuple[int, ...]]   # its arguments, from RegisterFile.block()
 
 
 HYPERCALLS: dict[int, Hypercall] = {}
@@ -75,9 +77,18 @@ def hypercall(nr: int):
         name = abi.HYPERCALL_NAMES[nr]
         arity = fn.__code__.co_argcount - 1
         HYPERCALLS[nr] = Hypercall(nr, name, f"hypercall {name}", fn, arity,
-                                   tuple(GPR_INDEX[reg] for reg in ARGS[:arity]))
+                                   _picker([GPR_INDEX[reg] for reg in ARGS[:arity]]))
         return fn
     return register
+
+
+def _picker(indices: list[int]) -> Callable[[tuple[int, ...]], tuple[int, ...]]:
+    if len(indices) >= 2:
+        return itemgetter(*indices)
+    if indices:
+        k = indices[0]
+        return lambda block: (block[k],)
+    return lambda block: ()
 
 
 # -- dispatch ----------------------------------------------------------------------------
@@ -86,10 +97,14 @@ def on_syscall(vm: Vm) -> None:
     """The syscall hook in pv mode: a hypercall exit (or, from user mode, a system call to bounce)."""
     regs = vm.cpu.regs
     block = regs.block()
-    rip = block[RIP_INDEX]
-    if vm.cpu.cpl == 3:
+    in_page = vm.mode.in_hypercall_page(block[RIP_INDEX])
+    if regs.hflags & HF_CPL_MASK == 3:
+        if in_page:                       # user code that reached the stubs: no hypercalls from ring 3
+            vm.run.count("hypercall from user mode", block[RIP_INDEX])
+            regs["rax"] = -abi.EPERM
+            return None
         return user_syscall(vm)
-    if not vm.mode.in_hypercall_page(rip):
+    if not in_page:
         raise GuestFault("syscall outside the hypercall page")
     nr = block[0]
     call = HYPERCALLS.get(nr)
@@ -97,7 +112,7 @@ def on_syscall(vm: Vm) -> None:
     try:
         if call is None:
             raise Refused(abi.ENOSYS, f"no hypercall number {nr}")
-        result = call.fn(vm, *[block[k] for k in call.args])
+        result = call.fn(vm, *call.args(block))
     except GuestFault as e:
         if e.rip is None:             # report the guest code that called, not the stub
             e.rip = call_site(vm)
@@ -108,7 +123,7 @@ def on_syscall(vm: Vm) -> None:
             print(f"  hypercall {call.name if call else nr} refused: -{e.errno}: {e.why}", file=vm.trace)
     if result is not None:                # None: the hypercall does not return (iret)
         regs["rax"] = result
-    vm.mem.write_u64(SH_TIME, vm.clock.ticks)
+    _U64.pack_into(vm.mem.view, SH_TIME, vm.clock.ticks)     # the shared page: plain guest data
 
 
 def user_syscall(vm: Vm) -> None:
@@ -302,9 +317,22 @@ def event_check(vm: Vm) -> int:
     return 0
 
 
+_IRET_SAVED = struct.Struct(f"<{len(abi.IRET_SAVED)}Q")
+
+
 @hypercall(abi.HC_IRET)
 def iret(vm: Vm) -> None:
-    """Pop the frame at rsp; the mask follows the saved IF.  Anything still pending follows at once."""
+    """Pop what the iret entry saved (rax, r11, rcx: its own instructions overwrite them), then
+    the frame; the mask follows the saved IF.  Anything still pending follows at once."""
+    regs = vm.cpu.regs
+    rsp = regs["rsp"]
+    try:
+        saved = _IRET_SAVED.unpack(vm.mmu.read_virt(rsp, _IRET_SAVED.size))
+    except Refused as e:
+        raise GuestFault(f"iret: the saved registers at {rsp:#x} cannot be read: {e.why}") from None
+    for name, value in zip(abi.IRET_SAVED, saved):
+        regs[name] = value
+    regs["rsp"] = rsp + _IRET_SAVED.size
     delivery.iret(vm)
     return None
 
@@ -336,32 +364,57 @@ def set_syscall_entry(vm: Vm, address: int) -> int:
 # -- the multicall queue -----------------------------------------------------------------------
 
 def run_queue(vm: Vm) -> int:
-    """Run and empty the shared-page queue; returns how many entries ran."""
+    """Run and empty the shared-page queue; returns how many entries ran.
+
+    A run of set_pte entries into one page-table page is validated and
+    written in one piece (Mmu.set_leaves): most of a busy kernel's queue.
+    Anything else, or a run with an entry to refuse, goes entry by entry."""
     count = int.from_bytes(vm.mem.read(abi.SHARED_PAGE + abi.SH_MC_COUNT, 4), "little")
     if count > abi.MC_MAX:
         raise Refused(abi.EINVAL, f"multicall queue holds {count} entries (at most {abi.MC_MAX})")
     at = abi.SHARED_PAGE + abi.SH_MC_ENTRIES
     queue = bytearray(vm.mem.read(at, count * _MC_ENTRY.size))
+    entries = list(_MC_ENTRY.iter_unpack(queue))
     batched = vm.stats.batched
     with vm.mmu.batch():
-        for k, (nr, a0, a1, a2, queued_at) in enumerate(_MC_ENTRY.iter_unpack(bytes(queue))):
-            try:
-                if nr not in abi.BATCHABLE:
-                    raise Refused(abi.EINVAL, f"hypercall {abi.HYPERCALL_NAMES.get(nr, nr)} cannot be batched")
-                call = HYPERCALLS[nr]
-                result = call.fn(vm, *(a0, a1, a2)[:call.arity])
-                batched[call.name] += 1
-            except Refused as e:
-                _U64.pack_into(queue, k * _MC_ENTRY.size + _RESULT_AT, -e.errno & MASK64)
-                if not vm.run.lenient_batches:
-                    vm.mem.write(at, bytes(queue))
-                    _empty_queue(vm)
-                    raise GuestFault(_refusal(vm, k, nr, queued_at, e), _queued_at(vm, queued_at)) from None
-                continue
-            _U64.pack_into(queue, k * _MC_ENTRY.size + _RESULT_AT, result & MASK64)
+        k = 0
+        while k < count:
+            nr = entries[k][0]
+            if nr == abi.HC_SET_PTE:
+                page = entries[k][1] & ~(PAGE - 1)
+                end = k + 1
+                while end < count and entries[end][0] == abi.HC_SET_PTE and entries[end][1] & ~(PAGE - 1) == page:
+                    end += 1
+                if vm.mmu.set_leaves(page, [(e[1] - page, e[2]) for e in entries[k:end]]):
+                    for j in range(k, end):
+                        _U64.pack_into(queue, j * _MC_ENTRY.size + _RESULT_AT, 0)
+                    batched["set_pte"] += end - k
+                    k = end
+                    continue
+            _run_entry(vm, queue, k, entries[k])
+            k += 1
     vm.mem.write(at, bytes(queue))
     _empty_queue(vm)
     return count
+
+
+def _run_entry(vm: Vm, queue: bytearray, k: int, entry: tuple[int, ...]) -> None:
+    """One multicall entry: its result in the queue, or the guest stopped for a refusal."""
+    nr, a0, a1, a2, queued_at = entry
+    try:
+        if nr not in abi.BATCHABLE:
+            raise Refused(abi.EINVAL, f"hypercall {abi.HYPERCALL_NAMES.get(nr, nr)} cannot be batched")
+        call = HYPERCALLS[nr]
+        result = call.fn(vm, *(a0, a1, a2)[:call.arity])
+        vm.stats.batched[call.name] += 1
+    except Refused as e:
+        _U64.pack_into(queue, k * _MC_ENTRY.size + _RESULT_AT, -e.errno & MASK64)
+        if not vm.run.lenient_batches:
+            vm.mem.write(abi.SHARED_PAGE + abi.SH_MC_ENTRIES, bytes(queue))
+            _empty_queue(vm)
+            raise GuestFault(_refusal(vm, k, nr, queued_at, e), _queued_at(vm, queued_at)) from None
+        return
+    _U64.pack_into(queue, k * _MC_ENTRY.size + _RESULT_AT, result & MASK64)
 
 
 def _empty_queue(vm: Vm) -> None:

@@ -1,0 +1,70 @@
+"""The engine's register file: a view of Unicorn's live CPU state, or copies of it, and the same runs either way."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from unicorn import x86_const as U
+
+from pvtool import driver
+from runtime import engine
+from runtime.hypervisor import run
+
+from kernels import PROJECT_KERNELS
+
+CAN_READ_OWN_MEMORY = os.access("/proc/self/mem", os.R_OK)
+
+
+@pytest.fixture(params=["live", "copied"])
+def register_file(request, monkeypatch):
+    if request.param == "copied":
+        monkeypatch.setattr(engine, "_live_view", lambda uc, size: None)
+    elif not CAN_READ_OWN_MEMORY:
+        pytest.skip("/proc/self/mem is not readable here: the register file copies")
+    return request.param
+
+
+@pytest.mark.skipif(not CAN_READ_OWN_MEMORY, reason="/proc/self/mem is not readable here")
+def test_the_live_cpu_state_is_found_where_this_process_can_read_itself():
+    assert engine.layout().live is not None
+    assert engine.Engine().regs.live
+
+
+def test_writes_through_the_register_file_reach_the_cpu(register_file):
+    eng = engine.Engine()
+    regs = eng.regs
+    assert regs.live == (register_file == "live")
+    regs["rax"] = 0x1122_3344_5566_7788
+    regs["r15"] = -1
+    regs.rip = 0x40_1000
+    regs.finish()
+    assert eng.uc.reg_read(U.UC_X86_REG_RAX) == 0x1122_3344_5566_7788
+    assert eng.uc.reg_read(U.UC_X86_REG_R15) == (1 << 64) - 1
+    assert eng.uc.reg_read(U.UC_X86_REG_RIP) == 0x40_1000
+
+
+def test_writes_through_the_api_are_seen_by_the_next_exit(register_file):
+    eng = engine.Engine()
+    regs = eng.regs
+    assert regs["rbx"] == 0
+    eng.uc.reg_write(U.UC_X86_REG_RBX, 0xABCD)
+    eng.uc.reg_write(U.UC_X86_REG_RDI, 0x1234)
+    regs.finish()                          # what the run loop does between exits
+    assert regs["rbx"] == 0xABCD
+    assert regs.block()[engine.GPR_INDEX["rdi"]] == 0x1234
+
+
+KERNELS = ["tasks", "mm", "critical"]
+
+
+@pytest.mark.parametrize("mode", ["pv", "trap", "bare"])
+@pytest.mark.parametrize("name", KERNELS)
+def test_a_run_is_the_same_with_a_copied_register_file(name, mode, monkeypatch):
+    if not CAN_READ_OWN_MEMORY:
+        pytest.skip("/proc/self/mem is not readable here: there is only the copied register file")
+    image = driver.compile_file(str(PROJECT_KERNELS / f"{name}.pvk"), "pv" if mode == "pv" else "native")
+    live = run(image, mode, timeout=60)
+    monkeypatch.setattr(engine, "_live_view", lambda uc, size: None)
+    copied = run(image, mode, timeout=60)
+    assert (copied.status, copied.console) == (live.status, live.console)
+    assert copied.stats.exits == live.stats.exits
