@@ -245,7 +245,8 @@ def _debug_function(p: _Placed) -> dwarf.Func:
     variables = [dwarf.Variable(v.name, v.type, v.param,
                                 [(p.addr + start, p.addr + end, reg, offset) for start, end, reg, offset in v.places],
                                 v.line) for v in fn.variables]
-    return dwarf.Func(fn.debug_name, p.addr, p.addr + p.size, fn.loc.file, fn.loc.line, fn.result, variables)
+    return dwarf.Func(fn.source_name or p.name, p.addr, p.addr + p.size, fn.loc.file, fn.loc.line, fn.result,
+                      variables)
 
 
 def _stub_frames() -> list[FrameStep]:
@@ -395,7 +396,7 @@ def link(obj: ObjectCode) -> LinkedImage:
         sections=sections, symbols=syms.table, files=_file_list(obj),
         lines=_lines(text + utext), frames=_frames(text + utext, bc.functions),
         sites=_sites(text + utext, obj.target),
-        funcs=[_debug_function(p) for p in text + utext if p.code.debug_name and p.code.loc is not None],
+        funcs=[_debug_function(p) for p in text + utext if p.code.loc is not None],
         variables=[dwarf.Global(p.name, p.data.type, p.addr, p.loc.file, p.loc.line)
                    for p in data + bss + udata if p.data.type is not None and p.loc is not None],
         notes=[n for _, group in groups for n in group])

@@ -91,7 +91,7 @@ class FunctionCode:
     align: int = 16
     user: bool = False     # user code: placed in .user.text
     entered_by: str = ""             # 'call', 'interrupt' or 'trap entry': the frame it starts with ('': none)
-    debug_name: str | None = None    # its name for debuggers (DWARF); None: code the source does not show
+    source_name: str = ""            # its name in the source if not `name` (a handler's body); for DWARF
     frame: list[FrameStep] = field(default_factory=list)
     body: int | None = None          # where the prologue ends: the first breakpoint in the function
     variables: list[Variable] = field(default_factory=list)

@@ -151,7 +151,8 @@ def trap_entry(body: ir.Function, bundled: bool) -> obj.FunctionCode:
     code = a.finish()
     sites = [obj.SiteRow(*a.span(start, end), "iret", body.loc, becomes, kind)]
     lines = [obj.LineRow(0, body.loc)] if body.loc is not None else []
-    return obj.FunctionCode(entry.name, code, a.relocs, lines, sites, loc=body.loc,
+    # loc None: compiler-made code, no function of the source (its line row still places it)
+    return obj.FunctionCode(entry.name, code, a.relocs, lines, sites, loc=None,
                             align=function_align(bundled), entered_by="trap entry",
                             frame=trap_frame_steps(a.at(framed), a.at(unframed)))
 
@@ -275,7 +276,7 @@ class FunctionGen:
                                    len(code))
         return obj.FunctionCode(fn.name, code, a.relocs, lines, sites, loc=fn.loc,
                                 align=function_align(a.bundled), user=fn.user, frame=frame, body=a.at(body),
-                                debug_name=fn.trap_entry.name if fn.trap_entry is not None else fn.name,
+                                source_name=fn.trap_entry.name if fn.trap_entry is not None else "",
                                 entered_by="interrupt" if fn.interrupt else "call",
                                 variables=variables, result=fn.result)
 
