@@ -95,7 +95,7 @@ class _Module:
         if item.value is not None:
             self.serialize(item.value, t, buf, 0, relocs, item.loc)
         if item.user:              # .user.data holds its zeros too: one section, one segment
-            return ir.Data(name, "user", size, align, bytes(buf), relocs, loc=item.loc)
+            return ir.Data(name, "user", size, align, bytes(buf), relocs, loc=item.loc, type=t)
         if not relocs and not any(buf):
             return ir.Data(name, "bss", size, align, loc=item.loc, type=t)
         return ir.Data(name, "data", size, align, bytes(buf), relocs, loc=item.loc, type=t)
