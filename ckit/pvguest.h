@@ -25,6 +25,10 @@
 #define DEFAULT_RAM 0x4000000UL
 #define PAGE_SIZE 0x1000UL
 
+/* user mode: the segments an iret frame names (docs/abi.md 7a) */
+#define USER_CS 35
+#define USER_DS 27
+
 /* ELF notes (owner "PVTool") */
 #define NOTE_ABI_VERSION 1
 #define NOTE_MODE 2

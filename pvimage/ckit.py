@@ -26,6 +26,7 @@ _GROUPS: list[tuple[str, tuple[str, ...]]] = [
                                    "BOOT_PDPT", "BOOT_PD", "BOOT_GDT", "BOOT_STACK_TOP", "BOOT_STACK_SIZE",
                                    "KERNEL_CS", "KERNEL_DS", "FREE_RAM_START", "FREE_RAM_END", "DEFAULT_RAM",
                                    "PAGE_SIZE")),
+    ("user mode: the segments an iret frame names (docs/abi.md 7a)", ("USER_CS", "USER_DS")),
     ("ELF notes (owner \"PVTool\")", ("NOTE_ABI_VERSION", "NOTE_MODE", "NOTE_FEATURES", "NOTE_HYPERCALL_PAGE",
                                       "NOTE_GUEST_NAME", "MODE_NATIVE", "MODE_PV", "FEATURE_MULTICALL",
                                       "FEATURE_EVENTS")),

@@ -110,7 +110,8 @@ def _symtab(image: LinkedImage, index: dict[str, int], strtab: _Strtab) -> tuple
 def _debug(image: LinkedImage) -> dict[str, bytes]:
     code = [s for s in image.sections if s.perm == "rx"]
     return dwarf.debug_sections(image.lines, image.funcs, image.files,
-                                code[0].addr, code[-1].addr + code[-1].size, os.getcwd())
+                                code[0].addr, code[-1].addr + code[-1].size, os.getcwd(), image.frames,
+                                image.variables)
 
 
 def write(image: LinkedImage) -> bytes:

@@ -37,6 +37,7 @@ from typing import Iterator, Union
 from pvimage import abi
 
 from .source import Loc
+from .types import Type
 
 
 @dataclass(frozen=True)
@@ -319,6 +320,16 @@ class TrapEntry:
 
 
 @dataclass
+class Var:
+    """A parameter or local of the source and where `lower` keeps it, for debuggers (DWARF)."""
+    name: str
+    type: Type
+    home: VReg | int               # its vreg, or its stack slot
+    param: bool = False
+    loc: Loc | None = None
+
+
+@dataclass
 class Function:
     name: str
     params: list[VReg]
@@ -330,6 +341,8 @@ class Function:
     user: bool = False             # a `user fn`: placed in .user.text
     trap_entry: TrapEntry | None = None   # this is the body of a handler with a TrapFrame
     next_vreg: int = 0             # first unused vreg id
+    vars: list[Var] = field(default_factory=list)     # the source's variables, parameters first
+    result: Type | None = None     # the source's result type
 
     def new_vreg(self) -> VReg:
         v = VReg(self.next_vreg)
@@ -372,6 +385,7 @@ class Data:
     init: bytes = b""              # empty for bss; else exactly `size` bytes
     relocs: list[DataReloc] = field(default_factory=list)
     loc: Loc | None = None
+    type: Type | None = None       # a global's source type (for debuggers); None for string literals
 
 
 @dataclass

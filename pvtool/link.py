@@ -35,13 +35,15 @@ from .errors import InternalError
 from .intrinsics import OP_NUMBERS
 from .ir import Data
 from .linked import LinkedImage, Note, Section, Symbol
-from .obj import ABS32, ABS32S, ABS64, PC32, FunctionCode, ObjectCode
+from .obj import (ABS32, ABS32S, ABS64, LEAVING, PC32, RETURN_IN, RETURNED, FrameStep, FunctionCode,
+                  ObjectCode)
 from .source import Loc
 from .x86.encode import BUNDLE
 
 PAGE = abi.PAGE_SIZE
 FILL = 0xCC                      # int3 between functions and in the hypercall page
 HYPERCALL_PAGE = "__hypercall_page"
+RCX_NUMBER = 1                   # rcx in x86 encodings: the hypercall stubs return through it
 # The code model: rel32 branches and rip-relative operands reach +-2 GiB, the
 # native boot code uses 32-bit absolute addresses.  An image that ends at or
 # below 2 GiB is in reach of both.
@@ -217,9 +219,62 @@ def _lines(text: list[_Placed]) -> list[dwarf.Row]:
         if rows and not any(r.offset == 0 for r in fn.lines):
             # Line 0 = "no source": keeps this code from being charged to the previous function.
             rows.append(dwarf.Row(p.addr, rows[-1].file, 0))
-        rows += [dwarf.Row(p.addr + r.offset, r.loc.file, r.loc.line, r.loc.col)
-                 for r in sorted(fn.lines, key=lambda r: r.offset)]
+        own = [dwarf.Row(p.addr + r.offset, r.loc.file, r.loc.line, r.loc.col)
+               for r in sorted(fn.lines, key=lambda r: r.offset)]
+        if fn.body is not None and own:
+            own = _mark_prologue_end(own, p.addr + fn.body)
+        rows += own
     return rows
+
+
+def _mark_prologue_end(rows: list[dwarf.Row], body: int) -> list[dwarf.Row]:
+    """Flag the row where the body starts (adding one if the body continues a line): gdb
+    puts a function's breakpoint there, after the frame is built."""
+    at = next((k for k, r in enumerate(rows) if r.address >= body), len(rows))
+    if at == len(rows) or rows[at].address != body:
+        if at == 0:
+            return rows
+        before = rows[at - 1]
+        rows.insert(at, dwarf.Row(body, before.file, before.line, before.col))
+    rows[at].prologue_end = True
+    return rows
+
+
+def _debug_function(p: _Placed) -> dwarf.Func:
+    fn = p.code
+    variables = [dwarf.Variable(v.name, v.type, v.param,
+                                [(p.addr + start, p.addr + end, reg, offset) for start, end, reg, offset in v.places],
+                                v.line) for v in fn.variables]
+    return dwarf.Func(fn.source_name or p.name, p.addr, p.addr + p.size, fn.loc.file, fn.loc.line, fn.result,
+                      variables)
+
+
+def _stub_frames() -> list[FrameStep]:
+    """The runtime's hypercall stubs (pvimage.abi.hypercall_stub): the caller's frame until
+    the `pop rcx` after the syscall, then a masked return through rcx."""
+    popped = abi.HYPERCALL_RESUME + 1
+    steps = []
+    for nr in range(abi.HC_COUNT):
+        stub = nr * abi.HYPERCALL_STRIDE
+        steps += [FrameStep(stub, LEAVING), FrameStep(stub + popped, RETURN_IN, RCX_NUMBER),
+                  FrameStep(stub + abi.HYPERCALL_STRIDE, RETURNED)]
+    return steps
+
+
+def _frames(text: list[_Placed], boot: list[FunctionCode]) -> list[dwarf.Frame]:
+    """What the unwinder needs: each function's frame steps; the boot code has no caller."""
+    frames = []
+    for p in text:
+        fn = p.code
+        entered_by = "outermost" if any(fn is b for b in boot) else fn.entered_by
+        if not entered_by:
+            continue
+        for step in fn.frame:
+            if not 0 <= step.offset <= p.size:
+                raise _internal(f"{p.name}: frame step at offset {step.offset:#x} is outside the function")
+        frames.append(dwarf.Frame(p.addr, p.addr + p.size, entered_by,
+                                  [(p.addr + s.offset, s.event, s.reg, s.value) for s in fn.frame]))
+    return frames
 
 
 def _sites(text: list[_Placed], target: str) -> list[abi.Site]:
@@ -282,7 +337,8 @@ def link(obj: ObjectCode) -> LinkedImage:
         _check_data(d)
     bc = boot.boot_code(obj.target, obj.bundled)
     in_section = lambda s: [d for d in obj.data if d.section == s]
-    page = [FunctionCode(HYPERCALL_PAGE, bytes([FILL]) * PAGE, align=PAGE)] if obj.target == "pv" else []
+    page = [FunctionCode(HYPERCALL_PAGE, bytes([FILL]) * PAGE, align=PAGE, entered_by="call",
+                         frame=_stub_frames())] if obj.target == "pv" else []
     syms = _Symbols()
 
     kernel_fns = [f for f in obj.functions if not f.user]
@@ -338,7 +394,9 @@ def link(obj: ObjectCode) -> LinkedImage:
         name=obj.name, target=obj.target, entry=syms.addr["_start"],
         entry32=syms.addr.get("_start32"), hypercall_page=hc_page,
         sections=sections, symbols=syms.table, files=_file_list(obj),
-        lines=_lines(text + utext), sites=_sites(text + utext, obj.target),
-        funcs=[dwarf.Func(p.name, p.addr, p.addr + p.size, p.code.loc.file, p.code.loc.line)
-               for p in text + utext if p.code.loc is not None],
+        lines=_lines(text + utext), frames=_frames(text + utext, bc.functions),
+        sites=_sites(text + utext, obj.target),
+        funcs=[_debug_function(p) for p in text + utext if p.code.loc is not None],
+        variables=[dwarf.Global(p.name, p.data.type, p.addr, p.loc.file, p.loc.line)
+                   for p in data + bss + udata if p.data.type is not None and p.loc is not None],
         notes=[n for _, group in groups for n in group])

@@ -53,7 +53,9 @@ class LinkedImage:
     symbols: list[Symbol]
     files: list[str]
     lines: list[dwarf.Row] = field(default_factory=list)
+    frames: list[dwarf.Frame] = field(default_factory=list)  # for .debug_frame
     funcs: list[dwarf.Func] = field(default_factory=list)   # source functions, for .debug_info
+    variables: list[dwarf.Global] = field(default_factory=list)   # source globals, for .debug_info
     sites: list[abi.Site] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
 

@@ -89,16 +89,16 @@ class _Module:
         t = item.sym.type
         name, size, align = item.sym.link_name, size_of(t), max(align_of(t), item.alignment)
         if item.value is None and not item.user:
-            return ir.Data(name, "bss", size, align, loc=item.loc)
+            return ir.Data(name, "bss", size, align, loc=item.loc, type=t)
         buf = bytearray(size)
         relocs: list[ir.DataReloc] = []
         if item.value is not None:
             self.serialize(item.value, t, buf, 0, relocs, item.loc)
         if item.user:              # .user.data holds its zeros too: one section, one segment
-            return ir.Data(name, "user", size, align, bytes(buf), relocs, loc=item.loc)
+            return ir.Data(name, "user", size, align, bytes(buf), relocs, loc=item.loc, type=t)
         if not relocs and not any(buf):
-            return ir.Data(name, "bss", size, align, loc=item.loc)
-        return ir.Data(name, "data", size, align, bytes(buf), relocs, loc=item.loc)
+            return ir.Data(name, "bss", size, align, loc=item.loc, type=t)
+        return ir.Data(name, "data", size, align, bytes(buf), relocs, loc=item.loc, type=t)
 
     def serialize(self, v: ast.StaticValue, t: Type, buf: bytearray, at: int,
                   relocs: list[ir.DataReloc], loc: Loc) -> None:
@@ -121,7 +121,8 @@ class _Function:
         self.module = module
         self.fn = fn
         self.f = ir.Function(fn.sym.link_name, [], [], returns_value=fn.result is not None,
-                             interrupt=fn.interrupt and not fn.params, loc=fn.loc, user=fn.user)
+                             interrupt=fn.interrupt and not fn.params, loc=fn.loc, user=fn.user,
+                             result=fn.sym.type.result)
         if fn.handler and fn.params:
             self.f.name = f"{fn.sym.link_name}.body"
             kind = TRAP_KINDS[fn.interrupt, fn.error_code, fn.syscall]
@@ -140,10 +141,11 @@ class _Function:
             self.f.params.append(v)
             self.loc = p.loc
             if is_aggregate(p.sym.type) or p.sym.addr_taken:
-                self.allocate(p.sym)
+                self.allocate(p.sym, param=True)
                 self.store_local(p.sym, v)
             else:
                 self.home[p.sym] = v
+                self.f.vars.append(ir.Var(p.name, p.sym.type, v, True, p.loc))
         for s in self.fn.body.stmts:
             self.stmt(s)
         self.loc = self.fn.body.end
@@ -227,7 +229,7 @@ class _Function:
 
     # -- locals ------------------------------------------------------------------------------
 
-    def allocate(self, local: ast.Local) -> None:
+    def allocate(self, local: ast.Local, param: bool = False) -> None:
         if local in self.home:
             return
         t = local.type
@@ -238,6 +240,7 @@ class _Function:
             self.home[local] = self.f.new_slot(size_of(t), align_of(t))
         else:
             self.home[local] = self.new()
+        self.f.vars.append(ir.Var(local.name, t, self.home[local], param, local.loc))
 
     def slot_addr(self, slot: int) -> ir.VReg:
         dst = self.new()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from .ir import Data
 from .source import Loc
+from .types import Type
 
 # Relocation kinds, as in the x86-64 psABI: S = symbol address, A = addend,
 # P = address of the field being patched.
@@ -45,6 +46,40 @@ class SiteRow:
     kind: int = 0     # pvimage.abi.SITE_*; 0 (SITE_NATIVE) for the sensitive instruction itself
 
 
+# How the stack frame changes, for the unwinder (`.debug_frame`, pvtool/dwarf.py): from a
+# FrameStep's offset on ...
+PUSHED_RBP = "pushed rbp"            # the caller's rbp is on the stack
+RBP_FRAME = "rbp frame"              # rbp holds the frame's base: the CFA is rbp-relative
+SAVED = "saved"                      # `reg` is pushed below the ones saved before it
+LEAVING = "leaving"                  # an epilogue begins (code after its return is framed again)
+POPPED_RBP = "popped rbp"            # rbp and the saved registers are the caller's again
+RETURN_IN = "return address in"      # bundled return: the return address was popped into `reg`
+RETURNED = "returned"                # past the return: the frame as before the epilogue
+CALLER_UNKNOWN = "caller unknown"    # the caller's frame cannot be described here
+CFA_AT = "cfa at"                    # the caller's rsp (the CFA) is `reg` + `value`
+SAVED_AT = "saved at"                # `reg` is saved at CFA - `value`
+RETURN_AT = "return address at"      # the return address is at CFA - `value`
+
+
+@dataclass
+class FrameStep:
+    offset: int
+    event: str
+    reg: int = 0                     # a register's x86 number, for the events that name one
+    value: int = 0                   # a distance, for the events that take one
+
+
+@dataclass
+class Variable:
+    """A source variable and where it lives: `places` of (start, end, register, rbp offset), code
+    offsets [start, end) where it is in that x86 register, or at [rbp + offset] if register is None."""
+    name: str
+    type: Type
+    param: bool
+    places: list[tuple[int, int, int | None, int]]
+    line: int = 0
+
+
 @dataclass
 class FunctionCode:
     name: str
@@ -55,6 +90,12 @@ class FunctionCode:
     loc: Loc | None = None
     align: int = 16
     user: bool = False     # user code: placed in .user.text
+    entered_by: str = ""             # 'call', 'interrupt' or 'trap entry': the frame it starts with ('': none)
+    source_name: str = ""            # its name in the source if not `name` (a handler's body); for DWARF
+    frame: list[FrameStep] = field(default_factory=list)
+    body: int | None = None          # where the prologue ends: the first breakpoint in the function
+    variables: list[Variable] = field(default_factory=list)
+    result: Type | None = None       # the source's result type
 
 
 @dataclass

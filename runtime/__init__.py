@@ -14,5 +14,8 @@ Entry point: `runtime.hypervisor.run(image_bytes, mode) -> RunResult`.
     devices/       UART, debug exit, PICs, PIT, CPUID, MSRs on an I/O-port bus
     clock.py       the deterministic virtual clock and its timers
     stats.py       exit counters and times
+    gdbstub.py     the GDB remote protocol: packets and the one client (`pvtool run --gdb`)
+    debugger.py    a gdb session's side of the run loop: stops, steps, breakpoints, memory
+    debugregs.py   the registers as gdb numbers them, and what a debugger may write
     hypervisor.py  the Machine that puts these together, and run()
 """

@@ -24,7 +24,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Callable, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 
 from pvimage import abi
 
@@ -51,6 +51,9 @@ from .patches import Patches
 from .run import Runner
 from .stats import Stats
 
+if TYPE_CHECKING:
+    from .debugger import Debugger
+
 DEFAULT_MEMORY_MIB = abi.DEFAULT_RAM >> 20
 MIN_MEMORY_MIB, MAX_MEMORY_MIB = 2, 4096
 
@@ -70,8 +73,8 @@ class RunResult:
 def create(image: Image, mode: str | None, ram: int, *, cmdline: str = "",
            console: Callable[[bytes], None] | None = None, trace: TextIO | None = None,
            max_exits: int | None = None, timeout: float | None = None, profile: bool = False,
-           lenient_batches: bool = False) -> Vm:
-    """Put a guest's machine together, ready to run."""
+           lenient_batches: bool = False, debugger: Debugger | None = None) -> Vm:
+    """Put a guest's machine together, ready to run (under `debugger`, a debugger.Debugger)."""
     chosen = choose(mode, image)
     _check_segments(image, chosen)
     deadline = Deadline(timeout)
@@ -89,6 +92,8 @@ def create(image: Image, mode: str | None, ram: int, *, cmdline: str = "",
             oneshot=clock.add(Timer("set_timer", TIMER_IRQ, lambda deadline: pics.raise_irq(TIMER_IRQ))),
             console=Console(console), stats=stats, patches=Patches(mem), trace=trace)
     vm.run = Runner(vm, deadline, max_exits=max_exits, trace=trace, lenient_batches=lenient_batches)
+    if debugger is not None:
+        debugger.attach(vm)                # before install: the exits are chosen with it in mind
     _attach_devices(vm)
     _load(vm, cmdline)
     cpu.reset(image.entry)
@@ -177,14 +182,15 @@ def finish(vm: Vm) -> RunResult:
 def run(image: bytes, mode: str | None = None, timeout: float | None = 60.0,
         memory: int = DEFAULT_MEMORY_MIB, *, max_exits: int | None = None, trace: TextIO | None = None,
         console: Callable[[bytes], None] | None = None, cmdline: str = "", profile: bool = False,
-        lenient_batches: bool = False) -> RunResult:
+        lenient_batches: bool = False, debugger: Debugger | None = None) -> RunResult:
     """Load and run one guest.  Raises ImageError (one line) when the image or options are refused."""
     start = perf_counter()
     if not MIN_MEMORY_MIB <= memory <= MAX_MEMORY_MIB:
         raise ImageError(f"--memory {memory} MiB is outside {MIN_MEMORY_MIB}..{MAX_MEMORY_MIB}")
     loaded = load_image(image, memory << 20)
     vm = create(loaded, mode, memory << 20, cmdline=cmdline, console=console, trace=trace,
-                max_exits=max_exits, timeout=timeout, profile=profile, lenient_batches=lenient_batches)
+                max_exits=max_exits, timeout=timeout, profile=profile, lenient_batches=lenient_batches,
+                debugger=debugger)
     vm.stats.load_seconds = perf_counter() - start
     result = finish(vm)
     result.stats.wall_seconds = perf_counter() - start

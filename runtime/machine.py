@@ -19,11 +19,11 @@ from .errors import TimeUp
 
 @dataclass
 class Stop:
-    """How a run ended: 'shutdown', 'fault', 'timeout', 'exit-limit' or 'interrupted'.
+    """How a run ended: 'shutdown', 'fault', 'timeout', 'exit-limit', 'interrupted' or 'killed'.
 
     `status` is what `pvtool run` exits with: the guest's own status after a
     shutdown, 124 after a timeout or the exit limit, 125 after a fault, 130
-    when interrupted."""
+    when interrupted, 137 when a debugger killed it."""
     kind: str
     status: int
     message: str = ""
@@ -42,6 +42,11 @@ class Deadline:
     def check(self) -> None:
         if self.at is not None and perf_counter() >= self.at:
             raise TimeUp()
+
+    def postpone(self, seconds: float) -> None:
+        """Time the guest did not run (a debugger held it) does not count."""
+        if self.at is not None:
+            self.at += seconds
 
 
 @dataclass(eq=False)

@@ -45,8 +45,8 @@ Unicorn offers no single-page invalidation.
 """
 from __future__ import annotations
 
-import hashlib
 import struct
+from dataclasses import dataclass
 from typing import Callable
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, Uc
@@ -68,10 +68,19 @@ CR3_FLAGS = 0x18                          # PWT, PCD
 _ENTRIES = struct.Struct("<512Q")
 _U64 = struct.Struct("<Q")
 MAX_REMEMBERED_ROOTS = 16
-MAX_REMEMBERED_TABLES = 8192            # table pages whose validation is kept, all roots together
+MAX_REMEMBERED_TABLES = 4096            # table pages whose validation is kept, all roots together (16 MiB of copies)
 WALK_CHUNK = 256                        # tables validated between two looks at the clock
 MAX_PATHS = 1 << 16                     # (table, address) pairs a walk follows
 SPAN_AT = {4: 1 << 39, 3: 1 << 30, 2: 1 << 21}   # what one entry of a table at this level covers
+
+
+@dataclass(frozen=True)
+class _Remembered:
+    """A hierarchy no longer live whose validation is kept (Mmu._remember)."""
+    tables: dict[int, int]          # table page -> level
+    vas: dict[int, set[int]]        # table page -> the virtual addresses it maps from (R9)
+    pages: list[int]                # the table pages, in order
+    copy: bytes                     # their bytes when it was left
 
 
 def _canonical(va: int) -> int:
@@ -141,7 +150,7 @@ class Mmu:
         self._tlb: dict[tuple[int, bool], int] = {}
         self._tlb_tables: set[int] = set()   # table pages the cached walks read
         self._flush_deferred: bool | None = None   # inside a batch: None = flush now
-        self._roots: dict[int, tuple[dict[int, int], bytes]] = {}   # root -> (tables, digest): see _remember
+        self._roots: dict[int, _Remembered] = {}   # see _remember
 
     # -- rules ----------------------------------------------------------------------
     def check_table(self, table: int) -> None:
@@ -357,30 +366,31 @@ class Mmu:
     # hierarchy being left was valid (every write to it while live was
     # validated): keep a copy of its pages, and keep them write-protected in
     # Unicorn.  If they still hold the same bytes when the root is loaded
-    # again, the validation still holds and nothing needs re-protecting.  The
-    # guest may still write a table that is no longer live: its first store
-    # faults, and `release` forgets the roots using that page and performs it.
+    # again (a byte comparison, whoever wrote them), the validation still
+    # holds and nothing needs re-protecting.  The guest may still write a
+    # table that is no longer live: its first store faults, and `release`
+    # forgets the roots using that page and performs it.
     def _remember(self, root: int, tables: dict[int, int]) -> None:
         if not tables or len(tables) > MAX_REMEMBERED_TABLES:
             return
         while self._roots and (len(self._roots) >= MAX_REMEMBERED_ROOTS or
-                               sum(len(t) for t, _ in self._roots.values()) + len(tables) > MAX_REMEMBERED_TABLES):
+                               sum(len(r.tables) for r in self._roots.values()) + len(tables) > MAX_REMEMBERED_TABLES):
             self._roots.pop(next(iter(self._roots)))
-        self._roots[root] = (tables, self._digest(tables))
+        pages = sorted(tables)
+        self._roots[root] = _Remembered(tables, self.table_vas, pages, self._copy(pages))
 
     def _recall(self, root: int) -> dict[int, int] | None:
-        tables, digest = self._roots.pop(root, (None, b""))
-        if tables is None or self._digest(tables) != digest:
+        """The tables of `root` if it is remembered and unchanged (and its table addresses back in
+        `table_vas`, which rule R9 needs for later writes); else None: walk it again."""
+        kept = self._roots.pop(root, None)
+        if kept is None or self._copy(kept.pages) != kept.copy:
             return None
-        return tables
+        self.table_vas = kept.vas
+        return kept.tables
 
-    def _digest(self, tables: dict[int, int]) -> bytes:
-        """A fingerprint of the table pages' bytes: unchanged bytes keep their validation."""
-        h = hashlib.blake2b(digest_size=32)
+    def _copy(self, pages: list[int]) -> bytes:
         view = self.mem.view
-        for page in sorted(tables):
-            h.update(view[page:page + PAGE])
-        return h.digest()
+        return b"".join(view[page:page + PAGE] for page in pages)
 
     def release(self, pa: int, size: int, value: int) -> bool:
         """A guest store of `size` bytes hit write-protected `pa`: if only a
@@ -391,7 +401,7 @@ class Mmu:
         page = page_of(pa)
         if page in self.tables or page not in self.mem.guarded or size > 8:
             return False
-        for root in [r for r, (tables, _) in self._roots.items() if page in tables]:
+        for root in [r for r, kept in self._roots.items() if page in kept.tables]:
             del self._roots[root]
         self._unguard_forgotten()
         self.mem.write(pa, (value & ((1 << 8 * size) - 1)).to_bytes(size, "little"))
@@ -408,7 +418,7 @@ class Mmu:
         self.mem.sync()
 
     def _unguard_forgotten(self) -> None:
-        kept = self.tables.keys() | {page for tables, _ in self._roots.values() for page in tables}
+        kept = self.tables.keys() | {page for r in self._roots.values() for page in r.tables}
         for page in self.mem.guarded - kept:
             self.mem.unguard(page)
 

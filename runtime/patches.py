@@ -17,6 +17,10 @@ The bytes under a patch are kept; `original` gives them back to anyone who
 reads guest memory on the hypervisor's side (a debugger, a fault report).
 A guest that reads its own code sees the breakpoint byte, as it would
 under a debugger: trap mode's one visible difference.
+
+A debugger's breakpoints (debugger.py) are int3 bytes too, kept apart
+from the runtime's patches: either may come and go while the other stays
+at the same address, and the original byte returns when neither is left.
 """
 from __future__ import annotations
 
@@ -36,25 +40,52 @@ class Patch:
     reason: str                # the exit's name in the statistics, e.g. "trap cli"
     emulate: Callable          # (vm, insn) -> None; the instruction's effect
     privileged: bool = False   # faults (#GP) in user mode instead
+    msr: bool = False          # rdmsr/wrmsr: the mode's MSR bitmap may let it through without an exit
+
+    @property
+    def next(self) -> int:
+        return self.address + self.size
 
 
 class Patches:
     def __init__(self, mem: GuestMemory):
         self.mem = mem
         self.live: dict[int, Patch] = {}
-        self._saved: dict[int, bytes] = {}
+        self.breakpoints: set[int] = set()       # the debugger's
+        self._saved: dict[int, bytes] = {}       # the original byte under every int3 written
 
     def arm(self, patch: Patch) -> None:
         if patch.address in self.live:
             return
-        self._saved[patch.address] = self.mem.read(patch.address, 1)
         self.live[patch.address] = patch
-        self.mem.write(patch.address, INT3)
+        self._cover(patch.address)
 
     def disarm(self, address: int) -> None:
-        patch = self.live.pop(address, None)
-        if patch is not None:
-            self.mem.write(address, self._saved.pop(address))
+        if self.live.pop(address, None) is not None:
+            self._uncover(address)
+
+    def add_breakpoint(self, address: int) -> None:
+        self.breakpoints.add(address)
+        self._cover(address)
+
+    def remove_breakpoint(self, address: int) -> None:
+        self.breakpoints.discard(address)
+        self._uncover(address)
+
+    def _cover(self, address: int) -> None:
+        if address not in self._saved:
+            self._saved[address] = self.mem.read(address, 1)
+            self._write(address, INT3)
+
+    def _uncover(self, address: int) -> None:
+        if address not in self.live and address not in self.breakpoints and address in self._saved:
+            self._write(address, self._saved.pop(address))
+
+    def _write(self, address: int, byte: bytes) -> None:
+        self.mem.write(address, byte)
+        # Unicorn 2.1.4 may go on running code translated before the write (measured: a block
+        # translated during a one-instruction step, an int3 written back; tests/test_gdb.py)
+        self.mem.uc.ctl_remove_cache(address, address + 1)
 
     def lookup(self, rip_after: int) -> Patch | None:
         """The patch whose breakpoint the CPU just hit (RIP is past the int3)."""
@@ -62,7 +93,7 @@ class Patches:
 
     def original(self, address: int, data: bytes) -> bytes:
         """`data` read from guest memory at `address`, with the patched bytes put back."""
-        if not self.live:
+        if not self._saved:
             return data
         out = bytearray(data)
         for at, byte in self._saved.items():

@@ -33,14 +33,22 @@ one instruction early, running a read-modify-write of memory twice
 stop left is the one that ends a run at its timeout.  Counting costs guest
 code about four times its speed while slicing; it is off whenever no timer
 is armed.
+
+A debugger (debugger.py, when `pvtool run --gdb`) is the loop's guest:
+the loop calls its `pause_point` at every instruction boundary outside an
+exit, lets it bound every entry (`budget`: slices, or one instruction for
+a step), and asks it first about every int3 and every fetch from a
+page that cannot be executed (a breakpoint there, where gdb returns from
+a function it calls itself).  While it holds the guest (`paused`), no
+interrupt is delivered.
 """
 from __future__ import annotations
 
 from enum import Enum
 from time import perf_counter
-from typing import Callable, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 
-from unicorn import UC_ERR_INSN_INVALID, UcError
+from unicorn import UC_ERR_INSN_INVALID, UC_MEM_FETCH_PROT, UcError
 
 from . import delivery
 from .clock import EXIT_NS, NEVER, SLICE_INSNS, SLICE_NS
@@ -48,6 +56,9 @@ from .cpu import CODE, FAULT, INSN, LOOP, SYSCALL, TRAP
 from .errors import ExitLimit, GuestException, GuestFault, Refused, Shutdown, TimeUp
 from .exits import faults, hypercalls, io, pagetables, trapped
 from .machine import Deadline, Stop, Vm
+
+if TYPE_CHECKING:
+    from .debugger import Debugger
 
 END = (1 << 64) - 1                 # emu_start's `until`: never reached (non-canonical)
 
@@ -83,9 +94,9 @@ def _handler(vm: Vm, kind: Exit) -> Callable:
         case Exit.CPUID:
             return io.cpuid
         case Exit.EXCEPTION:
-            return _on_interrupt
+            return _on_interrupt if vm.run.debugger is None else _on_interrupt_debugged
         case Exit.MEMORY:
-            return pagetables.on_invalid_access
+            return pagetables.on_invalid_access if vm.run.debugger is None else _on_invalid_access_debugged
 
 
 def _on_interrupt(vm: Vm, vector: int):
@@ -94,6 +105,20 @@ def _on_interrupt(vm: Vm, vector: int):
     if patch is not None:
         return trapped.on_patch(vm, patch)
     return faults.on_exception(vm, vector)
+
+
+def _on_interrupt_debugged(vm: Vm, vector: int):
+    """Under a debugger an int3 may be one of its breakpoints first."""
+    if vector == 3 and vm.run.debugger.hit(vm.cpu.rip - 1):
+        return None
+    return _on_interrupt(vm, vector)
+
+
+def _on_invalid_access_debugged(vm: Vm, access: int, address: int, size: int, value: int) -> bool:
+    """Under a debugger a fetch from a page that cannot run may be one of its breakpoints."""
+    if access == UC_MEM_FETCH_PROT and vm.run.debugger.hit_fetch(address):
+        return False
+    return pagetables.on_invalid_access(vm, access, address, size, value)
 
 
 def _timed_out(timeout: float, where: str) -> Stop:
@@ -118,8 +143,13 @@ class Runner:
         self._step = False                    # run exactly one instruction next (the sti shadow ...)
         self._native: int | None = None       # ... the original one under the patch at this address
         self._pending_exception: GuestException | None = None   # raised where the guest could not be redirected
-        self._sliced = False                  # the current emu_start is bounded by an instruction count
+        self._sliced = False                  # the current emu_start is a time slice (counted instructions)
+        self._budget = 0                      # its instruction count (0: unbounded)
+        self._begin = 0                       # where it started
+        self._debug_stop = False              # the debugger stopped it on a breakpoint
         self._exits_before = 0
+        self.debugger: Debugger | None = None     # debugger.py, for `pvtool run --gdb`
+        self.paused = False                   # the debugger holds the guest: deliver nothing
 
     # -- hooks --------------------------------------------------------------------------
     def install(self) -> None:
@@ -153,7 +183,7 @@ class Runner:
                 if check and regs.control() != cpu.expected:
                     cpu.check_control_state()
                 result = handle(vm, *args)
-                if vm.stop is None and (exit_like or result):
+                if vm.stop is None and not self.paused and (exit_like or result):
                     self._after_exit()
                 if mem.rebuilds != rebuilds:       # Unicorn stops after its memory map is rebuilt
                     self._want_loop()
@@ -301,6 +331,11 @@ class Runner:
         self._loop_wanted = True
         self.vm.engine.uc.emu_stop()
 
+    def pause(self) -> None:
+        """The debugger stopped the guest in a hook: deliver nothing, and get the loop to it."""
+        self.paused = self._debug_stop = True
+        self._want_loop()
+
     def shadow(self) -> None:
         """The instruction just emulated (sti) delays interrupts by one more instruction."""
         self._step = True
@@ -344,9 +379,14 @@ class Runner:
             if self._pending_exception is not None:
                 self.safely(self._take_pending_exception)
             if not self._step and vm.stop is None:
-                self.safely(self.deliver_events)
+                if self.debugger is not None:
+                    self.safely(self.debugger.pause_point)
+                if vm.stop is None and not self.paused:
+                    self.safely(self.deliver_events)
             if vm.stop is None:
                 self._enter_guest()
+        if self.debugger is not None:
+            self.safely(self.debugger.finished, vm.stop)
         return vm.stop
 
     def _enter_guest(self) -> None:
@@ -362,19 +402,23 @@ class Runner:
         self._step, self._native = False, None
         self._sliced = not step and self._needs_slices()
         self.bad_access = None
-        self._loop_wanted = False
+        self._loop_wanted = self._debug_stop = False
         self._exits_before = vm.stats.total_exits
         count = 1 if step else SLICE_INSNS if self._sliced else 0
+        if self.debugger is not None and not step:
+            count = self.debugger.budget(count)
+            self._sliced = self._sliced and count == SLICE_INSNS   # a debugger's step is no time slice
+        self._budget = count
         if native is not None:
             patch = vm.patches.live[native]
             vm.patches.disarm(native)
-        begin = vm.cpu.rip
+        begin = self._begin = vm.cpu.rip
         vm.cpu.regs.finish()               # the guest changes its registers from here on
         start = perf_counter()
         try:
             vm.engine.uc.emu_start(begin, END, timeout=budget_us, count=count)
         except UcError as e:
-            if vm.stop is None:
+            if vm.stop is None and not self._debug_stop:
                 vm.kill(self._unicorn_error(e))
         finally:
             vm.stats.run_seconds += perf_counter() - start
@@ -397,7 +441,9 @@ class Runner:
         left = self.deadline.left()
         if left is not None and left <= 0:
             vm.kill(_timed_out(self.deadline.seconds, self.where(rip)))
-        elif rip - 1 in self.hlt_sites or not (self._sliced or self._loop_wanted) and self._after_hlt(rip):
+        elif self._debug_stop:                 # the debugger stopped the guest on a breakpoint
+            pass
+        elif self._halted(rip):
             try:
                 self.halt(vm.cpu.interrupt_flag)
             except GuestFault as e:
@@ -408,8 +454,14 @@ class Runner:
             vm.stats.slices += 1
             if vm.stats.total_exits == self._exits_before:    # exits already made time pass
                 vm.clock.advance(SLICE_NS)
-        else:
+        elif not self._budget:                 # else the debugger's count ran out
             raise GuestFault("emulation stopped unexpectedly")
+
+    def _halted(self, rip: int) -> bool:
+        """Whether emu_start came back because the guest ran a hlt (RIP is just past it)."""
+        if self._budget == 1:                  # a debugger's step: was its one instruction a hlt?
+            return rip - 1 == self._begin and (rip - 1 in self.hlt_sites or self._after_hlt(rip))
+        return rip - 1 in self.hlt_sites or not (self._budget or self._loop_wanted) and self._after_hlt(rip)
 
     def _after_hlt(self, rip: int) -> bool:
         try:

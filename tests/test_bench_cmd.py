@@ -256,3 +256,13 @@ def test_code_quality_without_gcc_and_bad_kernel():
     assert [r["variant"] for r in json.loads(proc.stdout)] == ["pvk"]
     proc = run_code_quality("quicksort")
     assert proc.returncode == 2 and "unknown kernel 'quicksort'" in proc.stderr
+
+
+def test_the_timer_armed_benchmark_computes_the_same_in_every_mode_and_takes_its_ticks(capsys):
+    """bench/kernels/armed.pvk: exit-free work under a 1 kHz timer (trap must stay near bare)."""
+    rows = bench_json(capsys, str(ROOT / "bench" / "kernels" / "armed.pvk"), "--repeat", "1",
+                      "--modes", "bare,trap,pv")
+    assert {row["mode"]: row["status"] for row in rows} == {"bare": 0, "trap": 0, "pv": 0}
+    for row in rows:
+        taken = {"bare": "interrupt 32", "trap": "interrupt 32", "pv": "upcall 32"}[row["mode"]]
+        assert row["exits_by_reason"].get(taken, 0) >= 10, row["exits_by_reason"]

@@ -121,6 +121,12 @@ static void errors(void)
     check("a hierarchy mapping text elsewhere", hypercall(HC_NEW_BASEPTR, PT_BASE, 0, 0), -EPERM);
     table(4)[6] = 0;
     check("the same hierarchy without it", hypercall(HC_NEW_BASEPTR, PT_BASE, 0, 0), 0);
+    /* Away to a new root that maps the boot tables' view (walked), then back (kept, not walked). */
+    for (int i = 0; i < 512; i++)
+        table(5)[i] = i ? 0 : *(volatile u64 *)BOOT_PML4;
+    check("away", hypercall(HC_NEW_BASEPTR, (long)table(5), 0, 0), 0);
+    check("back, its validation kept", hypercall(HC_NEW_BASEPTR, PT_BASE, 0, 0), 0);
+    check("text mapped elsewhere in a kept hierarchy", set_pte(&table(4)[6], text_page | 1), -EPERM);
 
     check("new_baseptr hypervisor memory", hypercall(HC_NEW_BASEPTR, HV_PAGE, 0, 0), -EPERM);
     check("new_baseptr beyond RAM", hypercall(HC_NEW_BASEPTR, ram_end, 0, 0), -EINVAL);

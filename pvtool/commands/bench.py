@@ -18,6 +18,7 @@ from runtime.errors import ImageError
 
 from ..errors import USER_ERRORS
 from ..tools import bench, benchplot, costmodel
+from . import argtypes
 
 EPILOG = """\
 what is measured (per kernel and mode, medians of the repeats):
@@ -62,11 +63,11 @@ def register(sub) -> None:
     p.add_argument("kernels", nargs="*", metavar="KERNEL.pvk",
                    help="kernels to measure (default: " + ", ".join(
                        f"kernels/{k.name}" for k in bench.DEFAULT_KERNELS) + ")")
-    p.add_argument("--repeat", type=_positive_int, default=5, metavar="N",
+    p.add_argument("--repeat", type=argtypes.whole_number(1), default=5, metavar="N",
                    help="runs per kernel and mode; the median is reported (default 5)")
     p.add_argument("--modes", type=_modes, default=list(bench.MODES), metavar="M,M",
                    help=f"modes to run, any of {','.join(bench.MODES)} (default: all)")
-    p.add_argument("--timeout", type=_timeout, default=60.0, metavar="S",
+    p.add_argument("--timeout", type=argtypes.seconds, default=60.0, metavar="S",
                    help="a run still going after S seconds fails the benchmark (default 60; 0: never)")
     output = p.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true",
@@ -83,26 +84,6 @@ def register(sub) -> None:
                    help="also draw exits by reason and time per kernel and mode into FILE (.svg or .png; "
                         "needs matplotlib: pip install 'pvtool[plot]')")
     p.set_defaults(func=run)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return n
-
-
-def _timeout(text: str) -> float:
-    try:
-        s = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if s < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return s
 
 
 def _modes(text: str) -> list[str]:

@@ -5,19 +5,30 @@ guest's own (the debug-exit byte or the shutdown hypercall's status); 124
 when the guest is stopped by --timeout or --max-exits; 125 when it faults
 or the image is refused, with one line on stderr; 1 when a .pvk source
 does not compile; 2 when the file cannot be read.
+
+With --gdb the run serves the GDB remote protocol (runtime/gdbstub.py) on
+a TCP port, loopback unless a host is named; stderr says where, and which
+image file gdb should load (a .pvk source is built into a temporary file
+for it).  The exit status stays the guest's; 137 if gdb kills it.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import shlex
 import sys
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
+from runtime.debugger import Debugger
 from runtime.errors import ImageError
+from runtime.gdbstub import GdbServer
 from runtime.hypervisor import (DEFAULT_MEMORY_MIB, MAX_MEMORY_MIB, MIN_MEMORY_MIB, MODES, RunResult,
                                 run as run_guest)
+
+from . import argtypes
 
 EPILOG = """\
 modes:
@@ -33,8 +44,13 @@ modes:
          VT-x without nested paging: hvm's exits plus CR3 loads, invlpg, guest
          page faults and writes to guest page tables (shadow paging)
 
+debugging:
+  pvtool run kernels/hello.pv.elf --gdb 1234 --gdb-wait
+  gdb kernels/hello.pv.elf -ex 'target remote :1234'
+
 exit status: the guest's status; 124 timeout or --max-exits; 125 guest fault
-or refused image; 1 compile error (.pvk); 2 unreadable file."""
+or refused image; 137 killed from gdb; 1 compile error (.pvk); 2 unreadable
+file, bad usage, or a --gdb address that cannot be listened on."""
 
 
 def register(sub) -> None:
@@ -46,11 +62,11 @@ def register(sub) -> None:
     p.add_argument("image", metavar="IMAGE|SRC.pvk", help="an ELF64 x86-64 image or a PVK source")
     p.add_argument("--mode", choices=MODES, help="bare, trap, pv, hvm or hvm-shadow (default: pv for PV "
                                                  "images and .pvk sources, bare for native images)")
-    p.add_argument("--timeout", type=_seconds, default=60.0, metavar="S",
+    p.add_argument("--timeout", type=argtypes.seconds, default=60.0, metavar="S",
                    help="stop a guest still running after S seconds, exit 124 (default 60; 0: never)")
     p.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MIB, metavar="MiB",
                    help=f"guest RAM in MiB (default {DEFAULT_MEMORY_MIB})")
-    p.add_argument("--max-exits", type=_count, metavar="N", help="stop the guest after N exits, exit 124")
+    p.add_argument("--max-exits", type=argtypes.whole_number(0), metavar="N", help="stop the guest after N exits, exit 124")
     p.add_argument("--cmdline", default="", help="the command line in the start-info page")
     p.add_argument("--stats", action="store_true",
                    help="print exits by reason, guest and wall time to stderr")
@@ -63,27 +79,21 @@ def register(sub) -> None:
     p.add_argument("--lenient-multicalls", action="store_true",
                    help="a refused multicall entry only gets -errno in its result field, instead of "
                         "stopping the guest (which is the default)")
+    p.add_argument("--gdb", type=_endpoint, metavar="[HOST:]PORT",
+                   help="serve gdb's remote protocol on PORT (on loopback unless HOST is given; "
+                        "0 picks a free port); connect with gdb's `target remote :PORT`")
+    p.add_argument("--gdb-wait", action="store_true",
+                   help="with --gdb: hold the guest before its first instruction until gdb connects")
     p.set_defaults(func=run)
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite, non-negative number of seconds, not {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return value
+def _endpoint(text: str) -> tuple[str, int]:
+    """`1234`, `:1234`, `HOST:1234` or `[::1]:1234` -> (host, port); loopback by default."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535 or (sep and not host):
+        raise argparse.ArgumentTypeError(f"expected [HOST:]PORT with a port 0..65535, not {text!r}")
+    return host, int(port)
 
 
 def _image(args: argparse.Namespace) -> tuple[bytes | None, int]:
@@ -123,23 +133,54 @@ def run(args: argparse.Namespace) -> int:
     if not MIN_MEMORY_MIB <= args.memory <= MAX_MEMORY_MIB:
         print(f"pvtool run: --memory must be {MIN_MEMORY_MIB}..{MAX_MEMORY_MIB} MiB", file=sys.stderr)
         return 2
+    if args.gdb_wait and not args.gdb:
+        print("pvtool run: --gdb-wait needs --gdb [HOST:]PORT", file=sys.stderr)
+        return 2
     image, status = _image(args)
     if image is None:
         return status
-    try:
-        result = run_guest(image, args.mode, args.timeout or None, args.memory,
-                           max_exits=args.max_exits, trace=sys.stderr if args.trace else None,
-                           console=_console, cmdline=args.cmdline, profile=args.profile,
-                           lenient_batches=args.lenient_multicalls)
-    except ImageError as e:
-        print(f"pvtool run: {args.image}: {e}", file=sys.stderr)
-        return 125
+    with ExitStack() as cleanup:
+        debugger = None
+        if args.gdb:
+            debugger = _debugger(args, image, cleanup)
+            if debugger is None:
+                return 2
+        try:
+            result = run_guest(image, args.mode, args.timeout or None, args.memory,
+                               max_exits=args.max_exits, trace=sys.stderr if args.trace else None,
+                               console=_console, cmdline=args.cmdline, profile=args.profile,
+                               lenient_batches=args.lenient_multicalls, debugger=debugger)
+        except ImageError as e:
+            print(f"pvtool run: {args.image}: {e}", file=sys.stderr)
+            return 125
     if result.console_lost:
         _drop_stdout()
     if result.message:
         print(result.message, file=sys.stderr)
     _report(args, result)
     return result.status
+
+
+def _debugger(args: argparse.Namespace, image: bytes, cleanup: ExitStack) -> Debugger | None:
+    """Listen for gdb and say where on stderr (None after reporting why not)."""
+    host, port = args.gdb
+    log = lambda text: print(f"pvtool run: gdb: {text}", file=sys.stderr, flush=True)
+    try:
+        server = GdbServer.listen(host, port, log)
+    except OSError as e:
+        print(f"pvtool run: --gdb {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        return None
+    cleanup.callback(server.close)
+    path = args.image
+    if path.endswith(".pvk"):                  # gdb reads symbols and lines from the image file
+        folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="pvtool-gdb-"))
+        path = os.path.join(folder, Path(path).stem + ".elf")
+        Path(path).write_bytes(image)
+    host, port = server.address
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    log(f"listening on {target}{'; the guest waits for it' if args.gdb_wait else ''}: "
+        f"gdb {shlex.quote(path)} -ex 'target remote {target}'")
+    return Debugger(server, wait=args.gdb_wait)
 
 
 def _drop_stdout() -> None:

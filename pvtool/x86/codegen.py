@@ -24,6 +24,8 @@ Public: `generate(module) -> obj.ObjectCode`.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from pvimage import abi
 
 from .. import ir, obj
@@ -139,16 +141,30 @@ def trap_entry(body: ir.Function, bundled: bool) -> obj.FunctionCode:
         a.push(r)
     a.cld()                              # the body is a System V function
     a.mov(RBX, RSP)                      # the frame; rbx survives the call
+    framed = a.anchor()
     a.and_(RSP, -16)
     a.mov(RDI, RBX)
     a.call(body.name)
     a.mov(RSP, RBX)
+    unframed = a.anchor()
     start, end, becomes, kind = resume_frame(a, entry.hypercall)
     code = a.finish()
     sites = [obj.SiteRow(*a.span(start, end), "iret", body.loc, becomes, kind)]
     lines = [obj.LineRow(0, body.loc)] if body.loc is not None else []
-    return obj.FunctionCode(entry.name, code, a.relocs, lines, sites, loc=body.loc,
-                            align=function_align(bundled))
+    # loc None: compiler-made code, no function of the source (its line row still places it)
+    return obj.FunctionCode(entry.name, code, a.relocs, lines, sites, loc=None,
+                            align=function_align(bundled), entered_by="trap entry",
+                            frame=trap_frame_steps(a.at(framed), a.at(unframed)))
+
+
+def trap_frame_steps(framed: int, unframed: int) -> list[obj.FrameStep]:
+    """The unwinder's view of a trap entry: while the body runs, rbx points at the TrapFrame,
+    which holds the interrupted registers and, at its top, the interrupt frame; while the
+    frame is being built or taken down, the interrupted context is not described."""
+    size = 8 * (len(FRAME_REGS) + 1 + 5)              # the registers, the error code, rip cs rflags rsp ss
+    known = [obj.FrameStep(framed, obj.CFA_AT, RBX.n, size), obj.FrameStep(framed, obj.RETURN_AT, 0, 40)]
+    known += [obj.FrameStep(framed, obj.SAVED_AT, r.n, size - 8 * k) for k, r in enumerate(FRAME_REGS)]
+    return [obj.FrameStep(0, obj.CALLER_UNKNOWN)] + known + [obj.FrameStep(unframed, obj.CALLER_UNKNOWN)]
 
 
 def syscall_frame(a: Asm) -> None:
@@ -181,10 +197,13 @@ def resume_frame(a: Asm, hypercall: int | None) -> tuple[int, int, str, int]:
     return start, a.anchor(), becomes, kind
 
 
-def return_(a: Asm) -> None:
-    """Return to the caller; bundled code masks the return address (r11 is free at a return)."""
+def return_(a: Asm, popped: Callable[[], None] = lambda: None) -> None:
+    """Return to the caller; bundled code masks the return address (r11 is free at a return).
+    `popped` runs between a bundled return's pop and its jump (the unwinder is told)."""
     if a.bundled:
-        a.masked_ret(R11)
+        a.pop(R11)
+        popped()
+        a.masked_jmp(R11)
     else:
         a.ret()
 
@@ -201,6 +220,7 @@ class FunctionGen:
         self.lines: list[tuple[int, Loc]] = []        # (anchor, where the code from there comes from)
         self.sites: list[tuple[int, int, str, Loc | None, str, int]] = []   # anchors, op, loc, becomes, kind
         self.open_sites: dict[int, tuple[int, ir.SiteBegin]] = {}              # site -> (anchor, begin)
+        self.frame_steps: list[tuple[int, str, int]] = []                       # anchor, event, register
         self.calls_swtch = False
 
     # -- driver -------------------------------------------------------------
@@ -213,11 +233,25 @@ class FunctionGen:
         self.frame = layout(self.saved_registers(), fn.slots, self.alloc.spill_slots)
         self.mark(fn.loc)
         self.prologue()
+        body = self.a.anchor()
+        # Program points (regalloc's numbering) where a variable's register starts or stops holding it.
+        live = {iv.vreg: iv for iv in self.alloc.intervals}
+        marks = sorted({p for v in fn.vars if type(v.home) is ir.VReg and v.home.id in live
+                        for p in (live[v.home.id].start, live[v.home.id].end, live[v.home.id].end + 1) if p},
+                       reverse=True)
+        points: dict[int, tuple[int, ir.Instr | None]] = {}     # point -> (anchor, its instruction)
+        p = 0
         for k, b in enumerate(self.blocks):
             self.next_label = self.blocks[k + 1].label if k + 1 < len(self.blocks) else None
             self.a.label(self.label(b.label))
+            p += 1
+            if marks and marks[-1] == p:
+                points[marks.pop()] = (self.a.anchor(), None)
             loc = None
             for ins in b.instrs:
+                p += 1
+                if marks and marks[-1] == p:
+                    points[marks.pop()] = (self.a.anchor(), ins)
                 if ins.loc is not loc:          # most neighbours share their statement's position
                     loc = ins.loc
                     self.mark(loc)
@@ -225,6 +259,9 @@ class FunctionGen:
                 if emit is None:
                     raise self.fail(f"cannot compile {ins!r}")
                 emit(self, ins)
+            p += 1
+            if marks and marks[-1] == p:
+                points[marks.pop()] = (self.a.anchor(), b.term)
             self.mark(b.term.loc)
             self.terminator(b.term)
         if self.open_sites:
@@ -234,8 +271,38 @@ class FunctionGen:
         lines = [obj.LineRow(a.at(k), loc) for k, loc in self.lines]
         sites = [obj.SiteRow(*a.span(start, end), op, loc, becomes, kind)
                  for start, end, op, loc, becomes, kind in self.sites]
+        frame = [obj.FrameStep(a.at(k), event, reg) for k, event, reg in self.frame_steps]
+        variables = self.variables(live, {q: (a.at(k), ins) for q, (k, ins) in points.items()}, a.at(body),
+                                   len(code))
         return obj.FunctionCode(fn.name, code, a.relocs, lines, sites, loc=fn.loc,
-                                align=function_align(a.bundled), user=fn.user)
+                                align=function_align(a.bundled), user=fn.user, frame=frame, body=a.at(body),
+                                source_name=fn.trap_entry.name if fn.trap_entry is not None else "",
+                                entered_by="interrupt" if fn.interrupt else "call",
+                                variables=variables, result=fn.result)
+
+    def variables(self, live: dict, at: dict[int, tuple[int, ir.Instr | None]], body: int,
+                  end: int) -> list[obj.Variable]:
+        """Where each source variable lives, for the debugger: a stack slot for the whole body,
+        or its vreg's register or spill slot over the code of the vreg's live interval, up to
+        the end of its last use, or only to that use's first instruction if it destroys the
+        register (a call); past it the value is gone and gdb says <optimized out>."""
+        out = []
+        for v in self.fn.vars:
+            places = []
+            if type(v.home) is int:
+                places.append((body, end, None, self.frame.slot_disp[v.home]))
+            elif v.home.id in live:
+                iv = live[v.home.id]
+                home = self.alloc.home[iv.vreg]
+                last_at, last = at.get(iv.end, (end, None))
+                start, stop = max(body, at.get(iv.start, (body, None))[0]), at.get(iv.end + 1, (end, None))[0]
+                if type(home) is Reg and last is not None and home in isel.clobbers(last):
+                    stop = last_at + 1              # a stop at its first byte still sees the value
+                if start < stop:
+                    places.append((start, stop, home.n, 0) if type(home) is Reg
+                                  else (start, stop, None, self.frame.spill_disp[home]))
+            out.append(obj.Variable(v.name, v.type, v.param, places, v.loc.line if v.loc else 0))
+        return out
 
     def check(self) -> None:
         fn = self.fn
@@ -411,12 +478,18 @@ class FunctionGen:
 
     # -- prologue and epilogue ---------------------------------------------------
 
+    def frame_step(self, event: str, reg: Reg | None = None) -> None:
+        self.frame_steps.append((self.a.anchor(), event, reg.n if reg is not None else 0))
+
     def prologue(self) -> None:
         a, f = self.a, self.frame
         a.push(RBP)
+        self.frame_step(obj.PUSHED_RBP)
         a.mov(RBP, RSP)
+        self.frame_step(obj.RBP_FRAME)
         for r in f.saved:
             a.push(r)
+            self.frame_step(obj.SAVED, r)
         if f.size:
             a.sub(RSP, f.size)
         used = {iv.vreg for iv in self.alloc.intervals if iv.end > 0}
@@ -424,6 +497,7 @@ class FunctionGen:
 
     def epilogue(self) -> None:
         a, f = self.a, self.frame
+        self.frame_step(obj.LEAVING)
         if f.size and f.saved:
             a.lea(RSP, Mem(RBP, -f.saved_area))
         elif f.size:
@@ -431,6 +505,7 @@ class FunctionGen:
         for r in reversed(f.saved):
             a.pop(r)
         a.pop(RBP)
+        self.frame_step(obj.POPPED_RBP)
 
     # -- terminators ------------------------------------------------------------
 
@@ -454,7 +529,8 @@ class FunctionGen:
             if t.value is not None:
                 self.move(RAX, self.where(t.value))
             self.epilogue()
-            return_(a)
+            return_(a, popped=lambda: self.frame_step(obj.RETURN_IN, R11))
+            self.frame_step(obj.RETURNED)
         elif isinstance(t, ir.IRet):
             self.epilogue()
             start = a.anchor()
@@ -465,6 +541,7 @@ class FunctionGen:
                 a.jmp_symbol(HYPERCALL_PAGE, t.hypercall * abi.HYPERCALL_STRIDE)
                 name = abi.HYPERCALL_NAMES.get(t.hypercall, str(t.hypercall))
                 self.site(start, "iret", t.loc, f"hypercall {name}", abi.SITE_HYPERCALL)
+            self.frame_step(obj.RETURNED)
         else:
             raise self.fail(f"unknown terminator {t!r}")
 

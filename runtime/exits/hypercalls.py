@@ -37,13 +37,12 @@ from typing import TYPE_CHECKING, Callable
 from pvimage import abi
 
 from .. import delivery
-from ..cpu import DESCRIPTOR
+from ..cpu import DESCRIPTOR, RFLAGS_IF, SYSCALL_SIZE
 from ..devices.bus import SIZES
-from ..cpu import RFLAGS_IF, SYSCALL_SIZE
 from ..devices.msr import LSTAR, canonical
 from ..engine import GPR_INDEX, HF_CPL_MASK, RIP_INDEX
-from ..memory import PAGE
 from ..errors import GuestFault, Refused, Shutdown
+from ..memory import PAGE
 
 if TYPE_CHECKING:
     from ..machine import Vm
@@ -56,6 +55,7 @@ _U64 = struct.Struct("<Q")
 _RESULT_AT = 32                   # offset of `result` in an entry
 _CPU_STATE = struct.Struct("<4Q10s6s10s6s")   # SH_CR0 .. the end of SH_IDTR's slot
 SH_TIME = abi.SHARED_PAGE + abi.SH_TIME
+SH_CR3 = abi.SHARED_PAGE + abi.SH_CR3
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ def invlpg(vm: Vm, va: int) -> int:
 @hypercall(abi.HC_NEW_BASEPTR)
 def new_baseptr(vm: Vm, cr3: int) -> int:
     vm.mmu.load_root(cr3)
-    publish(vm)
+    _U64.pack_into(vm.mem.view, SH_CR3, vm.cpu.read_cr(3))     # of the state publish() shows, only CR3 changed
     return 0
 
 
@@ -367,8 +367,9 @@ def run_queue(vm: Vm) -> int:
     """Run and empty the shared-page queue; returns how many entries ran.
 
     A run of set_pte entries into one page-table page is validated and
-    written in one piece (Mmu.set_leaves): most of a busy kernel's queue.
-    Anything else, or a run with an entry to refuse, goes entry by entry."""
+    written in one piece (Mmu.set_leaves), and a run of invlpg entries is one
+    flush: most of a busy kernel's queue.  Anything else, or a run with an
+    entry to refuse, goes entry by entry."""
     count = int.from_bytes(vm.mem.read(abi.SHARED_PAGE + abi.SH_MC_COUNT, 4), "little")
     if count > abi.MC_MAX:
         raise Refused(abi.EINVAL, f"multicall queue holds {count} entries (at most {abi.MC_MAX})")
@@ -389,6 +390,17 @@ def run_queue(vm: Vm) -> int:
                     for j in range(k, end):
                         _U64.pack_into(queue, j * _MC_ENTRY.size + _RESULT_AT, 0)
                     batched["set_pte"] += end - k
+                    k = end
+                    continue
+            elif nr == abi.HC_INVLPG:        # a run of flushes is one flush (Unicorn's is global)
+                end = k + 1
+                while end < count and entries[end][0] == abi.HC_INVLPG:
+                    end += 1
+                if all(canonical(e[1]) for e in entries[k:end]):
+                    vm.mmu.flush()
+                    for j in range(k, end):
+                        _U64.pack_into(queue, j * _MC_ENTRY.size + _RESULT_AT, 0)
+                    batched["invlpg"] += end - k
                     k = end
                     continue
             _run_entry(vm, queue, k, entries[k])

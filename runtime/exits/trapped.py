@@ -261,8 +261,7 @@ def emulator_for(insn) -> Callable:
 
 def _passed_through(vm: Vm, patch: Patch) -> bool:
     """An MSR access the mode's MSR bitmap lets through: emulated, but no exit (hvm: the FS/GS bases)."""
-    return patch.insn.mnemonic in ("rdmsr", "wrmsr") and \
-        vm.cpu.regs["rcx"] & 0xFFFFFFFF in vm.mode.passthrough_msrs
+    return patch.msr and vm.cpu.regs["rcx"] & 0xFFFFFFFF in vm.mode.passthrough_msrs
 
 
 def cannot(vm: Vm, insn) -> None:
@@ -323,7 +322,7 @@ def patches_for(vm: Vm, reason_of: Callable) -> list[Patch]:
         reason = reason_of(insn) if insn is not None else None
         if reason is not None:
             out.append(Patch(insn.address, insn.size, insn, reason, emulator_for(insn),
-                             finding.category == PRIVILEGED))
+                             finding.category == PRIVILEGED, insn.mnemonic in ("rdmsr", "wrmsr")))
     return out
 
 
@@ -353,11 +352,12 @@ def close_window(vm: Vm) -> None:
 
 def on_patch(vm: Vm, patch: Patch) -> None:
     """The CPU reached a patched instruction: the exit.  RIP is past the breakpoint byte."""
-    if vm.cpu.cpl == 3 and patch.privileged:          # what the real instruction does in user mode:
+    cpu = vm.cpu
+    if patch.privileged and cpu.cpl == 3:             # what the real instruction does in user mode:
         raise GuestException(13, 0, patch.address)    # the #GP is the exit
-    if not _passed_through(vm, patch):
+    if not patch.msr or not _passed_through(vm, patch):
         vm.run.count(patch.reason, patch.address)
-    vm.cpu.jump(patch.address + patch.size)       # first: an emulation may send the guest elsewhere
+    cpu.regs.rip = patch.next                     # first: an emulation may send the guest elsewhere
     try:
         patch.emulate(vm, patch.insn)
     except Refused as e:
