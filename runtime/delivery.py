@@ -156,7 +156,8 @@ def enter(vm: Vm, vector: int, kind: str, error_code: int | None = None) -> None
     if mode.virtual_if:
         rflags &= ~RFLAGS_IF
     cpu.set_rflags(rflags)
-    vm.stats.account(f"{kind} {vector}", frame.rip)
+    if kind != "exception":                 # faults.take counted it: an exit where the mode has one, else an event
+        vm.stats.account(f"{kind} {vector}", frame.rip)
     cpu.jump(gate.handler)
 
 

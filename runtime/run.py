@@ -422,6 +422,7 @@ class Runner:
                 vm.kill(self._unicorn_error(e))
         finally:
             vm.stats.run_seconds += perf_counter() - start
+            vm.cpu.regs.clear_exception()      # a counted emu_start returns with a #PF "in flight" (unicorn 2.1.4)
             if native is not None:
                 vm.patches.arm(patch)
                 vm.cpu.remember_control_state()    # clts, lmsw ... change what the hypervisor watches

@@ -169,7 +169,7 @@ def test_the_conformance_kernels_are_included():
 # -- the code rules, read independently -----------------------------------------------------
 
 BUNDLE = 32
-HC_COUNT = 20          # hypercall entries at page + 32 * nr, nr < HC_COUNT (docs/abi.md)
+HC_COUNT = 22          # hypercall entries at page + 32 * nr, nr < HC_COUNT (docs/abi.md; 20 and 21 came with user mode)
 DIRECT = re.compile(r"^(j[a-z]+|call|loop[a-z]*)$")
 REGISTER = re.compile(r"^r([a-d]x|[sd]i|[sb]p|\d+)$")
 MASK = "0xffffffffffffffe0"

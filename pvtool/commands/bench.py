@@ -32,7 +32,9 @@ what is measured (per kernel and mode, medians of the repeats):
   modelled ms    what those exits would cost on a real CPU (--cost-model): this
                  runtime's exits cost Python time, so its own ratios overstate them
 A kernel that marks phases on port 0x80 also gets figures per operation of
-each phase: exits by reason, virtual and host time, modelled cost.
+each phase: exits by reason, virtual and host time, modelled cost; --markdown
+prints just those exits and costs per operation, one Markdown table per
+phase, the same on every run (docs/bench.md holds kernels/lmbench.pvk's).
 
 Every run must end with a shutdown, and with the same exit status and console
 output in every mode; otherwise bench stops with exit status 1.
@@ -42,6 +44,7 @@ examples:
   pvtool bench kernels/churn.pvk --repeat 9 --cost-model merom
   pvtool bench kernels/critical.pvk --modes trap,pv --json
   pvtool bench kernels/churn.pvk --plot churn.svg # needs: pip install 'pvtool[plot]'
+  pvtool bench kernels/lmbench.pvk --repeat 1 --markdown   # the per-operation tables
 
 exit status: 0 success; 1 compile error, failed or mismatched run, plot not
 written; 2 bad usage, a kernel or cost file that cannot be used, or --plot
@@ -66,8 +69,12 @@ def register(sub) -> None:
                    help=f"modes to run, any of {','.join(bench.MODES)} (default: all)")
     p.add_argument("--timeout", type=argtypes.seconds, default=60.0, metavar="S",
                    help="a run still going after S seconds fails the benchmark (default 60; 0: never)")
-    p.add_argument("--json", action="store_true",
-                   help="print a JSON list of rows, one per kernel and mode, instead of the table")
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true",
+                        help="print a JSON list of rows, one per kernel and mode, instead of the table")
+    output.add_argument("--markdown", action="store_true",
+                        help="print only the per-operation figures of the marked phases, as Markdown tables "
+                             "(exits and modelled cost, no times: the same on every run)")
     p.add_argument("--cost-model", metavar="NAME",
                    help="the CPU whose exit costs price the exits (default: the cost file's default; "
                         "bench/costs.toml has nehalem, penryn, merom)")
@@ -138,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
+    elif args.markdown:
+        print(bench.markdown(rows, model), end="")
     else:
         print(bench.table(rows, model))
     return _plot(rows, args.plot) if args.plot else 0

@@ -10,10 +10,14 @@ the exits in total and by reason; the ratios that matter (run time against
 bare, and for pv, exits and run time against trap); the exit overhead a cost
 model (costmodel.py) gives those exits on a real CPU, labelled "modelled";
 and per phase the kernel marked (runtime/devices/marker.py), figures per
-operation.  `Progress` and `median` are shared with bench/code_quality.py.
+operation, under the names the kernel's header gives its phases
+(`// phase N: what`).  `table` is the report, `markdown` the per-operation
+tables with only the figures that are the same on every run.  `Progress` and
+`median` are shared with bench/code_quality.py.
 """
 from __future__ import annotations
 
+import re
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +33,7 @@ DEFAULT_KERNELS = tuple(ROOT / "kernels" / f"{name}.pvk" for name in ("churn", "
 TARGET_OF = {name: mode.image_mode for name, mode in MODES.items()}      # the build each mode runs
 
 Runner = Callable[[bytes, str, float | None], RunResult]
+PHASE_NAME = re.compile(r"^// phase (\d+): (.+)$", re.M)
 
 
 class BenchError(Exception):
@@ -39,6 +44,7 @@ class BenchError(Exception):
 class Kernel:
     name: str
     images: dict[str, bytes]          # by target: 'native', 'pv'
+    phase_names: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -52,6 +58,7 @@ class PhaseRow:
     virtual_ns: int
     host_seconds: float                # median over the repeats
     modelled_ns: float | None = None   # the model's cost of the phase's exits
+    name: str = ""                     # from the kernel's header, if it names the phase
 
     @property
     def per(self) -> int:
@@ -155,10 +162,15 @@ def kernel_names(paths: list[Path]) -> list[str]:
     return [s if stems.count(s) == 1 else str(p) for s, p in zip(stems, paths)]
 
 
+def phase_names(source: str) -> dict[int, str]:
+    """The names a kernel's header gives its phases: `// phase N: what`."""
+    return {int(n): name.strip() for n, name in PHASE_NAME.findall(source)}
+
+
 def build(path: Path, name: str, modes: list[str]) -> Kernel:
     """Compile `path` for each target the modes need (CompileError on bad source)."""
     targets = sorted({TARGET_OF[m] for m in modes})
-    return Kernel(name, {t: driver.compile_file(str(path), t) for t in targets})
+    return Kernel(name, {t: driver.compile_file(str(path), t) for t in targets}, phase_names(path.read_text()))
 
 
 def measure(kernels: list[Kernel], modes: list[str], repeat: int, timeout: float | None = 60.0,
@@ -178,7 +190,7 @@ def measure(kernels: list[Kernel], modes: list[str], repeat: int, timeout: float
                 results[k.name, mode].append(result)
     if progress:
         progress.clear()
-    return [_row(k.name, m, results, model) for k in kernels for m in modes]
+    return [_row(k.name, m, results, model, k.phase_names) for k in kernels for m in modes]
 
 
 def _default_runner(image: bytes, mode: str, timeout: float | None) -> RunResult:
@@ -213,7 +225,8 @@ def _median_of(runs: list[RunResult], what: Callable[[RunResult], float]) -> flo
     return median([what(r) for r in runs])
 
 
-def _row(kernel: str, mode: str, results: dict[tuple[str, str], list[RunResult]], model: Model | None) -> Row:
+def _row(kernel: str, mode: str, results: dict[tuple[str, str], list[RunResult]], model: Model | None,
+         names: dict[int, str]) -> Row:
     runs = results[kernel, mode]
     stats = runs[-1].stats                  # exits are deterministic: the last run's stand for all
     row = Row(kernel, mode,
@@ -227,7 +240,7 @@ def _row(kernel: str, mode: str, results: dict[tuple[str, str], list[RunResult]]
               multicall_entries=dict(stats.batched.most_common()),
               status=runs[-1].status,
               repeats=len(runs),
-              phases=_phases(mode, runs, model),
+              phases=_phases(mode, runs, model, names),
               samples=[_run_seconds(r) for r in runs])
     if model is not None:
         row.cost_model = model.name
@@ -241,7 +254,7 @@ def _row(kernel: str, mode: str, results: dict[tuple[str, str], list[RunResult]]
     return row
 
 
-def _phases(mode: str, runs: list[RunResult], model: Model | None) -> list[PhaseRow]:
+def _phases(mode: str, runs: list[RunResult], model: Model | None, names: dict[int, str]) -> list[PhaseRow]:
     """The marked phases (runtime/devices/marker.py): counts from the last run, host time the median."""
     rows = []
     for phase_id, phase in sorted(runs[-1].stats.phases.items()):
@@ -249,7 +262,7 @@ def _phases(mode: str, runs: list[RunResult], model: Model | None) -> list[Phase
         host = median([r.stats.phases[phase_id].host_seconds for r in runs if phase_id in r.stats.phases])
         rows.append(PhaseRow(phase_id, phase.runs, phase.operations, phase.total_exits, exits,
                              phase.virtual_ns, host,
-                             None if model is None else model.overhead_ns(mode, exits)))
+                             None if model is None else model.overhead_ns(mode, exits), names.get(phase_id, "")))
     return rows
 
 
@@ -302,18 +315,79 @@ def table(rows: list[Row], model: Model | None = None) -> str:
 
 
 def phase_table(rows: list[Row], model: Model | None) -> list[str]:
-    """Per operation, for every phase the kernels marked: exits, virtual and host time, modelled cost."""
-    header = ("kernel", "phase", "mode", "per", "count", "exits", "virtual ns", "host us") + \
+    """Per operation, for every phase the kernels marked: exits, virtual and host time, modelled cost;
+    the phase's name (if the kernel gives one) on its first line."""
+    pairs = _by_phase(rows)
+    named = any(p.name for _, p in pairs)
+    header = ("kernel", "phase") + (("name",) if named else ()) + ("mode", "per", "count", "exits",
+                                                                   "virtual ns", "host us") + \
         (("modelled ns",) if model else ()) + ("exits by reason",)
     body = []
-    for r, p in _by_phase(rows):
+    for i, (r, p) in enumerate(pairs):
         op = p.per_op()
         reasons = ", ".join(f"{why} {k:.3g}" for why, k in op["exits_by_reason_per_op"].items()) or "none"
-        body.append((r.kernel, str(p.phase), r.mode, p.unit, str(p.per), f"{op['exits_per_op']:.3f}",
+        first = i == 0 or (pairs[i - 1][0].kernel, pairs[i - 1][1].phase) != (r.kernel, p.phase)
+        body.append((r.kernel, str(p.phase)) + ((p.name if first else "",) if named else ()) +
+                    (r.mode, p.unit, str(p.per), f"{op['exits_per_op']:.3f}",
                      f"{op['virtual_ns_per_op']:.1f}", f"{op['host_us_per_op']:.3f}")
                     + ((_fmt(op["modelled_ns_per_op"], ".1f", ""),) if model else ()) + (reasons,))
-    lines = _columns(header, body, {0, 2, 3, len(header) - 1})
+    text = {0, 2, 3, 4} if named else {0, 2, 3}
+    lines = _columns(header, body, text | {len(header) - 1})
     return ["per operation, by marked phase (port 0x80; count = operations, or runs if none declared):"] + lines
+
+
+SMALL = 0.005          # a reason below this per operation is left out of markdown's breakdown
+
+
+def markdown(rows: list[Row], model: Model | None) -> str:
+    """The per-operation figures as Markdown: a summary (exits per operation, a row per phase, a column
+    per mode), then one table per kernel and phase, a row per mode: exits per operation, by reason,
+    and their modelled cost.  Only figures that are the same on every run (no times), so the tables
+    can be regenerated into documentation unchanged."""
+    pairs = _by_phase(rows)
+    out = _markdown_summary(pairs) if pairs else []
+    for kernel in dict.fromkeys(r.kernel for r in rows):
+        phases = list(dict.fromkeys(p.phase for r, p in pairs if r.kernel == kernel))
+        if not phases:
+            out += [f"*{kernel} marks no phases.*", ""]
+        for phase in phases:
+            group = [(r, p) for r, p in pairs if r.kernel == kernel and p.phase == phase]
+            out += [_markdown_title(kernel, group[0][1]), "",
+                    "| mode | exits per op | by reason, per op |" + (" modelled ns per op |" if model else ""),
+                    "|---|---:|---|" + ("---:|" if model else "")]
+            for r, p in group:
+                op = p.per_op()
+                cells = [r.mode, f"{op['exits_per_op']:.3f}", _reasons(op["exits_by_reason_per_op"])]
+                if model:
+                    cells.append(_fmt(op["modelled_ns_per_op"], ".0f", ""))
+                out.append("| " + " | ".join(cells) + " |")
+            out.append("")
+    if model and pairs:
+        out.append(f"Modelled: cost model {model.describe()}.")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _markdown_summary(pairs: list[tuple[Row, PhaseRow]]) -> list[str]:
+    modes = list(dict.fromkeys(r.mode for r, _ in pairs))
+    phases = list(dict.fromkeys((r.kernel, p.phase) for r, p in pairs))
+    cells = {(r.kernel, p.phase, r.mode): f"{p.per_op()['exits_per_op']:.2f}" for r, p in pairs}
+    names = {(r.kernel, p.phase): p.name for r, p in pairs}
+    out = ["| exits per operation | " + " | ".join(modes) + " |", "|---|" + "---:|" * len(modes)]
+    for kernel, phase in phases:
+        label = f"{kernel} {phase}" + (f": {names[kernel, phase]}" if names[kernel, phase] else "")
+        out.append(f"| {label} | " + " | ".join(cells.get((kernel, phase, m), "") for m in modes) + " |")
+    return out + [""]
+
+
+def _markdown_title(kernel: str, p: PhaseRow) -> str:
+    what = f": {p.name}" if p.name else ""
+    return f"**{kernel}, phase {p.phase}{what}** ({p.per} {'operations' if p.unit == 'op' else 'runs'})"
+
+
+def _reasons(per_op: dict[str, float]) -> str:
+    """'syscall 1, trap iretq 1': each reason's exits per operation, the smallest left out."""
+    kept = sorted(((k, why) for why, k in per_op.items() if k >= SMALL), key=lambda kw: (-kw[0], kw[1]))
+    return ", ".join(f"{why} {f'{k:.2f}'.rstrip('0').rstrip('.')}" for k, why in kept)
 
 
 def _by_phase(rows: list[Row]) -> list[tuple[Row, PhaseRow]]:
