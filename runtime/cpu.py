@@ -118,17 +118,18 @@ class Cpu:
 
     def rflags(self) -> int:
         """All of RFLAGS (the arithmetic flags too, which only the API computes)."""
-        self.regs.store()
-        return self.uc.reg_read(U.UC_X86_REG_RFLAGS)
+        return self.regs.api_read(U.UC_X86_REG_RFLAGS)
 
     def set_rflags(self, value: int) -> None:
-        self.regs.store()
-        self.uc.reg_write(U.UC_X86_REG_RFLAGS, value)
-        self.regs.invalidate()
+        self.regs.api_write(U.UC_X86_REG_RFLAGS, value)
 
     def segment(self, reg: int) -> int:
-        self.regs.store()
-        return self.uc.reg_read(reg)
+        """A segment selector (CS and SS from the state itself: they change at every ring switch)."""
+        if reg == U.UC_X86_REG_CS:
+            return self.regs.selector("cs")
+        if reg == U.UC_X86_REG_SS:
+            return self.regs.selector("ss")
+        return self.regs.api_read(reg) & 0xFFFF
 
     # -- control registers -----------------------------------------------------------------
     def read_cr(self, n: int) -> int:

@@ -27,9 +27,7 @@ user 0x23/0x1b (pvimage/abi.py).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from unicorn import x86_const as U
 
@@ -56,14 +54,12 @@ CLEARED_ON_ENTRY = (1 << 8) | (1 << 14) | (1 << 16)       # TF NT RF
 IOPL = 0x3000
 
 
-@dataclass(frozen=True)
-class Gate:
+class Gate(NamedTuple):
     handler: int
     trap: bool            # a trap gate leaves IF as it was
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(NamedTuple):          # a tuple: built at every entry and return, it must be cheap
     rip: int
     cs: int
     rflags: int
@@ -97,7 +93,7 @@ def read_gate(mmu: Mmu, table: tuple[int, int], vector: int, cs: int = abi.KERNE
 
 def push_frame(mmu: Mmu, frame: Frame, stack: int, error_code: int | None = None) -> int:
     """Push `frame` (and an error code below it) at `stack` aligned down to 16; returns the new RSP."""
-    data = FRAME.pack(frame.rip, frame.cs, frame.rflags, frame.rsp, frame.ss)
+    data = FRAME.pack(*frame)
     if error_code is not None:
         data = ERROR_CODE.pack(error_code) + data
     rsp = ((stack & ~0xF) - len(data)) & MASK64
@@ -111,7 +107,7 @@ def push_frame(mmu: Mmu, frame: Frame, stack: int, error_code: int | None = None
 def pop_frame(mmu: Mmu, rsp: int, cs: int, ss: int) -> Frame:
     """Read and check the iretq frame at `rsp`: to the current ring (CS, SS) or, from the kernel, to user mode."""
     try:
-        frame = Frame(*FRAME.unpack(mmu.read_virt(rsp, FRAME.size)))
+        frame = Frame._make(FRAME.unpack(mmu.read_virt(rsp, FRAME.size)))
     except Refused as e:
         raise GuestFault(f"iret: cannot read the frame at rsp {rsp:#x}: {e.why}") from None
     to_user = (frame.cs, frame.ss) == USER and cs == abi.KERNEL_CS

@@ -64,6 +64,13 @@ for _name, _args in (("uc_context_save", [_c_void_p, _c_void_p]),
     getattr(_lib, _name).restype = _c_size if _name == "uc_context_size" else _c_int
 _context_save, _context_restore = _lib.uc_context_save, _lib.uc_context_restore
 
+
+
+class _Msr(ctypes.Structure):
+    """unicorn.h's uc_x86_msr: what uc_reg_read of UC_X86_REG_MSR fills in."""
+    _fields_ = [("rid", ctypes.c_uint32), ("value", ctypes.c_uint64)]
+
+
 # Raw callback types (unicorn.h), each with the trailing user-data pointer.
 SYSCALL_CB = ctypes.CFUNCTYPE(None, _c_void_p, _c_void_p)
 IN_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, _c_void_p, ctypes.c_uint32, _c_int, _c_void_p)
@@ -102,6 +109,7 @@ class Layout:
     cr: dict[int, int]
     efer: int
     size: int
+    msrs: dict[int, int]  # STAR, LSTAR, SFMASK: read at every system call
     privilege: "Privilege | None" = None
     live: "tuple[int, int] | None" = None   # (offset of `cpu` in uc_struct, of the CPU state from *cpu)
 
@@ -175,10 +183,20 @@ def _probe() -> Layout:
     before = _save(uc, buf)
     uc.msr_write(0xC0000080, 1 << 11)                    # EFER.NXE (Unicorn keeps LMA as it was)
     efer = _changed_u64(before, _save(uc, buf), uc.msr_read(0xC0000080))
-    layout = Layout(gpr, rip, eflags, hflags, cr, efer, size)
+    msrs = {}
+    for n, probe in SYSCALL_MSRS.items():
+        before = _save(uc, buf)
+        uc.msr_write(n, probe)
+        msrs[n] = _changed_u64(before, _save(uc, buf), probe)
+        uc.msr_write(n, 0)
+    layout = Layout(gpr, rip, eflags, hflags, cr, efer, size, msrs)
     _verify(uc, buf, layout, gpr_ids)
-    return Layout(gpr, rip, eflags, hflags, cr, efer, size, _probe_privilege(hflags),
+    return Layout(gpr, rip, eflags, hflags, cr, efer, size, msrs, _probe_privilege(hflags),
                   _probe_live(uc, _save(uc, buf)))
+
+
+# STAR, LSTAR, SFMASK, each with a value to look for (the selectors, a canonical address, a mask)
+SYSCALL_MSRS = {0xC0000081: 0x0023_0008 << 32, 0xC0000082: 0x7F5A_1234_5000, 0xC0000084: 0x4_7700}
 
 
 ENGINE_SCAN = 0x1000           # bytes of uc_struct searched for its `cpu` pointer
@@ -361,11 +379,12 @@ class RegisterFile:
     (a CR0 write, RIP from a code hook) must `store` first and `invalidate`
     after, so neither copy overwrites the other."""
 
-    __slots__ = ("handle", "buf", "view", "live", "loaded", "dirty", "_gpr", "_rip", "_eflags", "_hflags", "_cr", "_efer",
-                 "_block", "_control", "_control_at", "_priv")
+    __slots__ = ("uc", "handle", "buf", "view", "live", "loaded", "dirty", "_gpr", "_rip", "_eflags", "_hflags", "_cr", "_efer",
+                 "_block", "_control", "_control_at", "_priv", "_msrs", "_scratch", "_scratch_ref", "_msr", "_msr_ref")
 
     def __init__(self, uc: Uc):
         lay = layout()
+        self.uc = uc                  # holds the engine open as long as its raw handle is used
         self.handle = uc._uch
         self.buf = _live_view(uc, lay.size)
         self.live = self.buf is not None
@@ -383,7 +402,13 @@ class RegisterFile:
                               f"the runtime is pinned to unicorn {PINNED_VERSION}")
         fmt = "<Q" + "".join(f"{b - a - 8}xQ" if b - a > 8 else "Q" for a, b in zip(at, at[1:]))
         self._control, self._control_at = struct.Struct(fmt), at[0]
-        self._priv = lay.privilege
+        self._priv, self._msrs = lay.privilege, lay.msrs
+        # one C call through ctypes for what the context does not hold ready (RFLAGS's arithmetic
+        # flags, MSRs): the binding's reg_read costs several times more
+        self._scratch = _c_u64()
+        self._scratch_ref = ctypes.byref(self._scratch)
+        self._msr = _Msr()
+        self._msr_ref = ctypes.byref(self._msr)
 
     def load(self) -> None:
         if not self.loaded:
@@ -474,6 +499,50 @@ class RegisterFile:
         if not self.loaded:
             self.load()
         return _U64.unpack_from(self.view, self._efer)[0]
+
+    # -- through the C API -------------------------------------------------------------------
+    def api_read(self, reg: int) -> int:
+        """A scalar register (RFLAGS, a segment selector, ...) as Unicorn's API computes it."""
+        self.store()
+        self._scratch.value = 0
+        if _lib.uc_reg_read(self.handle, reg, self._scratch_ref):
+            raise RuntimeError(f"internal error: unicorn refused to read register {reg}")
+        return self._scratch.value
+
+    def api_write(self, reg: int, value: int) -> None:
+        self.store()
+        self._scratch.value = value
+        if _lib.uc_reg_write(self.handle, reg, self._scratch_ref):
+            raise RuntimeError(f"internal error: unicorn refused to write register {reg}")
+        self.invalidate()
+
+    def msr(self, n: int) -> int:
+        """An MSR Unicorn keeps (the system-call ones straight from the state)."""
+        at = self._msrs.get(n)
+        if at is not None:
+            if not self.loaded:
+                self.load()
+            return _U64.unpack_from(self.view, at)[0]
+        self.store()
+        self._msr.rid, self._msr.value = n, 0
+        if _lib.uc_reg_read(self.handle, U.UC_X86_REG_MSR, self._msr_ref):
+            raise RuntimeError(f"internal error: unicorn refused to read MSR {n:#x}")
+        return self._msr.value
+
+    def set_msr(self, n: int, value: int) -> None:
+        """Through the API: an MSR write can have effects beyond its field (EFER)."""
+        self.store()
+        self._msr.rid, self._msr.value = n, value
+        if _lib.uc_reg_write(self.handle, U.UC_X86_REG_MSR, self._msr_ref):
+            raise RuntimeError(f"internal error: unicorn refused to write MSR {n:#x}")
+        self.invalidate()
+
+    def selector(self, ring_segment: str) -> int:
+        """The CS or SS selector, from its segment cache in the state."""
+        if not self.loaded:
+            self.load()
+        at = self._priv.cs if ring_segment == "cs" else self._priv.ss
+        return _U32.unpack_from(self.view, at)[0]
 
     # -- privilege --------------------------------------------------------------------------
     def enter_ring(self, ring: int) -> None:

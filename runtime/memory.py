@@ -263,6 +263,8 @@ class GuestMemory:
     def guest_can(self, pa: int, size: int, perm: int) -> bool:
         if size <= 0 or pa < 0 or pa + size > self.size:
             return size == 0
+        if (pa ^ (pa + size - 1)) < PAGE:                 # within one page: the usual case
+            return self.effective(pa) & perm == perm
         return all(self.effective(p) & perm == perm for p in range(page_of(pa), pa + size, PAGE))
 
     def base_writable(self, pa: int) -> bool:
@@ -280,7 +282,8 @@ class GuestMemory:
 
     def write(self, pa: int, data: bytes) -> None:
         self._check(pa, len(data))
-        if any(self.perm[k] & X for k in range(pa // PAGE, (pa + len(data) + PAGE - 1) // PAGE)):
+        first, end = pa // PAGE, (pa + len(data) + PAGE - 1) // PAGE
+        if self.perm[first] & X if end - first == 1 else any(self.perm[k] & X for k in range(first, end)):
             self.uc.mem_write(pa, bytes(data))
         else:
             self._view[pa:pa + len(data)] = data

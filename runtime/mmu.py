@@ -474,11 +474,17 @@ class Mmu:
 
     def read_virt(self, va: int, size: int) -> bytes:
         """Guest memory the guest itself may read, by virtual address."""
-        return b"".join(self.mem.read(pa, n) for pa, n in self._pieces(va, size, write=False))
+        pieces = self._pieces(va, size, write=False)
+        if len(pieces) == 1:                              # the usual case: within one page
+            return self.mem.read(*pieces[0])
+        return b"".join(self.mem.read(pa, n) for pa, n in pieces)
 
     def write_virt(self, va: int, data: bytes) -> None:
         """Store into guest memory the guest itself may write, by virtual address."""
         pieces = self._pieces(va, len(data), write=True)    # check everything before writing
+        if len(pieces) == 1:
+            self.mem.write(pieces[0][0], data)
+            return
         off = 0
         for pa, n in pieces:
             self.mem.write(pa, data[off:off + n])

@@ -99,8 +99,7 @@ class Mode:
 
     def syscall_entry(self, vm: Vm) -> int:
         """Where `syscall` from user mode goes: LSTAR (set by wrmsr, or pv's set_syscall_entry)."""
-        vm.cpu.regs.store()
-        entry = vm.engine.uc.msr_read(LSTAR)
+        entry = vm.cpu.regs.msr(LSTAR)
         if not entry:
             raise GuestFault("syscall from user mode, but the kernel registered no system-call entry (LSTAR)")
         self.check_entry_point(vm, entry, "system-call entry")

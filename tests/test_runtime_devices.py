@@ -4,7 +4,6 @@ from __future__ import annotations
 import struct
 
 import pytest
-from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
 
 from pvimage import abi
 from runtime.clock import TSC_STEP, VirtualClock
@@ -14,6 +13,7 @@ from runtime.devices.debug_exit import DebugExit
 from runtime.devices.msr import EFER, KERNEL_GS_BASE, MsrFile
 from runtime.devices.pic import PicPair
 from runtime.devices.uart import COM1, Uart16550
+from runtime.engine import Engine
 from runtime.errors import Refused, Shutdown
 
 
@@ -93,8 +93,7 @@ def test_cpuid_vendor_and_hypervisor_leaves():
 
 
 def msr_file():
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
-    return MsrFile(uc, VirtualClock())
+    return MsrFile(Engine().regs, VirtualClock())
 
 
 def test_msr_kernel_gs_base_round_trip_and_tsc():

@@ -13,11 +13,10 @@ Unicorn cannot hook rdmsr/wrmsr, so a bare guest reads Unicorn's own MSRs.
 """
 from __future__ import annotations
 
-from unicorn import Uc
-
 from pvimage import abi
 
 from ..clock import VirtualClock
+from ..engine import RegisterFile
 from ..errors import Refused
 
 IA32_TSC = 0x10
@@ -43,14 +42,14 @@ def canonical(va: int) -> bool:
 
 
 class MsrFile:
-    def __init__(self, uc: Uc, clock: VirtualClock):
-        self.uc = uc
+    def __init__(self, regs: RegisterFile, clock: VirtualClock):
+        self.regs = regs              # through the register file, so its copy never overwrites a write
         self.clock = clock
         self.stored = dict(_STORED)
 
     def read(self, msr: int) -> int:
         if msr in _IN_CPU:
-            return self.uc.msr_read(msr)
+            return self.regs.msr(msr)
         if msr == IA32_TSC:
             return self.clock.read_tsc()
         if msr in self.stored:
@@ -62,18 +61,18 @@ class MsrFile:
         if msr == EFER:
             if value & ~_EFER_WRITABLE or value & _EFER_FIXED != _EFER_FIXED:
                 raise Refused(abi.EINVAL, f"EFER value {value:#x} would leave long mode or sets reserved bits")
-            self.uc.msr_write(msr, value)
+            self.regs.set_msr(msr, value)
         elif msr in (FS_BASE, GS_BASE, KERNEL_GS_BASE, LSTAR, CSTAR):
             if not canonical(value):
                 raise Refused(abi.EINVAL, f"non-canonical address {value:#x} for MSR {msr:#x}")
-            self.uc.msr_write(msr, value)
+            self.regs.set_msr(msr, value)
         elif msr == STAR:
             if value and (value >> 32 & 0xFFFF != abi.KERNEL_CS or (value >> 48) + 16 | 3 != abi.USER_CS):
                 raise Refused(abi.EINVAL, f"STAR {value:#x}: the selectors must be the ABI's "
                                           f"(kernel {abi.KERNEL_CS:#x}, user {abi.USER_CS:#x})")
-            self.uc.msr_write(msr, value)
+            self.regs.set_msr(msr, value)
         elif msr == SFMASK:
-            self.uc.msr_write(msr, value & 0xFFFFFFFF)
+            self.regs.set_msr(msr, value & 0xFFFFFFFF)
         elif msr in self.stored and msr not in _READ_ONLY:
             self.stored[msr] = value
         else:

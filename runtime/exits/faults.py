@@ -32,7 +32,7 @@ from unicorn import (UC_MEM_FETCH_PROT, UC_MEM_FETCH_UNMAPPED, UC_MEM_READ_PROT,
 from pvimage import abi
 
 from .. import delivery
-from ..devices.msr import EFER, EFER_SCE, LSTAR, SFMASK
+from ..devices.msr import EFER_SCE, LSTAR, SFMASK
 from ..errors import GuestException, GuestFault, Refused
 
 if TYPE_CHECKING:
@@ -99,11 +99,10 @@ def _has_gate(vm: Vm, vector: int) -> bool:
 def system_call(vm: Vm) -> None:
     """`syscall` in a native image: what the CPU does (the hook is the only thing Unicorn does)."""
     _exit_or_event(vm, vm.mode.syscall_exits, "syscall")
-    uc, cpu = vm.engine.uc, vm.cpu
-    cpu.regs.store()
-    if not uc.msr_read(EFER) & EFER_SCE:
+    cpu = vm.cpu
+    if not cpu.regs.efer & EFER_SCE:
         raise GuestException(6)                                 # #UD: system calls are off
-    entry, mask = uc.msr_read(LSTAR), uc.msr_read(SFMASK)
+    entry, mask = cpu.regs.msr(LSTAR), cpu.regs.msr(SFMASK)
     rflags = cpu.rflags()
     cpu.regs["rcx"] = cpu.rip + SYSCALL_SIZE
     cpu.regs["r11"] = rflags

@@ -109,7 +109,7 @@ def address_of(vm: Vm, insn, op) -> int:
     if m.index:
         addr += get_reg(vm, insn, m.index) * m.scale
     if m.segment in (C.X86_REG_FS, C.X86_REG_GS):
-        addr += vm.engine.uc.msr_read(FS_BASE if m.segment == C.X86_REG_FS else GS_BASE)
+        addr += vm.cpu.regs.msr(FS_BASE if m.segment == C.X86_REG_FS else GS_BASE)
     return addr & MASK64
 
 
