@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, Uc
@@ -88,9 +89,17 @@ def _canonical(va: int) -> int:
     return va | 0xFFFF_0000_0000_0000 if va & (1 << 47) else va
 
 
-def _lanes(value: int) -> int:
-    """`value` in each of the 512 64-bit lanes of a page."""
-    return int.from_bytes(value.to_bytes(8, "little") * 512, "little")
+def _lanes(value: int, n: int = 512) -> int:
+    """`value` in each of the first `n` 64-bit lanes (all 512 of a page by default)."""
+    return int.from_bytes(value.to_bytes(8, "little") * n, "little")
+
+
+@lru_cache(maxsize=None)
+def _few_lanes(n: int) -> tuple[int, int, int, int, int, int]:
+    """P, the frame bits, RESERVED, the frame bits from 1 MiB up, the fill and bit 52, in `n` lanes:
+    a run of a few entries works on ints of its own size, not on a whole page's 32,768 bits."""
+    return (_lanes(P, n), _lanes(ADDR, n), _lanes(RESERVED, n), _lanes(ADDR & ~(abi.RESERVED_END - 1), n),
+            _lanes((1 << 52) - abi.RESERVED_END, n), _lanes(1 << 52, n))
 
 
 _LANES_P = _lanes(P)
@@ -302,22 +311,23 @@ class Mmu:
             return False
         values = [v & 0xFFFF_FFFF_FFFF_FFFF for _, v in writes]
         n = len(values)
+        lanes_p, lanes_frame, lanes_reserved, lanes_addr, lanes_fill, lanes_bit52 = _few_lanes(n)
         x = int.from_bytes(struct.pack(f"<{n}Q", *values), "little")
-        present = (x & _LANES_P) * 0xFFFF_FFFF_FFFF_FFFF
+        present = (x & lanes_p) * 0xFFFF_FFFF_FFFF_FFFF
         y = x & present
-        low = (y & _LANES_ADDR) + _LANES_FILL & _LANES_BIT52
-        if y & _LANES_RESERVED or (y >> 1) & _LANES_P & ~(low >> 52):
+        low = (y & lanes_addr) + lanes_fill & lanes_bit52
+        if y & lanes_reserved or (y >> 1) & lanes_p & ~(low >> 52):
             return False
         if self.identity_frames:
-            frames = y & _LANES_FRAME
+            frames = y & lanes_frame
             for base in self.table_vas.get(pa_page, ()):
                 own = int.from_bytes(struct.pack(f"<{n}Q", *(((base & ADDR) + offset // 8 * PAGE) & ADDR
                                                               for offset, _ in writes)), "little")
                 for lo, hi in self.identity_frames:
-                    at_lo = (frames + _lanes((1 << 52) - lo)) >> 52 & _LANES_P
-                    at_hi = (frames + _lanes((1 << 52) - hi)) >> 52 & _LANES_P
-                    moved = (frames ^ own) + _LANES_NONZERO >> 52 & _LANES_P
-                    if at_lo & ~at_hi & moved & present & _LANES_P:
+                    at_lo = (frames + _lanes((1 << 52) - lo, n)) >> 52 & lanes_p
+                    at_hi = (frames + _lanes((1 << 52) - hi, n)) >> 52 & lanes_p
+                    moved = (frames ^ own) + _lanes((1 << 52) - 1, n) >> 52 & lanes_p
+                    if at_lo & ~at_hi & moved & present & lanes_p:
                         return False
         view = self.mem.view
         for (offset, _), value in zip(writes, values):

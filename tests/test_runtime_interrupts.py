@@ -704,7 +704,9 @@ var flag: u64;
 var seen: u64;
 var ticks: u64;
 interrupt fn timer() {
-    seen = flag + 1;               // 1: the tick came before the store after sti; 2: after it
+    if ticks == 0 {
+        seen = flag + 1;           // 1: the tick came before the store after sti; 2: after it
+    }
     ticks += 1;
     pic_eoi();
 }
@@ -734,9 +736,12 @@ def test_a_held_tick_arrives_one_instruction_after_sti(tmp_path, way):
             pytest.skip(f"{qemu.QEMU} is not installed")
         console, status = qemu.boot(build(tmp_path, "shadow", SHADOW, "native"), timeout=60)
         got = values(console.encode())
+        # QEMU's PIT runs on the host's clock: on a busy host a second tick can follow the first
+        # before the cli, so only the first one's view is exact there
+        assert got["seen"] == 2 and got["ticks"] >= 1
     else:
         got = values(run_kernel(tmp_path, "shadow", SHADOW, way).console)
-    assert got == {"seen": 2, "ticks": 1}
+        assert got == {"seen": 2, "ticks": 1}
 
 
 def test_bare_opens_the_interrupt_window_only_while_a_tick_is_held(tmp_path):
