@@ -208,17 +208,34 @@ def _probe_live(uc: Uc, snap: bytes) -> tuple[int, int] | None:
     of the state from what it points to); None if this process cannot read its own memory.
 
     A candidate must follow a register written through the API, so a stale
-    copy of the registers elsewhere in memory is not mistaken for the state."""
+    copy of the registers elsewhere in memory is not mistaken for the state;
+    and it must hold in fresh engines too: a pointer that merely lands below
+    the state in the heap (so the state is found at some distance after it
+    once) gives another distance in the next engine, while the `cpu` field
+    always gives the same."""
     regs = snap[HEADER:HEADER + 8 * len(GPR_ORDER)]      # the distinct values _probe left
     engine = _read_own(uc._uch.value, ENGINE_SCAN)
+    size = _lib.uc_context_size(uc._uch)
     for at in range(0, len(engine) - 7, 8):
         cpu = struct.unpack_from("<Q", engine, at)[0]
         if cpu % 8 or cpu < 0x10000 or cpu >= 1 << 47:
             continue
         found = _read_own(cpu, CPU_SCAN).find(regs)
-        if found >= 0 and _follows_api(uc, cpu + found):
+        if found >= 0 and _follows_api(uc, cpu + found) and \
+                all(_state_address(Uc(UC_ARCH_X86, UC_MODE_64), (at, found), size) for _ in range(2)):
             return at, found
     return None
+
+
+def _state_address(uc: Uc, where: tuple[int, int], size: int) -> int | None:
+    """The address of `uc`'s live CPU state if `where` finds it (it equals a context save), else None."""
+    cpu_field, state = where
+    check = _context_buffer(uc)
+    _context_save(uc._uch, check)          # also makes Unicorn create its CPU (it does so lazily)
+    cpu = struct.unpack("<Q", _read_own(uc._uch.value + cpu_field, 8).ljust(8, b"\0"))[0]
+    if cpu == 0 or _read_own(cpu + state, size - HEADER) != bytes(check)[HEADER:]:
+        return None
+    return cpu + state
 
 
 def _follows_api(uc: Uc, state: int) -> bool:
@@ -242,17 +259,10 @@ def _read_own(address: int, size: int) -> bytes:
 
 def _live_view(uc: Uc, size: int):
     """A byte view of `uc`'s live CPU state laid out like a saved context (header included),
-    or None where the probe could not find it."""
+    or None where the probe could not find it (the register file then copies: slower, as correct)."""
     where = layout().live
-    if where is None:
-        return None
-    cpu_field, state = where
-    check = _context_buffer(uc)
-    _context_save(uc._uch, check)          # also makes Unicorn create its CPU (it does so lazily)
-    cpu = struct.unpack("<Q", _read_own(uc._uch.value + cpu_field, 8).ljust(8, b"\0"))[0]
-    if _read_own(cpu + state, size - HEADER) != bytes(check)[HEADER:]:
-        return None                        # not where the probe found it: copy instead (slower, as correct)
-    return (ctypes.c_char * size).from_address(cpu + state - HEADER)
+    address = None if where is None else _state_address(uc, where, size)
+    return None if address is None else (ctypes.c_char * size).from_address(address - HEADER)
 
 
 # The probe machine: the ABI's GDT, one 2 MiB user page, code that goes to ring 3 and faults there.
