@@ -308,6 +308,10 @@ def _segments(data: bytes, headers: list[_Phdr]) -> list[Segment]:
             raise ImageError(f"segment {k} ({h.vaddr:#x}+{h.memsz:#x}) runs past the end of the address space")
         if h.flags & PF_X and h.vaddr % abi.PAGE_SIZE:
             raise ImageError(f"executable segment {k} at {h.vaddr:#x} is not page-aligned (code rule R1)")
+        if h.flags & PF_X and h.vaddr + h.memsz > _page_up(h.vaddr + h.filesz):
+            # zero-fill past the file's last page would be code no file holds: unbounded work to check
+            raise ImageError(f"executable segment {k}: memory size {h.memsz:#x} reaches past the last page of "
+                             f"its {h.filesz:#x} file bytes (code rule R1)")
         out.append(Segment(k, h.vaddr, h.memsz, data[h.offset:h.offset + h.filesz], h.flags))
     if not any(s.executable for s in out):
         raise ImageError("no executable segment")

@@ -82,6 +82,9 @@ CASES = {
     "text not page-aligned": (lambda: pvasm.patch_phdr(_good(), 0, vaddr=abi.LOAD_BASE + 0x20,
                                                        paddr=abi.LOAD_BASE + 0x20), 2, "not page-aligned"),
     "p_vaddr != p_paddr": (lambda: pvasm.patch_phdr(_good(), 0, paddr=0x400000), 2, "differs from physical"),
+    # found by the fuzz below: 256 TiB of executable zero-fill to check
+    "text zero-filled past its file": (lambda: pvasm.patch_phdr(_good(), 0, memsz=1 << 48), 2,
+                                       "reaches past the last page"),
     "truncated program headers": (lambda: _good()[:100], 2, "truncated"),
     "truncated section headers": (lambda: _good()[:-10], 2, "truncated"),
     "ABI version 1": (lambda: _note_version(_good(), 1), 2, "PV ABI version 1 is not supported"),
