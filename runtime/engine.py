@@ -65,7 +65,6 @@ for _name, _args in (("uc_context_save", [_c_void_p, _c_void_p]),
 _context_save, _context_restore = _lib.uc_context_save, _lib.uc_context_restore
 
 
-
 class _Msr(ctypes.Structure):
     """unicorn.h's uc_x86_msr: what uc_reg_read of UC_X86_REG_MSR fills in."""
     _fields_ = [("rid", ctypes.c_uint32), ("value", ctypes.c_uint64)]

@@ -22,7 +22,6 @@ not match the mode are refused.
 from __future__ import annotations
 
 import gc
-
 import struct
 from dataclasses import dataclass, field
 from time import perf_counter
