@@ -135,7 +135,7 @@ HYPERCALL_ARGS: dict[int, tuple[str, ...]] = {
     HC_WBINVD: (), HC_MULTICALL: (), HC_EVENT_CHECK: (), HC_IRET: (), HC_SET_TIMER: ("deadline",),
     HC_STACK_SWITCH: ("sp",), HC_SET_SYSCALL_ENTRY: ("address",),
 }
-BATCHABLE = (HC_SET_PTE, HC_INVLPG, HC_IO_OUT)   # allowed in a multicall entry
+BATCHABLE = (HC_SET_PTE, HC_INVLPG, HC_IO_OUT, HC_NEW_BASEPTR, HC_STACK_SWITCH)   # allowed in a multicall entry
 
 EPERM = 1
 EFAULT = 14

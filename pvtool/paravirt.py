@@ -7,13 +7,15 @@ form (see docs/abi.md):
   stores of the shared page's upcall mask; unmasking exits only when an event
   is pending;
 * reads of virtual CPU state (`read_cr*`, `sgdt`, `sidt`): shared-page loads;
-* `set_pte`, `invlpg` and port writes: appended to the shared-page multicall
+* `set_pte`, `invlpg`, port writes, `write_cr3` (`new_baseptr`) and
+  `set_kernel_stack` (`stack_switch`): appended to the shared-page multicall
   queue (each entry's result field holding the address of the code that
   queued it, for the hypervisor's messages), flushed with one hypercall at
-  the next point that could observe them;
+  the next point that could observe them; so a process switch, a new
+  address space and the kernel stack for it, is one exit, as in Xen;
 * `load_tr`: nothing (the hypervisor keeps the kernel stack, see
   `set_kernel_stack`); `enter_user`: a jump to the `iret` hypercall entry;
-* everything else: one hypercall (`set_kernel_stack` is `stack_switch`).
+* everything else: one hypercall.
 
 In a `user fn` no operation may exit or touch the shared page (user code
 cannot): each sensitive one becomes a load through a non-canonical address,
@@ -39,12 +41,13 @@ S = abi.SHARED_PAGE
 IF_BIT = 9
 
 QUEUED = {"set_pte": abi.HC_SET_PTE, "invlpg": abi.HC_INVLPG,
-          "outb": abi.HC_IO_OUT, "outw": abi.HC_IO_OUT, "outl": abi.HC_IO_OUT}
+          "outb": abi.HC_IO_OUT, "outw": abi.HC_IO_OUT, "outl": abi.HC_IO_OUT,
+          "write_cr3": abi.HC_NEW_BASEPTR, "set_kernel_stack": abi.HC_STACK_SWITCH}
 PORT_SIZE = {"outb": 1, "outw": 2, "outl": 4, "inb": 1, "inw": 2, "inl": 4}
 CR_FIELD = {"read_cr0": abi.SH_CR0, "read_cr2": abi.SH_CR2,
             "read_cr3": abi.SH_CR3, "read_cr4": abi.SH_CR4}
 DT_FIELD = {"sgdt": abi.SH_GDTR, "sidt": abi.SH_IDTR}
-SIMPLE_HYPERCALLS = {"hlt": abi.HC_BLOCK, "write_cr3": abi.HC_NEW_BASEPTR, "lgdt": abi.HC_SET_GDT,
+SIMPLE_HYPERCALLS = {"hlt": abi.HC_BLOCK, "lgdt": abi.HC_SET_GDT,
                      "lidt": abi.HC_SET_TRAP_TABLE, "wrmsr": abi.HC_WRMSR, "cpuid": abi.HC_CPUID,
                      "rdtsc": abi.HC_RDTSC, "wbinvd": abi.HC_WBINVD}
 NON_CANONICAL = 0x8000_0000_0000_0000     # a load from here raises #GP(0)
@@ -278,9 +281,6 @@ class _Rewriter:
             return abi.SITE_HYPERCALL, "hypercall write_cr"
         if op == "load_tr":
             return abi.SITE_NO_EXIT, "nothing: the hypervisor keeps the kernel stack (stack_switch)"
-        if op == "set_kernel_stack":
-            self.emit(self.hypercall(abi.HC_STACK_SWITCH, args[1:]))
-            return abi.SITE_HYPERCALL, "hypercall stack_switch"
         if op == "enter_user":
             self.emit(ResumeFrame(args[0], abi.HC_IRET))
             return abi.SITE_HYPERCALL, "jump to hypercall iret"
@@ -296,6 +296,8 @@ class _Rewriter:
     def queued_args(op: str, args: list[Operand]) -> list[Operand]:
         if op in PORT_SIZE:
             return [args[0], PORT_SIZE[op], args[1]]
+        if op == "set_kernel_stack":            # the TSS is the native build's; the hypervisor keeps the top
+            return list(args[1:])
         return list(args)
 
     def set_mask_and_check(self, mask: Operand, enabling: Operand) -> None:

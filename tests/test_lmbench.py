@@ -31,12 +31,11 @@ EXPECTED = {   # phase -> mode -> exits by reason (the reasons named; others mus
         "pv": {"system call": N_NULL + 1, "hypercall iret": N_NULL + 1}, "hvm-shadow": {}},
     2: {"trap": {"syscall": SWITCHES + 1, "trap iretq": SWITCHES + 1, "trap mov to cr3": SWITCHES},
         "pv": {"system call": SWITCHES + 1, "hypercall iret": SWITCHES + 1,
-               "hypercall new_baseptr": SWITCHES, "hypercall stack_switch": SWITCHES},
+               "hypercall multicall": SWITCHES},           # new_baseptr and stack_switch, batched together
         "hvm-shadow": {"CR3 load": SWITCHES}},
     # fork, exit and wait are three calls; two switches (to the child as the parent waits, back at its exit)
     3: {"trap": {"syscall": 3 * N_FORK + 1, "trap iretq": 3 * N_FORK + 1, "trap mov to cr3": 2 * N_FORK},
-        "pv": {"system call": 3 * N_FORK + 1, "hypercall iret": 3 * N_FORK + 1,
-               "hypercall new_baseptr": 2 * N_FORK, "hypercall stack_switch": 2 * N_FORK},
+        "pv": {"system call": 3 * N_FORK + 1, "hypercall iret": 3 * N_FORK + 1, "hypercall multicall": 2 * N_FORK},
         "hvm-shadow": {"CR3 load": 2 * N_FORK}},
     # each fault: the exception, cr2 (trapped in trap, the shared page in pv), one entry written
     4: {"trap": {"exception 14": N_PAGES, "trap mov from cr2": N_PAGES, "page-table write": N_PAGES + 1,
@@ -55,9 +54,9 @@ EXPECTED = {   # phase -> mode -> exits by reason (the reasons named; others mus
                  "trap iretq": 2 * RUNS + 1},
         "pv": {"hypercall multicall": 3 * RUNS + 1, "system call": 2 * RUNS + 1, "hypercall iret": 2 * RUNS + 1},
         "hvm-shadow": {"page-table write (shadow)": 2 * N_PAGES + 1, "INVLPG": N_PAGES}},
-    # a round: yield, map 8, unmap 8; one new page table per process
+    # a round: yield (in pv one multicall for the switch), map 8, unmap 8; one new page table per process
     7: {"trap": {"page-table write": 16 * ROUNDS + 2, "trap invlpg": 8 * ROUNDS},
-        "pv": {"hypercall multicall": 2 * ROUNDS + 2},
+        "pv": {"hypercall multicall": 3 * ROUNDS + 4},
         "hvm-shadow": {"page-table write (shadow)": 16 * ROUNDS + 2, "INVLPG": 8 * ROUNDS}},
 }
 OPERATIONS = {1: N_NULL, 2: SWITCHES, 3: N_FORK, 4: N_PAGES, 5: N_PAGES, 6: N_PAGES, 7: ROUNDS}

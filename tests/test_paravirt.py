@@ -233,7 +233,7 @@ def test_shared_page_operations_make_no_unconditional_exit(op):
                 assert i.nr == abi.HC_EVENT_CHECK and block.label.startswith(".pv.event")
 
 
-@pytest.mark.parametrize("op,nr", [("hlt", abi.HC_BLOCK), ("write_cr3", abi.HC_NEW_BASEPTR),
+@pytest.mark.parametrize("op,nr", [("hlt", abi.HC_BLOCK),
                                    ("write_cr0", abi.HC_WRITE_CR), ("write_cr4", abi.HC_WRITE_CR),
                                    ("lgdt", abi.HC_SET_GDT), ("lidt", abi.HC_SET_TRAP_TABLE),
                                    ("rdmsr", abi.HC_RDMSR), ("wrmsr", abi.HC_WRMSR),
@@ -246,12 +246,14 @@ def test_hypercall_operations(op, nr):
     assert [i.nr for i in instrs if isinstance(i, ir.Hypercall)] == [nr]
 
 
-@pytest.mark.parametrize("op", ["set_pte", "invlpg", "outb", "outw", "outl"])
+@pytest.mark.parametrize("op", ["set_pte", "invlpg", "outb", "outw", "outl", "write_cr3", "set_kernel_stack"])
 def test_batched_operations_queue_in_the_shared_page(op):
     info = INTRINSICS[op]
     instrs = flat(one_op(op, [ARGS[t] for t in info.params], False))
     stores = [i for i in instrs if isinstance(i, ir.Store) and i.base == S and i.offset == abi.SH_MC_COUNT]
     assert len(stores) == 1
+    numbers = {i.value for i in instrs if isinstance(i, ir.Store) and i.base != S and i.offset == 0}
+    assert numbers == {paravirt.QUEUED[op]}                 # the entry's hypercall number
     # The only hypercalls: the queue-full flush, and the flush before the return.
     assert {i.nr for i in instrs if isinstance(i, ir.Hypercall)} == {abi.HC_MULTICALL}
 
@@ -318,6 +320,29 @@ def test_updates_are_flushed_right_before_anything_that_could_observe_them(tmp_p
     assert len(at_observer) == 1
     first_observer = next(k for k, i in enumerate(instrs) if i.loc and i.loc.line == observer_line)
     assert instrs.index(at_observer[0]) - first_observer < 4
+
+
+SWITCH = """
+var tss: [u8; 104];
+fn switch_stacks() {}
+fn kmain() -> u64 {
+    write_cr3(0x1000000);
+    set_kernel_stack(&tss[0], 0x200000);
+    switch_stacks();
+    return 0;
+}
+"""
+
+
+def test_a_process_switch_is_one_multicall(tmp_path):
+    """A new address space and the kernel stack for it go to the hypervisor together, as in Xen
+    (a context switch costs one hypercall), flushed before the call that switches stacks."""
+    m, _ = run(compile_text(tmp_path, SWITCH, "pv"), PVMachine)
+    assert multicalls(m) == 1
+    assert [nr for nr in m.hypercalls if nr != abi.HC_MULTICALL] == []
+    instrs = flat_all(compile_text(tmp_path, SWITCH, "pv"), "kmain")
+    queued = [i.value for i in instrs if isinstance(i, ir.Store) and i.base != S and i.offset == 0]
+    assert queued == [abi.HC_NEW_BASEPTR, abi.HC_STACK_SWITCH]
 
 
 def test_reading_an_entry_right_after_set_pte_sees_the_new_value(tmp_path):

@@ -61,7 +61,15 @@ def test_a_table_written_while_not_live_is_honoured_when_its_root_returns(tmp_pa
 
 def test_a_bad_entry_written_while_not_live_is_refused_when_its_root_returns(tmp_path):
     # Sets a reserved bit in the window's entry: new_baseptr must refuse the root
-    # again (re-validated because its bytes changed) and leave B loaded.
-    result = run(build(tmp_path, "0x10000000000000 | 0x1401000 | RW", "pv"), "pv")
+    # again (re-validated because its bytes changed) and leave B loaded.  The switch
+    # is a multicall entry, so the refusal stops the guest at the switch's line ...
+    image = build(tmp_path, "0x10000000000000 | 0x1401000 | RW", "pv")
+    result = run(image, "pv")
+    line = KERNEL.splitlines().index("    if read_cr3() != table(1) as u64 { return 100; }")   # the line above, 1-based
+    assert (result.reason, result.status) == ("fault", 125)
+    assert "multicall entry 0 (new_baseptr) refused with -EINVAL" in result.message
+    assert "reserved bits" in result.message and result.message.endswith(f"roots.pvk:{line})")
+    # ... and a lenient run leaves the refusal in the entry and B loaded, which the guest sees.
+    result = run(image, "pv", lenient_batches=True)
     assert result.reason == "shutdown", result.message
     assert result.status == 100
