@@ -322,7 +322,14 @@ def _encode_info(unit: _Die) -> tuple[bytes, bytes]:
     refs: list[tuple[int, _Die]] = []
     header = 11                                 # unit_length, version, abbrev_offset, address_size
 
-    def emit(die: _Die) -> None:
+    # Depth first with an explicit stack (None closes a list of children): a
+    # recursive closure would be a reference cycle holding every entry.
+    stack: list[_Die | None] = [unit]
+    while stack:
+        die = stack.pop()
+        if die is None:
+            body.append(0)
+            continue
         shape = (die.tag, die.children is not None, tuple((a, f) for a, f, _ in die.attrs))
         if shape not in abbrevs:
             abbrevs[shape] = code = len(abbrevs) + 1
@@ -335,11 +342,8 @@ def _encode_info(unit: _Die) -> tuple[bytes, bytes]:
                 refs.append((len(body), value))
             body.extend(_FORMS[form](value))
         if die.children is not None:
-            for child in die.children:
-                emit(child)
-            body.append(0)
-
-    emit(unit)
+            stack.append(None)
+            stack.extend(reversed(die.children))
     for at, target in refs:
         struct.pack_into("<I", body, at, offsets[target])
     after_length = struct.pack("<HIB", VERSION, 0, 8) + bytes(body)
