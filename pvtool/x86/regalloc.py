@@ -23,6 +23,7 @@ back end's busiest.
 from __future__ import annotations
 
 from bisect import bisect_right
+from heapq import heappop, heappush
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -201,10 +202,14 @@ def allocate(blocks, params: list[ir.VReg], registers: list[Reg],
         home[iv.vreg] = slot
         spilled.append(iv)
 
+    ends: list[tuple[int, int, Reg]] = []   # heap: (end, vreg, register) of each interval given one
+
     for iv in intervals:
         s = iv.start
-        if active:
-            active = {r: a for r, a in active.items() if a.end > s}
+        while ends and ends[0][0] <= s:    # expired, unless evicted since
+            _, vreg, r = heappop(ends)
+            if r in active and active[r].vreg == vreg:
+                del active[r]
         if spilled:
             for old in [x for x in spilled if x.end < s]:
                 spilled.remove(old)
@@ -220,6 +225,7 @@ def allocate(blocks, params: list[ir.VReg], registers: list[Reg],
             spill(victim)
         iv.reg = r
         active[r] = iv
+        heappush(ends, (iv.end, iv.vreg, r))
         home[iv.vreg] = r
         alloc.used.add(r)
     return alloc
