@@ -40,8 +40,10 @@ from .source import Loc
 from .types import Type
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(unsafe_hash=True, slots=True)
 class VReg:
+    """A virtual register, by number.  Never changed once made, so hashable;
+    not frozen only because a frozen dataclass takes twice as long to make."""
     id: int
 
     def __repr__(self) -> str:
