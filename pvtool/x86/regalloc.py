@@ -127,8 +127,7 @@ def build_intervals(blocks, params: list[ir.VReg], clobbers: Callable[[ir.Instr]
             if exit_ > last[v]:
                 last[v] = exit_
         seen |= live_out[label]
-    intervals = [Interval(v, s, last[v]) for v, s in first.items()]
-    intervals.sort(key=lambda iv: (iv.start, iv.vreg))
+    intervals = [Interval(v, s, last[v]) for s, v in sorted(zip(first.values(), first))]   # by start, vreg
     return intervals, clobber_points
 
 
