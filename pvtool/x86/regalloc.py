@@ -23,8 +23,8 @@ back end's busiest.
 from __future__ import annotations
 
 from bisect import bisect_right
-from heapq import heappop, heappush
 from dataclasses import dataclass, field
+from heapq import heappop, heappush
 from typing import Callable, Iterable, Iterator
 
 from .. import ir
@@ -78,7 +78,7 @@ def build_intervals(blocks, params: list[ir.VReg], clobbers: Callable[[ir.Instr]
         p += 1
         entry = p
         g = k = 0
-        for ins in b.instrs:
+        for ins in (*b.instrs, b.term):
             p += 1
             for u in ins.uses():
                 if type(u) is VReg:
@@ -98,15 +98,6 @@ def build_intervals(blocks, params: list[ir.VReg], clobbers: Callable[[ir.Instr]
             lost = clobbers(ins)
             if lost:
                 clobber_points.append((p, lost))
-        p += 1
-        for u in b.term.uses():
-            if type(u) is VReg:
-                u = u.id
-                if not k >> u & 1:
-                    g |= 1 << u
-                if u not in first:
-                    first[u] = p
-                last[u] = p
         label = b.label
         gen[label], kill[label] = g, k
         succs.append((label, b.successors()))
