@@ -78,10 +78,20 @@ class ConstSym:
 
 @dataclass(eq=False, slots=True)
 class FnSym:
+    """A function's symbol.  It reads its type and link name from the item, which
+    does not point back: no reference cycle keeps a whole body alive (see
+    pvtool.driver.collector_paused)."""
     name: str
-    type: FnType | None        # a handler's: its body's (frame: *TrapFrame); &handler is a fn()
     item: Fn
-    link_name: str = ""
+
+    @property
+    def type(self) -> FnType | None:
+        """A handler's is its body's (frame: *TrapFrame); &handler is a fn()."""
+        return self.item.type
+
+    @property
+    def link_name(self) -> str:
+        return self.item.link_name
 
 
 @dataclass(eq=False, slots=True)
@@ -324,7 +334,9 @@ class Fn(Node):
     result: TypeExpr | None
     body: Block
     interrupt: bool = False        # `interrupt fn` or `interrupt(error_code) fn`
-    sym: FnSym | None = field(default=None, kw_only=True, repr=False)
+    # checker: the signature, and the symbol in the image (the name, unless it must be told apart)
+    type: FnType | None = field(default=None, kw_only=True, repr=False)
+    link_name: str = field(default="", kw_only=True, repr=False)
     error_code: bool = field(default=False, kw_only=True, repr=False)   # `interrupt(error_code) fn`
     syscall: bool = field(default=False, kw_only=True, repr=False)      # `syscall fn`
     user: bool = field(default=False, kw_only=True, repr=False)         # `user fn`

@@ -32,11 +32,17 @@ def compile_file(path: str, target: str = "pv") -> bytes:
     """Source file to the bytes of an ELF64 image for `target`."""
     _check_target(target)
     with collector_paused():
-        program = parse.parse_program(path)
-        with quoting(program.sources):
-            obj = codegen.generate(_middle(program, target))
-        obj.name = Path(path).stem
-        return elfwrite.write(link.link(obj))
+        return _image(path, target)
+
+
+def _image(path: str, target: str) -> bytes:
+    # Its own frame, so the tree, the IR and the object code are freed as it
+    # returns, before the collector is back (see `collector_paused`).
+    program = parse.parse_program(path)
+    with quoting(program.sources):
+        obj = codegen.generate(_middle(program, target))
+    obj.name = Path(path).stem
+    return elfwrite.write(link.link(obj))
 
 
 @contextmanager
@@ -44,7 +50,11 @@ def collector_paused() -> Iterator[None]:
     """Run without the cyclic garbage collector.  The stages allocate hundreds
     of thousands of objects that all live until the image is written; each
     collection would walk them again for nothing (it costs a third of a
-    compile).  Whatever is cyclic garbage is collected after."""
+    compile).  Whatever is cyclic garbage is collected after: the first
+    allocation after the collector is back walks every object allocated
+    meanwhile and still tracked, so callers let their data die first, and the
+    stages avoid reference cycles in what they build (the syntax tree's
+    function symbols, the DWARF writer)."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from .types import ArrayType, BoolType, FnType, IntType, PtrType, StructType, Type
 
@@ -314,6 +315,9 @@ _FORMS = {DW_FORM_string: _cstr, DW_FORM_addr: lambda v: struct.pack("<Q", v), D
           DW_FORM_flag_present: lambda v: b"", DW_FORM_ref4: lambda v: bytes(4)}
 
 
+_ATTRIBUTE_FORM = itemgetter(0, 1)      # (attribute, form) of an (attribute, form, value)
+
+
 def _encode_info(unit: _Die) -> tuple[bytes, bytes]:
     """(.debug_abbrev, .debug_info) for one unit: an abbreviation per distinct shape of entry."""
     abbrevs: dict[tuple, int] = {}
@@ -322,8 +326,15 @@ def _encode_info(unit: _Die) -> tuple[bytes, bytes]:
     refs: list[tuple[int, _Die]] = []
     header = 11                                 # unit_length, version, abbrev_offset, address_size
 
-    def emit(die: _Die) -> None:
-        shape = (die.tag, die.children is not None, tuple((a, f) for a, f, _ in die.attrs))
+    # Depth first with an explicit stack (None closes a list of children): a
+    # recursive closure would be a reference cycle holding every entry.
+    stack: list[_Die | None] = [unit]
+    while stack:
+        die = stack.pop()
+        if die is None:
+            body.append(0)
+            continue
+        shape = (die.tag, die.children is not None, tuple(map(_ATTRIBUTE_FORM, die.attrs)))
         if shape not in abbrevs:
             abbrevs[shape] = code = len(abbrevs) + 1
             table.extend(uleb(code) + uleb(die.tag) + bytes([die.children is not None])
@@ -335,11 +346,8 @@ def _encode_info(unit: _Die) -> tuple[bytes, bytes]:
                 refs.append((len(body), value))
             body.extend(_FORMS[form](value))
         if die.children is not None:
-            for child in die.children:
-                emit(child)
-            body.append(0)
-
-    emit(unit)
+            stack.append(None)
+            stack.extend(reversed(die.children))
     for at, target in refs:
         struct.pack_into("<I", body, at, offsets[target])
     after_length = struct.pack("<HIB", VERSION, 0, 8) + bytes(body)

@@ -40,8 +40,10 @@ from .source import Loc
 from .types import Type
 
 
-@dataclass(frozen=True)
+@dataclass(unsafe_hash=True, slots=True)
 class VReg:
+    """A virtual register, by number.  Never changed once made, so hashable;
+    not frozen only because a frozen dataclass takes twice as long to make."""
     id: int
 
     def __repr__(self) -> str:
@@ -56,7 +58,7 @@ UNOPS = ("neg", "not")
 CMPOPS = ("eq", "ne", "ult", "ule", "ugt", "uge", "slt", "sle", "sgt", "sge")
 
 
-@dataclass
+@dataclass(slots=True)
 class Instr:
     loc: Loc | None = field(default=None, kw_only=True)
 
@@ -68,7 +70,7 @@ class Instr:
         return [dst] if isinstance(dst, VReg) else []
 
 
-@dataclass
+@dataclass(slots=True)
 class Copy(Instr):
     """dst = src (src may be an immediate)."""
     dst: VReg
@@ -78,7 +80,7 @@ class Copy(Instr):
         return [self.src]
 
 
-@dataclass
+@dataclass(slots=True)
 class BinOp(Instr):
     """dst = a OP b on 64-bit registers; shifts take the count modulo 64."""
     op: str
@@ -90,7 +92,7 @@ class BinOp(Instr):
         return [self.a, self.b]
 
 
-@dataclass
+@dataclass(slots=True)
 class UnOp(Instr):
     op: str
     dst: VReg
@@ -100,7 +102,7 @@ class UnOp(Instr):
         return [self.a]
 
 
-@dataclass
+@dataclass(slots=True)
 class Ext(Instr):
     """dst = src truncated to `bits` (8, 16 or 32), then zero- or sign-extended to 64."""
     dst: VReg
@@ -112,7 +114,7 @@ class Ext(Instr):
         return [self.src]
 
 
-@dataclass
+@dataclass(slots=True)
 class Cmp(Instr):
     """dst = 1 if (a OP b) else 0."""
     op: str
@@ -124,7 +126,7 @@ class Cmp(Instr):
         return [self.a, self.b]
 
 
-@dataclass
+@dataclass(slots=True)
 class Load(Instr):
     """dst = size bytes at base+offset, zero- or sign-extended.  An int base is an absolute address."""
     dst: VReg
@@ -137,7 +139,7 @@ class Load(Instr):
         return [self.base]
 
 
-@dataclass
+@dataclass(slots=True)
 class Store(Instr):
     """size bytes at base+offset = low bytes of value.  An int base is an absolute address."""
     base: Operand
@@ -149,7 +151,7 @@ class Store(Instr):
         return [self.base, self.value]
 
 
-@dataclass
+@dataclass(slots=True)
 class AddrOf(Instr):
     """dst = address of a symbol (global, string literal, function) plus offset."""
     dst: VReg

@@ -120,13 +120,13 @@ class _Function:
     def __init__(self, module: _Module, fn: ast.Fn):
         self.module = module
         self.fn = fn
-        self.f = ir.Function(fn.sym.link_name, [], [], returns_value=fn.result is not None,
+        self.f = ir.Function(fn.link_name, [], [], returns_value=fn.result is not None,
                              interrupt=fn.interrupt and not fn.params, loc=fn.loc, user=fn.user,
-                             result=fn.sym.type.result)
+                             result=fn.type.result)
         if fn.handler and fn.params:
-            self.f.name = f"{fn.sym.link_name}.body"
+            self.f.name = f"{fn.link_name}.body"
             kind = TRAP_KINDS[fn.interrupt, fn.error_code, fn.syscall]
-            self.f.trap_entry = ir.TrapEntry(fn.sym.link_name, kind)
+            self.f.trap_entry = ir.TrapEntry(fn.link_name, kind)
             module.kernel_stack |= fn.syscall
         self.home: dict[ast.Local, ir.VReg | int] = {}     # vreg, or slot index
         self.loops: list[tuple[str, str]] = []             # (continue target, break target)

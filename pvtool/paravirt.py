@@ -68,15 +68,26 @@ class ParavirtError(InternalError):
 def paravirtualize(module: Module) -> Module:
     """Rewrite `module` in place for the PV target and return it."""
     for fn in module.functions:
-        _Rewriter(fn).run()
+        if _sensitive(fn):
+            _Rewriter(fn).run()
+            left = _sensitive(fn)
+            if left:
+                raise ParavirtError(f"{fn.name}: {left[0].op} was not rewritten")
+        else:
+            # Most functions: nothing is ever queued, so nothing to flush or rewrite
+            # but the interrupt returns.
+            for b in fn.blocks:
+                b.term = _Rewriter.rewrite_terminator(b.term)
         if fn.trap_entry is not None:
             fn.trap_entry.hypercall = abi.HC_IRET
     module.target = "pv"
-    for fn in module.functions:
-        for ins in fn.instructions():
-            if isinstance(ins, MachineOp) and INTRINSICS[ins.op].sensitive:
-                raise ParavirtError(f"{fn.name}: {ins.op} was not rewritten")
     return module
+
+
+def _sensitive(fn: Function) -> list[MachineOp]:
+    """The sensitive machine operations of `fn` (all queued ones are sensitive)."""
+    return [ins for b in fn.blocks for ins in b.instrs
+            if isinstance(ins, MachineOp) and INTRINSICS[ins.op].sensitive]
 
 
 def is_queued(ins: Instr) -> bool:
@@ -307,7 +318,8 @@ class _Rewriter:
         deliver = pending if isinstance(enabling, int) else self.op("and", pending, enabling)
         self.when(deliver, [self.hypercall(abi.HC_EVENT_CHECK)], "event")
 
-    def rewrite_terminator(self, term: Instr) -> Instr:
+    @staticmethod
+    def rewrite_terminator(term: Instr) -> Instr:
         if isinstance(term, IRet):
             return IRet(abi.HC_IRET, loc=term.loc)
         return term

@@ -464,13 +464,13 @@ class _Parser:
     # -- statements
     def block(self) -> ast.Block:
         self.enter()
-        at = self.expect("{")
+        loc = self.loc(self.expect("{"))     # before the statements: `loc` is cheapest moving forward
         stmts = []
         while self.kinds[self.i] != "}":
             stmts.append(self.stmt())
         end = self.expect("}")
         self.depth -= 1
-        return ast.Block(self.loc(at), stmts, self.loc(end))
+        return ast.Block(loc, stmts, self.loc(end))
 
     def stmt(self) -> ast.Stmt:
         match self.kinds[self.i]:
@@ -519,7 +519,7 @@ class _Parser:
     def if_stmt(self) -> ast.If:
         # `else if` chains are flat: one If, one arm per condition, no nesting.
         self.enter()
-        at = self.expect("if")
+        loc = self.loc(self.expect("if"))
         arms = []
         while True:
             arms.append((self.expr(), self.block()))
@@ -530,27 +530,28 @@ class _Parser:
                 else_ = self.block()
                 break
         self.depth -= 1
-        return ast.If(self.loc(at), arms, else_)
+        return ast.If(loc, arms, else_)
 
     def while_stmt(self) -> ast.While:
         self.enter()
-        at = self.expect("while")
+        loc = self.loc(self.expect("while"))
         cond = self.expr()
         body = self.block()
         self.depth -= 1
-        return ast.While(self.loc(at), cond, body)
+        return ast.While(loc, cond, body)
 
     def for_stmt(self) -> ast.For:
         self.enter()
-        at = self.expect("for")
+        loc = self.loc(self.expect("for"))
         name_at = self.expect("NAME")
+        name_loc = self.loc(name_at)
         self.expect("in")
         start = self.expr()
         self.expect("..")
         end = self.expr()
         body = self.block()
         self.depth -= 1
-        return ast.For(self.loc(at), self.texts[name_at], self.loc(name_at), start, end, body)
+        return ast.For(loc, self.texts[name_at], name_loc, start, end, body)
 
     def jump_stmt(self) -> int:
         """`break ;` or `continue ;`: the keyword's token."""

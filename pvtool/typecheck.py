@@ -223,12 +223,13 @@ class _Checker:
             if item.name in LINK_NAMES:
                 raise error(item.loc, f"'{item.name}' is a predeclared name")
             if isinstance(item, ast.Const):
-                item.sym = ast.ConstSym(item.name, None, item)
+                sym = item.sym = ast.ConstSym(item.name, None, item)
             elif isinstance(item, ast.Global):
-                item.sym = ast.GlobalSym(item.name, None, item, link_names.of(item))
+                sym = item.sym = ast.GlobalSym(item.name, None, item, link_names.of(item))
             else:
-                item.sym = ast.FnSym(item.name, None, item, link_names.of(item))
-            self.names.define(item.name, item.sym, item, item.private, in_shared, lambda sym: sym.item.loc)
+                item.link_name = link_names.of(item)
+                sym = ast.FnSym(item.name, item)
+            self.names.define(item.name, sym, item, item.private, in_shared, lambda sym: sym.item.loc)
         for name in LINK_NAMES:
             self.names.shared.setdefault(name, ast.LinkSym(name))
 
@@ -436,7 +437,7 @@ class _Checker:
             raise error(fn.params[MAX_PARAMS].loc,
                         f"'{fn.name}' has {len(fn.params)} parameters; at most {MAX_PARAMS} are allowed")
         with self.in_file(fn):
-            fn.sym.type = self.fn_type([p.type_expr for p in fn.params], fn.result, fn.loc)
+            fn.type = self.fn_type([p.type_expr for p in fn.params], fn.result, fn.loc)
         if fn.handler:
             self.handler_signature(fn)
 
@@ -447,10 +448,10 @@ class _Checker:
             raise error(fn.result.loc, f"{what} cannot return a value")
         if len(fn.params) > 1:
             raise error(fn.params[1].loc, f"{what} takes one parameter, frame: *TrapFrame")
-        if fn.params and fn.sym.type.params[0] != TRAP_FRAME_PTR:
+        if fn.params and fn.type.params[0] != TRAP_FRAME_PTR:
             p = fn.params[0]
             raise error(p.type_expr.loc, f"the parameter of {what} must be a *TrapFrame, "
-                                         f"not {fn.sym.type.params[0]}")
+                                         f"not {fn.type.params[0]}")
         if not fn.params and (fn.error_code or fn.syscall):
             raise error(fn.loc, f"{what} needs a parameter frame: *TrapFrame")
 
@@ -470,7 +471,7 @@ class _Checker:
     def function_body(self, fn: ast.Fn) -> None:
         self.fn, self.loops = fn, 0
         self.scopes = [{}]
-        for p, t in zip(fn.params, fn.sym.type.params):
+        for p, t in zip(fn.params, fn.type.params):
             p.sym = self.declare(p.name, t, p.loc)
         for s in fn.body.stmts:
             self.stmt(s)
@@ -610,7 +611,7 @@ class _Checker:
         self.loops -= 1
 
     def return_stmt(self, s: ast.Return) -> None:
-        result = self.fn.sym.type.result
+        result = self.fn.type.result
         if s.value is None:
             if result is not None:
                 raise error(s.loc, f"'{self.fn.name}' must return a {result}")

@@ -392,4 +392,4 @@ KERNELS = sorted((SHARED / "conformance").glob("*.pvk"))
 def test_conformance_kernels_check(path):
     prog = check(parse_program(str(path)))
     assert prog.checked
-    assert find(prog, "kmain").sym.type == FnType((), U64)
+    assert find(prog, "kmain").type == FnType((), U64)

@@ -275,13 +275,17 @@ class Asm:
         if not self.bundled:
             code += ins
             return at
-        if end_on_bundle or at % BUNDLE + len(ins) > BUNDLE or self.pending:
-            at = self._place(len(ins), end_on_bundle)
-        elif at // BUNDLE != self.bundle:
-            self._enter_bundle(at)
+        size = len(ins)
+        if end_on_bundle or at % BUNDLE + size > BUNDLE:
+            at = self._place(size, end_on_bundle)
+        else:                                  # fits where it is: `_place` without the padding
+            if at // BUNDLE != self.bundle:
+                self._enter_bundle(at)
+            if self.pending:
+                self._bind(at)
         code += ins
         if kind == PREFIXABLE:
-            self.run.append([at, min(MAX_PREFIXES, 15 - len(ins))])
+            self.run.append([at, MAX_PREFIXES if size <= 15 - MAX_PREFIXES else 15 - size])
         elif kind == BACKWARD:
             self.run = []
         return at

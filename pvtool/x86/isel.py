@@ -39,7 +39,7 @@ MACHINE_CLOBBERS = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class Addr:
     """A memory operand: reg + disp, symbol + disp, slot + disp, or absolute disp."""
     reg: ir.VReg | None = None
@@ -48,7 +48,7 @@ class Addr:
     disp: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class MLoad(ir.Instr):
     dst: ir.VReg
     addr: Addr
@@ -59,7 +59,7 @@ class MLoad(ir.Instr):
         return [self.addr.reg] if self.addr.reg is not None else []
 
 
-@dataclass
+@dataclass(slots=True)
 class MStore(ir.Instr):
     addr: Addr
     value: ir.Operand
@@ -69,7 +69,7 @@ class MStore(ir.Instr):
         return ([self.addr.reg] if self.addr.reg is not None else []) + [self.value]
 
 
-@dataclass
+@dataclass(slots=True)
 class CmpBranch(ir.Instr):
     """if (a OP b) goto then else goto else_."""
     op: str
@@ -82,7 +82,7 @@ class CmpBranch(ir.Instr):
         return [self.a, self.b]
 
 
-@dataclass
+@dataclass(slots=True)
 class MBlock:
     label: str
     instrs: list[ir.Instr]

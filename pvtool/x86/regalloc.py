@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass, field
+from heapq import heappop, heappush
 from typing import Callable, Iterable, Iterator
 
 from .. import ir
@@ -56,34 +57,78 @@ def bits(x: int) -> Iterator[int]:
         x ^= low
 
 
-def liveness(blocks) -> tuple[dict[str, int], dict[str, int], list[list[tuple[list[int], list[int]]]]]:
-    """Live-in and live-out bit sets per block label (backward dataflow), and each
-    block's (use ids, def ids) per instruction, its terminator last."""
+def build_intervals(blocks, params: list[ir.VReg], clobbers: Callable[[ir.Instr], Iterable[Reg]]
+                    ) -> tuple[list[Interval], list[tuple[int, Iterable[Reg]]]]:
+    """Live intervals sorted by start, and the program points where registers are clobbered.
+
+    One walk over the instructions finds each block's upward-exposed uses
+    and definitions, the first and last point where each vreg is read or
+    written, and the clobber points; the dataflow then adds the points
+    where a vreg is live into or out of a block.  An interval is the hull
+    of all those points, so the order they are met in does not matter."""
     VReg = ir.VReg
-    gen, kill, flow = {}, {}, []
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for v in params:
+        first[v.id] = last[v.id] = 0
+    gen, kill, succs, bounds = {}, {}, [], []
+    clobber_points = []
+    p = 0
     for b in blocks:
+        p += 1
+        entry = p
         g = k = 0
-        rows = []
-        for ins in b.instrs:
-            uses = [v.id for v in ins.uses() if type(v) is VReg]
-            dst = getattr(ins, "dst", None)           # ir.Instr.defs(), without the list
-            defs = [dst.id] if type(dst) is VReg else []
-            rows.append((uses, defs))
-            for u in uses:
-                if not k >> u & 1:
-                    g |= 1 << u
-            if defs:
-                k |= 1 << defs[0]
-        uses = [v.id for v in b.term.uses() if type(v) is VReg]
-        rows.append((uses, []))
-        for u in uses:
-            if not k >> u & 1:
-                g |= 1 << u
-        gen[b.label], kill[b.label] = g, k
-        flow.append(rows)
+        for ins in (*b.instrs, b.term):
+            p += 1
+            for u in ins.uses():
+                if type(u) is VReg:
+                    u = u.id
+                    if not k >> u & 1:
+                        g |= 1 << u
+                    if u not in first:
+                        first[u] = p
+                    last[u] = p
+            d = getattr(ins, "dst", None)           # ir.Instr.defs(), without the list
+            if type(d) is VReg:
+                d = d.id
+                k |= 1 << d
+                if d not in first:
+                    first[d] = p
+                last[d] = p
+            lost = clobbers(ins)
+            if lost:
+                clobber_points.append((p, lost))
+        label = b.label
+        gen[label], kill[label] = g, k
+        succs.append((label, b.successors()))
+        bounds.append((label, entry, p))
+    live_in, live_out = _liveness(gen, kill, succs)
+    # Only the first block a vreg is live into and the last it is live out of
+    # can widen its hull (a vreg live into a block is read there or live out
+    # of it, so that entry never moves its end).
+    seen = 0
+    for label, entry, _ in bounds:
+        for v in bits(live_in[label] & ~seen):
+            if entry < first[v]:
+                first[v] = entry
+        seen |= live_in[label]
+    seen = 0
+    for label, _, exit_ in reversed(bounds):
+        for v in bits(live_out[label] & ~seen):   # read or written somewhere: seen by the walk
+            if exit_ > last[v]:
+                last[v] = exit_
+        seen |= live_out[label]
+    intervals = [Interval(v, s, last[v]) for s, v in sorted(zip(first.values(), first))]   # by start, vreg
+    return intervals, clobber_points
+
+
+def _liveness(gen: dict[str, int], kill: dict[str, int], succs: list[tuple[str, list[str]]]
+              ) -> tuple[dict[str, int], dict[str, int]]:
+    """Live-in and live-out bit sets per block label: backward dataflow to a
+    fixed point, visiting the blocks last first."""
     live_in = dict.fromkeys(gen, 0)
     live_out = dict.fromkeys(gen, 0)
-    succs = [(b.label, b.successors()) for b in reversed(blocks)]
+    succs = succs[::-1]
     changed = True
     while changed:
         changed = False
@@ -95,40 +140,7 @@ def liveness(blocks) -> tuple[dict[str, int], dict[str, int], list[list[tuple[li
             if out != live_out[label] or inn != live_in[label]:
                 live_out[label], live_in[label] = out, inn
                 changed = True
-    return live_in, live_out, flow
-
-
-def build_intervals(blocks, params: list[ir.VReg], clobbers: Callable[[ir.Instr], Iterable[Reg]]
-                    ) -> tuple[list[Interval], list[tuple[int, Iterable[Reg]]]]:
-    """Live intervals sorted by start, and the program points where registers are clobbered."""
-    live_in, live_out, flow = liveness(blocks)
-    start: dict[int, int] = {}
-    end: dict[int, int] = {}
-    for v in params:
-        start[v.id] = end[v.id] = 0
-    clobber_points = []
-    p = 0
-    for b, rows in zip(blocks, flow):        # points only grow: the first sight is the start
-        p += 1
-        for v in bits(live_in[b.label]):
-            start.setdefault(v, p)
-            end[v] = p
-        for ins, (uses, defs) in zip([*b.instrs, b.term], rows):
-            p += 1
-            for v in uses:
-                start.setdefault(v, p)
-                end[v] = p
-            for v in defs:
-                start.setdefault(v, p)
-                end[v] = p
-            lost = clobbers(ins)
-            if lost:
-                clobber_points.append((p, lost))
-        for v in bits(live_out[b.label]):
-            end[v] = p
-    intervals = [Interval(v, s, end[v]) for v, s in start.items()]
-    intervals.sort(key=lambda iv: (iv.start, iv.vreg))
-    return intervals, clobber_points
+    return live_in, live_out
 
 
 def allocate(blocks, params: list[ir.VReg], registers: list[Reg],
@@ -154,7 +166,7 @@ def allocate(blocks, params: list[ir.VReg], registers: list[Reg],
         k = bisect_right(ps, iv.start)
         return k == len(ps) or ps[k] >= iv.end
 
-    def choose(iv: Interval, taken: set[Reg]) -> Reg | None:
+    def choose(iv: Interval, taken: dict[Reg, Interval]) -> Reg | None:
         for h in hints.get(iv.vreg, ()):
             r = h if isinstance(h, Reg) else home.get(h)
             if isinstance(r, Reg) and r in clobbered and r not in taken and fits(iv, r):
@@ -164,7 +176,7 @@ def allocate(blocks, params: list[ir.VReg], registers: list[Reg],
                 return r
         return None
 
-    active: list[Interval] = []          # intervals holding a register
+    active: dict[Reg, Interval] = {}     # register -> the interval holding it
     spilled: list[Interval] = []         # spilled intervals still live
     free_slots: dict[int, int] = {}      # slot -> end of its last owner
 
@@ -180,25 +192,30 @@ def allocate(blocks, params: list[ir.VReg], registers: list[Reg],
         home[iv.vreg] = slot
         spilled.append(iv)
 
+    ends: list[tuple[int, int, Reg]] = []   # heap: (end, vreg, register) of each interval given one
+
     for iv in intervals:
         s = iv.start
-        if active:
-            active = [a for a in active if a.end > s]
+        while ends and ends[0][0] <= s:    # expired, unless evicted since
+            _, vreg, r = heappop(ends)
+            if r in active and active[r].vreg == vreg:
+                del active[r]
         if spilled:
             for old in [x for x in spilled if x.end < s]:
                 spilled.remove(old)
                 free_slots[old.spill] = old.end
-        r = choose(iv, {a.reg for a in active})
+        r = choose(iv, active)
         if r is None:
-            victim = max((a for a in active if fits(iv, a.reg)), key=lambda a: a.end, default=None)
+            victim = max((a for a in active.values() if fits(iv, a.reg)), key=lambda a: a.end, default=None)
             if victim is None or victim.end <= iv.end:
                 spill(iv)
                 continue
-            active.remove(victim)
             r = victim.reg
+            del active[r]
             spill(victim)
         iv.reg = r
-        active.append(iv)
+        active[r] = iv
+        heappush(ends, (iv.end, iv.vreg, r))
         home[iv.vreg] = r
         alloc.used.add(r)
     return alloc
