@@ -34,6 +34,7 @@ import capstone                                                  # noqa: E402
 from elftools.elf.elffile import ELFFile                         # noqa: E402
 
 from pvtool import driver, elfwrite, link                        # noqa: E402
+from pvtool.commands.argtypes import one_of, seconds, whole_number  # noqa: E402
 from pvtool.errors import USER_ERRORS                            # noqa: E402
 from pvtool.expect import expectation                            # noqa: E402
 from pvtool.tools.bench import Progress, median, ratio           # noqa: E402
@@ -171,20 +172,14 @@ def table(rows: list[Row], mode: str) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bundle_cost.py", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kernels", nargs="*", metavar="KERNEL", help=f"any of {', '.join(KERNELS)} (default: all)")
-    p.add_argument("--repeat", type=int, default=5, metavar="N", help="runs per layout (default 5)")
+    p.add_argument("kernels", nargs="*", metavar="KERNEL", type=one_of(KERNELS, "kernel"), help=f"any of {', '.join(KERNELS)} (default: all)")
+    p.add_argument("--repeat", type=whole_number(1), default=5, metavar="N", help="runs per layout (default 5)")
     p.add_argument("--mode", choices=("bare", "trap"), default="bare", help="runtime mode (default bare)")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per run (default 120)")
+    p.add_argument("--timeout", type=seconds, default=120.0, metavar="S", help="per run (default 120)")
     p.add_argument("--count", action="store_true",
                    help="also count the guest instructions of one run per layout (slow, exact)")
     p.add_argument("--json", action="store_true", help="print a JSON list of rows instead of the table")
-    args = p.parse_args(argv)
-    unknown = [k for k in args.kernels if k not in KERNELS]
-    if unknown:
-        p.error(f"unknown kernel {unknown[0]!r} (choose from {', '.join(KERNELS)})")
-    if args.repeat < 1:
-        p.error("--repeat must be at least 1")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

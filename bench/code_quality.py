@@ -31,6 +31,7 @@ from elftools.elf.elffile import ELFFile                      # noqa: E402
 
 from pvtool import driver
 from pvimage import elfread as elfinfo                            # noqa: E402
+from pvtool.commands.argtypes import one_of, seconds, whole_number  # noqa: E402
 from pvtool.tools.bench import Progress, median, ratio              # noqa: E402
 from pvtool.errors import USER_ERRORS                         # noqa: E402
 from pvtool.expect import Expectation, expectation             # noqa: E402
@@ -191,20 +192,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="seconds: median wall time of a run; guest s: the part spent in guest code; "
                ".text B: the whole text section; kernel B: the functions the kernel's own source "
                "defines (console and start-up code excluded); PVK/this: PVK's value over the row's.")
-    p.add_argument("kernels", nargs="*", metavar="KERNEL",
+    p.add_argument("kernels", nargs="*", metavar="KERNEL", type=one_of(KERNELS, "kernel"),
                    help=f"any of {', '.join(KERNELS)} (default: all)")
-    p.add_argument("--repeat", type=int, default=5, metavar="N", help="runs per variant (default 5)")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
+    p.add_argument("--repeat", type=whole_number(1), default=5, metavar="N", help="runs per variant (default 5)")
+    p.add_argument("--timeout", type=seconds, default=120.0, metavar="S",
                    help="a run still going after S seconds fails (default 120)")
     p.add_argument("--cc", default="gcc", help="the C compiler (default gcc)")
     p.add_argument("--json", action="store_true", help="print a JSON list of rows instead of the table")
-    args = p.parse_args(argv)
-    unknown = [k for k in args.kernels if k not in KERNELS]
-    if unknown:
-        p.error(f"unknown kernel {unknown[0]!r} (choose from {', '.join(KERNELS)})")
-    if args.repeat < 1:
-        p.error("--repeat must be at least 1")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

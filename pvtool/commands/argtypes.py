@@ -27,3 +27,12 @@ def whole_number(minimum: int):
             raise argparse.ArgumentTypeError("must not be negative" if minimum == 0 else f"must be at least {minimum}")
         return value
     return parse
+
+
+def one_of(names, what: str):
+    """A type for one of `names` (e.g. a benchmark's kernels), saying which there are when it is not."""
+    def parse(text: str) -> str:
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {text!r} (choose from {', '.join(names)})")
+        return text
+    return parse
