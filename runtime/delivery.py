@@ -162,7 +162,8 @@ def iret(vm: Vm) -> None:
     cpu, mode = vm.cpu, vm.mode
     frame = pop_frame(vm.mmu, cpu.regs["rsp"], cpu.segment(U.UC_X86_REG_CS), cpu.segment(U.UC_X86_REG_SS))
     mode.check_entry_point(vm, frame.rip, "iret")
-    rflags = cpu.rflags() & ~RESTORABLE | frame.rflags & RESTORABLE | 2
+    # the bits kept are none of the arithmetic flags, so the stored RFLAGS does (no API round trip)
+    rflags = cpu.regs.eflags & ~RESTORABLE | frame.rflags & RESTORABLE | 2
     to_user = frame.cs == abi.USER_CS and cpu.cpl == 0
     if to_user:
         rflags &= ~IOPL                     # user mode never gets the I/O ports
