@@ -96,20 +96,16 @@ def _lanes(value: int, n: int = 512) -> int:
 
 @lru_cache(maxsize=None)
 def _few_lanes(n: int) -> tuple[int, int, int, int, int, int]:
-    """P, the frame bits, RESERVED, the frame bits from 1 MiB up, the fill and bit 52, in `n` lanes:
-    a run of a few entries works on ints of its own size, not on a whole page's 32,768 bits."""
+    """In `n` lanes: P, the frame bits, RESERVED, the frame bits from 1 MiB up, a fill that carries
+    into bit 52 iff those bits are not all zero, and bit 52.  A run of a few entries works on ints
+    of its own size, not on a whole page's 32,768 bits."""
     return (_lanes(P, n), _lanes(ADDR, n), _lanes(RESERVED, n), _lanes(ADDR & ~(abi.RESERVED_END - 1), n),
             _lanes((1 << 52) - abi.RESERVED_END, n), _lanes(1 << 52, n))
 
 
-_LANES_P = _lanes(P)
-_LANES_FRAME = _lanes(ADDR)
+_LANES_P, _LANES_FRAME, _LANES_RESERVED, _LANES_ADDR, _LANES_FILL, _LANES_BIT52 = _few_lanes(512)
 _LANES_INDEX = int.from_bytes(b"".join((k * PAGE).to_bytes(8, "little") for k in range(512)), "little")
 _LANES_NONZERO = _lanes((1 << 52) - 1)                    # carries into bit 52 iff a lane is not zero
-_LANES_RESERVED = _lanes(RESERVED)
-_LANES_ADDR = _lanes(ADDR & ~(abi.RESERVED_END - 1))      # the frame bits from 1 MiB up
-_LANES_FILL = _lanes((1 << 52) - abi.RESERVED_END)        # carries into bit 52 iff those bits are not all zero
-_LANES_BIT52 = _lanes(1 << 52)
 
 
 class _Batch:
