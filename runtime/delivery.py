@@ -35,6 +35,7 @@ from pvimage import abi
 
 from .cpu import RFLAGS_IF
 from .devices.msr import canonical
+from .engine import GPR_INDEX, HF_CPL_MASK
 from .errors import GuestFault, Refused
 from .mmu import Mmu
 
@@ -52,6 +53,7 @@ INTERRUPT_GATE, TRAP_GATE = 0xE, 0xF
 RESTORABLE = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x200 | 0x400 | 0x800 | 0x3000 | 0x4000 | 0x40000 | 0x200000
 CLEARED_ON_ENTRY = (1 << 8) | (1 << 14) | (1 << 16)       # TF NT RF
 IOPL = 0x3000
+RSP = GPR_INDEX["rsp"]
 
 
 class Gate(NamedTuple):
@@ -110,15 +112,20 @@ def pop_frame(mmu: Mmu, rsp: int, cs: int, ss: int) -> Frame:
         frame = Frame._make(FRAME.unpack(mmu.read_virt(rsp, FRAME.size)))
     except Refused as e:
         raise GuestFault(f"iret: cannot read the frame at rsp {rsp:#x}: {e.why}") from None
+    return check_frame(frame, rsp, cs, ss)
+
+
+def check_frame(frame: Frame, rsp: int, cs: int, ss: int) -> Frame:
+    """The checks of `pop_frame` on a frame already read from `rsp`."""
     to_user = (frame.cs, frame.ss) == USER and cs == abi.KERNEL_CS
     if frame.cs != cs and not to_user:
         raise GuestFault(f"iret: bad frame at {rsp:#x}: CS {frame.cs:#x} is neither the code segment {cs:#x} "
                          f"nor, from the kernel, the user code segment {abi.USER_CS:#x}")
     if frame.ss not in (0, ss) and not to_user:
         raise GuestFault(f"iret: bad frame at {rsp:#x}: SS {frame.ss:#x} is not the stack segment {ss:#x}")
-    for what, value in (("RIP", frame.rip), ("RSP", frame.rsp)):
-        if not canonical(value):
-            raise GuestFault(f"iret: bad frame at {rsp:#x}: {what} {value:#x} is not canonical")
+    if not (canonical(frame.rip) and canonical(frame.rsp)):
+        what, value = ("RIP", frame.rip) if not canonical(frame.rip) else ("RSP", frame.rsp)
+        raise GuestFault(f"iret: bad frame at {rsp:#x}: {what} {value:#x} is not canonical")
     return frame
 
 
@@ -159,12 +166,17 @@ def enter(vm: Vm, vector: int, kind: str, error_code: int | None = None) -> None
 
 def iret(vm: Vm) -> None:
     """Return from an interrupt: pop the frame at RSP (iretq, or the iret hypercall), to user mode if it says so."""
-    cpu, mode = vm.cpu, vm.mode
-    frame = pop_frame(vm.mmu, cpu.regs["rsp"], cpu.segment(U.UC_X86_REG_CS), cpu.segment(U.UC_X86_REG_SS))
+    regs = vm.cpu.regs
+    resume(vm, pop_frame(vm.mmu, regs.gprs[RSP], regs.selector("cs"), regs.selector("ss")))
+
+
+def resume(vm: Vm, frame: Frame) -> None:
+    """Go on where a checked iret frame says: its RIP, RSP and RFLAGS, and ring 3 if it leaves the kernel."""
+    cpu, mode, regs = vm.cpu, vm.mode, vm.cpu.regs
     mode.check_entry_point(vm, frame.rip, "iret")
     # the bits kept are none of the arithmetic flags, so the stored RFLAGS does (no API round trip)
-    rflags = cpu.regs.eflags & ~RESTORABLE | frame.rflags & RESTORABLE | 2
-    to_user = frame.cs == abi.USER_CS and cpu.cpl == 0
+    rflags = regs.eflags_word.value & ~RESTORABLE | frame.rflags & RESTORABLE | 2
+    to_user = frame.cs == abi.USER_CS and not regs.hflags_word.value & HF_CPL_MASK
     if to_user:
         rflags &= ~IOPL                     # user mode never gets the I/O ports
     if mode.virtual_if:                # the virtual IF is the mask; the real one stays clear
@@ -173,5 +185,5 @@ def iret(vm: Vm) -> None:
     cpu.set_rflags(rflags)
     if to_user:
         cpu.enter_ring(3)
-    cpu.regs["rsp"] = frame.rsp
+    regs.gprs[RSP] = frame.rsp
     cpu.jump(frame.rip)

@@ -35,10 +35,11 @@ import ctypes
 import struct
 import weakref
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import unicorn
-from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_INTR, UC_HOOK_MEM_INVALID, UC_MODE_64, Uc
+from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INTR, UC_HOOK_MEM_INVALID, UC_MODE_64, Uc
 from unicorn import x86_const as U
 from unicorn.unicorn_py3 import unicorn as _binding
 
@@ -76,7 +77,6 @@ IN_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, _c_void_p, ctypes.c_uint32, _c_int, _c
 OUT_CB = ctypes.CFUNCTYPE(None, _c_void_p, ctypes.c_uint32, _c_int, ctypes.c_uint32, _c_void_p)
 CPUID_CB = ctypes.CFUNCTYPE(_c_int, _c_void_p, _c_void_p)
 INTR_CB = ctypes.CFUNCTYPE(None, _c_void_p, ctypes.c_uint32, _c_void_p)
-CODE_CB = ctypes.CFUNCTYPE(None, _c_void_p, _c_u64, ctypes.c_uint32, _c_void_p)
 MEM_INVALID_CB = ctypes.CFUNCTYPE(ctypes.c_bool, _c_void_p, _c_int, _c_u64, _c_int, ctypes.c_int64, _c_void_p)
 
 
@@ -379,17 +379,31 @@ GPR_INDEX = {name: k for k, name in enumerate(GPR_ORDER)}
 RIP_INDEX = len(GPR_ORDER)
 
 
-class RegisterFile:
-    """The vCPU's registers during one exit: loaded with one context save, written back with one restore.
+def _segment_writes(priv: Privilege, template: bytes) -> tuple[tuple[int, bytes], ...]:
+    """Where a ring's CS and SS caches go in the state: one write where they are neighbours (QEMU's segs[])."""
+    cs, ss = template[4:4 + SEGMENT_CACHE], template[4 + SEGMENT_CACHE:]
+    if priv.ss == priv.cs + SEGMENT_CACHE:
+        return ((priv.cs, cs + ss),)
+    return ((priv.cs, cs), (priv.ss, ss))
 
-    `load` copies the CPU state into the buffer (once per exit); reads and
-    writes then touch the buffer; `store` copies it back if anything was
-    written.  Anything that changes the CPU through Unicorn's API instead
-    (a CR0 write, RIP from a code hook) must `store` first and `invalidate`
+
+class RegisterFile:
+    """The vCPU's registers: Unicorn's CPU state itself where it can be found (`live`), else a copy.
+
+    A live file reads and writes the running CPU's struct in place: no copy
+    in either direction.  A copied one is loaded with one context save and
+    written back with one restore.  Inside an exit (`begin_exit` .. `finish`)
+    a copy is always current and always written back, so the hot paths can
+    use the raw fields (`gprs`, `hflags_word`, `eflags_word`, `raw_control`:
+    ctypes and struct views of the buffer, one C call per access, no Python
+    frame) in either kind of file.  Anything that changes the CPU through
+    Unicorn's API instead (a CR0 write) must `store` first and `invalidate`
     after, so neither copy overwrites the other."""
 
-    __slots__ = ("uc", "handle", "buf", "view", "live", "loaded", "dirty", "_gpr", "_rip", "_eflags", "_hflags", "_cr", "_efer",
-                 "_block", "_control", "_control_at", "_priv", "_msrs", "_scratch", "_scratch_ref", "_msr", "_msr_ref")
+    __slots__ = ("uc", "handle", "buf", "view", "live", "loaded", "dirty", "in_exit",
+                 "gprs", "hflags_word", "eflags_word", "raw_control",
+                 "_gpr", "_rip", "_eflags", "_hflags", "_cr", "_efer", "_block", "_control", "_control_at",
+                 "_priv", "_msrs", "_rings", "_scratch", "_scratch_ref", "_msr", "_msr_ref")
 
     def __init__(self, uc: Uc):
         lay = layout()
@@ -401,9 +415,14 @@ class RegisterFile:
             self.buf = _context_buffer(uc)
         self.view = memoryview(self.buf).cast("B")
         self.loaded = self.dirty = self.live     # a live view is always loaded; nothing to write back
+        self.in_exit = False
         self._gpr, self._rip, self._eflags, self._hflags = lay.gpr, lay.rip, lay.eflags, lay.hflags
         self._cr, self._efer = lay.cr, lay.efer
         self._block = struct.Struct(f"<{RIP_INDEX + 1}Q")        # the GPRs then RIP: contiguous
+        base = ctypes.addressof(self.buf)
+        self.gprs = (_c_u64 * (RIP_INDEX + 1)).from_address(base + lay.gpr["rax"])   # GPR_ORDER, then RIP
+        self.hflags_word = ctypes.c_uint32.from_address(base + lay.hflags)
+        self.eflags_word = _c_u64.from_address(base + lay.eflags)
         # CR0, CR3, CR4 and EFER in one unpack: the fields sit in that order after CR0
         at = sorted((lay.cr[0], lay.cr[3], lay.cr[4], lay.efer))
         if at != [lay.cr[0], lay.cr[3], lay.cr[4], lay.efer]:
@@ -411,13 +430,22 @@ class RegisterFile:
                               f"the runtime is pinned to unicorn {PINNED_VERSION}")
         fmt = "<Q" + "".join(f"{b - a - 8}xQ" if b - a > 8 else "Q" for a, b in zip(at, at[1:]))
         self._control, self._control_at = struct.Struct(fmt), at[0]
+        self.raw_control = partial(self._control.unpack_from, self.view, at[0])
         self._priv, self._msrs = lay.privilege, lay.msrs
+        self._rings = {0: _segment_writes(lay.privilege, lay.privilege.kernel),
+                       3: _segment_writes(lay.privilege, lay.privilege.user)}
         # one C call through ctypes for what the context does not hold ready (RFLAGS's arithmetic
         # flags, MSRs): the binding's reg_read costs several times more
         self._scratch = _c_u64()
         self._scratch_ref = ctypes.byref(self._scratch)
         self._msr = _Msr()
         self._msr_ref = ctypes.byref(self._msr)
+
+    def begin_exit(self) -> None:
+        """An exit starts: a copied file is loaded now and written back at `finish`, whatever changes."""
+        if not self.live:
+            self.load()
+            self.dirty = self.in_exit = True
 
     def load(self) -> None:
         if not self.loaded:
@@ -427,10 +455,14 @@ class RegisterFile:
     def store(self) -> None:
         if self.dirty and not self.live:
             _context_restore(self.handle, self.buf)
-            self.dirty = False
+            self.dirty = self.in_exit        # inside an exit the raw fields may still be written
 
     def invalidate(self) -> None:
-        if not self.live:
+        if self.live:
+            return
+        if self.in_exit:                     # keep the copy current for the raw fields
+            _context_save(self.handle, self.buf)
+        else:
             self.loaded = self.dirty = False
 
     def finish(self) -> None:
@@ -438,7 +470,7 @@ class RegisterFile:
         if not self.live:
             if self.dirty:
                 _context_restore(self.handle, self.buf)
-            self.loaded = self.dirty = False
+            self.loaded = self.dirty = self.in_exit = False
 
     def __getitem__(self, name: str) -> int:
         if not self.loaded:
@@ -558,13 +590,11 @@ class RegisterFile:
         """Switch the CPU to ring 0 or 3 with the ABI's flat code and stack segments (engine.Privilege)."""
         if not self.loaded:
             self.load()
-        priv, view = self._priv, self.view
-        template = priv.kernel if ring == 0 else priv.user
-        cs, ss = template[4:4 + SEGMENT_CACHE], template[4 + SEGMENT_CACHE:]
-        view[priv.cs:priv.cs + SEGMENT_CACHE] = cs
-        view[priv.ss:priv.ss + SEGMENT_CACHE] = ss
-        hflags = _U32.unpack_from(view, priv.hflags)[0]
-        _U32.pack_into(view, priv.hflags, hflags & ~HF_CPL_MASK | ring)
+        view = self.view
+        for at, cache in self._rings[ring]:
+            view[at:at + len(cache)] = cache
+        word = self.hflags_word
+        word.value = word.value & ~HF_CPL_MASK | ring
         self.dirty = True
 
     def exception_error_code(self) -> int:
@@ -582,8 +612,10 @@ class RegisterFile:
 
     def set_eflags_bit(self, mask: int, on: bool) -> None:
         """Set or clear a bit of RFLAGS that is stored as such (IF, TF): not an arithmetic flag."""
-        flags = self.eflags
-        _U64.pack_into(self.view, self._eflags, flags | mask if on else flags & ~mask)
+        if not self.loaded:
+            self.load()
+        word = self.eflags_word
+        word.value = word.value | mask if on else word.value & ~mask
         self.dirty = True
 
 
@@ -608,25 +640,23 @@ class Engine:
         self._callbacks.append(callback)
         return handle.value
 
-    def hook_syscall(self, fn: Callable[[], None]) -> None:
-        self._add(UC_HOOK_INSN, SYSCALL_CB(lambda uc, data: fn()), 1, 0, U.UC_X86_INS_SYSCALL)
+    # Each hook gets Unicorn's callback arguments as they are: the engine's handle first, the hook's
+    # own (port, size, vector, ...) and the user-data pointer last.  No adapter in between: a Python
+    # frame per exit is a sizeable share of an exit's cost.
+    def hook_syscall(self, fn: Callable) -> None:
+        self._add(UC_HOOK_INSN, SYSCALL_CB(fn), 1, 0, U.UC_X86_INS_SYSCALL)
 
-    def hook_in(self, fn: Callable[[int, int], int]) -> None:
-        self._add(UC_HOOK_INSN, IN_CB(lambda uc, port, size, data: fn(port, size)), 1, 0, U.UC_X86_INS_IN)
+    def hook_in(self, fn: Callable) -> None:
+        self._add(UC_HOOK_INSN, IN_CB(fn), 1, 0, U.UC_X86_INS_IN)
 
-    def hook_out(self, fn: Callable[[int, int, int], None]) -> None:
-        self._add(UC_HOOK_INSN, OUT_CB(lambda uc, port, size, value, data: fn(port, size, value)),
-                  1, 0, U.UC_X86_INS_OUT)
+    def hook_out(self, fn: Callable) -> None:
+        self._add(UC_HOOK_INSN, OUT_CB(fn), 1, 0, U.UC_X86_INS_OUT)
 
-    def hook_cpuid(self, fn: Callable[[], int]) -> None:
-        self._add(UC_HOOK_INSN, CPUID_CB(lambda uc, data: fn()), 1, 0, U.UC_X86_INS_CPUID)
+    def hook_cpuid(self, fn: Callable) -> None:
+        self._add(UC_HOOK_INSN, CPUID_CB(fn), 1, 0, U.UC_X86_INS_CPUID)
 
-    def hook_interrupt(self, fn: Callable[[int], None]) -> None:
-        self._add(UC_HOOK_INTR, INTR_CB(lambda uc, intno, data: fn(intno)))
+    def hook_interrupt(self, fn: Callable) -> None:
+        self._add(UC_HOOK_INTR, INTR_CB(fn))
 
-    def hook_code(self, fn: Callable[[int, int], None], begin: int, end: int) -> int:
-        return self._add(UC_HOOK_CODE, CODE_CB(lambda uc, address, size, data: fn(address, size)), begin, end)
-
-    def hook_invalid_memory(self, fn: Callable[[int, int, int, int], bool]) -> None:
-        self._add(UC_HOOK_MEM_INVALID, MEM_INVALID_CB(
-            lambda uc, access, address, size, value, data: fn(access, address, size, value)))
+    def hook_invalid_memory(self, fn: Callable) -> None:
+        self._add(UC_HOOK_MEM_INVALID, MEM_INVALID_CB(fn))

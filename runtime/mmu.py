@@ -480,19 +480,22 @@ class Mmu:
 
     def read_virt(self, va: int, size: int) -> bytes:
         """Guest memory the guest itself may read, by virtual address."""
-        pieces = self._pieces(va, size, write=False)
-        if len(pieces) == 1:                              # the usual case: within one page
-            return self.mem.read(*pieces[0])
-        return b"".join(self.mem.read(pa, n) for pa, n in pieces)
+        if 0 < size <= PAGE - (va & (PAGE - 1)):          # within one page: the usual case, no list
+            pa = self.translate(va)
+            if self.mem.guest_can(pa, size, R):
+                return self.mem.read(pa, size)
+        return b"".join(self.mem.read(pa, n) for pa, n in self._pieces(va, size, write=False))
 
     def write_virt(self, va: int, data: bytes) -> None:
         """Store into guest memory the guest itself may write, by virtual address."""
-        pieces = self._pieces(va, len(data), write=True)    # check everything before writing
-        if len(pieces) == 1:
-            self.mem.write(pieces[0][0], data)
-            return
+        size = len(data)
+        if 0 < size <= PAGE - (va & (PAGE - 1)):          # within one page: the usual case, no list
+            pa = self.translate(va, True)
+            if self.mem.guest_can(pa, size, W):
+                self.mem.write(pa, data)
+                return
         off = 0
-        for pa, n in pieces:
+        for pa, n in self._pieces(va, size, write=True):    # all checked before anything is written
             self.mem.write(pa, data[off:off + n])
             off += n
 

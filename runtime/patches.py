@@ -24,7 +24,7 @@ at the same address, and the original byte returns when neither is left.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from .memory import GuestMemory
@@ -42,9 +42,10 @@ class Patch:
     privileged: bool = False   # faults (#GP) in user mode instead
     msr: bool = False          # rdmsr/wrmsr: the mode's MSR bitmap may let it through without an exit
 
-    @property
-    def next(self) -> int:
-        return self.address + self.size
+    next: int = field(init=False)   # where the guest goes on after it
+
+    def __post_init__(self) -> None:
+        self.next = self.address + self.size
 
 
 class Patches:
@@ -86,10 +87,6 @@ class Patches:
         # Unicorn 2.1.4 may go on running code translated before the write (measured: a block
         # translated during a one-instruction step, an int3 written back; tests/test_gdb.py)
         self.mem.uc.ctl_remove_cache(address, address + 1)
-
-    def lookup(self, rip_after: int) -> Patch | None:
-        """The patch whose breakpoint the CPU just hit (RIP is past the int3)."""
-        return self.live.get(rip_after - 1)
 
     def original(self, address: int, data: bytes) -> bytes:
         """`data` read from guest memory at `address`, with the patched bytes put back."""

@@ -53,6 +53,7 @@ from unicorn import UC_ERR_INSN_INVALID, UC_MEM_FETCH_PROT, UcError
 from . import delivery
 from .clock import EXIT_NS, NEVER, SLICE_INSNS, SLICE_NS
 from .cpu import CODE, FAULT, INSN, LOOP, SYSCALL, TRAP
+from .engine import RIP_INDEX
 from .errors import ExitLimit, GuestException, GuestFault, Refused, Shutdown, TimeUp
 from .exits import faults, hypercalls, io, pagetables, trapped
 from .machine import Deadline, Stop, Vm
@@ -77,6 +78,8 @@ class Exit(Enum):
 _HOOK_KIND = {Exit.SYSCALL: SYSCALL, Exit.PORT_IN: INSN, Exit.PORT_OUT: INSN, Exit.CPUID: INSN,
               Exit.EXCEPTION: TRAP, Exit.MEMORY: FAULT}
 _ON_KILL = {Exit.PORT_IN: 0, Exit.CPUID: 1, Exit.MEMORY: False}
+# How many arguments each hook passes its handler (Unicorn's, without its handle and the user data).
+_ARITY = {Exit.SYSCALL: 0, Exit.CPUID: 0, Exit.EXCEPTION: 1, Exit.PORT_IN: 2, Exit.PORT_OUT: 3, Exit.MEMORY: 4}
 
 
 def _handler(vm: Vm, kind: Exit) -> Callable:
@@ -101,7 +104,7 @@ def _handler(vm: Vm, kind: Exit) -> Callable:
 
 def _on_interrupt(vm: Vm, vector: int):
     """An int3 is one of the runtime's patches (a trapped instruction) or the guest's own."""
-    patch = vm.patches.lookup(vm.cpu.rip) if vector == 3 else None
+    patch = vm.patches.live.get(vm.cpu.regs.gprs[RIP_INDEX] - 1) if vector == 3 else None   # RIP is past the int3
     if patch is not None:
         return trapped.on_patch(vm, patch)
     return faults.on_exception(vm, vector)
@@ -136,6 +139,8 @@ class Runner:
         self.trace = trace
         self.lenient_batches = lenient_batches
         self.wants_where = bool(trace) or vm.stats.profile    # exits must say where the guest was
+        self.clock, self.stats = vm.clock, vm.stats
+        self.exit_limit = 1 << 63 if max_exits is None else max_exits
         self.window: list | None = None       # bare: the interrupt window's patches while it is open
         self.hlt_sites: frozenset[int] = frozenset()   # bare: where the image's hlt instructions are
         self.bad_access: tuple[int, int, int] | None = None   # (access, guest-physical, size) of a failed access
@@ -143,6 +148,7 @@ class Runner:
         self._step = False                    # run exactly one instruction next (the sti shadow ...)
         self._native: int | None = None       # ... the original one under the patch at this address
         self._pending_exception: GuestException | None = None   # raised where the guest could not be redirected
+        self._told_pending = False            # the mode heard of a pending interrupt, not yet that none is
         self._sliced = False                  # the current emu_start is a time slice (counted instructions)
         self._budget = 0                      # its instruction count (0: unbounded)
         self._begin = 0                       # where it started
@@ -169,22 +175,35 @@ class Runner:
                                    if f.mnemonic == "hlt" and f.address not in vm.patches.live)
 
     def _hook(self, kind: Exit) -> Callable:
-        vm, cpu, regs, stats, mem = self.vm, self.vm.cpu, self.vm.cpu.regs, self.vm.stats, self.vm.mem
+        """The wrapper every exit runs in: Unicorn calls it straight through ctypes, with its own
+        handle, the hook's arguments and the user data.  Kept lean: it is most of an exit's cost."""
+        vm, cpu, stats, mem = self.vm, self.vm.cpu, self.vm.stats, self.vm.mem
+        regs = cpu.regs
         hook_kind, on_kill, exit_like = _HOOK_KIND[kind], _ON_KILL.get(kind), kind is not Exit.MEMORY
-        check, handle = vm.mode.watches_control_state, _handler(vm, kind)
+        check, handle, arity = vm.mode.watches_control_state, _handler(vm, kind), _ARITY[kind]
+        control, copied, after_exit, pending, clock = regs.raw_control, not regs.live, self._after_exit, \
+            vm.pics.pending, vm.clock
 
-        def hook(*args):
+        def hook(_engine, *args):
             if vm.stop is not None:        # the run is over: Unicorn may still run an instruction or two
                 return on_kill
             start = perf_counter()
             cpu.exit_kind = hook_kind
             rebuilds = mem.rebuilds
             try:
-                if check and regs.control() != cpu.expected:
+                if copied:
+                    regs.begin_exit()
+                if check and control() != cpu.expected:
                     cpu.check_control_state()
-                result = handle(vm, *args)
-                if vm.stop is None and not self.paused and (exit_like or result):
-                    self._after_exit()
+                if arity == 0:             # a star call costs more than the rest of the wrapper
+                    result = handle(vm)
+                elif arity == 1:
+                    result = handle(vm, args[0])
+                else:
+                    result = handle(vm, *args[:-1])
+                if vm.stop is None and not self.paused and (exit_like or result) and (
+                        pending() or self._told_pending or not self._sliced and clock.next_deadline != NEVER):
+                    after_exit()           # else nothing to deliver, tell or start: the common case
                 if mem.rebuilds != rebuilds:       # Unicorn stops after its memory map is rebuilt
                     self._want_loop()
                 return result
@@ -195,7 +214,8 @@ class Runner:
                 self._end(e)
                 return on_kill
             finally:
-                regs.finish()
+                if copied:
+                    regs.finish()
                 cpu.exit_kind = LOOP
                 stats.hypervisor_seconds += perf_counter() - start
         return hook
@@ -241,6 +261,7 @@ class Runner:
         cpu = self.vm.cpu
         cpu.exit_kind = LOOP
         try:
+            cpu.regs.begin_exit()
             fn(*args)
         except BaseException as e:
             self._end(e)
@@ -250,28 +271,32 @@ class Runner:
     # -- accounting ------------------------------------------------------------------------
     def count(self, reason: str, where: int | Callable[[Vm], int | None] | None = None) -> None:
         """Account one exit; every exit handler calls this first (`where`: the guest address, or how
-        to find it, needed only when tracing or profiling: `wants_where`).
+        to find it, used only when tracing or profiling: `wants_where`).
 
         An exit costs the guest EXIT_NS of virtual time (clock.py)."""
-        vm = self.vm
-        clock = vm.clock
+        clock = self.clock
         clock.ticks += EXIT_NS
         if clock.ticks >= clock.next_deadline:
             clock.advance(0)
-        stats = vm.stats
         if self.wants_where:
-            at = where(vm) if callable(where) else where
-            stats.account(reason, at)
-            if self.trace:
-                place = self.where(at) if at is not None else "?"
-                print(f"exit {stats.total_exits} [{clock.ticks / 1000:.3f} us]: {reason} at {place}",
-                      file=self.trace)
+            self._account(reason, where)
         else:
+            stats = self.stats
             stats.current_reason = reason
             stats.exits[reason] += 1
             stats.total_exits += 1
-        if self.max_exits is not None and stats.total_exits > self.max_exits:
+        if self.stats.total_exits > self.exit_limit:
             raise ExitLimit()
+
+    def _account(self, reason: str, where: int | Callable[[Vm], int | None] | None) -> None:
+        """Count the exit where the guest was, and trace it."""
+        stats = self.stats
+        at = where(self.vm) if callable(where) else where
+        stats.account(reason, at)
+        if self.trace:
+            place = self.where(at) if at is not None else "?"
+            print(f"exit {stats.total_exits} [{self.clock.ticks / 1000:.3f} us]: {reason} at {place}",
+                  file=self.trace)
 
     def where(self, address: int) -> str:
         return self.vm.image.describe(address)
@@ -297,34 +322,40 @@ class Runner:
         vm = self.vm
         mode, pics = vm.mode, vm.pics
         if not pics.pending():
-            mode.nothing_pending(vm)
+            self._nothing_pending()
             return False
+        self._told_pending = True
         if not mode.interrupts_enabled(vm):
             mode.held(vm)
             return False
         if not mode.may_deliver(vm):
             return False
         if not pics.pending():           # running the pv queue may have masked or acknowledged it
-            mode.nothing_pending(vm)
+            self._nothing_pending()
             return False
         delivery.enter(vm, pics.acknowledge(), mode.interrupt_kind)
         mode.delivered(vm)
         return True
 
+    def _nothing_pending(self) -> None:
+        """Tell the mode nothing is pending, once after it last heard otherwise (pv clears
+        `upcall_pending`): checked after every exit, so the common case costs one test."""
+        if self._told_pending:
+            self._told_pending = False
+            self.vm.mode.nothing_pending(self.vm)
+
     def _after_exit(self) -> None:
         """After every exit: deliver what is pending, or get the loop to; start slicing if needed."""
         vm = self.vm
         pending = vm.pics.pending()
-        if vm.cpu.exit_kind in (INSN, FAULT):
-            if pending:
-                self._want_loop()
-        elif self._step:
-            pass
-        elif pending:
+        if not pending:                  # the common case first
+            if self._told_pending and vm.cpu.exit_kind not in (INSN, FAULT) and not self._step:
+                self._nothing_pending()
+        elif vm.cpu.exit_kind in (INSN, FAULT):
+            self._want_loop()
+        elif not self._step:
             self.deliver_events()
-        else:
-            vm.mode.nothing_pending(vm)
-        if not self._sliced and (vm.clock.next_deadline != NEVER or pending and vm.pics.pending()):
+        if not self._sliced and (self.clock.next_deadline != NEVER or pending and vm.pics.pending()):
             self._want_loop()
 
     def _want_loop(self) -> None:

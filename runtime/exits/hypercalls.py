@@ -56,6 +56,7 @@ _RESULT_AT = 32                   # offset of `result` in an entry
 _CPU_STATE = struct.Struct("<4Q10s6s10s6s")   # SH_CR0 .. the end of SH_IDTR's slot
 SH_TIME = abi.SHARED_PAGE + abi.SH_TIME
 SH_CR3 = abi.SHARED_PAGE + abi.SH_CR3
+_RSP, _RCX, _R11 = GPR_INDEX["rsp"], GPR_INDEX["rcx"], GPR_INDEX["r11"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class Hypercall:
     reason: str           # its name in the exit statistics
     fn: Callable
     arity: int
-    args: Callable[[tuple[int, ...]], tuple[int, ...]]   # its arguments, from RegisterFile.block()
+    args: Callable | None  # its arguments from RegisterFile.gprs, in one C call (None: it takes none)
 
 
 HYPERCALLS: dict[int, Hypercall] = {}
@@ -82,13 +83,12 @@ def hypercall(nr: int):
     return register
 
 
-def _picker(indices: list[int]) -> Callable[[tuple[int, ...]], tuple[int, ...]]:
-    if len(indices) >= 2:
-        return itemgetter(*indices)
-    if indices:
-        k = indices[0]
-        return lambda block: (block[k],)
-    return lambda block: ()
+def _picker(indices: list[int]) -> Callable | None:
+    if not indices:
+        return None
+    if len(indices) == 1:                 # itemgetter of one index gives the item, not a sequence
+        return itemgetter(slice(indices[0], indices[0] + 1))
+    return itemgetter(*indices)
 
 
 # -- dispatch ----------------------------------------------------------------------------
@@ -96,23 +96,14 @@ def _picker(indices: list[int]) -> Callable[[tuple[int, ...]], tuple[int, ...]]:
 def on_syscall(vm: Vm) -> None:
     """The syscall hook in pv mode: a hypercall exit (or, from user mode, a system call to bounce)."""
     regs = vm.cpu.regs
-    block = regs.block()
-    in_page = vm.mode.in_hypercall_page(block[RIP_INDEX])
-    if regs.hflags & HF_CPL_MASK == 3:
-        if in_page:                       # user code that reached the stubs: no hypercalls from ring 3
-            vm.run.count("hypercall from user mode", block[RIP_INDEX])
-            regs["rax"] = -abi.EPERM
-            return None
-        return user_syscall(vm)
-    if not in_page:
-        raise GuestFault("syscall outside the hypercall page")
-    nr = block[0]
-    call = HYPERCALLS.get(nr)
-    vm.run.count(call.reason if call else "hypercall unknown", call_site if vm.run.wants_where else None)
+    gprs = regs.gprs
+    call = HYPERCALLS.get(gprs[0])
+    if call is None or regs.hflags_word.value & HF_CPL_MASK or not (
+            0 <= gprs[RIP_INDEX] - vm.mode.hypercall_page < PAGE):
+        return _not_a_hypercall(vm)
+    vm.run.count(call.reason, call_site)
     try:
-        if call is None:
-            raise Refused(abi.ENOSYS, f"no hypercall number {nr}")
-        result = call.fn(vm, *call.args(block))
+        result = call.fn(vm) if call.args is None else call.fn(vm, *call.args(gprs))
     except GuestFault as e:
         if e.rip is None:             # report the guest code that called, not the stub
             e.rip = call_site(vm)
@@ -120,10 +111,32 @@ def on_syscall(vm: Vm) -> None:
     except Refused as e:
         result = -e.errno
         if vm.trace:
-            print(f"  hypercall {call.name if call else nr} refused: -{e.errno}: {e.why}", file=vm.trace)
+            print(f"  hypercall {call.name} refused: -{e.errno}: {e.why}", file=vm.trace)
     if result is not None:                # None: the hypercall does not return (iret)
-        regs["rax"] = result
+        gprs[0] = result                  # a c_uint64: stored modulo 2**64, as -errno must be
     _U64.pack_into(vm.mem.view, SH_TIME, vm.clock.ticks)     # the shared page: plain guest data
+
+
+def _not_a_hypercall(vm: Vm) -> None:
+    """A syscall from user mode (a system call, or a reach into the stubs), outside the hypercall
+    page, or with a number no hypercall has."""
+    regs = vm.cpu.regs
+    rip, nr = regs.gprs[RIP_INDEX], regs.gprs[0]
+    in_page = vm.mode.in_hypercall_page(rip)
+    if regs.hflags_word.value & HF_CPL_MASK == 3:
+        if not in_page:
+            return user_syscall(vm)
+        vm.run.count("hypercall from user mode", rip)     # no hypercalls from ring 3
+        result = -abi.EPERM
+    elif not in_page:
+        raise GuestFault("syscall outside the hypercall page")
+    else:
+        vm.run.count("hypercall unknown", call_site)
+        if vm.trace:
+            print(f"  hypercall {nr} refused: -{abi.ENOSYS}: no hypercall number {nr}", file=vm.trace)
+        result = -abi.ENOSYS
+        _U64.pack_into(vm.mem.view, SH_TIME, vm.clock.ticks)
+    regs.gprs[0] = result
 
 
 def user_syscall(vm: Vm) -> None:
@@ -132,21 +145,20 @@ def user_syscall(vm: Vm) -> None:
     As the CPU would: RCX = the next RIP, R11 = RFLAGS; then, as a Xen guest
     expects, on the kernel stack from `stack_switch` an interrupt frame back
     to the user (rip, cs, rflags, rsp, ss), events masked, ring 0."""
-    vm.run.count("system call", vm.cpu.rip)
     cpu, mode = vm.cpu, vm.mode
+    gprs = cpu.regs.gprs
+    vm.run.count("system call", gprs[RIP_INDEX])
     entry = mode.syscall_entry(vm)
-    rip = cpu.rip + SYSCALL_SIZE
+    rip = gprs[RIP_INDEX] + SYSCALL_SIZE
     rflags = cpu.rflags()
     if mode.interrupts_enabled(vm):
         rflags |= RFLAGS_IF
-    frame = delivery.Frame(rip, abi.USER_CS, rflags, cpu.regs["rsp"], abi.USER_DS)
+    frame = delivery.Frame(rip, abi.USER_CS, rflags, gprs[_RSP], abi.USER_DS)
     try:
         rsp = delivery.push_frame(vm.mmu, frame, mode.kernel_stack(vm))
     except GuestFault as e:
         raise GuestFault(f"system call: {e.what}") from None
-    cpu.regs["rcx"] = rip
-    cpu.regs["r11"] = rflags
-    cpu.regs["rsp"] = rsp
+    gprs[_RCX], gprs[_R11], gprs[_RSP] = rip, rflags, rsp
     cpu.enter_ring(0)
     mode.set_virtual_if(vm, False)
     cpu.jump(entry)
@@ -318,23 +330,40 @@ def event_check(vm: Vm) -> int:
 
 
 _IRET_SAVED = struct.Struct(f"<{len(abi.IRET_SAVED)}Q")
+_IRET_SAVED_INDEX = tuple(GPR_INDEX[name] for name in abi.IRET_SAVED)
+_IRET_STACK = struct.Struct(f"<{len(abi.IRET_SAVED) + len(delivery.Frame._fields)}Q")   # saved, then the frame
 
 
 @hypercall(abi.HC_IRET)
 def iret(vm: Vm) -> None:
     """Pop what the iret entry saved (rax, r11, rcx: its own instructions overwrite them), then
-    the frame; the mask follows the saved IF.  Anything still pending follows at once."""
+    the frame above it, in one read; the mask follows the saved IF.  Anything still pending
+    follows at once."""
     regs = vm.cpu.regs
-    rsp = regs["rsp"]
+    gprs = regs.gprs
+    rsp = gprs[_RSP]
+    try:
+        words = _IRET_STACK.unpack(vm.mmu.read_virt(rsp, _IRET_STACK.size))
+    except Refused:
+        return _iret_in_pieces(vm, rsp)     # to say which part cannot be read
+    for k, value in zip(_IRET_SAVED_INDEX, words):
+        gprs[k] = value
+    frame_at = rsp + _IRET_SAVED.size
+    frame = delivery.Frame._make(words[len(_IRET_SAVED_INDEX):])
+    delivery.resume(vm, delivery.check_frame(frame, frame_at, regs.selector("cs"), regs.selector("ss")))
+    return None
+
+
+def _iret_in_pieces(vm: Vm, rsp: int) -> None:
+    regs = vm.cpu.regs
     try:
         saved = _IRET_SAVED.unpack(vm.mmu.read_virt(rsp, _IRET_SAVED.size))
     except Refused as e:
         raise GuestFault(f"iret: the saved registers at {rsp:#x} cannot be read: {e.why}") from None
-    for name, value in zip(abi.IRET_SAVED, saved):
-        regs[name] = value
-    regs["rsp"] = rsp + _IRET_SAVED.size
+    for k, value in zip(_IRET_SAVED_INDEX, saved):
+        regs.gprs[k] = value
+    regs.gprs[_RSP] = rsp + _IRET_SAVED.size
     delivery.iret(vm)
-    return None
 
 
 @hypercall(abi.HC_SET_TIMER)

@@ -35,6 +35,7 @@ from capstone import x86_const as C
 from .. import delivery
 from ..cpu import DESCRIPTOR, RFLAGS_IF
 from ..devices.msr import FS_BASE, GS_BASE, TSC_AUX
+from ..engine import HF_CPL_MASK, RIP_INDEX
 from ..errors import GuestException, GuestFault, Refused
 from ..memory import PAGE
 from ..patches import Patch
@@ -123,7 +124,7 @@ def control_register(insn, op) -> int | None:
 # -- emulation, one function per instruction ----------------------------------------------
 
 def cli(vm: Vm, insn) -> None:
-    vm.cpu.set_interrupt_flag(False)
+    vm.cpu.regs.set_eflags_bit(RFLAGS_IF, False)
 
 
 def sti(vm: Vm, insn) -> None:
@@ -352,12 +353,12 @@ def close_window(vm: Vm) -> None:
 
 def on_patch(vm: Vm, patch: Patch) -> None:
     """The CPU reached a patched instruction: the exit.  RIP is past the breakpoint byte."""
-    cpu = vm.cpu
-    if patch.privileged and cpu.cpl == 3:             # what the real instruction does in user mode:
-        raise GuestException(13, 0, patch.address)    # the #GP is the exit
+    regs = vm.cpu.regs
+    if patch.privileged and regs.hflags_word.value & HF_CPL_MASK == 3:   # what the real instruction
+        raise GuestException(13, 0, patch.address)    # does in user mode: the #GP is the exit
     if not patch.msr or not _passed_through(vm, patch):
         vm.run.count(patch.reason, patch.address)
-    cpu.regs.rip = patch.next                     # first: an emulation may send the guest elsewhere
+    regs.gprs[RIP_INDEX] = patch.next             # first: an emulation may send the guest elsewhere
     try:
         patch.emulate(vm, patch.insn)
     except Refused as e:
