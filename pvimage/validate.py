@@ -88,7 +88,7 @@ class InstructionStarts:
         for start, end, bits in self._ranges:
             if start <= address < end:
                 off = address - start
-                return bool(bits[off >> 3] & (1 << (off & 7)))
+                return bits[off >> 3] >> (off & 7) & 1 == 1
         return False
 
     @property

@@ -379,12 +379,12 @@ GPR_INDEX = {name: k for k, name in enumerate(GPR_ORDER)}
 RIP_INDEX = len(GPR_ORDER)
 
 
-def _segment_writes(priv: Privilege, template: bytes) -> tuple[tuple[int, bytes], ...]:
-    """Where a ring's CS and SS caches go in the state: one write where they are neighbours (QEMU's segs[])."""
-    cs, ss = template[4:4 + SEGMENT_CACHE], template[4 + SEGMENT_CACHE:]
-    if priv.ss == priv.cs + SEGMENT_CACHE:
-        return ((priv.cs, cs + ss),)
-    return ((priv.cs, cs), (priv.ss, ss))
+def _segment_writes(priv: Privilege, template: bytes) -> tuple[int, int, bytes]:
+    """(start, end, bytes): a ring's CS and SS caches, neighbours in the state (QEMU's segs[] has SS after CS)."""
+    if priv.ss != priv.cs + SEGMENT_CACHE:
+        raise EngineError(f"unicorn's segment caches are not laid out as expected; "
+                          f"the runtime is pinned to unicorn {PINNED_VERSION}")
+    return priv.cs, priv.ss + SEGMENT_CACHE, template[4:4 + 2 * SEGMENT_CACHE]
 
 
 class RegisterFile:
@@ -590,9 +590,8 @@ class RegisterFile:
         """Switch the CPU to ring 0 or 3 with the ABI's flat code and stack segments (engine.Privilege)."""
         if not self.loaded:
             self.load()
-        view = self.view
-        for at, cache in self._rings[ring]:
-            view[at:at + len(cache)] = cache
+        at, end, caches = self._rings[ring]
+        self.view[at:end] = caches
         word = self.hflags_word
         word.value = word.value & ~HF_CPL_MASK | ring
         self.dirty = True

@@ -64,6 +64,7 @@ class Mode:
     syscall_exits = False          # a system call from user mode exits before the kernel takes it
     exit_names: dict[str, str] = {}     # this mode's name for an exit (VT-x's exit reasons in hvm)
     passthrough_msrs: frozenset[int] = frozenset()   # MSRs read and written without an exit
+    _entry_checked = 0             # the system-call entry last found valid (0: none)
 
     def exiting(self, insn) -> str | None:
         """The exit a sensitive instruction makes for the whole run, by name; None: it runs natively."""
@@ -100,9 +101,11 @@ class Mode:
     def syscall_entry(self, vm: Vm) -> int:
         """Where `syscall` from user mode goes: LSTAR (set by wrmsr, or pv's set_syscall_entry)."""
         entry = vm.cpu.regs.msr(LSTAR)
-        if not entry:
-            raise GuestFault("syscall from user mode, but the kernel registered no system-call entry (LSTAR)")
-        self.check_entry_point(vm, entry, "system-call entry")
+        if entry != self._entry_checked:        # checked once per value, not at every system call
+            if not entry:
+                raise GuestFault("syscall from user mode, but the kernel registered no system-call entry (LSTAR)")
+            self.check_entry_point(vm, entry, "system-call entry")
+            self._entry_checked = entry
         return entry
 
     def kernel_stack(self, vm: Vm) -> int:
