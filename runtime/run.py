@@ -274,18 +274,17 @@ class Runner:
         to find it, used only when tracing or profiling: `wants_where`).
 
         An exit costs the guest EXIT_NS of virtual time (clock.py)."""
-        clock = self.clock
+        clock, stats = self.clock, self.stats
         clock.ticks += EXIT_NS
         if clock.ticks >= clock.next_deadline:
             clock.advance(0)
         if self.wants_where:
             self._account(reason, where)
         else:
-            stats = self.stats
             stats.current_reason = reason
             stats.exits[reason] += 1
             stats.total_exits += 1
-        if self.stats.total_exits > self.exit_limit:
+        if stats.total_exits > self.exit_limit:
             raise ExitLimit()
 
     def _account(self, reason: str, where: int | Callable[[Vm], int | None] | None) -> None:
