@@ -23,6 +23,7 @@ from runtime.exits import hypercalls
 from runtime.clock import EXIT_NS, TSC_STEP, Timer, VirtualClock
 from runtime.devices.bus import IoBus
 from runtime.devices.cpuid import Cpuid
+from runtime.devices.msr import LSTAR
 from runtime.devices.pic import PicPair
 from runtime.devices.pit import PIT_HZ, Pit8254
 from runtime.errors import GuestFault
@@ -330,7 +331,8 @@ def deliver(vm: Vm) -> bool:
 
 
 def call(vm: Vm, fn, *args):
-    """An exit handler called directly, outside any hook (registers written back after it)."""
+    """An exit handler called directly, as a hook would (registers written back after it)."""
+    vm.cpu.regs.begin_exit()
     try:
         return fn(vm, *args)
     finally:
@@ -448,6 +450,27 @@ def test_bad_trap_tables_are_clear_faults(mode, gates, limit, expect, ready):
     kind = "upcall" if mode == "pv" else "interrupt"
     with pytest.raises(GuestFault, match=f"^{kind} 32: .*" + re.escape(expect)):
         deliver(vm)
+
+
+@pytest.mark.parametrize("rsp,expect", [
+    (0x80000000, "iret: the saved registers at 0x80000000 cannot be read"),
+    (RAM - 24, f"iret: cannot read the frame at rsp {RAM:#x}"),           # the saved ones can: the frame cannot
+])
+def test_an_iret_hypercall_says_which_part_of_its_stack_cannot_be_read(rsp, expect, ready):
+    vm = ready("pv")
+    vm.engine.uc.reg_write(U.UC_X86_REG_RSP, rsp)
+    with pytest.raises(GuestFault, match=re.escape(expect)):
+        call(vm, hypercalls.iret)
+
+
+def test_a_system_call_entry_is_checked_again_when_it_changes(ready):
+    """Rule R8 for LSTAR: checked once per value, so a new value is checked again."""
+    vm = ready("pv")
+    vm.msrs.write(LSTAR, HANDLER)
+    assert vm.mode.syscall_entry(vm) == HANDLER
+    vm.msrs.write(LSTAR, HANDLER + 2)
+    with pytest.raises(GuestFault, match=r"system-call entry: 0x101002 is not an instruction start .*\(rule R8\)"):
+        vm.mode.syscall_entry(vm)
 
 
 def test_pv_sends_the_guest_only_to_instruction_starts(ready):
