@@ -165,16 +165,16 @@ class GuestMemory:
     # more regions make guest accesses a little slower.)
     CHUNKS = 16
 
-    def pin(self, page: int) -> None:
-        self.pinned.add(page)
-        self.guard(page)
+    def pin(self, pages: set[int]) -> None:
+        """The pages become live tables: read-only to the guest (most are still guarded from before)."""
+        self.pinned |= pages
+        for page in pages - self.guarded:
+            self.guard(page)
 
-    def unpin(self, page: int, keep_guard: bool = False) -> None:
-        """The page stops being a live table; with `keep_guard` it stays
-        write-protected in Unicorn until `unguard` (a write then faults once)."""
-        self.pinned.discard(page)
-        if not keep_guard:
-            self.unguard(page)
+    def unpin(self, pages: set[int]) -> None:
+        """The pages stop being live tables; they stay write-protected in
+        Unicorn until `unguard` (a write then faults once)."""
+        self.pinned -= pages
 
     def guard(self, page: int) -> None:
         if page not in self.guarded:

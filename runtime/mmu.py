@@ -111,9 +111,13 @@ class _Batch:
         self.mmu._flush_deferred = False
 
     def __exit__(self, *exc) -> None:
-        pending, self.mmu._flush_deferred = self.mmu._flush_deferred, None
-        if pending:
-            self.mmu.flush()
+        mmu = self.mmu
+        pending, cr3 = mmu._flush_deferred, mmu._cr3_deferred
+        mmu._flush_deferred = mmu._cr3_deferred = None
+        if cr3 is not None:
+            mmu.set_cr3(cr3)             # which flushes Unicorn's TLB too
+        elif pending:
+            mmu.flush()
 
 
 def is_leaf(level: int, entry: int) -> bool:
@@ -153,6 +157,7 @@ class Mmu:
         self._tlb: dict[tuple[int, bool], int] = {}
         self._tlb_tables: set[int] = set()   # table pages the cached walks read
         self._flush_deferred: bool | None = None   # inside a batch: None = flush now
+        self._cr3_deferred: int | None = None      # inside a batch: the CR3 to load at its end
         self._roots: dict[int, _Remembered] = {}   # see _remember
         self._orphans: set[int] = set()      # pages of roots forgotten since _unguard_forgotten
 
@@ -283,8 +288,13 @@ class Mmu:
                 tables, self._tlb, self._tlb_tables = kept.tables, kept.tlb, kept.tlb_tables
             self._repin(tables)
             self.root = root
-        self.set_cr3(cr3)
-        self.flush()
+        # Loading CR3 flushes Unicorn's TLB (tests/test_runtime_unicorn.py).  In a
+        # batch the load waits for its end (the hypervisor's own walks use `root`),
+        # where it is the batch's one flush.
+        if self._flush_deferred is None:
+            self.set_cr3(cr3)
+        else:
+            self._cr3_deferred = cr3
 
     def adopt_root(self, root: int) -> None:
         """Track and pin the boot hierarchy the hypervisor built itself."""
@@ -429,10 +439,8 @@ class Mmu:
 
     def _repin(self, tables: dict[int, int]) -> None:
         gone = self.tables.keys() - tables.keys()
-        for page in gone:
-            self.mem.unpin(page, keep_guard=True)
-        for page in tables.keys() - self.tables.keys():
-            self.mem.pin(page)
+        self.mem.unpin(gone)
+        self.mem.pin(tables.keys() - self.tables.keys())
         self.tables = tables
         self._unguard_forgotten(gone)
         self.mem.sync()
@@ -457,8 +465,9 @@ class Mmu:
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     def batch(self) -> "_Batch":
-        """`with mmu.batch():` flushes once at the end, for a multicall: no guest
-        instruction runs in between, so one flush is as good as many."""
+        """`with mmu.batch():` flushes once at the end, for a multicall (and loads
+        CR3 there): no guest instruction runs in between, so one flush is as
+        good as many."""
         return _Batch(self)
 
     def _drop_tlb(self) -> None:

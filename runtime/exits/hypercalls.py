@@ -217,7 +217,7 @@ def invlpg(vm: Vm, va: int) -> int:
 @hypercall(abi.HC_NEW_BASEPTR)
 def new_baseptr(vm: Vm, cr3: int) -> int:
     vm.mmu.load_root(cr3)
-    _U64.pack_into(vm.mem.view, SH_CR3, vm.cpu.read_cr(3))     # of the state publish() shows, only CR3 changed
+    _U64.pack_into(vm.mem.view, SH_CR3, cr3)     # of the state publish() shows, only CR3 changed (as given)
     return 0
 
 
@@ -403,13 +403,12 @@ def _run_from(vm: Vm, entries: list[tuple[int, ...]], k: int, results: array) ->
         if vm.mmu.set_leaves(page, [(e[1] - page, e[2]) for e in entries[k:end]]):
             vm.stats.batched["set_pte"] += end - k
             return end
-    elif nr == abi.HC_INVLPG:            # a run of flushes is one flush (Unicorn's is global)
-        while end < len(entries) and entries[end][0] == abi.HC_INVLPG:
+    elif nr == abi.HC_INVLPG and canonical(arg):     # a run of flushes is one flush (Unicorn's is global)
+        while end < len(entries) and entries[end][0] == abi.HC_INVLPG and canonical(entries[end][1]):
             end += 1
-        if all(canonical(e[1]) for e in entries[k:end]):
-            vm.mmu.flush()
-            vm.stats.batched["invlpg"] += end - k
-            return end
+        vm.mmu.flush()
+        vm.stats.batched["invlpg"] += end - k
+        return end
     _run_entry(vm, k, entries[k], results)
     return k + 1
 
