@@ -38,10 +38,11 @@ text, whose bytes and addresses the validator checked) must map it at its
 own address (-EPERM).  So the walk knows the virtual address of every
 entry, and remembers each table's (`table_vas`) for later writes to it.
 
-Unicorn's TLB caches translations, so `flush` is needed where invlpg or a
-CR3 load requires it; unicorn 2.1.4's Python binding has no wrapper for
+Unicorn's TLB caches translations, so `flush` is needed where invlpg
+requires it; unicorn 2.1.4's Python binding has no wrapper for
 UC_CTL_TLB_FLUSH, so it is issued with `uc.ctl`.  The flush is global:
-Unicorn offers no single-page invalidation.
+Unicorn offers no single-page invalidation.  Loading CR3 through the API
+flushes as well, so a root switch needs no flush of its own.
 """
 from __future__ import annotations
 
