@@ -6,11 +6,14 @@ naming it (or, lenient, goes on with -errno in its result and the rest of the ru
 from __future__ import annotations
 
 import re
+import struct
 
 import pytest
 
+from pvimage import abi
 from pvtool import driver
-from runtime.hypervisor import run
+from runtime.hypervisor import create, finish, run
+from runtime.loader import load_image
 
 KERNEL = """
 const PT_BASE: u64 = 0x1000000;
@@ -69,3 +72,17 @@ def test_entries_the_quick_pass_leaves_to_the_exact_one_are_written(tmp_path, en
     result = run(image(tmp_path, entry), "pv")
     assert result.reason == "shutdown", result.message
     assert result.status == (0b101 if entry == "0" else 0b111)
+
+
+def test_after_a_refusal_the_queue_shows_what_ran(tmp_path):
+    """Results: 0 for the entries that ran, -errno for the refused one, and the entries after it
+    (which never ran) keep what the guest stored in their result field: the code that queued them."""
+    vm = create(load_image(image(tmp_path, "0x6000 | RW"), 64 << 20), "pv", 64 << 20)
+    result = finish(vm)
+    n = int(re.search(r"multicall entry (\d+) ", result.message).group(1))
+    entries = list(struct.iter_unpack("<5Q", vm.mem.read(abi.SHARED_PAGE + abi.SH_MC_ENTRIES, (n + 2) * 40)))
+    assert [e[0] for e in entries[n - 1:]] == [abi.HC_SET_PTE] * 3
+    assert all(e[4] == 0 for e in entries[:n])
+    assert entries[n][4] == -abi.EPERM & (1 << 64) - 1
+    assert vm.image.info.function_at(entries[n + 1][4])[0].name == "kmain"
+    assert vm.mem.read(abi.SHARED_PAGE + abi.SH_MC_COUNT, 4) == bytes(4)
