@@ -57,7 +57,6 @@ _U32 = struct.Struct("<I")
 SH_MC_COUNT = abi.SHARED_PAGE + abi.SH_MC_COUNT
 SH_MC_ENTRIES = abi.SHARED_PAGE + abi.SH_MC_ENTRIES
 _RESULT_LANE = 4                  # `result` is an entry's fifth u64
-_ZEROS = array("Q", bytes(8 * abi.MC_MAX))    # the results of a run of entries that succeeded
 _CPU_STATE = struct.Struct("<4Q10s6s10s6s")   # SH_CR0 .. the end of SH_IDTR's slot
 SH_TIME = abi.SHARED_PAGE + abi.SH_TIME
 SH_CR3 = abi.SHARED_PAGE + abi.SH_CR3
@@ -382,14 +381,16 @@ def run_queue(vm: Vm) -> int:
         raise Refused(abi.EINVAL, f"multicall queue holds {count} entries (at most {abi.MC_MAX})")
     queue = view[SH_MC_ENTRIES:SH_MC_ENTRIES + count * _MC_ENTRY.size]
     entries = list(_MC_ENTRY.iter_unpack(queue))
-    results = array("Q", [e[_RESULT_LANE] for e in entries])    # an entry that does not run keeps its own
+    results = array("Q", bytes(8 * count))       # every batchable call returns 0 when it succeeds
+    k = 0
     try:
         with vm.mmu.batch():
-            k = 0
             while k < count:
                 k = _run_from(vm, entries, k, results)
     finally:
-        queue.cast("Q")[_RESULT_LANE::_MC_ENTRY.size // 8] = results
+        if k < count and results[k]:          # refused: entry k has its result; those after keep theirs
+            k += 1
+        queue.cast("Q")[_RESULT_LANE:k * _MC_ENTRY.size // 8:_MC_ENTRY.size // 8] = results[:k]
         _U32.pack_into(view, SH_MC_COUNT, 0)
     return count
 
@@ -403,14 +404,12 @@ def _run_from(vm: Vm, entries: list[tuple[int, ...]], k: int, results: array) ->
         while end < len(entries) and entries[end][0] == abi.HC_SET_PTE and entries[end][1] & ~(PAGE - 1) == page:
             end += 1
         if vm.mmu.set_leaves(page, [(e[1] - page, e[2]) for e in entries[k:end]]):
-            results[k:end] = _ZEROS[:end - k]
             vm.stats.batched["set_pte"] += end - k
             return end
     elif nr == abi.HC_INVLPG and canonical(arg):     # a run of flushes is one flush (Unicorn's is global)
         while end < len(entries) and entries[end][0] == abi.HC_INVLPG and canonical(entries[end][1]):
             end += 1
         vm.mmu.flush()
-        results[k:end] = _ZEROS[:end - k]
         vm.stats.batched["invlpg"] += end - k
         return end
     _run_entry(vm, k, entries[k], results)
