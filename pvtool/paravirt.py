@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pvimage import abi
 from .errors import InternalError
 from .intrinsics import INTRINSICS
-from .ir import (AddrOf, BinOp, Block, Branch, Cmp, CodeAddr, Copy, Ext, Function, Hypercall, Instr, IRet,
-                 Jump, Load, MachineOp, Module, Operand, ResumeFrame, SiteBegin, SiteEnd, SlotAddr, Store,
-                 UnOp, VReg)
+from .ir import (AddrOf, BinOp, Block, Branch, Call, Cmp, CodeAddr, Copy, Ext, Function, Hypercall, Instr,
+                 IRet, Jump, Load, MachineOp, Module, Operand, Ret, ResumeFrame, SiteBegin, SiteEnd, SlotAddr,
+                 Store, UnOp, VReg)
 from .source import Loc
 
 S = abi.SHARED_PAGE
@@ -67,9 +67,10 @@ class ParavirtError(InternalError):
 
 def paravirtualize(module: Module) -> Module:
     """Rewrite `module` in place for the PV target and return it."""
+    quiet = quiet_functions(module)
     for fn in module.functions:
         if _sensitive(fn):
-            _Rewriter(fn).run()
+            _Rewriter(fn, quiet).run()
             left = _sensitive(fn)
             if left:
                 raise ParavirtError(f"{fn.name}: {left[0].op} was not rewritten")
@@ -94,20 +95,36 @@ def is_queued(ins: Instr) -> bool:
     return isinstance(ins, MachineOp) and ins.op in QUEUED
 
 
-def observes(ins: Instr) -> bool:
+def quiet_functions(module: Module) -> frozenset[str]:
+    """The kernel functions that only compute in registers and call each other (a helper that works
+    out a table's address, say): a call to one cannot observe a pending batch, so it is no flush
+    point.  The largest such set: a function is dropped as soon as it does anything else or calls
+    one that does."""
+    quiet = {fn.name for fn in module.functions if not (fn.user or fn.interrupt or fn.trap_entry)
+             and all(isinstance(i, PURE + (Call, Jump, Branch, Ret)) for i in fn.instructions())}
+    calls = {fn.name: {i.func for i in fn.instructions() if isinstance(i, Call)}
+             for fn in module.functions if fn.name in quiet}
+    while unquiet := {name for name in quiet if not calls[name] <= quiet}:
+        quiet -= unquiet
+    return frozenset(quiet)
+
+
+def observes(ins: Instr, quiet: frozenset[str] = frozenset()) -> bool:
     """Could `ins` see whether queued operations have run yet?  (docs/abi.md, flush points)"""
+    if isinstance(ins, Call):
+        return ins.func not in quiet
     return not (isinstance(ins, PURE) or is_queued(ins) or isinstance(ins, (Jump, Branch)))
 
 
-def pending_after(ins: Instr, pending: bool) -> bool:
+def pending_after(ins: Instr, pending: bool, quiet: frozenset[str] = frozenset()) -> bool:
     """The transfer function: can the queue be non-empty after `ins`?  (An
     observer finds it flushed in front of it.)"""
     if is_queued(ins):
         return True
-    return pending and not observes(ins)
+    return pending and not observes(ins, quiet)
 
 
-def pending_at_entry(fn: Function) -> dict[str, bool]:
+def pending_at_entry(fn: Function, quiet: frozenset[str] = frozenset()) -> dict[str, bool]:
     """Forward may-analysis: can the multicall queue be non-empty on entry to each block?"""
     preds: dict[str, list[str]] = {b.label: [] for b in fn.blocks}
     for b in fn.blocks:
@@ -122,7 +139,7 @@ def pending_at_entry(fn: Function) -> dict[str, bool]:
             state = any(out[p] for p in preds[b.label])
             entry[b.label] = state
             for ins in b.instrs:
-                state = pending_after(ins, state)
+                state = pending_after(ins, state, quiet)
             if state != out[b.label]:
                 out[b.label] = state
                 changed = True
@@ -132,6 +149,7 @@ def pending_at_entry(fn: Function) -> dict[str, bool]:
 @dataclass
 class _Rewriter:
     fn: Function
+    quiet: frozenset[str] = frozenset()        # functions a call to which is no flush point
     blocks: list[Block] = field(default_factory=list)
     cur: Block | None = None
     labels: set[str] = field(default_factory=set)
@@ -143,21 +161,21 @@ class _Rewriter:
             self.run_user()
             return
         self.labels = {b.label for b in self.fn.blocks}
-        entry_state = pending_at_entry(self.fn)
+        entry_state = pending_at_entry(self.fn, self.quiet)
         for block in self.fn.blocks:
             self.cur = Block(block.label, [])
             self.blocks.append(self.cur)
             pending = entry_state[block.label]
             for ins in block.instrs:
                 self.loc = ins.loc
-                if observes(ins) and pending:
+                if observes(ins, self.quiet) and pending:
                     self.flush()
                     pending = False
                 if isinstance(ins, MachineOp) and INTRINSICS[ins.op].sensitive:
                     self.rewrite(ins)
                 else:
                     self.emit(ins)
-                pending = pending_after(ins, pending)
+                pending = pending_after(ins, pending, self.quiet)
             self.loc = block.term.loc if block.term else None
             if observes(block.term) and pending:
                 self.flush()

@@ -108,11 +108,13 @@ class GuestMemory:
         self._applied = bytearray([RW]) * (size // PAGE)   # what Unicorn enforces, page by page
         self._grain = 1                     # pages per write-protected granule (1: exact)
         self._granules: dict[int, int] = {}  # coarse mode: granule -> guarded pages in it
-        self.regions = 1                    # Unicorn's regions for RAM, at most (it never merges them)
         self.rebuilds = 0
         self._ram = ctypes.create_string_buffer(size)     # zeroed; lives as long as this object
         self._view = self.view = memoryview(self._ram).cast("B")
-        uc.mem_map_ptr(0, size, RW, ctypes.addressof(self._ram))
+        chunk = -(-size // self.CHUNKS) + PAGE - 1 & ~(PAGE - 1) if hypervisor_owns_tables else size
+        for start in range(0, size, chunk):
+            uc.mem_map_ptr(start, min(chunk, size - start), RW, ctypes.addressof(self._ram) + start)
+        self.regions = -(-size // chunk)    # Unicorn's regions for RAM, at most (it never merges them)
         self.set_range(0, abi.RESERVED_END, NONE, "hypervisor memory")
         for start, end, perm, what in low_memory(hypervisor_owns_tables):
             self.set_range(start, end, perm, what)
@@ -155,17 +157,24 @@ class GuestMemory:
     # a granule with a table is performed by the hypervisor (`beside_table`).
     EXACT_REGIONS = 256
     COARSE_RUNS = 48
+    # Where page tables are protected, RAM starts as CHUNKS regions, not one:
+    # a split unmaps and remaps the whole region it cuts, dropping Unicorn's
+    # cached jumps page by page (measured: about 1 ms to protect a page of a
+    # 64 MiB region), so protecting a run's first page tables cost
+    # milliseconds.  (Not in bare mode: there nothing is ever protected, and
+    # more regions make guest accesses a little slower.)
+    CHUNKS = 16
 
-    def pin(self, page: int) -> None:
-        self.pinned.add(page)
-        self.guard(page)
+    def pin(self, pages: set[int]) -> None:
+        """The pages become live tables: read-only to the guest (most are still guarded from before)."""
+        self.pinned |= pages
+        for page in pages - self.guarded:
+            self.guard(page)
 
-    def unpin(self, page: int, keep_guard: bool = False) -> None:
-        """The page stops being a live table; with `keep_guard` it stays
-        write-protected in Unicorn until `unguard` (a write then faults once)."""
-        self.pinned.discard(page)
-        if not keep_guard:
-            self.unguard(page)
+    def unpin(self, pages: set[int]) -> None:
+        """The pages stop being live tables; they stay write-protected in
+        Unicorn until `unguard` (a write then faults once)."""
+        self.pinned -= pages
 
     def guard(self, page: int) -> None:
         if page not in self.guarded:

@@ -38,17 +38,17 @@ text, whose bytes and addresses the validator checked) must map it at its
 own address (-EPERM).  So the walk knows the virtual address of every
 entry, and remembers each table's (`table_vas`) for later writes to it.
 
-Unicorn's TLB caches translations, so `flush` is needed where invlpg or a
-CR3 load requires it; unicorn 2.1.4's Python binding has no wrapper for
+Unicorn's TLB caches translations, so `flush` is needed where invlpg
+requires it; unicorn 2.1.4's Python binding has no wrapper for
 UC_CTL_TLB_FLUSH, so it is issued with `uc.ctl`.  The flush is global:
-Unicorn offers no single-page invalidation.
+Unicorn offers no single-page invalidation.  Loading CR3 through the API
+flushes as well, so a root switch needs no flush of its own.
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable
+from typing import Callable, Iterable
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, Uc
 from unicorn.x86_const import UC_X86_REG_CR3
@@ -75,13 +75,15 @@ MAX_PATHS = 1 << 16                     # (table, address) pairs a walk follows
 SPAN_AT = {4: 1 << 39, 3: 1 << 30, 2: 1 << 21}   # what one entry of a table at this level covers
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Remembered:
     """A hierarchy no longer live whose validation is kept (Mmu._remember)."""
     tables: dict[int, int]          # table page -> level
     vas: dict[int, set[int]]        # table page -> the virtual addresses it maps from (R9)
     pages: list[int]                # the table pages, in order
     copy: bytes                     # their bytes when it was left
+    tlb: dict[tuple[int, bool], int]     # the hypervisor's translations through it (Mmu._tlb) ...
+    tlb_tables: set[int]                 # ... and the table pages they read
 
 
 def _canonical(va: int) -> int:
@@ -89,21 +91,15 @@ def _canonical(va: int) -> int:
     return va | 0xFFFF_0000_0000_0000 if va & (1 << 47) else va
 
 
-def _lanes(value: int, n: int = 512) -> int:
-    """`value` in each of the first `n` 64-bit lanes (all 512 of a page by default)."""
-    return int.from_bytes(value.to_bytes(8, "little") * n, "little")
+def _lanes(value: int) -> int:
+    """`value` in each of the 512 64-bit lanes of a page."""
+    return int.from_bytes(value.to_bytes(8, "little") * 512, "little")
 
 
-@lru_cache(maxsize=None)
-def _few_lanes(n: int) -> tuple[int, int, int, int, int, int]:
-    """In `n` lanes: P, the frame bits, RESERVED, the frame bits from 1 MiB up, a fill that carries
-    into bit 52 iff those bits are not all zero, and bit 52.  A run of a few entries works on ints
-    of its own size, not on a whole page's 32,768 bits."""
-    return (_lanes(P, n), _lanes(ADDR, n), _lanes(RESERVED, n), _lanes(ADDR & ~(abi.RESERVED_END - 1), n),
-            _lanes((1 << 52) - abi.RESERVED_END, n), _lanes(1 << 52, n))
-
-
-_LANES_P, _LANES_FRAME, _LANES_RESERVED, _LANES_ADDR, _LANES_FILL, _LANES_BIT52 = _few_lanes(512)
+_LANES_P, _LANES_FRAME, _LANES_RESERVED = _lanes(P), _lanes(ADDR), _lanes(RESERVED)
+_LANES_ADDR = _lanes(ADDR & ~(abi.RESERVED_END - 1))                # the frame bits from 1 MiB up
+_LANES_FILL = _lanes((1 << 52) - abi.RESERVED_END)     # carries into bit 52 iff those bits are not all zero
+_LANES_BIT52 = _lanes(1 << 52)
 _LANES_INDEX = int.from_bytes(b"".join((k * PAGE).to_bytes(8, "little") for k in range(512)), "little")
 _LANES_NONZERO = _lanes((1 << 52) - 1)                    # carries into bit 52 iff a lane is not zero
 
@@ -116,9 +112,13 @@ class _Batch:
         self.mmu._flush_deferred = False
 
     def __exit__(self, *exc) -> None:
-        pending, self.mmu._flush_deferred = self.mmu._flush_deferred, None
-        if pending:
-            self.mmu.flush()
+        mmu = self.mmu
+        pending, cr3 = mmu._flush_deferred, mmu._cr3_deferred
+        mmu._flush_deferred = mmu._cr3_deferred = None
+        if cr3 is not None:
+            mmu.set_cr3(cr3)             # which flushes Unicorn's TLB too
+        elif pending:
+            mmu.flush()
 
 
 def is_leaf(level: int, entry: int) -> bool:
@@ -149,13 +149,18 @@ class Mmu:
         self.tables: dict[int, int] = {}     # live table page -> level
         self.root = 0
         # The hypervisor's own TLB for `translate`, kept only while it tracks
-        # the tables (not in bare mode): dropped on every flush, root load and
-        # validated write to a table one of its walks went through, so it is
-        # never staler than the tables themselves.
+        # the tables (not in bare mode).  It is never staler than the tables
+        # themselves: a validated write to a table one of its walks went
+        # through drops it, and it belongs to the root, so it leaves with the
+        # root and comes back only with a remembered root whose tables are
+        # byte for byte what they were (see _remember).  So the guest's TLB
+        # flushes, which change no table, leave it alone.
         self._tlb: dict[tuple[int, bool], int] = {}
         self._tlb_tables: set[int] = set()   # table pages the cached walks read
         self._flush_deferred: bool | None = None   # inside a batch: None = flush now
+        self._cr3_deferred: int | None = None      # inside a batch: the CR3 to load at its end
         self._roots: dict[int, _Remembered] = {}   # see _remember
+        self._orphans: set[int] = set()      # pages of roots forgotten since _unguard_forgotten
 
     # -- rules ----------------------------------------------------------------------
     def check_table(self, table: int) -> None:
@@ -272,10 +277,25 @@ class Mmu:
         root = cr3 & ADDR
         if root != self.root:
             self._remember(self.root, self.tables)
-            self._repin(self._recall(root) or self.walk(root))
+            kept = self._recall(root)
+            if kept is None:
+                try:
+                    tables = self.walk(root)
+                except Refused:
+                    self._roots.pop(self.root, None)     # it stays live, so it is not kept
+                    raise
+                self._drop_tlb()
+            else:
+                tables, self._tlb, self._tlb_tables = kept.tables, kept.tlb, kept.tlb_tables
+            self._repin(tables)
             self.root = root
-        self.set_cr3(cr3)
-        self.flush()
+        # Loading CR3 flushes Unicorn's TLB (tests/test_runtime_unicorn.py).  In a
+        # batch the load waits for its end (the hypervisor's own walks use `root`),
+        # where it is the batch's one flush.
+        if self._flush_deferred is None:
+            self.set_cr3(cr3)
+        else:
+            self._cr3_deferred = cr3
 
     def adopt_root(self, root: int) -> None:
         """Track and pin the boot hierarchy the hypervisor built itself."""
@@ -293,40 +313,33 @@ class Mmu:
         self.write_entry(page | (va & (PAGE - 1)) if page is not None else self.translate(va), value)
 
     def set_leaves(self, va_page: int, writes: list[tuple[int, int]]) -> bool:
-        """Many set_pte into one page at once (a multicall's run of them): if that page is a live table
-        of 4 KiB leaves, validate all the new entries in one piece of arithmetic and write them; True
-        if done.  False (nothing written) when the fast path does not apply or an entry would be
-        refused: the caller then writes them one by one, for the exact refusal."""
+        """Many set_pte into one page at once (a multicall's run of them, as u64 values): if that page
+        is a live table of 4 KiB leaves and every new entry is plainly allowed (no reserved bits, a
+        frame from 1 MiB up, an executable frame only at its own address), write them all and return
+        True.  False (nothing written) otherwise: the caller then writes them one by one, which
+        refuses exactly (and allows the rare leaf the quick test does not, such as the shared page)."""
         pa_page = self._tlb.get((va_page, False))
         if pa_page is None:
             try:
                 pa_page = self.translate(va_page) & ~(PAGE - 1)
             except Refused:
                 return False
-        if self.tables.get(pa_page) != 1 or any(offset & 7 for offset, _ in writes):
+        if self.tables.get(pa_page) != 1:
             return False
-        values = [v & 0xFFFF_FFFF_FFFF_FFFF for _, v in writes]
-        n = len(values)
-        lanes_p, lanes_frame, lanes_reserved, lanes_addr, lanes_fill, lanes_bit52 = _few_lanes(n)
-        x = int.from_bytes(struct.pack(f"<{n}Q", *values), "little")
-        present = (x & lanes_p) * 0xFFFF_FFFF_FFFF_FFFF
-        y = x & present
-        low = (y & lanes_addr) + lanes_fill & lanes_bit52
-        if y & lanes_reserved or (y >> 1) & lanes_p & ~(low >> 52):
-            return False
-        if self.identity_frames:
-            frames = y & lanes_frame
-            for base in self.table_vas.get(pa_page, ()):
-                own = int.from_bytes(struct.pack(f"<{n}Q", *(((base & ADDR) + offset // 8 * PAGE) & ADDR
-                                                              for offset, _ in writes)), "little")
-                for lo, hi in self.identity_frames:
-                    at_lo = (frames + _lanes((1 << 52) - lo, n)) >> 52 & lanes_p
-                    at_hi = (frames + _lanes((1 << 52) - hi, n)) >> 52 & lanes_p
-                    moved = (frames ^ own) + _lanes((1 << 52) - 1, n) >> 52 & lanes_p
-                    if at_lo & ~at_hi & moved & present & lanes_p:
+        identity = self.identity_frames
+        bases = self.table_vas.get(pa_page, ()) if identity else ()
+        for offset, value in writes:
+            if offset & 7:
+                return False
+            if value & P:
+                frame = value & ADDR
+                if value & RESERVED or frame < abi.RESERVED_END:
+                    return False
+                for lo, hi in identity:
+                    if lo <= frame < hi and any(_canonical(base + offset // 8 * PAGE) != frame for base in bases):
                         return False
         view = self.mem.view
-        for (offset, _), value in zip(writes, values):
+        for offset, value in writes:
             _U64.pack_into(view, pa_page + offset, value)
         if pa_page in self._tlb_tables:
             self._drop_tlb()
@@ -379,24 +392,35 @@ class Mmu:
     def _remember(self, root: int, tables: dict[int, int]) -> None:
         if not tables or len(tables) > MAX_REMEMBERED_TABLES:
             return
-        while self._roots and (len(self._roots) >= MAX_REMEMBERED_ROOTS or
-                               sum(len(r.tables) for r in self._roots.values()) + len(tables) > MAX_REMEMBERED_TABLES):
-            self._roots.pop(next(iter(self._roots)))
-        pages = sorted(tables)
-        self._roots[root] = _Remembered(tables, self.table_vas, pages, self._copy(pages))
+        total = sum(len(r.tables) for r in self._roots.values()) + len(tables)
+        while self._roots and (len(self._roots) >= MAX_REMEMBERED_ROOTS or total > MAX_REMEMBERED_TABLES):
+            total -= len(self._forget(next(iter(self._roots))).tables)
+        pages = list(tables)
+        self._roots[root] = _Remembered(tables, self.table_vas, pages, self._copy(pages), self._tlb,
+                                        self._tlb_tables)
 
-    def _recall(self, root: int) -> dict[int, int] | None:
-        """The tables of `root` if it is remembered and unchanged (and its table addresses back in
-        `table_vas`, which rule R9 needs for later writes); else None: walk it again."""
+    def _recall(self, root: int) -> _Remembered | None:
+        """`root` as it was left, if it is remembered and its tables are unchanged (with its table
+        addresses back in `table_vas`, which rule R9 needs for later writes); else None: walk it
+        again."""
         kept = self._roots.pop(root, None)
-        if kept is None or self._copy(kept.pages) != kept.copy:
+        if kept is None:
+            return None
+        if self._copy(kept.pages) != kept.copy:
+            self._orphans.update(kept.pages)
             return None
         self.table_vas = kept.vas
-        return kept.tables
+        return kept
+
+    def _forget(self, root: int) -> _Remembered:
+        """Drop a remembered root; its pages stay protected until _unguard_forgotten looks at them."""
+        kept = self._roots.pop(root)
+        self._orphans.update(kept.pages)
+        return kept
 
     def _copy(self, pages: list[int]) -> bytes:
         view = self.mem.view
-        return b"".join(view[page:page + PAGE] for page in pages)
+        return b"".join([view[page:page + PAGE] for page in pages])
 
     def release(self, pa: int, size: int, value: int) -> bool:
         """A guest store of `size` bytes hit write-protected `pa`: if only a
@@ -408,24 +432,30 @@ class Mmu:
         if page in self.tables or page not in self.mem.guarded or size > 8:
             return False
         for root in [r for r, kept in self._roots.items() if page in kept.tables]:
-            del self._roots[root]
-        self._unguard_forgotten()
+            self._forget(root)
+        self._unguard_forgotten(())
         self.mem.write(pa, (value & ((1 << 8 * size) - 1)).to_bytes(size, "little"))
         self.mem.sync()
         return True
 
     def _repin(self, tables: dict[int, int]) -> None:
-        for page in self.tables.keys() - tables.keys():
-            self.mem.unpin(page, keep_guard=True)
-        for page in tables.keys() - self.tables.keys():
-            self.mem.pin(page)
+        gone = self.tables.keys() - tables.keys()
+        self.mem.unpin(gone)
+        self.mem.pin(tables.keys() - self.tables.keys())
         self.tables = tables
-        self._unguard_forgotten()
+        self._unguard_forgotten(gone)
         self.mem.sync()
 
-    def _unguard_forgotten(self) -> None:
-        kept = self.tables.keys() | {page for r in self._roots.values() for page in r.tables}
-        for page in self.mem.guarded - kept:
+    def _unguard_forgotten(self, gone: Iterable[int]) -> None:
+        """Unprotect the pages that no live or remembered hierarchy holds any longer: of those that
+        just stopped being live (`gone`) and those of the roots forgotten since the last look."""
+        candidates = (self._orphans.union(gone) & self.mem.guarded) - self.tables.keys()
+        self._orphans = set()
+        for kept in reversed(self._roots.values()):     # the newest first: the root just left
+            if not candidates:
+                return
+            candidates -= kept.tables.keys()
+        for page in candidates:
             self.mem.unguard(page)
 
     def flush(self) -> None:
@@ -434,16 +464,17 @@ class Mmu:
             self._flush_deferred = True
             return
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
-        self._drop_tlb()
 
     def batch(self) -> "_Batch":
-        """`with mmu.batch():` flushes once at the end, for a multicall: no guest
-        instruction runs in between, so one flush is as good as many."""
+        """`with mmu.batch():` flushes once at the end, for a multicall (and loads
+        CR3 there): no guest instruction runs in between, so one flush is as
+        good as many."""
         return _Batch(self)
 
     def _drop_tlb(self) -> None:
-        self._tlb.clear()
-        self._tlb_tables.clear()
+        # new objects, not cleared ones: a remembered root may hold the old ones
+        self._tlb = {}
+        self._tlb_tables = set()
 
     # -- translation for the hypervisor ----------------------------------------------
     def translate(self, va: int, write: bool = False) -> int:

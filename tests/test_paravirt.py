@@ -311,7 +311,7 @@ def test_a_full_queue_is_flushed(tmp_path):
     "putc(1);",                          # a call: the callee may do any of these
 ])
 def test_updates_are_flushed_right_before_anything_that_could_observe_them(tmp_path, observer):
-    source = "fn putc(c: u8) {}\n" + LOOP.replace("PAGES", "4").replace("AFTER", observer)
+    source = "fn putc(c: u8) { *(0x1400000 as *u8) = c; }\n" + LOOP.replace("PAGES", "4").replace("AFTER", observer)
     observer_line = source.splitlines().index("    " + observer) + 1
     instrs = flat_all(compile_text(tmp_path, source, "pv"), "kmain")
     flushes = [i for i in instrs if isinstance(i, ir.Hypercall) and i.nr == abi.HC_MULTICALL]
@@ -320,6 +320,45 @@ def test_updates_are_flushed_right_before_anything_that_could_observe_them(tmp_p
     assert len(at_observer) == 1
     first_observer = next(k for k, i in enumerate(instrs) if i.loc and i.loc.line == observer_line)
     assert instrs.index(at_observer[0]) - first_observer < 4
+
+
+QUIET = """
+fn table(i: u64) -> *u64 { return (0x1000000 + i * 4096) as *u64; }
+fn window(space: u64) -> *u64 { return table(4 + 4 * space); }
+fn depth(n: u64) -> u64 { if n == 0 { return 0; } return depth(n - 1) + 1; }
+fn touch(i: u64) -> *u64 { var p = table(i); p[0] = 1; return p; }
+fn kmain() -> u64 {
+    invlpg(0x40000000);
+    var pt = window(1);
+    depth(3);
+    for i in 0..4 {
+        set_pte(&pt[i], (0x1400000 + i * 4096) | 3);
+    }
+    CALL
+    return 0;
+}
+"""
+
+
+def test_a_call_that_only_computes_is_no_flush_point(tmp_path):
+    """A helper that works out an address (as churn's `table` does) sees nothing of a pending batch:
+    the flush before the calls and the updates after them go to the hypervisor in one multicall."""
+    m, _ = run(compile_text(tmp_path, QUIET.replace("CALL", ""), "pv"), PVMachine)
+    assert multicalls(m) == 1
+    assert [e[0] for e in m.log] == ["invlpg"] + ["pte"] * 4
+
+
+def test_a_call_that_touches_memory_further_down_is_a_flush_point(tmp_path):
+    """`touch` stores, and so does whatever calls it: the queue is flushed before the call."""
+    source = QUIET.replace("CALL", "touch(2);")
+    module = compile_text(tmp_path, source, "pv")
+    assert paravirt.quiet_functions(module) == {"table", "window", "depth"}
+    instrs = flat_all(module, "kmain")
+    call = next(k for k, i in enumerate(instrs) if isinstance(i, ir.Call) and i.func == "touch")
+    flush = max(k for k, i in enumerate(instrs[:call]) if isinstance(i, ir.Hypercall))
+    assert instrs[flush].nr == abi.HC_MULTICALL and call - flush < 4
+    m, _ = run(module, PVMachine)
+    assert multicalls(m) == 1
 
 
 SWITCH = """

@@ -179,6 +179,26 @@ def test_packed_guards_cost_one_region_split():
     assert mem.rebuilds == 0 and len(list(uc.mem_regions())) <= before + 2
 
 
+def test_protecting_a_page_splits_a_chunk_of_ram_not_all_of_it():
+    """Unicorn unmaps and remaps the whole region a protection change cuts: where tables are
+    protected, RAM is mapped in chunks, so the first table page costs a chunk's worth."""
+    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+    for owns_tables in (True, False):
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        mem = GuestMemory(uc, RAM, hypervisor_owns_tables=owns_tables)
+        mem.commit()
+        free = [e + 1 - b for b, e, p in uc.mem_regions() if e >= abi.FREE_RAM_START]
+        if owns_tables:
+            assert max(free) <= RAM // GuestMemory.CHUNKS
+            page = abi.FREE_RAM_START + 5 * PAGE
+            mem.guard(page)
+            mem.sync()
+            assert [(b, e) for b, e, p in uc.mem_regions() if not p & W and b >= abi.FREE_RAM_START] == \
+                [(page, page + PAGE - 1)]
+        else:
+            assert len(free) == 1                         # bare: nothing is ever protected
+
+
 # -- console ---------------------------------------------------------------------------------------------
 
 def test_console_keeps_a_bounded_tail_and_counts_everything():

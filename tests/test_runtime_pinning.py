@@ -73,3 +73,48 @@ def test_a_bad_entry_written_while_not_live_is_refused_when_its_root_returns(tmp
     result = run(image, "pv", lenient_batches=True)
     assert result.reason == "shutdown", result.message
     assert result.status == 100
+
+
+STASH = """
+const PT_BASE: u64 = 0x1000000;
+const ALIAS: u64 = 0x40000000;
+const RW: u64 = 3;
+const HUGE: u64 = 0x80;
+
+fn table(i: u64) -> *u64 { return (PT_BASE + i * 4096) as *u64; }
+
+// As above: space A (PML4 1) has a window PT (table 4) mapping ALIAS; space B (PML4 5) has none.
+fn kmain() -> u64 {
+    for t in 0..7 { var p = table(t); for i in 0..512 { p[i] = 0; } }
+    for i in 0..32 { set_pte(&table(0)[i], (i << 21) | RW | HUGE); }
+    set_pte(&table(4)[0], 0x1400000 | RW);
+    set_pte(&table(3)[0], (table(4) as u64) | RW);
+    set_pte(&table(2)[0], (table(0) as u64) | RW);
+    set_pte(&table(2)[1], (table(3) as u64) | RW);
+    set_pte(&table(1)[0], (table(2) as u64) | RW);
+    set_pte(&table(6)[0], (table(0) as u64) | RW);
+    set_pte(&table(5)[0], (table(6) as u64) | RW);
+
+    write_cr3(table(1) as u64);
+    set_pte(ALIAS as *u64, 1);              // the hypervisor translates ALIAS: frame 0x1400000
+    write_cr3(table(5) as u64);
+    set_pte(&table(4)[0], 0x1401000 | RW);  // A's window moves while A is not live
+    write_cr3(table(1) as u64);
+    set_pte(ALIAS as *u64, 2);              // through the moved window: frame 0x1401000
+    write_cr3(table(5) as u64);
+    write_cr3(table(1) as u64);             // A again, unchanged: its translations come back
+    set_pte((ALIAS + 8) as *u64, 3);
+    return *(0x1400000 as *u64) * 64 + *(0x1401000 as *u64) * 8 + *(0x1401008 as *u64);
+}
+"""
+
+
+def test_the_hypervisors_translations_leave_and_return_with_their_root(tmp_path):
+    """set_pte's pointer is translated through the hypervisor's own TLB, which a root takes along
+    when it is left.  A table of A changed while B was live: A's old translation (ALIAS to the
+    first frame) must not come back with A, and an unchanged A must translate as before."""
+    src = tmp_path / "stash.pvk"
+    src.write_text(STASH)
+    result = run(driver.compile_file(str(src), "pv"), "pv")
+    assert result.reason == "shutdown", result.message
+    assert result.status == 1 * 64 + 2 * 8 + 3

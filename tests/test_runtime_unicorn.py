@@ -141,6 +141,21 @@ def test_tlb_is_stale_until_flushed_with_uc_ctl():
         assert uc.reg_read(U.UC_X86_REG_RCX) == expect
 
 
+def test_loading_cr3_through_the_api_flushes_the_tlb_and_keeps_the_value():
+    """mmu.py loads CR3 at the end of a multicall instead of flushing as well."""
+    uc = machine(MOV_RAX_ALIAS + LOAD_RBX + b"\xe6\x80" + b"\x48\x8b\x08" + HLT)   # ...; mov rcx, [rax]
+    uc.mem_write(FRAME, struct.pack("<Q", 0x11))
+    uc.mem_write(FRAME + 0x10000, struct.pack("<Q", 0x22))
+
+    def remap(uc, port, size, value, _):
+        uc.mem_write(0x7000, struct.pack("<Q", (FRAME + 0x10000) | 3))
+        uc.reg_write(U.UC_X86_REG_CR3, 0x3018)                   # the same root, PWT and PCD set
+    uc.hook_add(UC_HOOK_INSN, remap, None, 1, 0, U.UC_X86_INS_OUT)
+    uc.emu_start(CODE, END)
+    assert uc.reg_read(U.UC_X86_REG_RCX) == 0x22
+    assert uc.reg_read(U.UC_X86_REG_CR3) == 0x3018
+
+
 def test_page_walks_read_read_only_tables_and_set_no_accessed_bits():
     uc = machine(MOV_RAX_ALIAS + STORE + HLT)
     uc.mem_protect(0x3000, 0x5000, UC_PROT_READ)

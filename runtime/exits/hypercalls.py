@@ -30,6 +30,7 @@ them, and SH_TIME gets the virtual TSC at each exit.
 from __future__ import annotations
 
 import struct
+from array import array
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import TYPE_CHECKING, Callable
@@ -52,7 +53,10 @@ CONSOLE_MAX = 1 << 20
 ARGS = ("rdi", "rsi", "rdx", "r10", "r8")
 _MC_ENTRY = struct.Struct("<5Q")
 _U64 = struct.Struct("<Q")
-_RESULT_AT = 32                   # offset of `result` in an entry
+_U32 = struct.Struct("<I")
+SH_MC_COUNT = abi.SHARED_PAGE + abi.SH_MC_COUNT
+SH_MC_ENTRIES = abi.SHARED_PAGE + abi.SH_MC_ENTRIES
+_RESULT_LANE = 4                  # `result` is an entry's fifth u64
 _CPU_STATE = struct.Struct("<4Q10s6s10s6s")   # SH_CR0 .. the end of SH_IDTR's slot
 SH_TIME = abi.SHARED_PAGE + abi.SH_TIME
 SH_CR3 = abi.SHARED_PAGE + abi.SH_CR3
@@ -225,7 +229,7 @@ def invlpg(vm: Vm, va: int) -> int:
 @hypercall(abi.HC_NEW_BASEPTR)
 def new_baseptr(vm: Vm, cr3: int) -> int:
     vm.mmu.load_root(cr3)
-    _U64.pack_into(vm.mem.view, SH_CR3, vm.cpu.read_cr(3))     # of the state publish() shows, only CR3 changed
+    _U64.pack_into(vm.mem.view, SH_CR3, cr3)     # of the state publish() shows, only CR3 changed (as given)
     return 0
 
 
@@ -398,68 +402,62 @@ def run_queue(vm: Vm) -> int:
     A run of set_pte entries into one page-table page is validated and
     written in one piece (Mmu.set_leaves), and a run of invlpg entries is one
     flush: most of a busy kernel's queue.  Anything else, or a run with an
-    entry to refuse, goes entry by entry."""
-    count = int.from_bytes(vm.mem.read(abi.SHARED_PAGE + abi.SH_MC_COUNT, 4), "little")
+    entry to refuse, goes entry by entry.  The results go back in one store
+    (with those of entries that did not run, after a refusal, as they were)."""
+    view = vm.mem.view
+    count = _U32.unpack_from(view, SH_MC_COUNT)[0]
     if count > abi.MC_MAX:
         raise Refused(abi.EINVAL, f"multicall queue holds {count} entries (at most {abi.MC_MAX})")
-    at = abi.SHARED_PAGE + abi.SH_MC_ENTRIES
-    queue = bytearray(vm.mem.read(at, count * _MC_ENTRY.size))
+    queue = view[SH_MC_ENTRIES:SH_MC_ENTRIES + count * _MC_ENTRY.size]
     entries = list(_MC_ENTRY.iter_unpack(queue))
-    batched = vm.stats.batched
-    with vm.mmu.batch():
-        k = 0
-        while k < count:
-            nr = entries[k][0]
-            if nr == abi.HC_SET_PTE:
-                page = entries[k][1] & ~(PAGE - 1)
-                end = k + 1
-                while end < count and entries[end][0] == abi.HC_SET_PTE and entries[end][1] & ~(PAGE - 1) == page:
-                    end += 1
-                if vm.mmu.set_leaves(page, [(e[1] - page, e[2]) for e in entries[k:end]]):
-                    for j in range(k, end):
-                        _U64.pack_into(queue, j * _MC_ENTRY.size + _RESULT_AT, 0)
-                    batched["set_pte"] += end - k
-                    k = end
-                    continue
-            elif nr == abi.HC_INVLPG:        # a run of flushes is one flush (Unicorn's is global)
-                end = k + 1
-                while end < count and entries[end][0] == abi.HC_INVLPG:
-                    end += 1
-                if all(canonical(e[1]) for e in entries[k:end]):
-                    vm.mmu.flush()
-                    for j in range(k, end):
-                        _U64.pack_into(queue, j * _MC_ENTRY.size + _RESULT_AT, 0)
-                    batched["invlpg"] += end - k
-                    k = end
-                    continue
-            _run_entry(vm, queue, k, entries[k])
+    results = array("Q", bytes(8 * count))       # every batchable call returns 0 when it succeeds
+    k = 0
+    try:
+        with vm.mmu.batch():
+            while k < count:
+                k = _run_from(vm, entries, k, results)
+    finally:
+        if k < count and results[k]:          # refused: entry k has its result; those after keep theirs
             k += 1
-    vm.mem.write(at, bytes(queue))
-    _empty_queue(vm)
+        queue.cast("Q")[_RESULT_LANE:k * _MC_ENTRY.size // 8:_MC_ENTRY.size // 8] = results[:k]
+        _U32.pack_into(view, SH_MC_COUNT, 0)
     return count
 
 
-def _run_entry(vm: Vm, queue: bytearray, k: int, entry: tuple[int, ...]) -> None:
-    """One multicall entry: its result in the queue, or the guest stopped for a refusal."""
+def _run_from(vm: Vm, entries: list[tuple[int, ...]], k: int, results: array) -> int:
+    """Run entry k, with the like entries after it when they can go as one; the next entry to run."""
+    nr, arg = entries[k][:2]
+    end = k + 1
+    if nr == abi.HC_SET_PTE:
+        page = arg & ~(PAGE - 1)
+        while end < len(entries) and entries[end][0] == abi.HC_SET_PTE and entries[end][1] & ~(PAGE - 1) == page:
+            end += 1
+        if vm.mmu.set_leaves(page, [(e[1] - page, e[2]) for e in entries[k:end]]):
+            vm.stats.batched["set_pte"] += end - k
+            return end
+    elif nr == abi.HC_INVLPG and canonical(arg):     # a run of flushes is one flush (Unicorn's is global)
+        while end < len(entries) and entries[end][0] == abi.HC_INVLPG and canonical(entries[end][1]):
+            end += 1
+        vm.mmu.flush()
+        vm.stats.batched["invlpg"] += end - k
+        return end
+    _run_entry(vm, k, entries[k], results)
+    return k + 1
+
+
+def _run_entry(vm: Vm, k: int, entry: tuple[int, ...], results: array) -> None:
+    """One multicall entry: its result, or the guest stopped for a refusal."""
     nr, a0, a1, a2, queued_at = entry
     try:
         if nr not in abi.BATCHABLE:
             raise Refused(abi.EINVAL, f"hypercall {abi.HYPERCALL_NAMES.get(nr, nr)} cannot be batched")
         call = HYPERCALLS[nr]
-        result = call.fn(vm, *(a0, a1, a2)[:call.arity])
+        results[k] = call.fn(vm, *(a0, a1, a2)[:call.arity]) & MASK64
         vm.stats.batched[call.name] += 1
     except Refused as e:
-        _U64.pack_into(queue, k * _MC_ENTRY.size + _RESULT_AT, -e.errno & MASK64)
+        results[k] = -e.errno & MASK64
         if not vm.run.lenient_batches:
-            vm.mem.write(abi.SHARED_PAGE + abi.SH_MC_ENTRIES, bytes(queue))
-            _empty_queue(vm)
             raise GuestFault(_refusal(vm, k, nr, queued_at, e), _queued_at(vm, queued_at)) from None
-        return
-    _U64.pack_into(queue, k * _MC_ENTRY.size + _RESULT_AT, result & MASK64)
-
-
-def _empty_queue(vm: Vm) -> None:
-    vm.mem.write(abi.SHARED_PAGE + abi.SH_MC_COUNT, b"\0\0\0\0")
 
 
 def _queued_at(vm: Vm, value: int) -> int | None:
