@@ -163,9 +163,7 @@ class Cpu:
 
     def load_cr3(self, cr3: int) -> None:
         """The MMU's half of a CR3 load, once it has validated the root."""
-        self.regs.store()
-        self.uc.reg_write(U.UC_X86_REG_CR3, cr3)
-        self.regs.invalidate()
+        self.regs.api_write(U.UC_X86_REG_CR3, cr3)     # one ctypes call: the binding's costs several
         self.remember_control_state()
 
     # -- descriptor tables ------------------------------------------------------------------
