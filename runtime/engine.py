@@ -60,10 +60,17 @@ for _name, _args in (("uc_context_save", [_c_void_p, _c_void_p]),
                      ("uc_context_free", [_c_void_p]),
                      ("uc_context_size", [_c_void_p]),
                      ("uc_reg_read", [_c_void_p, _c_int, _c_void_p]),
-                     ("uc_reg_write", [_c_void_p, _c_int, _c_void_p])):
+                     ("uc_reg_write", [_c_void_p, _c_int, _c_void_p]),
+                     ("uc_emu_stop", [_c_void_p])):
     getattr(_lib, _name).argtypes = _args
     getattr(_lib, _name).restype = _c_size if _name == "uc_context_size" else _c_int
 _context_save, _context_restore = _lib.uc_context_save, _lib.uc_context_restore
+
+
+def stop_from_another_thread(uc: Uc) -> None:
+    """Ask a running emu_start to return (what its own timeout does); a no-op between entries.
+    Through the C API, so it can raise nothing in the calling thread."""
+    _lib.uc_emu_stop(uc._uch)
 
 
 class _Msr(ctypes.Structure):

@@ -44,6 +44,7 @@ interrupt is delivered.
 """
 from __future__ import annotations
 
+import threading
 from enum import Enum
 from time import perf_counter
 from typing import TYPE_CHECKING, Callable, TextIO
@@ -53,7 +54,7 @@ from unicorn import UC_ERR_INSN_INVALID, UC_MEM_FETCH_PROT, UcError
 from . import delivery
 from .clock import EXIT_NS, NEVER, SLICE_INSNS, SLICE_NS
 from .cpu import CODE, FAULT, INSN, LOOP, SYSCALL, TRAP
-from .engine import RIP_INDEX
+from .engine import RIP_INDEX, stop_from_another_thread
 from .errors import ExitLimit, GuestException, GuestFault, Refused, Shutdown, TimeUp
 from .exits import faults, hypercalls, io, pagetables, trapped
 from .machine import Deadline, Stop, Vm
@@ -126,6 +127,39 @@ def _on_invalid_access_debugged(vm: Vm, access: int, address: int, size: int, va
 
 def _timed_out(timeout: float, where: str) -> Stop:
     return Stop("timeout", 124, f"timeout: guest still running after {timeout:g} s, at {where}")
+
+
+class Watchdog:
+    """Stops emulation once the run's deadline has passed (the loop then ends the run).
+
+    One thread per run, asleep until the deadline.  emu_start's own timeout
+    would start a Unicorn thread at every entry that wakes every 100 us, on
+    a 2-core machine about a seventh of every exit's cost (measured with
+    bench/hypercall_bench.py's loop) and most of a busy system call's.
+    Past the deadline it asks again every 10 ms, in case the loop was
+    between two entries; the loop also checks the deadline before each."""
+
+    RETRY = 0.01
+
+    def __init__(self, uc, deadline: Deadline):
+        self.uc, self.deadline = uc, deadline
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="pvtool watchdog", daemon=True)
+
+    def __enter__(self) -> Watchdog:
+        if self.deadline.seconds:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._done.wait(max(self.deadline.left(), self.RETRY)):
+            if self.deadline.left() <= 0:   # re-read: a debugger may have postponed it
+                stop_from_another_thread(self.uc)
 
 
 class Runner:
@@ -403,6 +437,10 @@ class Runner:
 
     # -- the run loop ------------------------------------------------------------------------
     def run(self) -> Stop:
+        with Watchdog(self.vm.engine.uc, self.deadline):
+            return self._loop()
+
+    def _loop(self) -> Stop:
         vm = self.vm
         vm.cpu.regs.finish()               # whatever set-up read, the hooks start from a fresh copy
         while vm.stop is None:
@@ -421,13 +459,10 @@ class Runner:
 
     def _enter_guest(self) -> None:
         vm = self.vm
-        budget_us = 0
         left = self.deadline.left()
-        if left is not None:
-            budget_us = int(left * 1e6)
-            if budget_us <= 0:
-                vm.kill(_timed_out(self.deadline.seconds, self.where(vm.cpu.rip)))
-                return
+        if left is not None and left <= 0:
+            vm.kill(_timed_out(self.deadline.seconds, self.where(vm.cpu.rip)))
+            return
         step, native = self._step, self._native
         self._step, self._native = False, None
         self._sliced = not step and self._needs_slices()
@@ -446,7 +481,7 @@ class Runner:
         vm.cpu.regs.finish()               # the guest changes its registers from here on
         start = perf_counter()
         try:
-            vm.engine.uc.emu_start(begin, END, timeout=budget_us, count=count)
+            vm.engine.uc.emu_start(begin, END, count=count)      # the watchdog bounds it in time
         except UcError as e:
             if vm.stop is None and not self._debug_stop:
                 vm.kill(self._unicorn_error(e))
