@@ -30,7 +30,7 @@ interrupts.  Slices are counted, not timed: stopping Unicorn 2.1.4 from
 another thread (emu_stop, or emu_start's own timeout) sometimes resumes it
 one instruction early, running a read-modify-write of memory twice
 (measured: tests/test_runtime_interrupts.py), so the only asynchronous
-stop left is the one that ends a run at its timeout.  Counting costs guest
+stop left is the one that ends a run at its timeout (`Watchdog`).  Counting costs guest
 code about four times its speed while slicing; it is off whenever no timer
 is armed.
 
