@@ -73,6 +73,12 @@ def stop_from_another_thread(uc: Uc) -> None:
     _lib.uc_emu_stop(uc._uch)
 
 
+class _Mmr(ctypes.Structure):
+    """unicorn.h's uc_x86_mmr: what uc_reg_read of GDTR, IDTR, LDTR or TR fills in."""
+    _fields_ = [("selector", ctypes.c_uint16), ("base", ctypes.c_uint64), ("limit", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32)]
+
+
 class _Msr(ctypes.Structure):
     """unicorn.h's uc_x86_msr: what uc_reg_read of UC_X86_REG_MSR fills in."""
     _fields_ = [("rid", ctypes.c_uint32), ("value", ctypes.c_uint64)]
@@ -410,7 +416,7 @@ class RegisterFile:
     __slots__ = ("uc", "handle", "buf", "view", "live", "loaded", "dirty", "in_exit",
                  "gprs", "hflags_word", "eflags_word", "raw_control",
                  "_gpr", "_rip", "_eflags", "_hflags", "_cr", "_efer", "_block", "_control", "_control_at",
-                 "_priv", "_msrs", "_rings", "_scratch", "_scratch_ref", "_msr", "_msr_ref")
+                 "_priv", "_msrs", "_rings", "_scratch", "_scratch_ref", "_msr", "_msr_ref", "_mmr", "_mmr_ref")
 
     def __init__(self, uc: Uc):
         lay = layout()
@@ -447,6 +453,8 @@ class RegisterFile:
         self._scratch_ref = ctypes.byref(self._scratch)
         self._msr = _Msr()
         self._msr_ref = ctypes.byref(self._msr)
+        self._mmr = _Mmr()
+        self._mmr_ref = ctypes.byref(self._mmr)
 
     def begin_exit(self) -> None:
         """An exit starts: a copied file is loaded now and written back at `finish`, whatever changes."""
@@ -563,6 +571,13 @@ class RegisterFile:
         if _lib.uc_reg_write(self.handle, reg, self._scratch_ref):
             raise RuntimeError(f"internal error: unicorn refused to write register {reg}")
         self.invalidate()
+
+    def api_table(self, reg: int) -> tuple[int, int]:
+        """(limit, base) of a descriptor-table or task register, as Unicorn's API gives them."""
+        self.store()
+        if _lib.uc_reg_read(self.handle, reg, self._mmr_ref):
+            raise RuntimeError(f"internal error: unicorn refused to read register {reg}")
+        return self._mmr.limit, self._mmr.base
 
     def msr(self, n: int) -> int:
         """An MSR Unicorn keeps (the system-call ones straight from the state)."""

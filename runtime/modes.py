@@ -110,8 +110,7 @@ class Mode:
 
     def kernel_stack(self, vm: Vm) -> int:
         """The stack an entry from user mode switches to: the TSS's rsp0, as on hardware."""
-        vm.cpu.regs.store()
-        _, base, limit, _ = vm.engine.uc.reg_read(U.UC_X86_REG_TR)
+        limit, base = vm.cpu.regs.api_table(U.UC_X86_REG_TR)
         if limit < 11:
             raise GuestFault("entry from user mode, but no TSS is loaded (ltr) to give the kernel stack")
         try:
