@@ -193,6 +193,22 @@ PREFIX = 0x2E                  # CS override: ignored in 64-bit mode
 MAX_PREFIXES = 5               # added to one instruction, as gas's prefix padding (never beyond 15 bytes)
 
 
+def _register_pairs(opcode: int, w: bool) -> tuple[bytes, ...]:
+    """`opcode /r` on two registers, at index reg << 4 | rm (ModRM's reg field
+    and r/m register): REX (.W if `w`) where needed, the opcode, ModRM."""
+    return tuple((bytes((0x40 | w << 3 | reg >> 3 << 2 | rm >> 3,)) if w or reg >= 8 or rm >= 8 else b"")
+                 + bytes((opcode, 0xC0 | (reg & 7) << 3 | rm & 7)) for reg in range(16) for rm in range(16))
+
+
+# The register-to-register forms the emitters use most, made once: an
+# instruction on two registers is then one lookup, not an encoding.
+_MOV_RR = {size: _register_pairs(0x89, size == 8) for size in (4, 8)}                  # mov r/m, r
+_ALU_RR = {size: {ext: _register_pairs(ext * 8 + 1, size == 8) for ext in ALU.values()}  # add ... cmp r/m, r
+           for size in (4, 8)}
+_TEST_RR = _register_pairs(0x85, True)                                                 # test r/m64, r64
+_MOVSXD_RR = _register_pairs(0x63, True)                                               # movsxd r64, r/m32
+
+
 class Asm:
     """Machine code for one function: bytes, relocations, local labels."""
 
@@ -397,10 +413,14 @@ class Asm:
 
     def mov(self, dst: Reg | Mem, src: Reg | Mem | int, size: int = 8) -> None:
         """mov; a 64-bit immediate that does not fit in imm32 becomes movabs."""
+        if type(src) is Reg:                   # the common cases first
+            if type(dst) is Reg and size in _MOV_RR:
+                self._put(_MOV_RR[size][src.n << 4 | dst.n], False, PREFIXABLE)
+                return
+            if size == 8:
+                self._emit(b"\x89", src.n, dst, 8)
+                return
         op8 = size == 1
-        if type(src) is Reg and size == 8:     # the common case first
-            self._emit(b"\x89", src.n, dst, 8)
-            return
         _check_size(size)
         if isinstance(src, int):
             if isinstance(dst, Reg) and size == 8 and not fits_s32(src):
@@ -449,7 +469,10 @@ class Asm:
 
     def movsxd(self, dst: Reg, src: Reg | Mem) -> None:
         """Sign-extend 32 to 64 bits."""
-        self._emit(b"\x63", dst.n, src, 8)
+        if type(src) is Reg:
+            self._put(_MOVSXD_RR[dst.n << 4 | src.n], False, PREFIXABLE)
+        else:
+            self._emit(b"\x63", dst.n, src, 8)
 
     def lea(self, dst: Reg, src: Mem, size: int = 8) -> None:
         _check_size(size, (4, 8))
@@ -488,6 +511,9 @@ class Asm:
     # -- arithmetic ---------------------------------------------------------
 
     def _alu(self, ext: int, dst: Reg | Mem, src: Reg | Mem | int, size: int) -> None:
+        if type(src) is Reg and type(dst) is Reg and size in _ALU_RR:     # the common case first
+            self._put(_ALU_RR[size][ext][src.n << 4 | dst.n], False, PREFIXABLE)
+            return
         _check_size(size)
         op8 = size == 1
         if isinstance(src, int):
@@ -527,6 +553,9 @@ class Asm:
         self._alu(ALU["cmp"], dst, src, size)
 
     def test(self, dst: Reg | Mem, src: Reg | int, size: int = 8) -> None:
+        if type(src) is Reg and type(dst) is Reg and size == 8:             # the common case first
+            self._put(_TEST_RR[src.n << 4 | dst.n], False, PREFIXABLE)
+            return
         _check_size(size)
         op8 = size == 1
         if isinstance(src, int):
