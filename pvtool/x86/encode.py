@@ -207,6 +207,11 @@ _ALU_RR = {size: {ext: _register_pairs(ext * 8 + 1, size == 8) for ext in ALU.va
            for size in (4, 8)}
 _TEST_RR = _register_pairs(0x85, True)                                                 # test r/m64, r64
 _MOVSXD_RR = _register_pairs(0x63, True)                                               # movsxd r64, r/m32
+# ... and with an 8-bit immediate after them (_BYTE[b] is the byte b), by opcode extension and register
+_ALU_RI8 = {size: _register_pairs(0x83, size == 8) for size in (4, 8)}                 # add ... cmp r/m, imm8
+_SHIFT_RI8 = _register_pairs(0xC1, True)                                               # shl/shr/sar r/m64, imm8
+_IMUL_RRI8 = _register_pairs(0x6B, True)                                               # imul r64, r/m64, imm8
+_BYTE = tuple(bytes((b,)) for b in range(256))
 
 
 class Asm:
@@ -511,9 +516,13 @@ class Asm:
     # -- arithmetic ---------------------------------------------------------
 
     def _alu(self, ext: int, dst: Reg | Mem, src: Reg | Mem | int, size: int) -> None:
-        if type(src) is Reg and type(dst) is Reg and size in _ALU_RR:     # the common case first
-            self._put(_ALU_RR[size][ext][src.n << 4 | dst.n], False, PREFIXABLE)
-            return
+        if type(dst) is Reg and size in _ALU_RR:                           # the common cases first
+            if type(src) is Reg:
+                self._put(_ALU_RR[size][ext][src.n << 4 | dst.n], False, PREFIXABLE)
+                return
+            if type(src) is int and -0x80 <= src < 0x80:
+                self._put(_ALU_RI8[size][ext << 4 | dst.n] + _BYTE[src & 0xFF], False, PREFIXABLE)
+                return
         _check_size(size)
         op8 = size == 1
         if isinstance(src, int):
@@ -571,6 +580,9 @@ class Asm:
 
     def imul(self, dst: Reg, src: Reg | Mem, imm: int | None = None, size: int = 8) -> None:
         """imul dst, src  or, with `imm`, imul dst, src, imm."""
+        if type(src) is Reg and size == 8 and imm is not None and -0x80 <= imm < 0x80:   # the common case first
+            self._put(_IMUL_RRI8[dst.n << 4 | src.n] + _BYTE[imm & 0xFF], False, PREFIXABLE)
+            return
         _check_size(size, (2, 4, 8))
         if imm is None:
             self._emit(b"\x0F\xAF", dst.n, src, size)
@@ -603,6 +615,9 @@ class Asm:
         self._plain(0x48, 0x99)
 
     def _shift(self, ext: int, dst: Reg | Mem, count: int | Reg, size: int) -> None:
+        if type(dst) is Reg and type(count) is int and size == 8 and 0 <= count < 256:   # the common case first
+            self._put(_SHIFT_RI8[ext << 4 | dst.n] + _BYTE[count], False, PREFIXABLE)
+            return
         _check_size(size)
         op8 = size == 1
         byte_regs = self._byte_regs(size, dst)
