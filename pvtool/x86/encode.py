@@ -200,18 +200,22 @@ def _register_pairs(opcode: int, w: bool) -> tuple[bytes, ...]:
                  + bytes((opcode, 0xC0 | (reg & 7) << 3 | rm & 7)) for reg in range(16) for rm in range(16))
 
 
-# The register-to-register forms the emitters use most, made once: an
-# instruction on two registers is then one lookup, not an encoding.
+# The register forms the emitters use most, made once: an instruction on
+# registers is then a lookup (and its immediate appended), not an encoding.
+# Two registers, at reg << 4 | rm:
 _MOV_RR = {size: _register_pairs(0x89, size == 8) for size in (4, 8)}                  # mov r/m, r
 _ALU_RR = {size: {ext: _register_pairs(ext * 8 + 1, size == 8) for ext in ALU.values()}  # add ... cmp r/m, r
            for size in (4, 8)}
 _TEST_RR = _register_pairs(0x85, True)                                                 # test r/m64, r64
 _MOVSXD_RR = _register_pairs(0x63, True)                                               # movsxd r64, r/m32
-# ... and with an 8-bit immediate after them (_BYTE[b] is the byte b), by opcode extension and register
+_IMUL_RRI8 = _register_pairs(0x6B, True)                                               # imul r64, r/m64, imm8
+# An opcode extension and a register, at ext << 4 | rm:
 _ALU_RI8 = {size: _register_pairs(0x83, size == 8) for size in (4, 8)}                 # add ... cmp r/m, imm8
 _SHIFT_RI8 = _register_pairs(0xC1, True)                                               # shl/shr/sar r/m64, imm8
-_IMUL_RRI8 = _register_pairs(0x6B, True)                                               # imul r64, r/m64, imm8
-_BYTE = tuple(bytes((b,)) for b in range(256))
+_GROUP3_R = _register_pairs(0xF7, True)                                                # not/neg/div/idiv r/m64
+# A register in the opcode:
+_MOV_R32I = tuple((b"\x41" if n >= 8 else b"") + bytes((0xB8 + (n & 7),)) for n in range(16))  # mov r32, imm32
+_BYTE = tuple(bytes((b,)) for b in range(256))                                         # an imm8
 
 
 class Asm:
@@ -425,6 +429,9 @@ class Asm:
             if size == 8:
                 self._emit(b"\x89", src.n, dst, 8)
                 return
+        elif type(src) is int and type(dst) is Reg and size == 4 and -0x8000_0000 <= src < 0x1_0000_0000:
+            self._put(_MOV_R32I[dst.n] + (src & 0xFFFF_FFFF).to_bytes(4, "little"), False, PREFIXABLE)
+            return
         op8 = size == 1
         _check_size(size)
         if isinstance(src, int):
@@ -594,6 +601,9 @@ class Asm:
             self._emit(b"\x69", dst.n, src, size, imm=imm_bytes(imm, min(size, 4)))
 
     def _group3(self, ext: int, dst: Reg | Mem, size: int) -> None:
+        if type(dst) is Reg and size == 8:                                  # the common case first
+            self._put(_GROUP3_R[ext << 4 | dst.n], False, PREFIXABLE)
+            return
         _check_size(size)
         self._emit(b"\xF6" if size == 1 else b"\xF7", ext, dst, size, byte_regs=self._byte_regs(size, dst))
 
