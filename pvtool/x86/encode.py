@@ -193,11 +193,18 @@ PREFIX = 0x2E                  # CS override: ignored in 64-bit mode
 MAX_PREFIXES = 5               # added to one instruction, as gas's prefix padding (never beyond 15 bytes)
 
 
+# Of each register pair (ModRM's reg field and r/m register), at reg << 4 | rm:
+# its REX.R and REX.B bits, and the low six bits of its ModRM.
+_PAIR_PARTS = [(reg >> 3 << 1 | rm >> 3, (reg & 7) << 3 | rm & 7) for reg in range(16) for rm in range(16)]
+
+
 def _register_pairs(opcode: int, w: bool) -> tuple[bytes, ...]:
-    """`opcode /r` on two registers, at index reg << 4 | rm (ModRM's reg field
-    and r/m register): REX (.W if `w`) where needed, the opcode, ModRM."""
-    return tuple((bytes((0x40 | w << 3 | reg >> 3 << 2 | rm >> 3,)) if w or reg >= 8 or rm >= 8 else b"")
-                 + bytes((opcode, 0xC0 | (reg & 7) << 3 | rm & 7)) for reg in range(16) for rm in range(16))
+    """`opcode /r` on two registers, at index reg << 4 | rm: REX (.W if `w`)
+    where needed, the opcode, ModRM.  Made from 4 prefixes and 64 opcode-ModRM
+    pairs, so the tables below cost little at import."""
+    rex = [bytes((0x40 | w << 3 | rb >> 1 << 2 | rb & 1,)) if w or rb else b"" for rb in range(4)]
+    modrm = [bytes((opcode, 0xC0 | low)) for low in range(64)]
+    return tuple([rex[rb] + modrm[low] for rb, low in _PAIR_PARTS])
 
 
 # The register forms the emitters use most, made once: an instruction on
