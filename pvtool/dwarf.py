@@ -276,82 +276,131 @@ def _loclist(places: list[tuple[int, int, int | None, int]], base: int, loc: byt
     return at
 
 
-def _unit(files: list[str], funcs: list[Func], variables: list[Global], low: int, high: int,
-          comp_dir: str, loc: bytearray) -> _Die:
-    index = {f: k + 1 for k, f in enumerate(files)}
-    dies: dict[Type, _Die] = {}
-    types: list[_Die] = []
-    children: list[_Die] = []
-    for g in variables:
-        children.append(_Die(DW_TAG_variable, [(DW_AT_name, DW_FORM_string, g.name)] + _typed(g.type, dies, types)
-                             + [(DW_AT_external, DW_FORM_flag_present, True),
-                                (DW_AT_decl_file, DW_FORM_udata, index.get(g.file, 0)),
-                                (DW_AT_decl_line, DW_FORM_udata, g.line),
-                                (DW_AT_location, DW_FORM_exprloc, bytes([DW_OP_addr]) + struct.pack("<Q", g.address))]))
-    for f in funcs:
-        locals_ = []
-        for v in f.variables:
-            attrs = [(DW_AT_name, DW_FORM_string, v.name), (DW_AT_decl_line, DW_FORM_udata, v.line)]
-            attrs += _typed(v.type, dies, types)
-            if v.places:                        # else gdb says <optimized out>
-                attrs.append((DW_AT_location, DW_FORM_sec_offset, _loclist(v.places, low, loc)))
-            locals_.append(_Die(DW_TAG_formal_parameter if v.param else DW_TAG_variable, attrs))
-        children.append(_Die(DW_TAG_subprogram, [
-            (DW_AT_name, DW_FORM_string, f.name), (DW_AT_external, DW_FORM_flag_present, True),
-            (DW_AT_prototyped, DW_FORM_flag_present, True),
-            (DW_AT_decl_file, DW_FORM_udata, index.get(f.file, 0)), (DW_AT_decl_line, DW_FORM_udata, f.line),
-            (DW_AT_low_pc, DW_FORM_addr, f.low), (DW_AT_high_pc, DW_FORM_addr, f.high)]
-            + _typed(f.result, dies, types), locals_))
-    return _Die(DW_TAG_compile_unit, [
-        (DW_AT_producer, DW_FORM_string, PRODUCER), (DW_AT_language, DW_FORM_data2, DW_LANG_C99),
-        (DW_AT_name, DW_FORM_string, files[0] if files else ""), (DW_AT_comp_dir, DW_FORM_string, comp_dir),
-        (DW_AT_stmt_list, DW_FORM_sec_offset, 0), (DW_AT_low_pc, DW_FORM_addr, low),
-        (DW_AT_high_pc, DW_FORM_addr, high)], types + children)
-
-
 _FORMS = {DW_FORM_string: _cstr, DW_FORM_addr: lambda v: struct.pack("<Q", v), DW_FORM_data1: lambda v: bytes([v]),
           DW_FORM_data2: lambda v: struct.pack("<H", v), DW_FORM_udata: uleb,
           DW_FORM_sec_offset: lambda v: struct.pack("<I", v), DW_FORM_exprloc: lambda v: uleb(len(v)) + v,
           DW_FORM_flag_present: lambda v: b"", DW_FORM_ref4: lambda v: bytes(4)}
 
-
 _ATTRIBUTE_FORM = itemgetter(0, 1)      # (attribute, form) of an (attribute, form, value)
+_HEADER = 11                            # unit_length, version, abbrev_offset, address_size
+
+# The (attribute, form) pairs of the entries written without a _Die, one
+# entry per global, function and local variable; a type reference and a
+# location are optional.
+_TYPE = ((DW_AT_type, DW_FORM_ref4),)
+_GLOBAL_NAME = ((DW_AT_name, DW_FORM_string),)
+_GLOBAL_REST = ((DW_AT_external, DW_FORM_flag_present), (DW_AT_decl_file, DW_FORM_udata),
+                (DW_AT_decl_line, DW_FORM_udata), (DW_AT_location, DW_FORM_exprloc))
+_SUBPROGRAM = ((DW_AT_name, DW_FORM_string), (DW_AT_external, DW_FORM_flag_present),
+               (DW_AT_prototyped, DW_FORM_flag_present), (DW_AT_decl_file, DW_FORM_udata),
+               (DW_AT_decl_line, DW_FORM_udata), (DW_AT_low_pc, DW_FORM_addr), (DW_AT_high_pc, DW_FORM_addr))
+_LOCAL = ((DW_AT_name, DW_FORM_string), (DW_AT_decl_line, DW_FORM_udata))
+_LOCATED = ((DW_AT_location, DW_FORM_sec_offset),)
 
 
-def _encode_info(unit: _Die) -> tuple[bytes, bytes]:
-    """(.debug_abbrev, .debug_info) for one unit: an abbreviation per distinct shape of entry."""
-    abbrevs: dict[tuple, int] = {}
-    table, body = bytearray(), bytearray()
-    offsets: dict[_Die, int] = {}
-    refs: list[tuple[int, _Die]] = []
-    header = 11                                 # unit_length, version, abbrev_offset, address_size
+class _Info:
+    """.debug_abbrev and .debug_info for one unit, written entry by entry in
+    their final order, with an abbreviation per distinct shape of entry.  The
+    types are few and may refer to each other (or to themselves), so they are
+    _Die trees whose references are patched at the end; the many entries of
+    globals, functions and locals are written straight from the records."""
 
-    # Depth first with an explicit stack (None closes a list of children): a
-    # recursive closure would be a reference cycle holding every entry.
-    stack: list[_Die | None] = [unit]
-    while stack:
-        die = stack.pop()
-        if die is None:
-            body.append(0)
-            continue
-        shape = (die.tag, die.children is not None, tuple(map(_ATTRIBUTE_FORM, die.attrs)))
-        if shape not in abbrevs:
-            abbrevs[shape] = code = len(abbrevs) + 1
-            table.extend(uleb(code) + uleb(die.tag) + bytes([die.children is not None])
-                         + b"".join(uleb(a) + uleb(f) for a, f in shape[2]) + b"\0\0")
-        offsets[die] = header + len(body)
-        body.extend(uleb(abbrevs[shape]))
+    def __init__(self) -> None:
+        self.abbrevs: dict[tuple, int] = {}
+        self.table = bytearray()
+        self.body = bytearray()
+        self.offsets: dict[_Die, int] = {}
+        self.refs: list[tuple[int, _Die]] = []
+
+    def start(self, tag: int, children: bool, attributes: tuple) -> None:
+        """Begin an entry of this shape: its abbreviation code."""
+        shape = (tag, children, attributes)
+        code = self.abbrevs.get(shape)
+        if code is None:
+            self.abbrevs[shape] = code = len(self.abbrevs) + 1
+            self.table += (uleb(code) + uleb(tag) + bytes([children])
+                           + b"".join(uleb(a) + uleb(f) for a, f in attributes) + b"\0\0")
+        self.body += uleb(code)
+
+    def entry(self, die: _Die) -> None:
+        """One entry, without its children."""
+        body = self.body
+        self.offsets[die] = _HEADER + len(body)
+        self.start(die.tag, die.children is not None, tuple(map(_ATTRIBUTE_FORM, die.attrs)))
         for _, form, value in die.attrs:
-            if form == DW_FORM_ref4:            # patched once every entry has its offset
-                refs.append((len(body), value))
-            body.extend(_FORMS[form](value))
-        if die.children is not None:
-            stack.append(None)
-            stack.extend(reversed(die.children))
-    for at, target in refs:
-        struct.pack_into("<I", body, at, offsets[target])
-    after_length = struct.pack("<HIB", VERSION, 0, 8) + bytes(body)
-    return bytes(table) + b"\0", struct.pack("<I", len(after_length)) + after_length
+            if form == DW_FORM_ref4:                # patched once every entry has its offset
+                self.refs.append((len(body), value))
+            body += _FORMS[form](value)
+
+    def tree(self, top: _Die) -> None:
+        """An entry and its children, depth first."""
+        # An explicit stack (None closes a list of children): a recursive
+        # closure would be a reference cycle holding every entry.
+        stack: list[_Die | None] = [top]
+        while stack:
+            die = stack.pop()
+            if die is None:
+                self.body.append(0)
+                continue
+            self.entry(die)
+            if die.children is not None:
+                stack.append(None)
+                stack.extend(reversed(die.children))
+
+    def type_ref(self, die: _Die | None) -> bytes:
+        return b"" if die is None else struct.pack("<I", self.offsets[die])
+
+    def sections(self) -> tuple[bytes, bytes]:
+        self.body.append(0)                     # the end of the unit's children
+        for at, target in self.refs:
+            struct.pack_into("<I", self.body, at, self.offsets[target])
+        after_length = struct.pack("<HIB", VERSION, 0, 8) + bytes(self.body)
+        return bytes(self.table) + b"\0", struct.pack("<I", len(after_length)) + after_length
+
+
+def _info(files: list[str], funcs: list[Func], variables: list[Global], low: int, high: int,
+          comp_dir: str, loc: bytearray) -> tuple[bytes, bytes]:
+    """(.debug_abbrev, .debug_info): the compile unit, then the types, the globals and the
+    functions with their locals; .debug_loc gets the locals' location lists."""
+    index = {f: k + 1 for k, f in enumerate(files)}
+    dies: dict[Type, _Die] = {}
+    types: list[_Die] = []
+    # The types first, in the order the entries below meet them.
+    for g in variables:
+        _typed(g.type, dies, types)
+    for f in funcs:
+        for v in f.variables:
+            _typed(v.type, dies, types)
+        _typed(f.result, dies, types)
+    info = _Info()
+    info.entry(_Die(DW_TAG_compile_unit, [
+        (DW_AT_producer, DW_FORM_string, PRODUCER), (DW_AT_language, DW_FORM_data2, DW_LANG_C99),
+        (DW_AT_name, DW_FORM_string, files[0] if files else ""), (DW_AT_comp_dir, DW_FORM_string, comp_dir),
+        (DW_AT_stmt_list, DW_FORM_sec_offset, 0), (DW_AT_low_pc, DW_FORM_addr, low),
+        (DW_AT_high_pc, DW_FORM_addr, high)], []))
+    for t in types:
+        info.tree(t)
+    body = info.body
+    for g in variables:
+        t = dies[g.type] if g.type is not None else None
+        info.start(DW_TAG_variable, False, _GLOBAL_NAME + (_TYPE if t is not None else ()) + _GLOBAL_REST)
+        address = bytes([DW_OP_addr]) + struct.pack("<Q", g.address)
+        body += (_cstr(g.name) + info.type_ref(t) + uleb(index.get(g.file, 0)) + uleb(g.line)
+                 + uleb(len(address)) + address)
+    for f in funcs:
+        t = dies[f.result] if f.result is not None else None
+        info.start(DW_TAG_subprogram, True, _SUBPROGRAM + (_TYPE if t is not None else ()))
+        body += (_cstr(f.name) + uleb(index.get(f.file, 0)) + uleb(f.line) + struct.pack("<QQ", f.low, f.high)
+                 + info.type_ref(t))
+        for v in f.variables:
+            t = dies[v.type] if v.type is not None else None
+            info.start(DW_TAG_formal_parameter if v.param else DW_TAG_variable, False,
+                       _LOCAL + (_TYPE if t is not None else ()) + (_LOCATED if v.places else ()))
+            body += _cstr(v.name) + uleb(v.line) + info.type_ref(t)
+            if v.places:                        # else gdb says <optimized out>
+                body += struct.pack("<I", _loclist(v.places, low, loc))
+        body.append(0)
+    return info.sections()
 
 
 # -- call-frame information ---------------------------------------------------------------
@@ -459,7 +508,7 @@ def debug_sections(rows: list[Row], funcs: list[Func], files: list[str], low: in
     """The .debug_abbrev, .debug_info, .debug_line, .debug_loc and .debug_frame contents for
     code in [low, high)."""
     loc = bytearray()
-    abbrev, info = _encode_info(_unit(files, funcs, variables or [], low, high, comp_dir, loc))
+    abbrev, info = _info(files, funcs, variables or [], low, high, comp_dir, loc)
     sections = {".debug_abbrev": abbrev, ".debug_info": info, ".debug_line": debug_line(rows, files, high)}
     if loc:
         sections[".debug_loc"] = bytes(loc)

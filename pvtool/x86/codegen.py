@@ -355,14 +355,17 @@ class FunctionGen:
 
     def mark(self, loc: Loc | None) -> None:
         """A line row whenever the source line changes."""
-        lines = self.lines
-        if loc is None or (lines and (lines[-1][1] is loc or (
-                lines[-1][1].line == loc.line and lines[-1][1].file == loc.file))):
+        if loc is None:
             return
-        if lines and self.a.at(lines[-1][0]) == self.a.offset:
-            lines.pop()                      # that line produced no code
-            if lines and lines[-1][1].line == loc.line and lines[-1][1].file == loc.file:
+        lines = self.lines
+        if lines:
+            anchor, last = lines[-1]
+            if last is loc or (last.line == loc.line and last.file == loc.file):
                 return
+            if self.a.at(anchor) == self.a.offset:
+                lines.pop()                  # that line produced no code
+                if lines and lines[-1][1].line == loc.line and lines[-1][1].file == loc.file:
+                    return
         lines.append((self.a.anchor(), loc))
 
     def site(self, start: int, op: str, loc: Loc | None, becomes: str = "", kind: int = abi.SITE_NATIVE) -> None:

@@ -193,6 +193,38 @@ PREFIX = 0x2E                  # CS override: ignored in 64-bit mode
 MAX_PREFIXES = 5               # added to one instruction, as gas's prefix padding (never beyond 15 bytes)
 
 
+# Of each register pair (ModRM's reg field and r/m register), at reg << 4 | rm:
+# its REX.R and REX.B bits, and the low six bits of its ModRM.
+_PAIR_PARTS = [(reg >> 3 << 1 | rm >> 3, (reg & 7) << 3 | rm & 7) for reg in range(16) for rm in range(16)]
+
+
+def _register_pairs(opcode: int, w: bool) -> tuple[bytes, ...]:
+    """`opcode /r` on two registers, at index reg << 4 | rm: REX (.W if `w`)
+    where needed, the opcode, ModRM.  Made from 4 prefixes and 64 opcode-ModRM
+    pairs, so the tables below cost little at import."""
+    rex = [bytes((0x40 | w << 3 | rb >> 1 << 2 | rb & 1,)) if w or rb else b"" for rb in range(4)]
+    modrm = [bytes((opcode, 0xC0 | low)) for low in range(64)]
+    return tuple([rex[rb] + modrm[low] for rb, low in _PAIR_PARTS])
+
+
+# The register forms the emitters use most, made once: an instruction on
+# registers is then a lookup (and its immediate appended), not an encoding.
+# Two registers, at reg << 4 | rm:
+_MOV_RR = {size: _register_pairs(0x89, size == 8) for size in (4, 8)}                  # mov r/m, r
+_ALU_RR = {size: {ext: _register_pairs(ext * 8 + 1, size == 8) for ext in ALU.values()}  # add ... cmp r/m, r
+           for size in (4, 8)}
+_TEST_RR = _register_pairs(0x85, True)                                                 # test r/m64, r64
+_MOVSXD_RR = _register_pairs(0x63, True)                                               # movsxd r64, r/m32
+_IMUL_RRI8 = _register_pairs(0x6B, True)                                               # imul r64, r/m64, imm8
+# An opcode extension and a register, at ext << 4 | rm:
+_ALU_RI8 = {size: _register_pairs(0x83, size == 8) for size in (4, 8)}                 # add ... cmp r/m, imm8
+_SHIFT_RI8 = _register_pairs(0xC1, True)                                               # shl/shr/sar r/m64, imm8
+_GROUP3_R = _register_pairs(0xF7, True)                                                # not/neg/div/idiv r/m64
+# A register in the opcode:
+_MOV_R32I = tuple((b"\x41" if n >= 8 else b"") + bytes((0xB8 + (n & 7),)) for n in range(16))  # mov r32, imm32
+_BYTE = tuple(bytes((b,)) for b in range(256))                                         # an imm8
+
+
 class Asm:
     """Machine code for one function: bytes, relocations, local labels."""
 
@@ -397,10 +429,17 @@ class Asm:
 
     def mov(self, dst: Reg | Mem, src: Reg | Mem | int, size: int = 8) -> None:
         """mov; a 64-bit immediate that does not fit in imm32 becomes movabs."""
-        op8 = size == 1
-        if type(src) is Reg and size == 8:     # the common case first
-            self._emit(b"\x89", src.n, dst, 8)
+        if type(src) is Reg:                   # the common cases first
+            if type(dst) is Reg and size in _MOV_RR:
+                self._put(_MOV_RR[size][src.n << 4 | dst.n], False, PREFIXABLE)
+                return
+            if size == 8:
+                self._emit(b"\x89", src.n, dst, 8)
+                return
+        elif type(src) is int and type(dst) is Reg and size == 4 and -0x8000_0000 <= src < 0x1_0000_0000:
+            self._put(_MOV_R32I[dst.n] + (src & 0xFFFF_FFFF).to_bytes(4, "little"), False, PREFIXABLE)
             return
+        op8 = size == 1
         _check_size(size)
         if isinstance(src, int):
             if isinstance(dst, Reg) and size == 8 and not fits_s32(src):
@@ -449,7 +488,10 @@ class Asm:
 
     def movsxd(self, dst: Reg, src: Reg | Mem) -> None:
         """Sign-extend 32 to 64 bits."""
-        self._emit(b"\x63", dst.n, src, 8)
+        if type(src) is Reg:
+            self._put(_MOVSXD_RR[dst.n << 4 | src.n], False, PREFIXABLE)
+        else:
+            self._emit(b"\x63", dst.n, src, 8)
 
     def lea(self, dst: Reg, src: Mem, size: int = 8) -> None:
         _check_size(size, (4, 8))
@@ -488,6 +530,13 @@ class Asm:
     # -- arithmetic ---------------------------------------------------------
 
     def _alu(self, ext: int, dst: Reg | Mem, src: Reg | Mem | int, size: int) -> None:
+        if type(dst) is Reg and size in _ALU_RR:                           # the common cases first
+            if type(src) is Reg:
+                self._put(_ALU_RR[size][ext][src.n << 4 | dst.n], False, PREFIXABLE)
+                return
+            if type(src) is int and -0x80 <= src < 0x80:
+                self._put(_ALU_RI8[size][ext << 4 | dst.n] + _BYTE[src & 0xFF], False, PREFIXABLE)
+                return
         _check_size(size)
         op8 = size == 1
         if isinstance(src, int):
@@ -527,6 +576,9 @@ class Asm:
         self._alu(ALU["cmp"], dst, src, size)
 
     def test(self, dst: Reg | Mem, src: Reg | int, size: int = 8) -> None:
+        if type(src) is Reg and type(dst) is Reg and size == 8:             # the common case first
+            self._put(_TEST_RR[src.n << 4 | dst.n], False, PREFIXABLE)
+            return
         _check_size(size)
         op8 = size == 1
         if isinstance(src, int):
@@ -542,6 +594,9 @@ class Asm:
 
     def imul(self, dst: Reg, src: Reg | Mem, imm: int | None = None, size: int = 8) -> None:
         """imul dst, src  or, with `imm`, imul dst, src, imm."""
+        if type(src) is Reg and size == 8 and imm is not None and -0x80 <= imm < 0x80:   # the common case first
+            self._put(_IMUL_RRI8[dst.n << 4 | src.n] + _BYTE[imm & 0xFF], False, PREFIXABLE)
+            return
         _check_size(size, (2, 4, 8))
         if imm is None:
             self._emit(b"\x0F\xAF", dst.n, src, size)
@@ -553,6 +608,9 @@ class Asm:
             self._emit(b"\x69", dst.n, src, size, imm=imm_bytes(imm, min(size, 4)))
 
     def _group3(self, ext: int, dst: Reg | Mem, size: int) -> None:
+        if type(dst) is Reg and size == 8:                                  # the common case first
+            self._put(_GROUP3_R[ext << 4 | dst.n], False, PREFIXABLE)
+            return
         _check_size(size)
         self._emit(b"\xF6" if size == 1 else b"\xF7", ext, dst, size, byte_regs=self._byte_regs(size, dst))
 
@@ -574,6 +632,9 @@ class Asm:
         self._plain(0x48, 0x99)
 
     def _shift(self, ext: int, dst: Reg | Mem, count: int | Reg, size: int) -> None:
+        if type(dst) is Reg and type(count) is int and size == 8 and 0 <= count < 256:   # the common case first
+            self._put(_SHIFT_RI8[ext << 4 | dst.n] + _BYTE[count], False, PREFIXABLE)
+            return
         _check_size(size)
         op8 = size == 1
         byte_regs = self._byte_regs(size, dst)
