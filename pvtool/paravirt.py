@@ -95,13 +95,16 @@ def is_queued(ins: Instr) -> bool:
     return isinstance(ins, MachineOp) and ins.op in QUEUED
 
 
+_QUIET = PURE + (Call, Jump, Branch, Ret)      # what a quiet function may hold
+
+
 def quiet_functions(module: Module) -> frozenset[str]:
     """The kernel functions that only compute in registers and call each other (a helper that works
     out a table's address, say): a call to one cannot observe a pending batch, so it is no flush
     point.  The largest such set: a function is dropped as soon as it does anything else or calls
     one that does."""
     quiet = {fn.name for fn in module.functions if not (fn.user or fn.interrupt or fn.trap_entry)
-             and all(isinstance(i, PURE + (Call, Jump, Branch, Ret)) for i in fn.instructions())}
+             and all(isinstance(i, _QUIET) for i in fn.instructions())}
     calls = {fn.name: {i.func for i in fn.instructions() if isinstance(i, Call)}
              for fn in module.functions if fn.name in quiet}
     while unquiet := {name for name in quiet if not calls[name] <= quiet}:
