@@ -9,18 +9,18 @@ import pytest
 from pvtool import driver
 from runtime.hypervisor import run
 
-KERNEL = """
-const PT_BASE: u64 = 0x1000000;
+# Constants, table(), and the hierarchies of both spaces, built at the start of kmain: table 0 is the
+# low PD both spaces share; space A: PML4 1, PDPT 2, window PD 3, window PT 4 (mapping ALIAS to frame
+# 0x1400000); space B: PML4 5, PDPT 6 (no window).
+PRELUDE = """const PT_BASE: u64 = 0x1000000;
 const ALIAS: u64 = 0x40000000;
 const RW: u64 = 3;
 const HUGE: u64 = 0x80;
 
 fn table(i: u64) -> *u64 { return (PT_BASE + i * 4096) as *u64; }
 
-// Table 0: the low PD both spaces share.  Space A: PML4 1, PDPT 2, window PD 3,
-// window PT 4.  Space B: PML4 5, PDPT 6 (no window).
-fn kmain() -> u64 {
-    for t in 0..7 { var p = table(t); for i in 0..512 { p[i] = 0; } }
+"""
+SPACES = """    for t in 0..7 { var p = table(t); for i in 0..512 { p[i] = 0; } }
     for i in 0..32 { set_pte(&table(0)[i], (i << 21) | RW | HUGE); }
     set_pte(&table(4)[0], 0x1400000 | RW);
     set_pte(&table(3)[0], (table(4) as u64) | RW);
@@ -29,7 +29,11 @@ fn kmain() -> u64 {
     set_pte(&table(1)[0], (table(2) as u64) | RW);
     set_pte(&table(6)[0], (table(0) as u64) | RW);
     set_pte(&table(5)[0], (table(6) as u64) | RW);
-    *(0x1400000 as *u64) = 11;
+"""
+
+KERNEL = PRELUDE + """
+fn kmain() -> u64 {
+""" + SPACES + """    *(0x1400000 as *u64) = 11;
     *(0x1401000 as *u64) = 22;
 
     write_cr3(table(1) as u64);
@@ -75,26 +79,10 @@ def test_a_bad_entry_written_while_not_live_is_refused_when_its_root_returns(tmp
     assert result.status == 100
 
 
-STASH = """
-const PT_BASE: u64 = 0x1000000;
-const ALIAS: u64 = 0x40000000;
-const RW: u64 = 3;
-const HUGE: u64 = 0x80;
-
-fn table(i: u64) -> *u64 { return (PT_BASE + i * 4096) as *u64; }
-
-// As above: space A (PML4 1) has a window PT (table 4) mapping ALIAS; space B (PML4 5) has none.
+STASH = PRELUDE + """
+// As above: space A has a window PT (table 4) mapping ALIAS; space B has none.
 fn kmain() -> u64 {
-    for t in 0..7 { var p = table(t); for i in 0..512 { p[i] = 0; } }
-    for i in 0..32 { set_pte(&table(0)[i], (i << 21) | RW | HUGE); }
-    set_pte(&table(4)[0], 0x1400000 | RW);
-    set_pte(&table(3)[0], (table(4) as u64) | RW);
-    set_pte(&table(2)[0], (table(0) as u64) | RW);
-    set_pte(&table(2)[1], (table(3) as u64) | RW);
-    set_pte(&table(1)[0], (table(2) as u64) | RW);
-    set_pte(&table(6)[0], (table(0) as u64) | RW);
-    set_pte(&table(5)[0], (table(6) as u64) | RW);
-
+""" + SPACES + """
     write_cr3(table(1) as u64);
     set_pte(ALIAS as *u64, 1);              // the hypervisor translates ALIAS: frame 0x1400000
     write_cr3(table(5) as u64);
