@@ -415,7 +415,7 @@ class RegisterFile:
 
     __slots__ = ("uc", "handle", "buf", "view", "live", "loaded", "dirty", "in_exit",
                  "gprs", "hflags_word", "eflags_word", "raw_control",
-                 "_gpr", "_rip", "_eflags", "_hflags", "_cr", "_efer", "_block", "_control", "_control_at",
+                 "_gpr", "_rip", "_eflags", "_hflags", "_cr", "_efer", "_control", "_control_at",
                  "_priv", "_msrs", "_rings", "_scratch", "_scratch_ref", "_msr", "_msr_ref", "_mmr", "_mmr_ref")
 
     def __init__(self, uc: Uc):
@@ -431,7 +431,6 @@ class RegisterFile:
         self.in_exit = False
         self._gpr, self._rip, self._eflags, self._hflags = lay.gpr, lay.rip, lay.eflags, lay.hflags
         self._cr, self._efer = lay.cr, lay.efer
-        self._block = struct.Struct(f"<{RIP_INDEX + 1}Q")        # the GPRs then RIP: contiguous
         base = ctypes.addressof(self.buf)
         self.gprs = (_c_u64 * (RIP_INDEX + 1)).from_address(base + lay.gpr["rax"])   # GPR_ORDER, then RIP
         self.hflags_word = ctypes.c_uint32.from_address(base + lay.hflags)
@@ -503,12 +502,6 @@ class RegisterFile:
             self.load()
         view, gpr = self.view, self._gpr
         return tuple(_U64.unpack_from(view, gpr[n])[0] for n in names)
-
-    def block(self) -> tuple[int, ...]:
-        """All general registers (GPR_ORDER) and RIP (at RIP_INDEX), in one read."""
-        if not self.loaded:
-            self.load()
-        return self._block.unpack_from(self.view, self._gpr["rax"])
 
     def control(self) -> tuple[int, int, int, int]:
         """(CR0, CR3, CR4, EFER), in one read."""

@@ -51,7 +51,22 @@ def test_writes_through_the_api_are_seen_by_the_next_exit(register_file):
     eng.uc.reg_write(U.UC_X86_REG_RDI, 0x1234)
     regs.finish()                          # what the run loop does between exits
     assert regs["rbx"] == 0xABCD
-    assert regs.block()[engine.GPR_INDEX["rdi"]] == 0x1234
+    assert regs.gprs[engine.GPR_INDEX["rdi"]] == 0x1234
+
+
+def test_raw_fields_written_in_an_exit_reach_the_cpu_around_api_calls(register_file):
+    """Inside an exit the raw fields are always current and always written back: an API call in
+    the middle (store, the call, a reload in a copied file) loses neither side's writes."""
+    eng = engine.Engine()
+    regs, k = eng.regs, engine.GPR_INDEX
+    regs.begin_exit()
+    regs.gprs[k["rax"]] = 5
+    regs.api_write(U.UC_X86_REG_RFLAGS, 0x246)
+    regs.gprs[k["rcx"]] = 6
+    assert regs.gprs[k["rax"]] == 5 and regs.eflags_word.value & 0x200
+    regs.finish()
+    assert (eng.uc.reg_read(U.UC_X86_REG_RAX), eng.uc.reg_read(U.UC_X86_REG_RCX)) == (5, 6)
+    assert eng.uc.reg_read(U.UC_X86_REG_RFLAGS) == 0x246
 
 
 def test_msr_writes_and_rflags_survive_a_register_file_written_in_the_same_exit(register_file):
