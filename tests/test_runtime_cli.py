@@ -1,12 +1,12 @@
 """`pvtool run`: stdout is the guest's console, the exit status is the guest's (or 124/125/1/2)."""
 from __future__ import annotations
 
-import re
-
 import argparse
 import json
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -55,8 +55,11 @@ def test_fault_exits_125_with_one_line_on_stderr(hostile):
 
 
 def test_timeout_exits_124(hostile, capfd):
+    """The spinning guest never exits: only the run's watchdog thread can stop it, and it goes with the run."""
+    threads = threading.active_count()
     assert run_command.run(args(hostile, cmdline="spin", timeout=0.3)) == 124
     assert "timeout" in capfd.readouterr().err
+    assert threading.active_count() == threads
 
 
 def test_max_exits_exits_124(hostile, capfd):
