@@ -415,7 +415,7 @@ class RegisterFile:
 
     __slots__ = ("uc", "handle", "buf", "view", "live", "loaded", "dirty", "in_exit",
                  "gprs", "hflags_word", "eflags_word", "raw_control",
-                 "_gpr", "_rip", "_eflags", "_hflags", "_cr", "_efer", "_control", "_control_at",
+                 "_gpr", "_rip", "_cr", "_efer",
                  "_priv", "_msrs", "_rings", "_scratch", "_scratch_ref", "_msr", "_msr_ref", "_mmr", "_mmr_ref")
 
     def __init__(self, uc: Uc):
@@ -429,7 +429,7 @@ class RegisterFile:
         self.view = memoryview(self.buf).cast("B")
         self.loaded = self.dirty = self.live     # a live view is always loaded; nothing to write back
         self.in_exit = False
-        self._gpr, self._rip, self._eflags, self._hflags = lay.gpr, lay.rip, lay.eflags, lay.hflags
+        self._gpr, self._rip = lay.gpr, lay.rip
         self._cr, self._efer = lay.cr, lay.efer
         base = ctypes.addressof(self.buf)
         self.gprs = (_c_u64 * (RIP_INDEX + 1)).from_address(base + lay.gpr["rax"])   # GPR_ORDER, then RIP
@@ -441,8 +441,7 @@ class RegisterFile:
             raise EngineError(f"unicorn's control registers are not laid out as expected; "
                               f"the runtime is pinned to unicorn {PINNED_VERSION}")
         fmt = "<Q" + "".join(f"{b - a - 8}xQ" if b - a > 8 else "Q" for a, b in zip(at, at[1:]))
-        self._control, self._control_at = struct.Struct(fmt), at[0]
-        self.raw_control = partial(self._control.unpack_from, self.view, at[0])
+        self.raw_control = partial(struct.Struct(fmt).unpack_from, self.view, at[0])
         self._priv, self._msrs = lay.privilege, lay.msrs
         self._rings = {0: _segment_writes(lay.privilege, lay.privilege.kernel),
                        3: _segment_writes(lay.privilege, lay.privilege.user)}
@@ -507,7 +506,7 @@ class RegisterFile:
         """(CR0, CR3, CR4, EFER), in one read."""
         if not self.loaded:
             self.load()
-        return self._control.unpack_from(self.view, self._control_at)
+        return self.raw_control()
 
     @property
     def rip(self) -> int:
@@ -530,13 +529,13 @@ class RegisterFile:
         """RFLAGS as stored while running: IF, TF, IOPL, ... but not the arithmetic flags."""
         if not self.loaded:
             self.load()
-        return _U64.unpack_from(self.view, self._eflags)[0]
+        return self.eflags_word.value
 
     @property
     def hflags(self) -> int:
         if not self.loaded:
             self.load()
-        return _U32.unpack_from(self.view, self._hflags)[0]
+        return self.hflags_word.value
 
     def cr(self, n: int) -> int:
         if not self.loaded:
