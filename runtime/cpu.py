@@ -50,6 +50,7 @@ class Cpu:
     def __init__(self, engine: Engine):
         self.uc = engine.uc
         self.regs = engine.regs
+        self.gate = engine.gate
         self.exit_kind = LOOP
         # CR0, CR3, CR4, EFER as the hypervisor last set them (pv and trap check them at every exit).
         self.expected: tuple[int, int, int, int] | None = None
@@ -187,9 +188,19 @@ class Cpu:
         """Record CR0, CR3, CR4 and EFER as the hypervisor has just set them."""
         if self.expected is not None:
             self.expected = self.regs.control()
+            self.gate.expect(self.expected)
 
     def watch_control_state(self) -> None:
+        """Check the control state at every exit from now on: in the exit gate where it can read
+        the live CPU state (`natively_checked`), else in the Python hook."""
         self.expected = self.regs.control()
+        self.gate.expect(self.expected)
+        if self.regs.control_addresses is not None:
+            self.gate.watch(self.regs.control_addresses)
+
+    @property
+    def natively_checked(self) -> bool:
+        return bool(self.gate.state.check)
 
     def check_control_state(self) -> None:
         """At an exit: CR0, CR3, CR4 and EFER must still hold what the hypervisor set.

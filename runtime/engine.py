@@ -43,6 +43,8 @@ from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INTR, UC_HOOK_MEM_INVALID
 from unicorn import x86_const as U
 from unicorn.unicorn_py3 import unicorn as _binding
 
+from .gate import Gate
+
 PINNED_VERSION = "2.1.4"
 
 
@@ -414,7 +416,7 @@ class RegisterFile:
     after, so neither copy overwrites the other."""
 
     __slots__ = ("uc", "handle", "buf", "view", "live", "loaded", "dirty", "in_exit",
-                 "gprs", "hflags_word", "eflags_word", "raw_control",
+                 "gprs", "hflags_word", "eflags_word", "raw_control", "control_addresses",
                  "_gpr", "_rip", "_cr", "_efer",
                  "_priv", "_msrs", "_rings", "_scratch", "_scratch_ref", "_msr", "_msr_ref", "_mmr", "_mmr_ref")
 
@@ -442,6 +444,8 @@ class RegisterFile:
                               f"the runtime is pinned to unicorn {PINNED_VERSION}")
         fmt = "<Q" + "".join(f"{b - a - 8}xQ" if b - a > 8 else "Q" for a, b in zip(at, at[1:]))
         self.raw_control = partial(struct.Struct(fmt).unpack_from, self.view, at[0])
+        # where the gate reads them at every exit: only a live view holds the CPU's current values
+        self.control_addresses = tuple(base + a for a in at) if self.live else None
         self._priv, self._msrs = lay.privilege, lay.msrs
         self._rings = {0: _segment_writes(lay.privilege, lay.privilege.kernel),
                        3: _segment_writes(lay.privilege, lay.privilege.user)}
@@ -635,41 +639,44 @@ class RegisterFile:
 # -- hooks through the C API ------------------------------------------------------------------------
 
 class Engine:
-    """A Unicorn x86-64 CPU with raw hooks; keeps the callbacks alive as long as itself."""
+    """A Unicorn x86-64 CPU with raw hooks, each behind the exit gate (gate.py); keeps the callbacks
+    alive as long as itself."""
 
     def __init__(self) -> None:
         layout()                              # checks the version and the context layout once
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self.regs = RegisterFile(self.uc)
-        self._callbacks: list[object] = []
+        self.gate = Gate()
 
-    def _add(self, kind: int, callback, begin: int = 1, end: int = 0, *extra: int) -> int:
+    def _add(self, kind: int, callback_type: type, fn: Callable, changed: Callable,
+             begin: int = 1, end: int = 0, *extra: int) -> int:
+        code, data = self.gate.front(callback_type, fn, changed)
         handle = ctypes.c_size_t()
-        status = _binding.uclib.uc_hook_add(self.uc._uch, ctypes.byref(handle), kind, callback, None,
-                                            ctypes.c_uint64(begin), ctypes.c_uint64(end),
+        status = _binding.uclib.uc_hook_add(self.uc._uch, ctypes.byref(handle), kind, _c_void_p(code),
+                                            _c_void_p(data), ctypes.c_uint64(begin), ctypes.c_uint64(end),
                                             *(ctypes.c_int(x) for x in extra))
         if status:
             raise EngineError(f"unicorn refused a hook: {unicorn.UcError(status)}")
-        self._callbacks.append(callback)
         return handle.value
 
     # Each hook gets Unicorn's callback arguments as they are: the engine's handle first, the hook's
     # own (port, size, vector, ...) and the user-data pointer last.  No adapter in between: a Python
-    # frame per exit is a sizeable share of an exit's cost.
-    def hook_syscall(self, fn: Callable) -> None:
-        self._add(UC_HOOK_INSN, SYSCALL_CB(fn), 1, 0, U.UC_X86_INS_SYSCALL)
+    # frame per exit is a sizeable share of an exit's cost.  `changed` runs instead of the hook
+    # when the gate finds the control state changed (gate.py).
+    def hook_syscall(self, fn: Callable, changed: Callable) -> None:
+        self._add(UC_HOOK_INSN, SYSCALL_CB, fn, changed, 1, 0, U.UC_X86_INS_SYSCALL)
 
-    def hook_in(self, fn: Callable) -> None:
-        self._add(UC_HOOK_INSN, IN_CB(fn), 1, 0, U.UC_X86_INS_IN)
+    def hook_in(self, fn: Callable, changed: Callable) -> None:
+        self._add(UC_HOOK_INSN, IN_CB, fn, changed, 1, 0, U.UC_X86_INS_IN)
 
-    def hook_out(self, fn: Callable) -> None:
-        self._add(UC_HOOK_INSN, OUT_CB(fn), 1, 0, U.UC_X86_INS_OUT)
+    def hook_out(self, fn: Callable, changed: Callable) -> None:
+        self._add(UC_HOOK_INSN, OUT_CB, fn, changed, 1, 0, U.UC_X86_INS_OUT)
 
-    def hook_cpuid(self, fn: Callable) -> None:
-        self._add(UC_HOOK_INSN, CPUID_CB(fn), 1, 0, U.UC_X86_INS_CPUID)
+    def hook_cpuid(self, fn: Callable, changed: Callable) -> None:
+        self._add(UC_HOOK_INSN, CPUID_CB, fn, changed, 1, 0, U.UC_X86_INS_CPUID)
 
-    def hook_interrupt(self, fn: Callable) -> None:
-        self._add(UC_HOOK_INTR, INTR_CB(fn))
+    def hook_interrupt(self, fn: Callable, changed: Callable) -> None:
+        self._add(UC_HOOK_INTR, INTR_CB, fn, changed)
 
-    def hook_invalid_memory(self, fn: Callable) -> None:
-        self._add(UC_HOOK_MEM_INVALID, MEM_INVALID_CB(fn))
+    def hook_invalid_memory(self, fn: Callable, changed: Callable) -> None:
+        self._add(UC_HOOK_MEM_INVALID, MEM_INVALID_CB, fn, changed)

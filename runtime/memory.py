@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import re
 import struct
+from typing import Callable
 
 from unicorn import UC_PROT_EXEC, UC_PROT_NONE, UC_PROT_READ, UC_PROT_WRITE, Uc
 
@@ -109,6 +110,7 @@ class GuestMemory:
         self._grain = 1                     # pages per write-protected granule (1: exact)
         self._granules: dict[int, int] = {}  # coarse mode: granule -> guarded pages in it
         self.rebuilds = 0
+        self.on_rebuild: Callable[[], None] = lambda: None   # the run loop's: Unicorn stops after a rebuild
         self._ram = ctypes.create_string_buffer(size)     # zeroed; lives as long as this object
         self._view = self.view = memoryview(self._ram).cast("B")
         chunk = -(-size // self.CHUNKS) + PAGE - 1 & ~(PAGE - 1) if hypervisor_owns_tables else size
@@ -249,6 +251,7 @@ class GuestMemory:
         self._applied[:] = wanted
         self.regions = regions + sum(1 for p in self.perm if p & X)
         self.rebuilds += 1
+        self.on_rebuild()
 
     def _data_spans(self) -> list[tuple[int, int]]:
         """Maximal runs of pages that are not executable."""

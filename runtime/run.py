@@ -55,6 +55,7 @@ from . import delivery
 from .clock import EXIT_NS, NEVER, SLICE_INSNS, SLICE_NS
 from .cpu import CODE, FAULT, INSN, LOOP, SYSCALL, TRAP
 from .engine import RIP_INDEX, stop_from_another_thread
+from .gate import tsc
 from .errors import ExitLimit, GuestException, GuestFault, Refused, Shutdown, TimeUp
 from .exits import faults, hypercalls, io, pagetables, trapped
 from .machine import Deadline, Stop, Vm
@@ -196,34 +197,37 @@ class Runner:
         """Hook the exits the mode takes through Unicorn, and patch the instructions that exit in it."""
         vm = self.vm
         engine, mode = vm.engine, vm.mode
-        engine.hook_interrupt(self._hook(Exit.EXCEPTION))
-        engine.hook_invalid_memory(self._hook(Exit.MEMORY))
-        engine.hook_syscall(self._hook(Exit.SYSCALL))
+        engine.hook_interrupt(*self._hook(Exit.EXCEPTION))
+        engine.hook_invalid_memory(*self._hook(Exit.MEMORY))
+        engine.hook_syscall(*self._hook(Exit.SYSCALL))
         if mode.port_hooks:                 # pv: direct port I/O or cpuid could only be hidden code: a fault
-            engine.hook_in(self._hook(Exit.PORT_IN))
-            engine.hook_out(self._hook(Exit.PORT_OUT))
-            engine.hook_cpuid(self._hook(Exit.CPUID))
+            engine.hook_in(*self._hook(Exit.PORT_IN))
+            engine.hook_out(*self._hook(Exit.PORT_OUT))
+            engine.hook_cpuid(*self._hook(Exit.CPUID))
         trapped.install(vm)
+        vm.mem.on_rebuild = self._rebuilt
         # Unicorn runs an unpatched hlt itself and stops after it: the loop then idles the guest.
         self.hlt_sites = frozenset(f.address for f in vm.image.sensitive
                                    if f.mnemonic == "hlt" and f.address not in vm.patches.live)
 
-    def _hook(self, kind: Exit) -> Callable:
-        """The wrapper every exit runs in: Unicorn calls it straight through ctypes, with its own
-        handle, the hook's arguments and the user data.  Kept lean: it is most of an exit's cost."""
-        vm, cpu, stats, mem = self.vm, self.vm.cpu, self.vm.stats, self.vm.mem
+    def _hook(self, kind: Exit) -> tuple[Callable, Callable]:
+        """The wrapper every exit runs in, and what runs instead when the exit gate (gate.py) finds
+        the control state changed.  Unicorn calls the gate, the gate calls these straight through
+        ctypes, with Unicorn's handle, the hook's arguments and the user data.  The gate times the
+        exit and checks the control state where it can; the wrapper is kept lean: it is most of an
+        exit's cost."""
+        vm, cpu = self.vm, self.vm.cpu
         regs = cpu.regs
         hook_kind, on_kill, exit_like = _HOOK_KIND[kind], _ON_KILL.get(kind), kind is not Exit.MEMORY
-        check, handle, arity = vm.mode.watches_control_state, _handler(vm, kind), _ARITY[kind]
+        check = vm.mode.watches_control_state and not cpu.natively_checked
+        handle, arity = _handler(vm, kind), _ARITY[kind]
         control, copied, after_exit, pending, clock = regs.raw_control, not regs.live, self._after_exit, \
             vm.pics.pending, vm.clock
 
         def hook(_engine, *args):
             if vm.stop is not None:        # the run is over: Unicorn may still run an instruction or two
                 return on_kill
-            start = perf_counter()
             cpu.exit_kind = hook_kind
-            rebuilds = mem.rebuilds
             try:
                 if copied:
                     regs.begin_exit()
@@ -238,8 +242,6 @@ class Runner:
                 if vm.stop is None and not self.paused and (exit_like or result) and (
                         pending() or self._told_pending or not self._sliced and clock.next_deadline != NEVER):
                     after_exit()           # else nothing to deliver, tell or start: the common case
-                if mem.rebuilds != rebuilds:       # Unicorn stops after its memory map is rebuilt
-                    self._want_loop()
                 return result
             except GuestException as e:
                 self._guest_exception(e)
@@ -251,8 +253,18 @@ class Runner:
                 if copied:
                     regs.finish()
                 cpu.exit_kind = LOOP
-                stats.hypervisor_seconds += perf_counter() - start
-        return hook
+
+        def changed(_engine, *args):
+            if vm.stop is not None:
+                return on_kill
+            try:
+                cpu.check_control_state()
+            except BaseException as e:
+                self._end(e)
+                return on_kill
+            self._end(AssertionError("the exit gate and the hypervisor disagree on the control state"))
+            return on_kill
+        return hook, changed
 
     def _end(self, e: BaseException) -> None:
         """The one place an exception from an exit becomes the end of the run."""
@@ -308,17 +320,18 @@ class Runner:
         to find it, used only when tracing or profiling: `wants_where`).
 
         An exit costs the guest EXIT_NS of virtual time (clock.py)."""
-        clock, stats = self.clock, self.stats
-        clock.ticks += EXIT_NS
-        if clock.ticks >= clock.next_deadline:
+        clock = self.clock
+        clock.ticks = ticks = clock.ticks + EXIT_NS
+        if ticks >= clock.next_deadline:
             clock.advance(0)
         if self.wants_where:
             self._account(reason, where)
         else:
+            stats = self.stats
             stats.current_reason = reason
             stats.exits[reason] += 1
             stats.total_exits += 1
-        if stats.total_exits > self.exit_limit:
+        if self.stats.total_exits > self.exit_limit:
             raise ExitLimit()
 
     def _account(self, reason: str, where: int | Callable[[Vm], int | None] | None) -> None:
@@ -389,6 +402,11 @@ class Runner:
         elif not self._step:
             self.deliver_events()
         if not self._sliced and (self.clock.next_deadline != NEVER or pending and vm.pics.pending()):
+            self._want_loop()
+
+    def _rebuilt(self) -> None:
+        """The memory map was rebuilt: Unicorn stops after the exit doing it, so the loop takes over."""
+        if self.vm.cpu.exit_kind != LOOP:
             self._want_loop()
 
     def _want_loop(self) -> None:
@@ -479,14 +497,18 @@ class Runner:
             vm.patches.disarm(native)
         begin = self._begin = vm.cpu.rip
         vm.cpu.regs.finish()               # the guest changes its registers from here on
-        start = perf_counter()
+        gate, ticks = vm.engine.gate, vm.engine.gate.ticks
+        start, start_tsc = perf_counter(), tsc()
         try:
             vm.engine.uc.emu_start(begin, END, count=count)      # the watchdog bounds it in time
         except UcError as e:
             if vm.stop is None and not self._debug_stop:
                 vm.kill(self._unicorn_error(e))
         finally:
-            vm.stats.run_seconds += perf_counter() - start
+            seconds, spent = perf_counter() - start, tsc() - start_tsc
+            vm.stats.run_seconds += seconds
+            if spent > 0:                  # the exits' share of the counter, applied to the wall time
+                vm.stats.hypervisor_seconds += seconds * min(1.0, (gate.ticks - ticks) / spent)
             vm.cpu.regs.clear_exception()      # a counted emu_start returns with a #PF "in flight" (unicorn 2.1.4)
             if native is not None:
                 vm.patches.arm(patch)

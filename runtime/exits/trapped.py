@@ -124,7 +124,8 @@ def control_register(insn, op) -> int | None:
 # -- emulation, one function per instruction ----------------------------------------------
 
 def cli(vm: Vm, insn) -> None:
-    vm.cpu.regs.set_eflags_bit(RFLAGS_IF, False)
+    word = vm.cpu.regs.eflags_word            # a raw field: current inside an exit (engine.py)
+    word.value &= ~RFLAGS_IF
 
 
 def sti(vm: Vm, insn) -> None:
