@@ -86,13 +86,14 @@ class _Msr(ctypes.Structure):
     _fields_ = [("rid", ctypes.c_uint32), ("value", ctypes.c_uint64)]
 
 
-# Raw callback types (unicorn.h), each with the trailing user-data pointer.
-SYSCALL_CB = ctypes.CFUNCTYPE(None, _c_void_p, _c_void_p)
-IN_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, _c_void_p, ctypes.c_uint32, _c_int, _c_void_p)
-OUT_CB = ctypes.CFUNCTYPE(None, _c_void_p, ctypes.c_uint32, _c_int, ctypes.c_uint32, _c_void_p)
-CPUID_CB = ctypes.CFUNCTYPE(_c_int, _c_void_p, _c_void_p)
-INTR_CB = ctypes.CFUNCTYPE(None, _c_void_p, ctypes.c_uint32, _c_void_p)
-MEM_INVALID_CB = ctypes.CFUNCTYPE(ctypes.c_bool, _c_void_p, _c_int, _c_u64, _c_int, ctypes.c_int64, _c_void_p)
+# Each hook's own arguments (unicorn.h): what the exit gate passes a Python hook of that type.
+# Unicorn passes its handle before them and the user data after (gate.py).
+SYSCALL_CB = ctypes.CFUNCTYPE(None)
+IN_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_uint32, _c_int)                   # port, size
+OUT_CB = ctypes.CFUNCTYPE(None, ctypes.c_uint32, _c_int, ctypes.c_uint32)            # port, size, value
+CPUID_CB = ctypes.CFUNCTYPE(_c_int)
+INTR_CB = ctypes.CFUNCTYPE(None, ctypes.c_uint32)                                    # vector
+MEM_INVALID_CB = ctypes.CFUNCTYPE(ctypes.c_bool, _c_int, _c_u64, _c_int, ctypes.c_int64)   # access, address, size, value
 
 
 def check_version() -> None:
@@ -659,10 +660,9 @@ class Engine:
             raise EngineError(f"unicorn refused a hook: {unicorn.UcError(status)}")
         return handle.value
 
-    # Each hook gets Unicorn's callback arguments as they are: the engine's handle first, the hook's
-    # own (port, size, vector, ...) and the user-data pointer last.  No adapter in between: a Python
-    # frame per exit is a sizeable share of an exit's cost.  `changed` runs instead of the hook
-    # when the gate finds the control state changed (gate.py).
+    # Each hook gets the hook's own arguments (port, size, vector, ...), no adapter in between: a
+    # Python frame per exit is a sizeable share of an exit's cost.  `changed` runs instead of the
+    # hook when the gate finds the control state changed (gate.py).
     def hook_syscall(self, fn: Callable, changed: Callable) -> None:
         self._add(UC_HOOK_INSN, SYSCALL_CB, fn, changed, 1, 0, U.UC_X86_INS_SYSCALL)
 

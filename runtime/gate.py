@@ -14,8 +14,10 @@ instructions):
   and on any difference calls the hook's `changed` function instead of
   the hook (which finds the register and ends the run).
 
-The gate forwards Unicorn's arguments untouched and returns what the Python
-function returns, so the hooks keep their raw callback types (engine.py).
+The gate passes the Python function the hook's own arguments (port, vector,
+address ...: Unicorn's, without its handle before them and the user data
+after), so ctypes converts nothing the hooks do not read, and returns what
+the function returns.
 It holds no pointer Python does not own: the hook's `_Block` (the two
 functions and the shared `GateState`) is its user data, kept alive by the
 engine with the callbacks.
@@ -73,10 +75,10 @@ def listing(user_data: str) -> list[tuple[str, str]]:
                  ("jne", "changed")]
     code += [("call:", ""), ("mov rax, qword ptr [rbx]", "488b03"), ("jmp", "invoke"),
              ("changed:", ""), ("mov rax, qword ptr [rbx + 8]", "488b4308"),
-             ("invoke:", ""),
-             ("mov r9, qword ptr [rsp]", "4c8b0c24"), ("mov r8, qword ptr [rsp + 8]", "4c8b442408"),
-             ("mov rcx, qword ptr [rsp + 0x10]", "488b4c2410"), ("mov rdx, qword ptr [rsp + 0x18]", "488b542418"),
-             ("mov rsi, qword ptr [rsp + 0x20]", "488b742420"), ("mov rdi, qword ptr [rsp + 0x28]", "488b7c2428"),
+             ("invoke:", ""),                                      # the hook's own arguments, one register down
+             ("mov rdi, qword ptr [rsp + 0x20]", "488b7c2420"), ("mov rsi, qword ptr [rsp + 0x18]", "488b742418"),
+             ("mov rdx, qword ptr [rsp + 0x10]", "488b542410"), ("mov rcx, qword ptr [rsp + 8]", "488b4c2408"),
+             ("mov r8, qword ptr [rsp]", "4c8b0424"),
              ("call rax", "ffd0"),
              ("mov qword ptr [rsp], rax", "48890424"),            # the hook's result, over the spent r9
              *tsc, ("sub rax, r12", "4c29e0"),
@@ -160,14 +162,14 @@ class Gate:
         self._blocks: list[object] = []
 
     def front(self, callback_type: type, hook: Callable, changed: Callable) -> tuple[int, int]:
-        """(code, user data) to register with Unicorn for `hook` (of ctypes type `callback_type`),
-        `changed` taking its place when the control state differs."""
+        """(code, user data) to register with Unicorn for `hook`, of ctypes type `callback_type`
+        (the hook's own arguments), `changed` taking its place when the control state differs."""
         hook_cb, changed_cb = callback_type(hook), callback_type(changed)
         block = _Block(ctypes.cast(hook_cb, _c_void_p), ctypes.cast(changed_cb, _c_void_p),
                        ctypes.pointer(self.state))
         self._blocks += [hook_cb, changed_cb, block]
-        nargs = len(callback_type._argtypes_)
-        return _code().address(_ARG_REGS[nargs - 1]), ctypes.addressof(block)
+        user_data = _ARG_REGS[len(callback_type._argtypes_) + 1]   # after the handle and those
+        return _code().address(user_data), ctypes.addressof(block)
 
     def watch(self, addresses: tuple[int, int, int, int]) -> None:
         """Check the control state at every exit, read at these addresses from now on."""

@@ -89,7 +89,7 @@ def _handler(vm: Vm, kind: Exit) -> Callable:
     Chosen once per run, when the hooks are installed: an exit pays for no choice."""
     match kind:
         case Exit.SYSCALL if vm.mode.name == "pv":
-            return hypercalls.on_syscall
+            return hypercalls.syscall_exit(vm)
         case Exit.SYSCALL:
             return faults.system_call
         case Exit.PORT_IN:
@@ -213,18 +213,18 @@ class Runner:
     def _hook(self, kind: Exit) -> tuple[Callable, Callable]:
         """The wrapper every exit runs in, and what runs instead when the exit gate (gate.py) finds
         the control state changed.  Unicorn calls the gate, the gate calls these straight through
-        ctypes, with Unicorn's handle, the hook's arguments and the user data.  The gate times the
-        exit and checks the control state where it can; the wrapper is kept lean: it is most of an
-        exit's cost."""
+        ctypes with the hook's own arguments.  The gate times the exit and checks the control state
+        where it can; the wrapper is kept lean: it is most of an exit's cost."""
         vm, cpu = self.vm, self.vm.cpu
         regs = cpu.regs
         hook_kind, on_kill, exit_like = _HOOK_KIND[kind], _ON_KILL.get(kind), kind is not Exit.MEMORY
         check = vm.mode.watches_control_state and not cpu.natively_checked
         handle, arity = _handler(vm, kind), _ARITY[kind]
-        control, copied, after_exit, pending, clock = regs.raw_control, not regs.live, self._after_exit, \
-            vm.pics.pending, vm.clock
+        control, copied, after_exit, clock = regs.raw_control, not regs.live, self._after_exit, vm.clock
+        master, slave = vm.pics.master, vm.pics.slave
 
-        def hook(_engine, *args):
+        # the hook's own arguments come positionally: no tuple is built for them
+        def hook(a=None, b=None, c=None, d=None):
             if vm.stop is not None:        # the run is over: Unicorn may still run an instruction or two
                 return on_kill
             cpu.exit_kind = hook_kind
@@ -233,15 +233,22 @@ class Runner:
                     regs.begin_exit()
                 if check and control() != cpu.expected:
                     cpu.check_control_state()
-                if arity == 0:             # a star call costs more than the rest of the wrapper
+                if arity == 0:
                     result = handle(vm)
                 elif arity == 1:
-                    result = handle(vm, args[0])
+                    result = handle(vm, a)
+                elif arity == 2:
+                    result = handle(vm, a, b)
+                elif arity == 3:
+                    result = handle(vm, a, b, c)
                 else:
-                    result = handle(vm, *args[:-1])
+                    result = handle(vm, a, b, c, d)
+                # after_exit when a request is latched (it asks whether one can be taken), one was
+                # announced, or a timer wants slices; else nothing to do: the common case
                 if vm.stop is None and not self.paused and (exit_like or result) and (
-                        pending() or self._told_pending or not self._sliced and clock.next_deadline != NEVER):
-                    after_exit()           # else nothing to deliver, tell or start: the common case
+                        master.irr | slave.irr or self._told_pending
+                        or not self._sliced and clock.next_deadline != NEVER):
+                    after_exit()
                 return result
             except GuestException as e:
                 self._guest_exception(e)
@@ -254,7 +261,7 @@ class Runner:
                     regs.finish()
                 cpu.exit_kind = LOOP
 
-        def changed(_engine, *args):
+        def changed(*_args):
             if vm.stop is not None:
                 return on_kill
             try:

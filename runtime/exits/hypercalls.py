@@ -4,7 +4,7 @@ A PV guest calls `hypercall_page + nr * 32`, where the runtime wrote the
 stub of pvimage.abi.hypercall_stub: `mov eax, nr; syscall; ...`.  Unicorn's
 `syscall` instruction hook is the exit (inside it RIP is the `syscall`
 itself, RCX and R11 are untouched, and execution resumes after it; LSTAR
-is never used).  `on_syscall` refuses a `syscall` anywhere but the
+is never used).  The syscall exit (`syscall_exit`) refuses a `syscall` anywhere but the
 hypercall page, reads rax = nr and the arguments the handler takes (rdi,
 rsi, rdx, r10, r8, in that order), runs the handler and writes its result
 to rax.  RCX and R11 keep their values; the ABI calls them clobbered.
@@ -97,28 +97,31 @@ def _picker(indices: list[int]) -> Callable | None:
 
 # -- dispatch ----------------------------------------------------------------------------
 
-def on_syscall(vm: Vm) -> None:
-    """The syscall hook in pv mode: a hypercall exit (or, from user mode, a system call to bounce)."""
-    regs = vm.cpu.regs
-    gprs = regs.gprs
-    call = HYPERCALLS.get(gprs[0])
-    if call is None or regs.hflags_word.value & HF_CPL_MASK or not (
-            0 <= gprs[RIP_INDEX] - vm.mode.hypercall_page < PAGE):
-        return _not_a_hypercall(vm)
-    vm.run.count(call.reason, call_site)
-    try:
-        result = call.fn(vm) if call.args is None else call.fn(vm, *call.args(gprs))
-    except GuestFault as e:
-        if e.rip is None:             # report the guest code that called, not the stub
-            e.rip = call_site(vm)
-        raise
-    except Refused as e:
-        result = -e.errno
-        if vm.trace:
-            print(f"  hypercall {call.name} refused: -{e.errno}: {e.why}", file=vm.trace)
-    if result is not None:                # None: the hypercall does not return (iret)
-        gprs[0] = result                  # a c_uint64: stored modulo 2**64, as -errno must be
-    _U64.pack_into(vm.mem.view, SH_TIME, vm.clock.ticks)     # the shared page: plain guest data
+def syscall_exit(vm: Vm) -> Callable[[Vm], None]:
+    """The syscall hook's handler in pv mode, with what it reads at every exit bound once."""
+    mode, clock, view = vm.mode, vm.clock, vm.mem.view
+    gprs, hflags, count, get = vm.cpu.regs.gprs, vm.cpu.regs.hflags_word, vm.run.count, HYPERCALLS.get
+
+    def on_syscall(vm: Vm) -> None:
+        """A hypercall exit (or, from user mode, a system call to bounce)."""
+        call = get(gprs[0])
+        if call is None or hflags.value & HF_CPL_MASK or not 0 <= gprs[RIP_INDEX] - mode.hypercall_page < PAGE:
+            return _not_a_hypercall(vm)
+        count(call.reason, call_site)
+        try:
+            result = call.fn(vm) if call.args is None else call.fn(vm, *call.args(gprs))
+        except GuestFault as e:
+            if e.rip is None:             # report the guest code that called, not the stub
+                e.rip = call_site(vm)
+            raise
+        except Refused as e:
+            result = -e.errno
+            if vm.trace:
+                print(f"  hypercall {call.name} refused: -{e.errno}: {e.why}", file=vm.trace)
+        if result is not None:            # None: the hypercall does not return (iret)
+            gprs[0] = result              # a c_uint64: stored modulo 2**64, as -errno must be
+        _U64.pack_into(view, SH_TIME, clock.ticks)     # the shared page: plain guest data
+    return on_syscall
 
 
 def _not_a_hypercall(vm: Vm) -> None:
