@@ -77,6 +77,7 @@ class InstructionStarts:
 
     def __init__(self) -> None:
         self._ranges: list[tuple[int, int, bytearray]] = []   # (start, end, bitmap)
+        self._last: tuple[int, int, bytearray] = (0, 0, bytearray())   # the range last asked about
 
     def add_range(self, start: int, end: int) -> bytearray:
         """A new, empty range; the validator sets its bits."""
@@ -85,11 +86,16 @@ class InstructionStarts:
         return bits
 
     def __contains__(self, address: int) -> bool:
-        for start, end, bits in self._ranges:
-            if start <= address < end:
-                off = address - start
-                return bits[off >> 3] >> (off & 7) & 1 == 1
-        return False
+        start, end, bits = self._last            # the runtime asks at every iret: mostly the same range
+        if not start <= address < end:
+            for start, end, bits in self._ranges:
+                if start <= address < end:
+                    self._last = start, end, bits
+                    break
+            else:
+                return False
+        off = address - start
+        return bits[off >> 3] >> (off & 7) & 1 == 1
 
     @property
     def ranges(self) -> list[tuple[int, int]]:

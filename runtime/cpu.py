@@ -21,7 +21,7 @@ from unicorn import x86_const as U
 from pvimage import abi
 
 from .devices.msr import EFER, EFER_LMA, EFER_LME, EFER_NXE, canonical
-from .engine import HF_CPL_MASK, HF_INHIBIT_IRQ, Engine
+from .engine import HF_CPL_MASK, HF_INHIBIT_IRQ, RIP_INDEX, Engine
 from .errors import GuestFault, Refused
 
 RFLAGS_IF = 1 << 9
@@ -95,7 +95,8 @@ class Cpu:
         act."""
         if self.exit_kind in (INSN, FAULT):
             raise RuntimeError(f"internal error: cannot redirect the guest from a {self.exit_kind} hook")
-        self.regs.rip = rip - SYSCALL_SIZE if self.exit_kind == SYSCALL else rip
+        # the raw field: every redirection happens inside an exit or the loop's `safely`
+        self.regs.gprs[RIP_INDEX] = rip - SYSCALL_SIZE if self.exit_kind == SYSCALL else rip
 
     @property
     def interrupt_flag(self) -> bool:

@@ -123,9 +123,9 @@ def check_frame(frame: Frame, rsp: int, cs: int, ss: int) -> Frame:
                          f"nor, from the kernel, the user code segment {abi.USER_CS:#x}")
     if frame.ss not in (0, ss) and not to_user:
         raise GuestFault(f"iret: bad frame at {rsp:#x}: SS {frame.ss:#x} is not the stack segment {ss:#x}")
-    for what, value in (("RIP", frame.rip), ("RSP", frame.rsp)):
-        if not canonical(value):
-            raise GuestFault(f"iret: bad frame at {rsp:#x}: {what} {value:#x} is not canonical")
+    if not (canonical(frame.rip) and canonical(frame.rsp)):
+        what, value = ("RIP", frame.rip) if not canonical(frame.rip) else ("RSP", frame.rsp)
+        raise GuestFault(f"iret: bad frame at {rsp:#x}: {what} {value:#x} is not canonical")
     return frame
 
 

@@ -279,6 +279,26 @@ class GuestMemory:
             return self.effective(pa) & perm == perm
         return all(self.effective(p) & perm == perm for p in range(page_of(pa), pa + size, PAGE))
 
+    # One call for the usual guest access (within one page, plain data) instead of a permission
+    # check and a copy in several: the MMU's read_virt and write_virt at every frame they move.
+    def read_if_guest_can(self, pa: int, size: int) -> bytes | None:
+        """The `size` bytes at `pa` if they lie in one page the guest may read; else None (the
+        caller takes the general path, which says what is wrong)."""
+        end = pa + size
+        if 0 <= pa and end <= self.size and (pa ^ (end - 1)) < PAGE and self.perm[pa // PAGE] & R:
+            return bytes(self._view[pa:end])
+        return None
+
+    def write_if_guest_can(self, pa: int, data: bytes) -> bool:
+        """Store `data` at `pa` if it lies in one page of guest data the guest may write (not
+        pinned, not code); else False, nothing written (the caller takes the general path)."""
+        end = pa + len(data)
+        if 0 <= pa and end <= self.size and (pa ^ (end - 1)) < PAGE and \
+                self.perm[pa // PAGE] & (W | X) == W and pa & ~(PAGE - 1) not in self.pinned:
+            self._view[pa:end] = data
+            return True
+        return False
+
     def base_writable(self, pa: int) -> bool:
         """Whether the page is guest data by layout (pinned or not): where tables may live."""
         return 0 <= pa < self.size and self.perm[pa // PAGE] == RW

@@ -82,8 +82,8 @@ class _Remembered:
     vas: dict[int, set[int]]        # table page -> the virtual addresses it maps from (R9)
     pages: list[int]                # the table pages, in order
     copy: bytes                     # their bytes when it was left
-    tlb: dict[tuple[int, bool], int]     # the hypervisor's translations through it (Mmu._tlb) ...
-    tlb_tables: set[int]                 # ... and the table pages they read
+    tlb: dict[int, int]             # the hypervisor's translations through it (Mmu._tlb) ...
+    tlb_tables: set[int]            # ... and the table pages they read
 
 
 def _canonical(va: int) -> int:
@@ -154,8 +154,9 @@ class Mmu:
         # through drops it, and it belongs to the root, so it leaves with the
         # root and comes back only with a remembered root whose tables are
         # byte for byte what they were (see _remember).  So the guest's TLB
-        # flushes, which change no table, leave it alone.
-        self._tlb: dict[tuple[int, bool], int] = {}
+        # flushes, which change no table, leave it alone.  Keyed by the page's
+        # virtual address plus 1 for a write (an int: no tuple to build).
+        self._tlb: dict[int, int] = {}
         self._tlb_tables: set[int] = set()   # table pages the cached walks read
         self._flush_deferred: bool | None = None   # inside a batch: None = flush now
         self._cr3_deferred: int | None = None      # inside a batch: the CR3 to load at its end
@@ -309,7 +310,7 @@ class Mmu:
         batch writes many entries of one table)."""
         if va & 7:
             raise Refused(abi.EFAULT, f"page-table entry pointer {va:#x} is not 8-byte aligned")
-        page = self._tlb.get((va & ~(PAGE - 1), False))
+        page = self._tlb.get(va & ~(PAGE - 1))
         self.write_entry(page | (va & (PAGE - 1)) if page is not None else self.translate(va), value)
 
     def set_leaves(self, va_page: int, writes: list[tuple[int, int]]) -> bool:
@@ -318,7 +319,7 @@ class Mmu:
         frame from 1 MiB up, an executable frame only at its own address), write them all and return
         True.  False (nothing written) otherwise: the caller then writes them one by one, which
         refuses exactly (and allows the rare leaf the quick test does not, such as the shared page)."""
-        pa_page = self._tlb.get((va_page, False))
+        pa_page = self._tlb.get(va_page)
         if pa_page is None:
             try:
                 pa_page = self.translate(va_page) & ~(PAGE - 1)
@@ -479,7 +480,7 @@ class Mmu:
     # -- translation for the hypervisor ----------------------------------------------
     def translate(self, va: int, write: bool = False) -> int:
         """Guest-virtual to guest-physical through the current CR3, or Refused(EFAULT)."""
-        hit = self._tlb.get((va & ~(PAGE - 1), write))
+        hit = self._tlb.get(va & ~(PAGE - 1) | write)
         if hit is not None:
             return hit | (va & (PAGE - 1))
         if not canonical(va):
@@ -489,7 +490,7 @@ class Mmu:
         if self.tables:
             if len(self._tlb) > 4096:
                 self._drop_tlb()
-            self._tlb[(va & ~(PAGE - 1), write)] = page_of(pa)
+            self._tlb[va & ~(PAGE - 1) | write] = page_of(pa)
             self._tlb_tables.update(path)
         return pa
 
@@ -512,19 +513,16 @@ class Mmu:
     def read_virt(self, va: int, size: int) -> bytes:
         """Guest memory the guest itself may read, by virtual address."""
         if 0 < size <= PAGE - (va & (PAGE - 1)):          # within one page: the usual case, no list
-            pa = self.translate(va)
-            if self.mem.guest_can(pa, size, R):
-                return self.mem.read(pa, size)
+            data = self.mem.read_if_guest_can(self.translate(va), size)
+            if data is not None:
+                return data
         return b"".join(self.mem.read(pa, n) for pa, n in self._pieces(va, size, write=False))
 
     def write_virt(self, va: int, data: bytes) -> None:
         """Store into guest memory the guest itself may write, by virtual address."""
         size = len(data)
-        if 0 < size <= PAGE - (va & (PAGE - 1)):          # within one page: the usual case, no list
-            pa = self.translate(va, True)
-            if self.mem.guest_can(pa, size, W):
-                self.mem.write(pa, data)
-                return
+        if 0 < size <= PAGE - (va & (PAGE - 1)) and self.mem.write_if_guest_can(self.translate(va, True), data):
+            return                                       # within one page: the usual case, no list
         off = 0
         for pa, n in self._pieces(va, size, write=True):    # all checked before anything is written
             self.mem.write(pa, data[off:off + n])
