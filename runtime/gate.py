@@ -22,17 +22,15 @@ It holds no pointer Python does not own: the hook's `_Block` (the two
 functions and the shared `GateState`) is its user data, kept alive by the
 engine with the callbacks.
 
-The code is one template per position of the user-data argument (2nd to
-6th, by hook type), assembled below from an annotated listing; a test
-disassembles it with capstone and compares every line.  It is mapped
-writable, filled, then made executable and never written again.
+The code is one listing per position of the user-data argument (2nd to
+6th, by hook type), assembled and mapped by machinecode.py.
 """
 from __future__ import annotations
 
 import ctypes
-import mmap
-import os
 from typing import Callable
+
+from .machinecode import CodePage, Listing
 
 _c_u64, _c_void_p = ctypes.c_uint64, ctypes.c_void_p
 
@@ -57,9 +55,8 @@ _ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 _MOV_RBX = {"rsi": "4889f3", "rdx": "4889d3", "rcx": "4889cb", "r8": "4c89c3", "r9": "4c89cb"}
 
 
-def listing(user_data: str) -> list[tuple[str, str]]:
-    """The gate for hooks whose user data comes in `user_data`, as (instruction, hex bytes) pairs;
-    jumps are ("jcc", label) placeholders resolved by `assemble`, labels ("label:", "")."""
+def listing(user_data: str) -> Listing:
+    """The gate for hooks whose user data comes in `user_data` (machinecode.py)."""
     tsc = [("rdtsc", "0f31"), ("shl rdx, 0x20", "48c1e220"), ("or rax, rdx", "4809d0")]
     code = [("push rbx", "53"), ("push r12", "4154"), ("push r13", "4155"),
             ("push rdi", "57"), ("push rsi", "56"), ("push rdx", "52"), ("push rcx", "51"),
@@ -89,75 +86,32 @@ def listing(user_data: str) -> list[tuple[str, str]]:
     return code
 
 
-_JUMP = {"je": 0x74, "jne": 0x75, "jmp": 0xEB}
-
-
-def assemble(code: list[tuple[str, str]]) -> bytes:
-    """Bytes of a listing; every jump is a short one, forward or back."""
-    at, labels, size = 0, {}, []
-    for text, data in code:
-        if text.endswith(":"):
-            labels[text[:-1]] = at
-        at += 2 if text in _JUMP else len(data) // 2
-    out = bytearray()
-    for text, data in code:
-        if text in _JUMP:
-            rel = labels[data] - (len(out) + 2)
-            if not -128 <= rel < 128:
-                raise AssertionError(f"internal error: gate jump to {data} out of short range")
-            out += bytes((_JUMP[text], rel & 0xFF))
-        else:
-            out += bytes.fromhex(data)
-    return bytes(out)
-
-
 _TSC = [("rdtsc", "0f31"), ("shl rdx, 0x20", "48c1e220"), ("or rax, rdx", "4809d0"), ("ret", "c3")]
 
-
-class _Code:
-    """The gates and a time-stamp counter read, mapped once per process."""
-
-    def __init__(self) -> None:
-        pieces = {reg: assemble(listing(reg)) for reg in _ARG_REGS[1:]}
-        pieces["tsc"] = assemble(_TSC)
-        image, self.entry = b"", {}
-        for name, data in pieces.items():
-            self.entry[name] = len(image)
-            image += data.ljust(-(-len(data) // 16) * 16, b"\xcc")
-        size = -(-len(image) // mmap.PAGESIZE) * mmap.PAGESIZE
-        self.map = mmap.mmap(-1, size, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self.map.write(image)
-        self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mprotect.argtypes = [_c_void_p, ctypes.c_size_t, ctypes.c_int]
-        if libc.mprotect(self.base, size, mmap.PROT_READ | mmap.PROT_EXEC):
-            raise OSError(ctypes.get_errno(), f"cannot make the exit gate executable: "
-                                              f"{os.strerror(ctypes.get_errno())}")
-        self.tsc = ctypes.CFUNCTYPE(_c_u64)(self.base + self.entry["tsc"])
-
-    def address(self, user_data: str) -> int:
-        return self.base + self.entry[user_data]
+_CODE: CodePage | None = None
+_TSC_READ = None
 
 
-_CODE: _Code | None = None
-
-
-def _code() -> _Code:
-    global _CODE
+def _code() -> CodePage:
+    """The gates (one per register the user data can come in) and a counter read, mapped once."""
+    global _CODE, _TSC_READ
     if _CODE is None:
-        _CODE = _Code()
+        _CODE = CodePage({reg: listing(reg) for reg in _ARG_REGS[1:]} | {"tsc": _TSC})
+        _TSC_READ = ctypes.CFUNCTYPE(_c_u64)(_CODE.address("tsc"))
     return _CODE
 
 
 def tsc() -> int:
     """The host's time-stamp counter, as the gate reads it."""
-    return _code().tsc()
+    _code()
+    return _TSC_READ()
 
 
 class Gate:
     """One engine's gate state, and the blocks of its hooks (kept alive with it)."""
 
     def __init__(self) -> None:
+        _code()                       # mapped now: an error surfaces with the engine's creation
         self.state = GateState()
         self._blocks: list[object] = []
 
@@ -169,7 +123,7 @@ class Gate:
                        ctypes.pointer(self.state))
         self._blocks += [hook_cb, changed_cb, block]
         user_data = _ARG_REGS[len(callback_type._argtypes_) + 1]   # after the handle and those
-        return _code().address(user_data), ctypes.addressof(block)
+        return _CODE.address(user_data), ctypes.addressof(block)
 
     def watch(self, addresses: tuple[int, int, int, int]) -> None:
         """Check the control state at every exit, read at these addresses from now on."""

@@ -44,7 +44,6 @@ interrupt is delivered.
 """
 from __future__ import annotations
 
-import threading
 from enum import Enum
 from time import perf_counter
 from typing import TYPE_CHECKING, Callable, TextIO
@@ -54,11 +53,12 @@ from unicorn import UC_ERR_INSN_INVALID, UC_MEM_FETCH_PROT, UcError
 from . import delivery
 from .clock import EXIT_NS, NEVER, SLICE_INSNS, SLICE_NS
 from .cpu import CODE, FAULT, INSN, LOOP, SYSCALL, TRAP
-from .engine import RIP_INDEX, stop_from_another_thread
+from .engine import RIP_INDEX
 from .gate import tsc
 from .errors import ExitLimit, GuestException, GuestFault, Refused, Shutdown, TimeUp
 from .exits import faults, hypercalls, io, pagetables, trapped
 from .machine import Deadline, Stop, Vm
+from .watchdog import Watchdog
 
 if TYPE_CHECKING:
     from .debugger import Debugger
@@ -130,39 +130,6 @@ def _timed_out(timeout: float, where: str) -> Stop:
     return Stop("timeout", 124, f"timeout: guest still running after {timeout:g} s, at {where}")
 
 
-class Watchdog:
-    """Stops emulation once the run's deadline has passed (the loop then ends the run).
-
-    One thread per run, asleep until the deadline.  emu_start's own timeout
-    would start a Unicorn thread at every entry that wakes every 100 us, on
-    a 2-core machine about a seventh of every exit's cost (measured with
-    bench/hypercall_bench.py's loop) and most of a busy system call's.
-    Past the deadline it asks again every 10 ms, in case the loop was
-    between two entries; the loop also checks the deadline before each."""
-
-    RETRY = 0.01
-
-    def __init__(self, uc, deadline: Deadline):
-        self.uc, self.deadline = uc, deadline
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="pvtool watchdog", daemon=True)
-
-    def __enter__(self) -> Watchdog:
-        if self.deadline.seconds:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _watch(self) -> None:
-        while not self._done.wait(max(self.deadline.left(), self.RETRY)):
-            if self.deadline.left() <= 0:   # re-read: a debugger may have postponed it
-                stop_from_another_thread(self.uc)
-
-
 class Runner:
     """The run loop and its state; `vm.run` is this, for the exit handlers."""
 
@@ -189,6 +156,7 @@ class Runner:
         self._begin = 0                       # where it started
         self._debug_stop = False              # the debugger stopped it on a breakpoint
         self._exits_before = 0
+        self._watchdog: Watchdog | None = None    # while the loop runs
         self.debugger: Debugger | None = None     # debugger.py, for `pvtool run --gdb`
         self.paused = False                   # the debugger holds the guest: deliver nothing
 
@@ -462,7 +430,7 @@ class Runner:
 
     # -- the run loop ------------------------------------------------------------------------
     def run(self) -> Stop:
-        with Watchdog(self.vm.engine.uc, self.deadline):
+        with Watchdog(self.vm.engine.uc, self.deadline) as self._watchdog:
             return self._loop()
 
     def _loop(self) -> Stop:
@@ -505,9 +473,10 @@ class Runner:
         begin = self._begin = vm.cpu.rip
         vm.cpu.regs.finish()               # the guest changes its registers from here on
         gate, ticks = vm.engine.gate, vm.engine.gate.ticks
+        self._watchdog.sync()
         start, start_tsc = perf_counter(), tsc()
         try:
-            vm.engine.uc.emu_start(begin, END, count=count)      # the watchdog bounds it in time
+            vm.engine.emu_start(begin, END, count=count)      # the watchdog bounds it in time
         except UcError as e:
             if vm.stop is None and not self._debug_stop:
                 vm.kill(self._unicorn_error(e))

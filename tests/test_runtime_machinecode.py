@@ -1,39 +1,39 @@
-"""The exit gate (runtime/gate.py): its machine code, what it forwards, its control-state check, its timing."""
+"""The runtime's machine code (machinecode.py): the exit gate (what it passes on, its control-state
+check, its timing) and the watchdog thread."""
 from __future__ import annotations
 
 import ctypes
 import sys
 from pathlib import Path
+from time import perf_counter
 
 import capstone
 import pytest
 
 from pvtool import driver
-from runtime import engine, gate
+from runtime import engine, gate, machinecode, watchdog
 from runtime.hypervisor import create, finish, load_image, run
+from runtime.machine import Deadline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import hypercall_bench  # noqa: E402
 
 RAM = 64 << 20
 _DISASM = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+LISTINGS = {f"gate {reg}": gate.listing(reg) for reg in ("rsi", "rdx", "rcx", "r8", "r9")} | {
+    "watchdog": watchdog.LISTING}
 
 
-@pytest.mark.parametrize("user_data", ["rsi", "rdx", "rcx", "r8", "r9"])
-def test_every_line_of_the_gate_assembles_to_what_its_listing_says(user_data):
-    code = gate.listing(user_data)
-    data = gate.assemble(code)
+@pytest.mark.parametrize("name", LISTINGS)
+def test_every_line_of_the_machine_code_is_what_its_listing_says(name):
+    code = LISTINGS[name]
+    data = machinecode.assemble(code)
     decoded = list(_DISASM.disasm(data, 0))
-    labels, at = {}, 0
-    for text, hexbytes in code:             # where each label lands, as capstone sees it
-        if text.endswith(":"):
-            labels[text[:-1]] = at
-        else:
-            at += 2 if text in ("je", "jne", "jmp") else len(hexbytes) // 2
+    labels = machinecode.label_offsets(code)
     lines = [(text, hexbytes) for text, hexbytes in code if not text.endswith(":")]
     assert sum(i.size for i in decoded) == len(data) and len(decoded) == len(lines)
     for insn, (text, target) in zip(decoded, lines):
-        if text in ("je", "jne", "jmp"):
+        if text in machinecode.JUMPS:
             assert (insn.mnemonic, int(insn.op_str, 16)) == (text, labels[target])
         else:
             assert f"{insn.mnemonic} {insn.op_str}".strip() == text
@@ -112,3 +112,37 @@ def test_host_time_goes_to_the_hypervisor_when_the_guest_exits_and_to_the_guest_
                    timeout=None)
     assert computes.reason == "shutdown" and computes.stats.total_exits < 10
     assert computes.stats.guest_seconds > 10 * computes.stats.hypervisor_seconds
+
+
+def _spinning_engine() -> engine.Engine:
+    eng = engine.Engine()
+    eng.uc.mem_map(0x1000, 0x1000)
+    eng.uc.mem_write(0x1000, b"\xeb\xfe")                  # jmp $: no exit, ever
+    return eng
+
+
+SPIN = 500_000_000     # instructions: several seconds, so a broken watchdog fails the test, not hangs it
+
+
+def _threads() -> int:
+    return len(list(Path("/proc/self/task").iterdir()))
+
+
+def test_the_watchdog_stops_a_guest_that_never_exits_and_ends_with_the_run():
+    """Emulation holds the GIL, so only the native thread can stop this loop."""
+    eng, deadline, before = _spinning_engine(), Deadline(0.2), _threads()
+    with watchdog.Watchdog(eng.uc, deadline):
+        assert _threads() == before + 1
+        eng.emu_start(0x1000, 0x2000, count=SPIN)
+        assert -1 < deadline.left() <= 0                    # at the deadline: not before, not at SPIN's end
+    assert _threads() == before
+
+
+def test_a_postponed_deadline_reaches_the_watchdog():
+    eng, deadline = _spinning_engine(), Deadline(0.1)
+    with watchdog.Watchdog(eng.uc, deadline) as dog:
+        deadline.postpone(0.3)                              # as a debugger does after holding the guest
+        dog.sync()
+        start = perf_counter()
+        eng.emu_start(0x1000, 0x2000, count=SPIN)
+        assert perf_counter() - start >= 0.3 and -1 < deadline.left() <= 0
