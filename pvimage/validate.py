@@ -27,6 +27,7 @@ sensitive are decoded again with detail for `sweep.classify`.
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from dataclasses import dataclass
 
 import capstone
@@ -76,24 +77,24 @@ class InstructionStarts:
     """The instruction starts of the validated code: one bit per byte of each code range."""
 
     def __init__(self) -> None:
-        self._ranges: list[tuple[int, int, bytearray]] = []   # (start, end, bitmap)
-        self._last: tuple[int, int, bytearray] = (0, 0, bytearray())   # the range last asked about
+        self._ranges: list[tuple[int, int, bytearray]] = []   # (start, end, bitmap), by start
+        self._starts: list[int] = []                             # their starts, for bisect
 
     def add_range(self, start: int, end: int) -> bytearray:
         """A new, empty range; the validator sets its bits."""
         bits = bytearray((end - start + 7) // 8)
-        self._ranges.append((start, end, bits))
+        at = bisect_right(self._starts, start)
+        self._ranges.insert(at, (start, end, bits))
+        self._starts.insert(at, start)
         return bits
 
     def __contains__(self, address: int) -> bool:
-        start, end, bits = self._last            # the runtime asks at every iret: mostly the same range
-        if not start <= address < end:
-            for start, end, bits in self._ranges:
-                if start <= address < end:
-                    self._last = start, end, bits
-                    break
-            else:
-                return False
+        at = bisect_right(self._starts, address) - 1    # the runtime asks at every entry it makes
+        if at < 0:
+            return False
+        start, end, bits = self._ranges[at]
+        if address >= end:
+            return False
         off = address - start
         return bits[off >> 3] >> (off & 7) & 1 == 1
 

@@ -129,11 +129,13 @@ def check_frame(frame: Frame, rsp: int, cs: int, ss: int) -> Frame:
     return frame
 
 
-def enter(vm: Vm, vector: int, kind: str, error_code: int | None = None) -> None:
+def enter(vm: Vm, vector: int, kind: str, error_code: int | None = None,
+          idt: tuple[int, int] | None = None) -> None:
     """Take `vector` as the hardware does: through its gate, on an interrupt frame.
 
     `kind` names it in the statistics ("interrupt 32", "upcall 32",
-    "exception 14"); `error_code` is pushed below the frame when given."""
+    "exception 14"); `error_code` is pushed below the frame when given;
+    `idt` is the IDT register (limit, base) if the caller has just read it."""
     cpu, mode = vm.cpu, vm.mode
     cs = cpu.segment(U.UC_X86_REG_CS)
     rflags = cpu.rflags()
@@ -142,7 +144,7 @@ def enter(vm: Vm, vector: int, kind: str, error_code: int | None = None) -> None
     from_user = cpu.cpl == 3
     frame = Frame(cpu.resume_rip(), cs, rflags, cpu.regs["rsp"], cpu.segment(U.UC_X86_REG_SS))
     try:
-        gate = read_gate(vm.mmu, cpu.read_table("idt"), vector)
+        gate = read_gate(vm.mmu, idt or cpu.read_table("idt"), vector)
         mode.check_entry_point(vm, gate.handler, f"gate {vector}")
         stack = mode.kernel_stack(vm) if from_user else frame.rsp
         rsp = push_frame(vm.mmu, frame, stack, error_code)

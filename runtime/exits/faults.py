@@ -66,7 +66,8 @@ def take(vm: Vm, exc: GuestException) -> None:
     vector = exc.vector
     if exc.rip is not None:
         vm.cpu.jump(exc.rip)
-    if not _has_gate(vm, vector):
+    idt = vm.cpu.read_table("idt")
+    if not _has_gate(vm, idt, vector):
         what = EXCEPTIONS.get(vector, f"software interrupt {vector:#x}")
         if vector == 14:
             what += f" accessing {vm.cpu.read_cr(2):#x}"
@@ -74,7 +75,7 @@ def take(vm: Vm, exc: GuestException) -> None:
     _exit_or_event(vm, vm.mode.exception_exits_on(vector), f"exception {vector}")
     if vector == 14 and vm.mode.virtual_if:
         vm.mem.write_u64(abi.SHARED_PAGE + abi.SH_CR2, vm.cpu.read_cr(2))
-    delivery.enter(vm, vector, "exception", exc.error_code)
+    delivery.enter(vm, vector, "exception", exc.error_code, idt)
 
 
 def _exit_or_event(vm: Vm, exits: bool, what: str) -> None:
@@ -85,9 +86,10 @@ def _exit_or_event(vm: Vm, exits: bool, what: str) -> None:
         vm.stats.events[what] += 1
 
 
-def _has_gate(vm: Vm, vector: int) -> bool:
-    """Whether the IDT (trap table) has a present gate for `vector`: else no kernel handles it."""
-    limit, base = vm.cpu.read_table("idt")
+def _has_gate(vm: Vm, idt: tuple[int, int], vector: int) -> bool:
+    """Whether the IDT (trap table: limit, base) has a present gate for `vector`: else no kernel
+    handles it."""
+    limit, base = idt
     if vector * 16 + 15 > limit:
         return False
     try:
