@@ -212,10 +212,10 @@ class Runner:
                 else:
                     result = handle(vm, a, b, c, d)
                 # after_exit when a request is latched (it asks whether one can be taken), one was
-                # announced, or a timer wants slices; else nothing to do: the common case
-                if vm.stop is None and not self.paused and (exit_like or result) and (
-                        master.irr | slave.irr or self._told_pending
-                        or not self._sliced and clock.next_deadline != NEVER):
+                # announced, or a timer wants slices; else nothing to do: the common case, tested first
+                if (master.irr | slave.irr or self._told_pending
+                        or not self._sliced and clock.next_deadline != NEVER) and (
+                        vm.stop is None and not self.paused and (exit_like or result)):
                     after_exit()
                 return result
             except GuestException as e:
@@ -295,18 +295,17 @@ class Runner:
         to find it, used only when tracing or profiling: `wants_where`).
 
         An exit costs the guest EXIT_NS of virtual time (clock.py)."""
-        clock = self.clock
+        clock, stats = self.clock, self.stats
         clock.ticks = ticks = clock.ticks + EXIT_NS
         if ticks >= clock.next_deadline:
             clock.advance(0)
         if self.wants_where:
             self._account(reason, where)
         else:
-            stats = self.stats
             stats.current_reason = reason
             stats.exits[reason] += 1
             stats.total_exits += 1
-        if self.stats.total_exits > self.exit_limit:
+        if stats.total_exits > self.exit_limit:
             raise ExitLimit()
 
     def _account(self, reason: str, where: int | Callable[[Vm], int | None] | None) -> None:
