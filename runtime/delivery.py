@@ -29,7 +29,6 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, NamedTuple
 
-from unicorn import x86_const as U
 
 from pvimage import abi
 
@@ -69,19 +68,24 @@ class Frame(NamedTuple):          # a tuple: built at every entry and return, it
     ss: int
 
 
+class NoGate(GuestFault):
+    """The IDT has no present gate for the vector (beyond its limit, unreadable, or not present):
+    no kernel handler for it, as opposed to a gate that is there but wrong."""
+
+
 def read_gate(mmu: Mmu, table: tuple[int, int], vector: int, cs: int = abi.KERNEL_CS) -> Gate:
     """The gate for `vector` in the IDT (limit, base); GuestFault if it cannot be used."""
     limit, base = table
     if vector * 16 + 15 > limit:
-        raise GuestFault(f"vector {vector} lies beyond the IDT limit {limit:#x}"
-                         + (" (no IDT loaded)" if limit == 0 and base == 0 else ""))
+        raise NoGate(f"vector {vector} lies beyond the IDT limit {limit:#x}"
+                     + (" (no IDT loaded)" if limit == 0 and base == 0 else ""))
     try:
         low, selector, ist, kind, mid, high, _ = GATE.unpack(mmu.read_virt(base + vector * 16, 16))
     except Refused as e:
-        raise GuestFault(f"cannot read gate {vector} of the IDT at {base:#x}: {e.why}") from None
+        raise NoGate(f"cannot read gate {vector} of the IDT at {base:#x}: {e.why}") from None
     handler = low | mid << 16 | high << 32
     if not kind & 0x80:
-        raise GuestFault(f"gate {vector} of the IDT at {base:#x} is not present")
+        raise NoGate(f"gate {vector} of the IDT at {base:#x} is not present")
     if kind & 0xF not in (INTERRUPT_GATE, TRAP_GATE):
         raise GuestFault(f"gate {vector} has type {kind & 0xF:#x}, not a 64-bit interrupt or trap gate")
     if ist & 7:
@@ -129,22 +133,22 @@ def check_frame(frame: Frame, rsp: int, cs: int, ss: int) -> Frame:
     return frame
 
 
-def enter(vm: Vm, vector: int, kind: str, error_code: int | None = None,
-          idt: tuple[int, int] | None = None) -> None:
+def enter(vm: Vm, vector: int, kind: str, error_code: int | None = None, gate: Gate | None = None) -> None:
     """Take `vector` as the hardware does: through its gate, on an interrupt frame.
 
     `kind` names it in the statistics ("interrupt 32", "upcall 32",
     "exception 14"); `error_code` is pushed below the frame when given;
-    `idt` is the IDT register (limit, base) if the caller has just read it."""
+    `gate` is the vector's gate if the caller has just read it."""
     cpu, mode = vm.cpu, vm.mode
-    cs = cpu.segment(U.UC_X86_REG_CS)
+    cs, ss = cpu.regs.selectors()
     rflags = cpu.rflags()
     if mode.virtual_if:
         rflags = rflags & ~RFLAGS_IF | (RFLAGS_IF if mode.interrupts_enabled(vm) else 0)
-    from_user = cpu.cpl == 3
-    frame = Frame(cpu.resume_rip(), cs, rflags, cpu.regs["rsp"], cpu.segment(U.UC_X86_REG_SS))
+    from_user = cpu.regs.hflags_word.value & HF_CPL_MASK == 3
+    frame = Frame(cpu.resume_rip(), cs, rflags, cpu.regs.gprs[RSP], ss)
     try:
-        gate = read_gate(vm.mmu, idt or cpu.read_table("idt"), vector)
+        if gate is None:
+            gate = read_gate(vm.mmu, cpu.read_table("idt"), vector)
         mode.check_entry_point(vm, gate.handler, f"gate {vector}")
         stack = mode.kernel_stack(vm) if from_user else frame.rsp
         rsp = push_frame(vm.mmu, frame, stack, error_code)
@@ -152,7 +156,7 @@ def enter(vm: Vm, vector: int, kind: str, error_code: int | None = None,
         raise GuestFault(f"{kind} {vector}: {e.what}") from None
     if from_user:
         cpu.enter_ring(0)
-    cpu.regs["rsp"] = rsp
+    cpu.regs.gprs[RSP] = rsp
     rflags &= ~CLEARED_ON_ENTRY
     if not gate.trap:
         rflags &= ~RFLAGS_IF
@@ -169,7 +173,8 @@ def enter(vm: Vm, vector: int, kind: str, error_code: int | None = None,
 def iret(vm: Vm) -> None:
     """Return from an interrupt: pop the frame at RSP (iretq, or the iret hypercall), to user mode if it says so."""
     regs = vm.cpu.regs
-    resume(vm, pop_frame(vm.mmu, regs.gprs[RSP], regs.selector("cs"), regs.selector("ss")))
+    cs, ss = regs.selectors()
+    resume(vm, pop_frame(vm.mmu, regs.gprs[RSP], cs, ss))
 
 
 def resume(vm: Vm, frame: Frame) -> None:

@@ -607,6 +607,13 @@ class RegisterFile:
         at = self._priv.cs if ring_segment == "cs" else self._priv.ss
         return _U32.unpack_from(self.view, at)[0]
 
+    def selectors(self) -> tuple[int, int]:
+        """(CS, SS): what every interrupt entry and return reads."""
+        if not self.loaded:
+            self.load()
+        view, priv = self.view, self._priv
+        return _U32.unpack_from(view, priv.cs)[0], _U32.unpack_from(view, priv.ss)[0]
+
     # -- privilege --------------------------------------------------------------------------
     def enter_ring(self, ring: int) -> None:
         """Switch the CPU to ring 0 or 3 with the ABI's flat code and stack segments (engine.Privilege)."""

@@ -33,7 +33,8 @@ from pvimage import abi
 
 from .. import delivery
 from ..devices.msr import EFER_SCE, LSTAR, SFMASK
-from ..errors import GuestException, GuestFault, Refused
+from ..engine import RIP_INDEX
+from ..errors import GuestException, GuestFault
 
 if TYPE_CHECKING:
     from ..machine import Vm
@@ -66,36 +67,31 @@ def take(vm: Vm, exc: GuestException) -> None:
     vector = exc.vector
     if exc.rip is not None:
         vm.cpu.jump(exc.rip)
-    idt = vm.cpu.read_table("idt")
-    if not _has_gate(vm, idt, vector):
+    try:                                   # read once: whether the kernel handles it, and where
+        gate = delivery.read_gate(vm.mmu, vm.cpu.read_table("idt"), vector)
+    except delivery.NoGate:
         what = EXCEPTIONS.get(vector, f"software interrupt {vector:#x}")
         if vector == 14:
             what += f" accessing {vm.cpu.read_cr(2):#x}"
-        raise GuestFault(what)
+        raise GuestFault(what) from None
+    except GuestFault as e:                # a gate, but one the CPU cannot use: as delivery.enter says
+        gate, bad = None, e
+    else:
+        bad = None
     _exit_or_event(vm, vm.mode.exception_exits_on(vector), f"exception {vector}")
+    if bad is not None:
+        raise GuestFault(f"exception {vector}: {bad.what}")
     if vector == 14 and vm.mode.virtual_if:
         vm.mem.write_u64(abi.SHARED_PAGE + abi.SH_CR2, vm.cpu.read_cr(2))
-    delivery.enter(vm, vector, "exception", exc.error_code, idt)
+    delivery.enter(vm, vector, "exception", exc.error_code, gate)
 
 
 def _exit_or_event(vm: Vm, exits: bool, what: str) -> None:
     """An exit in modes where the hypervisor takes it first; else the CPU's own work (stats.events)."""
     if exits:
-        vm.run.count(what, vm.cpu.rip)
+        vm.run.count(what, vm.cpu.regs.gprs[RIP_INDEX])
     else:
         vm.stats.events[what] += 1
-
-
-def _has_gate(vm: Vm, idt: tuple[int, int], vector: int) -> bool:
-    """Whether the IDT (trap table: limit, base) has a present gate for `vector`: else no kernel
-    handles it."""
-    limit, base = idt
-    if vector * 16 + 15 > limit:
-        return False
-    try:
-        return bool(vm.mmu.read_virt(base + vector * 16 + 5, 1)[0] & 0x80)
-    except Refused:
-        return False
 
 
 def system_call(vm: Vm) -> None:

@@ -357,7 +357,8 @@ def iret(vm: Vm) -> None:
         gprs[k] = value
     frame_at = rsp + _IRET_SAVED.size
     frame = delivery.Frame._make(words[len(_IRET_SAVED_INDEX):])
-    delivery.resume(vm, delivery.check_frame(frame, frame_at, regs.selector("cs"), regs.selector("ss")))
+    cs, ss = regs.selectors()
+    delivery.resume(vm, delivery.check_frame(frame, frame_at, cs, ss))
     return None
 
 
