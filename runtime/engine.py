@@ -21,8 +21,9 @@ experiment and checked here when the first engine is made:
   /proc/self/mem cannot be read or the check fails, the register file
   copies instead (`RegisterFile.live` says which; `pvtool bench` shows it).
 
-Hooks are registered through the C API too (`Engine.hook_*`): the Python
-binding's wrapper costs twice a raw callback.  A callback must never
+Hooks are registered through the C API too (`Engine.hook_*`), each behind
+the exit gate (gate.py): the Python binding's wrapper costs twice a raw
+callback.  Emulation runs holding the GIL (`Engine.emu_start`).  A callback must never
 raise: the vCPU's guard catches everything (run.py).
 
 If the installed Unicorn is not the pinned version, or a probe finds the

@@ -8,9 +8,11 @@ halted, a slice ran out, a hook asked for the loop, or time is up.
 
 Guest code runs inside Unicorn; an *exit* is a Unicorn hook, and every hook
 the runtime installs goes through one dispatch, `_handler`, a match over
-the kinds of exit (`Exit`) that names each handler.  The hook's wrapper
-(`_hook`) times it, writes the register file back, and turns whatever the
-handler raises into the end of the run through `Vm.kill`, the one path
+the kinds of exit (`Exit`) that names each handler.  Unicorn calls the
+exit gate (gate.py: native code that times the exit and checks the
+control registers), the gate the hook's wrapper (`_hook`), which writes
+the register file back and turns whatever the handler raises into the end
+of the run through `Vm.kill`, the one path
 that stops a guest: `Shutdown` (the guest asked), `GuestFault` (it did
 something it must not), `ExitLimit`, even a bug in the hypervisor, so
 nothing a guest does can take the hypervisor down.
@@ -54,9 +56,9 @@ from . import delivery
 from .clock import EXIT_NS, NEVER, SLICE_INSNS, SLICE_NS
 from .cpu import CODE, FAULT, INSN, LOOP, SYSCALL, TRAP
 from .engine import RIP_INDEX
-from .gate import tsc
 from .errors import ExitLimit, GuestException, GuestFault, Refused, Shutdown, TimeUp
 from .exits import faults, hypercalls, io, pagetables, trapped
+from .gate import tsc
 from .machine import Deadline, Stop, Vm
 from .watchdog import Watchdog
 

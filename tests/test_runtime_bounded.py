@@ -201,6 +201,25 @@ def test_protecting_a_page_splits_a_chunk_of_ram_not_all_of_it():
 
 # -- console ---------------------------------------------------------------------------------------------
 
+def test_guest_accesses_within_a_page_go_only_where_the_guest_may():
+    """The MMU's one-page fast path (GuestMemory.read_if_guest_can, write_if_guest_can) refuses
+    what the general path refuses, and writes nothing then."""
+    vm = create(load_image(driver.compile_file("kernels/hello.pvk", "pv"), RAM), "pv", RAM, timeout=30)
+    mmu, mem = vm.mmu, vm.mem
+    free = 16 << 20                                     # free RAM, identity-mapped at boot
+    mmu.write_virt(free + 8, b"abcdefgh")
+    assert mmu.read_virt(free + 8, 8) == b"abcdefgh" and bytes(mem.view[free + 8:free + 16]) == b"abcdefgh"
+    mem.pin({free + PAGE})                              # as a live page table is: read-only to the guest
+    for va in (free + PAGE, abi.LOAD_BASE, abi.BOOT_PML4, 0):   # a table, code, the hypervisor's
+        before = bytes(mem.view[va:va + 8])
+        with pytest.raises(Refused):
+            mmu.write_virt(va, b"\xff" * 8)
+        assert bytes(mem.view[va:va + 8]) == before
+    assert mmu.read_virt(free + PAGE, 8) == bytes(8) and mmu.read_virt(abi.LOAD_BASE, 1)
+    with pytest.raises(Refused):
+        mmu.read_virt(0, 8)                             # hypervisor memory
+
+
 def test_console_keeps_a_bounded_tail_and_counts_everything():
     seen = []
     console = Console(seen.append, tail_max=100)
