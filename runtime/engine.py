@@ -602,14 +602,11 @@ class RegisterFile:
         self.invalidate()
 
     def selector(self, ring_segment: str) -> int:
-        """The CS or SS selector, from its segment cache in the state."""
-        if not self.loaded:
-            self.load()
-        at = self._priv.cs if ring_segment == "cs" else self._priv.ss
-        return _U32.unpack_from(self.view, at)[0]
+        """The CS or SS selector."""
+        return self.selectors()[ring_segment == "ss"]
 
     def selectors(self) -> tuple[int, int]:
-        """(CS, SS): what every interrupt entry and return reads."""
+        """(CS, SS), from their segment caches in the state: what every interrupt entry and return reads."""
         if not self.loaded:
             self.load()
         view, priv = self.view, self._priv

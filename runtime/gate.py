@@ -55,9 +55,12 @@ _ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 _MOV_RBX = {"rsi": "4889f3", "rdx": "4889d3", "rcx": "4889cb", "r8": "4c89c3", "r9": "4c89cb"}
 
 
+_READ_TSC = [("rdtsc", "0f31"), ("shl rdx, 0x20", "48c1e220"), ("or rax, rdx", "4809d0")]   # into rax
+
+
 def listing(user_data: str) -> Listing:
     """The gate for hooks whose user data comes in `user_data` (machinecode.py)."""
-    tsc = [("rdtsc", "0f31"), ("shl rdx, 0x20", "48c1e220"), ("or rax, rdx", "4809d0")]
+    tsc = _READ_TSC
     code = [("push rbx", "53"), ("push r12", "4154"), ("push r13", "4155"),
             ("push rdi", "57"), ("push rsi", "56"), ("push rdx", "52"), ("push rcx", "51"),
             ("push r8", "4150"), ("push r9", "4151"),             # 9 pushes: the stack is aligned for a call
@@ -86,7 +89,7 @@ def listing(user_data: str) -> Listing:
     return code
 
 
-_TSC = [("rdtsc", "0f31"), ("shl rdx, 0x20", "48c1e220"), ("or rax, rdx", "4809d0"), ("ret", "c3")]
+_TSC = [*_READ_TSC, ("ret", "c3")]
 
 _CODE: CodePage | None = None
 _TSC_READ = None

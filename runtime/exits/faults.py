@@ -74,13 +74,9 @@ def take(vm: Vm, exc: GuestException) -> None:
         if vector == 14:
             what += f" accessing {vm.cpu.read_cr(2):#x}"
         raise GuestFault(what) from None
-    except GuestFault as e:                # a gate, but one the CPU cannot use: as delivery.enter says
-        gate, bad = None, e
-    else:
-        bad = None
+    except GuestFault:                     # a gate the CPU cannot use: delivery.enter says why
+        gate = None
     _exit_or_event(vm, vm.mode.exception_exits_on(vector), f"exception {vector}")
-    if bad is not None:
-        raise GuestFault(f"exception {vector}: {bad.what}")
     if vector == 14 and vm.mode.virtual_if:
         vm.mem.write_u64(abi.SHARED_PAGE + abi.SH_CR2, vm.cpu.read_cr(2))
     delivery.enter(vm, vector, "exception", exc.error_code, gate)
