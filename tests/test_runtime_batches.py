@@ -86,3 +86,17 @@ def test_after_a_refusal_the_queue_shows_what_ran(tmp_path):
     assert entries[n][4] == -abi.EPERM & (1 << 64) - 1
     assert vm.image.info.function_at(entries[n + 1][4])[0].name == "kmain"
     assert vm.mem.read(abi.SHARED_PAGE + abi.SH_MC_COUNT, 4) == bytes(4)
+
+
+def test_a_run_of_flushes_stops_at_a_non_canonical_one(tmp_path):
+    """A run of invlpg entries is one flush, but an entry the hypercall would refuse is refused alone."""
+    src = tmp_path / "flush.pvk"
+    src.write_text("fn kmain() -> u64 {\n    invlpg(0x1000);\n    invlpg(0x800000000000);\n"
+                   "    invlpg(0x2000);\n    return 7;\n}\n")
+    kernel = driver.compile_file(str(src), "pv")
+    result = run(kernel, "pv")
+    assert (result.reason, result.status) == ("fault", 125), result.message
+    assert re.search(r"multicall entry 1 \(invlpg\) refused with -EINVAL: invlpg of non-canonical address "
+                     r"0x800000000000", result.message)
+    result = run(kernel, "pv", lenient_batches=True)
+    assert (result.reason, result.status, result.stats.batched["invlpg"]) == ("shutdown", 7, 2)

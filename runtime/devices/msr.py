@@ -36,9 +36,11 @@ _STORED = {IA32_PAT: 0x0007040600070406, IA32_MISC_ENABLE: 1, IA32_APIC_BASE: 0,
 _READ_ONLY = (IA32_MISC_ENABLE, IA32_APIC_BASE)
 
 
+CANONICAL_TOPS = (0, (1 << 17) - 1)       # bits 63-47 of a canonical address: all 0 or all 1
+
+
 def canonical(va: int) -> bool:
-    top = va >> 47
-    return top == 0 or top == (1 << 17) - 1
+    return va >> 47 in CANONICAL_TOPS
 
 
 class MsrFile:

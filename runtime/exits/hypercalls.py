@@ -40,7 +40,7 @@ from pvimage import abi
 from .. import delivery
 from ..cpu import DESCRIPTOR, RFLAGS_IF, SYSCALL_SIZE
 from ..devices.bus import SIZES
-from ..devices.msr import LSTAR, canonical
+from ..devices.msr import CANONICAL_TOPS, LSTAR, canonical
 from ..engine import GPR_INDEX, HF_CPL_MASK, RIP_INDEX
 from ..errors import GuestFault, Refused, Shutdown
 from ..memory import PAGE
@@ -428,19 +428,22 @@ def run_queue(vm: Vm) -> int:
     return count
 
 
+_SET_PTE, _INVLPG = abi.HC_SET_PTE, abi.HC_INVLPG
+
+
 def _run_from(vm: Vm, entries: list[tuple[int, ...]], k: int, results: array) -> int:
     """Run entry k, with the like entries after it when they can go as one; the next entry to run."""
     nr, arg = entries[k][:2]
-    end = k + 1
-    if nr == abi.HC_SET_PTE:
+    end, n = k + 1, len(entries)
+    if nr == _SET_PTE:
         page = arg & ~(PAGE - 1)
-        while end < len(entries) and entries[end][0] == abi.HC_SET_PTE and entries[end][1] & ~(PAGE - 1) == page:
+        while end < n and entries[end][0] == _SET_PTE and entries[end][1] & ~(PAGE - 1) == page:
             end += 1
         if vm.mmu.set_leaves(page, [(e[1] - page, e[2]) for e in entries[k:end]]):
             vm.stats.batched["set_pte"] += end - k
             return end
-    elif nr == abi.HC_INVLPG and canonical(arg):     # a run of flushes is one flush (Unicorn's is global)
-        while end < len(entries) and entries[end][0] == abi.HC_INVLPG and canonical(entries[end][1]):
+    elif nr == _INVLPG and canonical(arg):     # a run of flushes is one flush (Unicorn's is global)
+        while end < n and entries[end][0] == _INVLPG and entries[end][1] >> 47 in CANONICAL_TOPS:
             end += 1
         vm.mmu.flush()
         vm.stats.batched["invlpg"] += end - k
