@@ -149,14 +149,23 @@ _TOKEN = re.compile(r"""
 _OPERATORS = ("::", "(", ")", "{", "}", "[", "]", ";", ":", ",", "~", "->", ".", "..", "<<", "<<=", ">>", ">>=",
               "&", "&&", "&=", "|", "||", "|=", "-", "+", "*", "/", "%", "^", "!", "=", "<", ">",
               "-=", "+=", "*=", "/=", "%=", "^=", "!=", "==", "<=", ">=")
-# The kind of a token by its text, for the texts that are their own kind and
-# those that stop the lexer (a lone quote is what is left of an unterminated
-# literal); any other token's kind follows from its first character.
-_KIND_OF_TEXT = {**{t: t for t in KEYWORDS | frozenset(_OPERATORS)},
-                 "/*": "ERROR", "'": "ERROR", '"': "ERROR", "": "$END"}
+
+_OWN_KINDS = {**{t: t for t in (*KEYWORDS, *_OPERATORS)}, "/*": "ERROR", "'": "ERROR", '"': "ERROR", "": "$END"}
 _KIND_OF_FIRST = {**dict.fromkeys("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_", "NAME"),
                   **dict.fromkeys("0123456789", "INT"), "'": "CHAR", '"': "STRING"}
 
+
+class _KindOf(dict):
+    """Token text -> kind, for one file.  It starts from _OWN_KINDS: the texts
+    that are their own kind and those that stop the lexer (a lone quote is
+    what is left of an unterminated literal).  Any other text's kind follows
+    from its first character, worked out the first time the text is met
+    (names and numbers repeat), so `map` looks most tokens up without a
+    Python call."""
+
+    def __missing__(self, text: str) -> str:
+        kind = self[text] = _KIND_OF_FIRST.get(text[0], "ERROR")
+        return kind
 
 class _Tokens:
     """One file's tokens as parallel lists.  A kind is the token's own text for
@@ -180,8 +189,7 @@ def _lex(text: str) -> _Tokens:
     del pieces[::3]
     texts = pieces[1::2]
     starts = list(accumulate(map(len, pieces)))[::2]
-    kind_of_text, kind_of_first = _KIND_OF_TEXT, _KIND_OF_FIRST
-    kinds = [kind_of_text[t] if t in kind_of_text else kind_of_first.get(t[0], "ERROR") for t in texts]
+    kinds = list(map(_KindOf(_OWN_KINDS).__getitem__, texts))
     last = kinds.index("$END")
     if "ERROR" in kinds[:last]:
         last = kinds.index("ERROR")
