@@ -149,7 +149,6 @@ _TOKEN = re.compile(r"""
 _OPERATORS = ("::", "(", ")", "{", "}", "[", "]", ";", ":", ",", "~", "->", ".", "..", "<<", "<<=", ">>", ">>=",
               "&", "&&", "&=", "|", "||", "|=", "-", "+", "*", "/", "%", "^", "!", "=", "<", ">",
               "-=", "+=", "*=", "/=", "%=", "^=", "!=", "==", "<=", ">=")
-
 _OWN_KINDS = {**{t: t for t in (*KEYWORDS, *_OPERATORS)}, "/*": "ERROR", "'": "ERROR", '"': "ERROR", "": "$END"}
 _KIND_OF_FIRST = {**dict.fromkeys("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_", "NAME"),
                   **dict.fromkeys("0123456789", "INT"), "'": "CHAR", '"': "STRING"}
@@ -166,6 +165,7 @@ class _KindOf(dict):
     def __missing__(self, text: str) -> str:
         kind = self[text] = _KIND_OF_FIRST.get(text[0], "ERROR")
         return kind
+
 
 class _Tokens:
     """One file's tokens as parallel lists.  A kind is the token's own text for
