@@ -244,6 +244,7 @@ def once(path: str, target: str, upto: str) -> int:
     """The stages up to `upto`, once, with the collector off; the image's size (0 before elf)."""
     if upto == "driver":
         return len(driver.compile_file(path, target))
+
     def middle(program):
         module = lower.lower(program)
         return paravirt.paravirtualize(module) if target == "pv" else module
