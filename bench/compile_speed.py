@@ -14,13 +14,26 @@ figure is the best of --repeat runs.  The table ends with the end-to-end
 lines per second of each target, against the goal of 20,000.
 
     python bench/compile_speed.py [--lines 10000] [--repeat 3] [--target native|pv] [--json] [--keep K.pvk]
+
+With --once TARGET it compiles once, stage by stage up to --upto (or only
+generates the kernel, for --upto none; or through pvtool.driver.compile_file,
+for --upto driver) with the collector off, prints the stage reached and the
+image size, and leaves without freeing what the stages made: a run to count
+instructions by, where the difference of two --upto runs is the cost of
+the stages between them and the machine's load does not matter (valgrind
+must run the interpreter itself, not a wrapper script such as pyenv's):
+
+    PYTHONHASHSEED=0 valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file=/dev/null \
+        "$(python -c 'import sys; print(sys.executable)')" bench/compile_speed.py --once pv --upto codegen
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
 import random
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -223,6 +236,32 @@ def _staged(path: str, target: str) -> tuple[dict[str, float], bytes]:
     return times, image
 
 
+# lower: and paravirt; driver: pvtool.driver.compile_file, end to end
+ONCE_STAGES = ("none", "parse", "typecheck", "lower", "codegen", "link", "elf", "driver")
+
+
+def once(path: str, target: str, upto: str) -> int:
+    """The stages up to `upto`, once, with the collector off; the image's size (0 before elf)."""
+    if upto == "driver":
+        return len(driver.compile_file(path, target))
+
+    def middle(program):
+        module = lower.lower(program)
+        return paravirt.paravirtualize(module) if target == "pv" else module
+
+    def generate(module):
+        obj = codegen.generate(module)
+        obj.name = Path(path).stem
+        return obj
+
+    gc.disable()
+    data = path
+    for step in (parse.parse_program, typecheck.check, middle, generate, link.link, elfwrite.write
+                 )[:ONCE_STAGES.index(upto)]:
+        data = step(data)
+    return len(data) if upto == "elf" else 0
+
+
 def end_to_end(path: str, target: str) -> tuple[float, bytes]:
     start = process_time()
     image = driver.compile_file(path, target)
@@ -291,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per figure; the best is kept (default 3)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     ap.add_argument("--keep", metavar="PATH", help="write the generated kernel here and keep it")
+    ap.add_argument("--once", choices=driver.TARGETS, metavar="TARGET",
+                    help="compile once for TARGET, for counting instructions (see above)")
+    ap.add_argument("--upto", choices=ONCE_STAGES, default="elf", help="with --once: the last stage run")
     args = ap.parse_args(argv)
     if args.lines < 50:
         ap.error("--lines must be at least 50")
@@ -300,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pvtool-bench-") as tmp:
         path = Path(args.keep) if args.keep else Path(tmp) / "bench.pvk"
         path.write_text(text)
+        if args.once:
+            size = once(str(path), args.once, args.upto)
+            print(f"compile_speed: {args.once} up to {args.upto}: image {size} bytes", flush=True)
+            shutil.rmtree(tmp)
+            os._exit(0)             # without freeing the compiler's data: the stages' work only
         try:
             report = measure(str(path), text.count("\n"), args.target or ["native", "pv"], args.repeat)
         except USER_ERRORS as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 from bisect import bisect_right
+from itertools import accumulate
 from pathlib import Path
 
 import lark
@@ -126,25 +127,44 @@ KEYWORDS = frozenset(("align", "as", "break", "const", "continue", "else", "fals
                       "import", "in", "interrupt", "null", "offsetof", "private", "return", "sizeof",
                       "struct", "syscall", "true", "user", "var", "while"))
 
-# One match per token, with the blanks and comments before it (taken
-# possessively: a comment is never re-read as operators).  Groups: 1 a name
-# or keyword, 2 an integer, 3 a character literal, 4 a string literal, 5 an
-# unterminated comment, 6 an operator or punctuation (the longest that
-# fits), 7 any other character (an unterminated literal's quote, or a
-# character no token starts with), 8 the end of the text.  INT is loose on
-# purpose: the parser checks digits and `_` so `12ab` gets a precise message.
-_BLANKS = r"[ \t\r\n\f]*+(?:(?://[^\n]*|/\*[^*]*\*+(?:[^/*][^*]*\*+)*/)[ \t\r\n\f]*+)*+"
-_TOKEN = re.compile(_BLANKS + r"""
-    (?: ([A-Za-z_]\w*)
-      | ([0-9]\w*)
-      | ('(?:[^'\\\n]|\\[^\n])*')
-      | ("(?:[^"\\\n]|\\[^\n])*")
-      | (/\*)
-      | (::|[(){}\[\];:,~]|->|\.\.?|<<=?|>>=?|&[&=]?|\|[|=]?|[-+*/%^!=<>]=?)
-      | (.)
-      | (\Z)
+# One match per token, in two groups: the blanks and comments before it
+# (taken possessively: a comment is never re-read as operators), then the
+# token: a name or keyword, an integer, a character literal, a string
+# literal, an unterminated comment, an operator or punctuation (the longest
+# that fits), any other character (an unterminated literal's quote, or a
+# character no token starts with), or the end of the text.  Every position
+# matches, so the matches tile the text.  INT is loose on purpose: the
+# parser checks digits and `_` so `12ab` gets a precise message.
+_TOKEN = re.compile(r"""
+    ([ \t\r\n\f]*+(?:(?://[^\n]*|/\*[^*]*\*+(?:[^/*][^*]*\*+)*/)[ \t\r\n\f]*+)*+)
+    ( [A-Za-z_]\w*
+    | [0-9]\w*
+    | '(?:[^'\\\n]|\\[^\n])*'
+    | "(?:[^"\\\n]|\\[^\n])*"
+    | /\*
+    | ::|[(){}\[\];:,~]|->|\.\.?|<<=?|>>=?|&[&=]?|\|[|=]?|[-+*/%^!=<>]=?
+    | .
+    | \Z
     )""", re.VERBOSE | re.DOTALL | re.ASCII)
-_KIND = (None, "NAME", "INT", "CHAR", "STRING", "ERROR", None, "ERROR", "$END")
+_OPERATORS = ("::", "(", ")", "{", "}", "[", "]", ";", ":", ",", "~", "->", ".", "..", "<<", "<<=", ">>", ">>=",
+              "&", "&&", "&=", "|", "||", "|=", "-", "+", "*", "/", "%", "^", "!", "=", "<", ">",
+              "-=", "+=", "*=", "/=", "%=", "^=", "!=", "==", "<=", ">=")
+_OWN_KINDS = {**{t: t for t in (*KEYWORDS, *_OPERATORS)}, "/*": "ERROR", "'": "ERROR", '"': "ERROR", "": "$END"}
+_KIND_OF_FIRST = {**dict.fromkeys("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_", "NAME"),
+                  **dict.fromkeys("0123456789", "INT"), "'": "CHAR", '"': "STRING"}
+
+
+class _KindOf(dict):
+    """Token text -> kind, for one file.  It starts from _OWN_KINDS: the texts
+    that are their own kind and those that stop the lexer (a lone quote is
+    what is left of an unterminated literal).  Any other text's kind follows
+    from its first character, worked out the first time the text is met
+    (names and numbers repeat), so `map` looks most tokens up without a
+    Python call."""
+
+    def __missing__(self, text: str) -> str:
+        kind = self[text] = _KIND_OF_FIRST.get(text[0], "ERROR")
+        return kind
 
 
 class _Tokens:
@@ -152,34 +172,33 @@ class _Tokens:
     keywords and punctuation, else NAME, INT, CHAR or STRING; the list ends
     with "$END", after an "ERROR" token where the text stopped making sense."""
 
-    def __init__(self, text: str):
+    def __init__(self, kinds: list[str], texts: list[str], starts: list[int], text: str):
         self.text = text
-        self.kinds: list[str] = []
-        self.texts: list[str] = []
-        self.starts: list[int] = []
+        self.kinds = kinds
+        self.texts = texts
+        self.starts = starts
         self.line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
 
 
 def _lex(text: str) -> _Tokens:
-    tokens = _Tokens(text)
-    kinds, texts, starts = tokens.kinds, tokens.texts, tokens.starts
-    keywords = KEYWORDS
-    for m in _TOKEN.finditer(text):
-        group = m.lastindex
-        word = m[group]
-        kind = _KIND[group] or word
-        if kind == "NAME" and word in keywords:
-            kind = word
-        kinds.append(kind)
-        texts.append(word)
-        starts.append(m.start(group))
-        if kind == "ERROR" or kind == "$END":
-            break
-    if kinds[-1] == "ERROR":
+    # `split` cuts the text at the groups, (between, blanks, token) per match
+    # with `between` always empty, and makes no match object per token; the
+    # starts are the running lengths of blanks and tokens.  The lexing stops
+    # at the first ERROR or $END.
+    pieces = _TOKEN.split(text)
+    del pieces[::3]
+    texts = pieces[1::2]
+    starts = list(accumulate(map(len, pieces)))[::2]
+    kinds = list(map(_KindOf(_OWN_KINDS).__getitem__, texts))
+    last = kinds.index("$END")
+    if "ERROR" in kinds[:last]:
+        last = kinds.index("ERROR")
+    del kinds[last + 1:], texts[last + 1:], starts[last + 1:]
+    if kinds[last] == "ERROR":
         kinds.append("$END")
         texts.append("")
         starts.append(len(text))
-    return tokens
+    return _Tokens(kinds, texts, starts, text)
 
 
 # -- parsing ---------------------------------------------------------------------------------------------

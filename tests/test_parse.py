@@ -1,11 +1,13 @@
 """The parser: every construct of the grammar, literals, comments, positions, imports."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, strategies as st
 
-from pvtool import ast
+from pvtool import ast, parse
 from pvtool.diagnostics import CompileError
 from pvtool.parse import parse_program, parse_text
 
@@ -237,6 +239,42 @@ def test_comments():
 def test_unterminated_comment():
     e = syntax_error("var x: u8;\n/* never closed\n")
     assert (e.loc.line, e.loc.col, e.message) == (2, 1, "unterminated comment")
+
+
+PUNCTUATION = {*parse._PRECEDENCE, *parse._ASSIGN, "::", "->", "..", ".", "!", "~", ";", ":", ",", "(", ")", "{",
+               "}", "[", "]"}
+PIECES = ["fn", "while", "x_1", "Q", "07", "0x1f", "'a'", "'\\n'", '"s t"', *sorted(PUNCTUATION),
+          " ", "\n", "\t", "// c\n", "/* c */", "/*", "'", '"', "@", "é"]
+
+
+@given(st.lists(st.sampled_from(PIECES), max_size=12))
+def test_tokens_tile_the_text(pieces):
+    """Whatever the text, the tokens are its non-blank, non-comment parts in order, each
+    at its offset and of the kind its spelling says, up to the first ERROR."""
+    text = "".join(pieces)
+    tokens = parse._lex(text)
+    assert tokens.kinds[-1] == "$END" and tokens.texts[-1] == ""
+    assert "$END" not in tokens.kinds[:-1] and "ERROR" not in tokens.kinds[:-2]
+    stopped = len(tokens.kinds) > 1 and tokens.kinds[-2] == "ERROR"     # then $END is past the text
+    at = 0
+    for kind, word, start in list(zip(tokens.kinds, tokens.texts, tokens.starts))[:-1 if stopped else None]:
+        assert text[start:start + len(word)] == word
+        assert re.fullmatch(r"(\s|//[^\n]*|/\*(?:(?!\*/).)*\*/)*", text[at:start], re.DOTALL), text[at:start]
+        assert kind == expected_kind(word), (word, kind)
+        at = start + len(word)
+    assert tokens.starts[-1] == len(text)
+
+
+def expected_kind(word: str) -> str:
+    if word in parse.KEYWORDS or word in PUNCTUATION:
+        return word
+    if re.fullmatch(r"[A-Za-z_]\w*", word):
+        return "NAME"
+    if word[:1].isdigit():
+        return "INT"
+    if len(word) >= 2 and word[0] == word[-1] and word[0] in "'\"":
+        return "CHAR" if word[0] == "'" else "STRING"
+    return "$END" if word == "" else "ERROR"
 
 
 # -- positions ----------------------------------------------------------------------------------

@@ -229,3 +229,20 @@ def test_compile_speed_benchmark_runs_on_a_small_kernel(tmp_path: Path):
         assert ("paravirt" in stages) == (target == "pv")
         assert all(s["seconds"] > 0 and s["lines_per_second"] > 0 for s in stages.values())
         assert report["targets"][target]["image_bytes"] > 0
+
+
+def test_compile_speed_once_runs_the_stages_asked_for(tmp_path: Path, monkeypatch):
+    """--once is the run instructions are counted on: through elf it makes the image the
+    driver makes (the same size), before elf none, and it leaves no files behind."""
+    def once(*args: str) -> str:
+        r = run([sys.executable, str(ROOT / "bench" / "compile_speed.py"), "--lines", "300", "--once", "pv",
+                 *args])
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout.strip()
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))         # where the kernel is written
+    driven = once("--upto", "driver")
+    assert driven.startswith("compile_speed: pv up to driver: image ") and not driven.endswith(" 0 bytes")
+    assert once("--upto", "elf") == driven.replace("up to driver", "up to elf")
+    assert once("--upto", "codegen") == "compile_speed: pv up to codegen: image 0 bytes"
+    assert list(tmp_path.iterdir()) == []

@@ -241,13 +241,13 @@ class FunctionGen:
                        reverse=True)
         points: dict[int, tuple[int, ir.Instr | None]] = {}     # point -> (anchor, its instruction)
         p = 0
+        loc = None                              # the position last marked: marking it again does nothing
         for k, b in enumerate(self.blocks):
             self.next_label = self.blocks[k + 1].label if k + 1 < len(self.blocks) else None
             self.a.label(self.label(b.label))
             p += 1
             if marks and marks[-1] == p:
                 points[marks.pop()] = (self.a.anchor(), None)
-            loc = None
             for ins in b.instrs:
                 p += 1
                 if marks and marks[-1] == p:
@@ -262,16 +262,19 @@ class FunctionGen:
             p += 1
             if marks and marks[-1] == p:
                 points[marks.pop()] = (self.a.anchor(), b.term)
-            self.mark(b.term.loc)
+            if b.term.loc is not loc:
+                loc = b.term.loc
+                self.mark(loc)
             self.terminator(b.term)
         if self.open_sites:
             raise self.fail("SiteBegin without SiteEnd")
         a = self.a
         code = a.finish()
-        lines = [obj.LineRow(a.at(k), loc) for k, loc in self.lines]
+        at = a.anchors
+        lines = [obj.LineRow(at[k], loc) for k, loc in self.lines]
         sites = [obj.SiteRow(*a.span(start, end), op, loc, becomes, kind)
                  for start, end, op, loc, becomes, kind in self.sites]
-        frame = [obj.FrameStep(a.at(k), event, reg) for k, event, reg in self.frame_steps]
+        frame = [obj.FrameStep(at[k], event, reg) for k, event, reg in self.frame_steps]
         variables = self.variables(live, {q: (a.at(k), ins) for q, (k, ins) in points.items()}, a.at(body),
                                    len(code))
         return obj.FunctionCode(fn.name, code, a.relocs, lines, sites, loc=fn.loc,
@@ -362,7 +365,7 @@ class FunctionGen:
             anchor, last = lines[-1]
             if last is loc or (last.line == loc.line and last.file == loc.file):
                 return
-            if self.a.at(anchor) == self.a.offset:
+            if self.a.anchors[anchor] == len(self.a.code):
                 lines.pop()                  # that line produced no code
                 if lines and lines[-1][1].line == loc.line and lines[-1][1].file == loc.file:
                     return
