@@ -23,8 +23,8 @@ experiment and checked here when the first engine is made:
 
 Hooks are registered through the C API too (`Engine.hook_*`), each behind
 the exit gate (gate.py): the Python binding's wrapper costs twice a raw
-callback.  Emulation runs holding the GIL (`Engine.emu_start`).  A callback must never
-raise: the vCPU's guard catches everything (run.py).
+callback.  Emulation runs holding the GIL (`Engine.emu_start`).  A
+callback must never raise: the vCPU's guard catches everything (run.py).
 
 If the installed Unicorn is not the pinned version, or a probe finds the
 context laid out otherwise, `EngineError` stops the run before it starts,

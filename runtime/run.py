@@ -12,10 +12,10 @@ the kinds of exit (`Exit`) that names each handler.  Unicorn calls the
 exit gate (gate.py: native code that times the exit and checks the
 control registers), the gate the hook's wrapper (`_hook`), which writes
 the register file back and turns whatever the handler raises into the end
-of the run through `Vm.kill`, the one path
-that stops a guest: `Shutdown` (the guest asked), `GuestFault` (it did
-something it must not), `ExitLimit`, even a bug in the hypervisor, so
-nothing a guest does can take the hypervisor down.
+of the run through `Vm.kill`, the one path that stops a guest: `Shutdown`
+(the guest asked), `GuestFault` (it did something it must not),
+`ExitLimit`, even a bug in the hypervisor, so nothing a guest does can
+take the hypervisor down.
 
 Interrupts (the PIC's, raised by the PIT or the pv one-shot timer on the
 virtual clock) reach the guest in one place, `deliver_events`: after every
@@ -32,9 +32,9 @@ interrupts.  Slices are counted, not timed: stopping Unicorn 2.1.4 from
 another thread (emu_stop, or emu_start's own timeout) sometimes resumes it
 one instruction early, running a read-modify-write of memory twice
 (measured: tests/test_runtime_interrupts.py), so the only asynchronous
-stop left is the one that ends a run at its timeout (`Watchdog`).  Counting costs guest
-code about four times its speed while slicing; it is off whenever no timer
-is armed.
+stop left is the one that ends a run at its timeout (`Watchdog`).
+Counting costs guest code about four times its speed while slicing; it is
+off whenever no timer is armed.
 
 A debugger (debugger.py, when `pvtool run --gdb`) is the loop's guest:
 the loop calls its `pause_point` at every instruction boundary outside an
@@ -473,7 +473,8 @@ class Runner:
             vm.patches.disarm(native)
         begin = self._begin = vm.cpu.rip
         vm.cpu.regs.finish()               # the guest changes its registers from here on
-        gate, ticks = vm.engine.gate, vm.engine.gate.ticks
+        gate = vm.engine.gate
+        ticks = gate.ticks
         self._watchdog.sync()
         start, start_tsc = perf_counter(), tsc()
         try:
