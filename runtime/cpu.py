@@ -137,8 +137,6 @@ class Cpu:
     def read_cr(self, n: int) -> int:
         if n not in CONTROL:
             raise Refused(abi.EINVAL, f"no control register CR{n}")
-        if n == 2:
-            return self.regs.api_read(U.UC_X86_REG_CR2)
         return self.regs.cr(n)
 
     def write_cr(self, n: int, value: int) -> None:
@@ -170,7 +168,7 @@ class Cpu:
     # -- descriptor tables ------------------------------------------------------------------
     def read_table(self, which: str) -> tuple[int, int]:
         """(limit, base) of the GDT or IDT register."""
-        return self.regs.api_table(TABLE_REG[which])
+        return self.regs.table(TABLE_REG[which])
 
     def load_table(self, which: str, limit: int, base: int, readable) -> None:
         """lgdt/lidt: the table must be canonical and, all of it, readable by the guest

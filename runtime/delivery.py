@@ -157,14 +157,15 @@ def enter(vm: Vm, vector: int, kind: str, error_code: int | None = None, gate: G
     if from_user:
         cpu.enter_ring(0)
     cpu.regs.gprs[RSP] = rsp
-    rflags &= ~CLEARED_ON_ENTRY
+    cleared = CLEARED_ON_ENTRY
     if not gate.trap:
-        rflags &= ~RFLAGS_IF
+        cleared |= RFLAGS_IF
         if mode.virtual_if:
             mode.set_virtual_if(vm, False)
     if mode.virtual_if:
-        rflags &= ~RFLAGS_IF
-    cpu.set_rflags(rflags)
+        cleared |= RFLAGS_IF
+    # entry only clears flags RFLAGS holds as such, never an arithmetic one: no API round trip
+    cpu.regs.set_eflags_bit(cleared, False)
     if kind != "exception":                 # faults.take counted it: an exit where the mode has one, else an event
         vm.stats.account(f"{kind} {vector}", frame.rip)
     cpu.jump(gate.handler)

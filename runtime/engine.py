@@ -79,12 +79,6 @@ _emu_start.restype = _c_int
 EMU_STOP = ctypes.cast(_lib.uc_emu_stop, _c_void_p).value     # for native code (watchdog.py)
 
 
-class _Mmr(ctypes.Structure):
-    """unicorn.h's uc_x86_mmr: what uc_reg_read of GDTR, IDTR, LDTR or TR fills in."""
-    _fields_ = [("selector", ctypes.c_uint16), ("base", ctypes.c_uint64), ("limit", ctypes.c_uint32),
-                ("flags", ctypes.c_uint32)]
-
-
 class _Msr(ctypes.Structure):
     """unicorn.h's uc_x86_msr: what uc_reg_read of UC_X86_REG_MSR fills in."""
     _fields_ = [("rid", ctypes.c_uint32), ("value", ctypes.c_uint64)]
@@ -129,6 +123,7 @@ class Layout:
     efer: int
     size: int
     msrs: dict[int, int]  # STAR, LSTAR, SFMASK: read at every system call
+    tables: dict[int, int]  # GDTR, IDTR, TR (Unicorn's register ids): the base; the u32 limit follows it
     privilege: "Privilege | None" = None
     live: "tuple[int, int] | None" = None   # (offset of `cpu` in uc_struct, of the CPU state from *cpu)
 
@@ -192,10 +187,10 @@ def _probe() -> Layout:
     gpr = {name: base + 8 * k for k, name in enumerate(GPR_ORDER)}
     rip, eflags, hflags = base + 128, base + 136, base + 176
     cr = {}
-    for n in (0, 3, 4):
+    for n in (0, 2, 3, 4):
         before = _save(uc, buf)
         value = uc.reg_read(getattr(U, f"UC_X86_REG_CR{n}"))
-        probe = {0: value ^ (1 << 18), 3: 0x7_F000, 4: value ^ (1 << 9)}[n]    # AM, a page, OSFXSR
+        probe = {0: value ^ (1 << 18), 2: 0x7ABC_DEF0_1234, 3: 0x7_F000, 4: value ^ (1 << 9)}[n]    # AM, a page, OSFXSR
         uc.reg_write(getattr(U, f"UC_X86_REG_CR{n}"), probe)
         cr[n] = _changed_u64(before, _save(uc, buf), probe)
         uc.reg_write(getattr(U, f"UC_X86_REG_CR{n}"), value)
@@ -208,10 +203,28 @@ def _probe() -> Layout:
         uc.msr_write(n, probe)
         msrs[n] = _changed_u64(before, _save(uc, buf), probe)
         uc.msr_write(n, 0)
-    layout = Layout(gpr, rip, eflags, hflags, cr, efer, size, msrs)
+    tables = {reg: _probe_table(uc, buf, reg, k) for k, reg in enumerate(TABLE_REGS)}
+    layout = Layout(gpr, rip, eflags, hflags, cr, efer, size, msrs, tables)
     _verify(uc, buf, layout, gpr_ids)
-    return Layout(gpr, rip, eflags, hflags, cr, efer, size, msrs, _probe_privilege(hflags),
+    return Layout(gpr, rip, eflags, hflags, cr, efer, size, msrs, tables, _probe_privilege(hflags),
                   _probe_live(uc, _save(uc, buf)))
+
+
+TABLE_REGS = (U.UC_X86_REG_GDTR, U.UC_X86_REG_IDTR, U.UC_X86_REG_TR)
+
+
+def _probe_table(uc: Uc, buf, reg: int, k: int) -> int:
+    """Where a descriptor-table or task register's base sits (QEMU's SegmentCache: the limit follows)."""
+    base, limit = 0x5A5A_0000_0001_2000 + k * 0x1000, 0x0FF7 - k
+    before = _save(uc, buf)
+    uc.reg_write(reg, (0, base, limit, 0))
+    after = _save(uc, buf)
+    at = _changed_u64(before, after, base)
+    if struct.unpack_from("<I", after, at + 8)[0] != limit:
+        raise EngineError(f"unicorn's descriptor-table registers are not laid out as expected; "
+                          f"the runtime is pinned to unicorn {PINNED_VERSION}")
+    uc.reg_write(reg, (0, 0, 0, 0))
+    return at
 
 
 # STAR, LSTAR, SFMASK, each with a value to look for (the selectors, a canonical address, a mask)
@@ -393,6 +406,7 @@ def layout() -> Layout:
 
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
+_TABLE = struct.Struct("<QI")
 
 
 GPR_INDEX = {name: k for k, name in enumerate(GPR_ORDER)}
@@ -423,7 +437,7 @@ class RegisterFile:
     __slots__ = ("uc", "handle", "buf", "view", "live", "loaded", "dirty", "in_exit",
                  "gprs", "hflags_word", "eflags_word", "raw_control", "control_addresses",
                  "_gpr", "_rip", "_cr", "_efer",
-                 "_priv", "_msrs", "_rings", "_scratch", "_scratch_ref", "_msr", "_msr_ref", "_mmr", "_mmr_ref")
+                 "_priv", "_msrs", "_rings", "_scratch", "_scratch_ref", "_msr", "_msr_ref", "_tables")
 
     def __init__(self, uc: Uc):
         lay = layout()
@@ -460,8 +474,7 @@ class RegisterFile:
         self._scratch_ref = ctypes.byref(self._scratch)
         self._msr = _Msr()
         self._msr_ref = ctypes.byref(self._msr)
-        self._mmr = _Mmr()
-        self._mmr_ref = ctypes.byref(self._mmr)
+        self._tables = lay.tables
 
     def begin_exit(self) -> None:
         """An exit starts: a copied file is loaded now and written back at `finish`, whatever changes."""
@@ -547,9 +560,17 @@ class RegisterFile:
         return self.hflags_word.value
 
     def cr(self, n: int) -> int:
+        """CR0, CR2, CR3 or CR4."""
         if not self.loaded:
             self.load()
         return _U64.unpack_from(self.view, self._cr[n])[0]
+
+    def table(self, reg: int) -> tuple[int, int]:
+        """(limit, base) of GDTR, IDTR or TR (TABLE_REGS), from the state: what every exception reads."""
+        if not self.loaded:
+            self.load()
+        base, limit = _TABLE.unpack_from(self.view, self._tables[reg])
+        return limit, base
 
     @property
     def efer(self) -> int:
@@ -572,13 +593,6 @@ class RegisterFile:
         if _lib.uc_reg_write(self.handle, reg, self._scratch_ref):
             raise RuntimeError(f"internal error: unicorn refused to write register {reg}")
         self.invalidate()
-
-    def api_table(self, reg: int) -> tuple[int, int]:
-        """(limit, base) of a descriptor-table or task register, as Unicorn's API gives them."""
-        self.store()
-        if _lib.uc_reg_read(self.handle, reg, self._mmr_ref):
-            raise RuntimeError(f"internal error: unicorn refused to read register {reg}")
-        return self._mmr.limit, self._mmr.base
 
     def msr(self, n: int) -> int:
         """An MSR Unicorn keeps (the system-call ones straight from the state)."""

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 MASK = abi.SHARED_PAGE + abi.SH_UPCALL_MASK
 PENDING = abi.SHARED_PAGE + abi.SH_UPCALL_PENDING
 MC_COUNT = abi.SHARED_PAGE + abi.SH_MC_COUNT
+ENTRIES_KEPT = 4096             # entry points remembered as checked (each a validated start: code never changes)
 
 
 class Mode:
@@ -110,7 +111,7 @@ class Mode:
 
     def kernel_stack(self, vm: Vm) -> int:
         """The stack an entry from user mode switches to: the TSS's rsp0, as on hardware."""
-        limit, base = vm.cpu.regs.api_table(U.UC_X86_REG_TR)
+        limit, base = vm.cpu.regs.table(U.UC_X86_REG_TR)
         if limit < 11:
             raise GuestFault("entry from user mode, but no TSS is loaded (ltr) to give the kernel stack")
         try:
@@ -208,6 +209,7 @@ class Pv(Mode):
         self._starts = [a for a, _ in spans]
         self._ends = [b for _, b in spans]
         self.code = image.code                          # the validator's proof: instruction starts (R8)
+        self._entries: set[int] = set()                 # addresses check_entry_point has passed
 
     def interrupts_enabled(self, vm: Vm) -> bool:
         return vm.mem.view[MASK] == 0
@@ -259,8 +261,13 @@ class Pv(Mode):
 
     def check_entry_point(self, vm: Vm, address: int, what: str) -> None:
         """Rule R8: the hypervisor sends the guest only to validated instruction starts."""
+        if address in self._entries:           # every bounce and iret asks: mostly the same few addresses
+            return
         if address not in self.code.starts and address not in self.code.resume_points:
             raise GuestFault(f"{what}: {address:#x} is not an instruction start the validator saw (rule R8)")
+        if len(self._entries) >= ENTRIES_KEPT:
+            self._entries.clear()
+        self._entries.add(address)
 
 
 MODES: dict[str, type[Mode]] = {"bare": Bare, "trap": Trap, "pv": Pv, "hvm": Hvm, "hvm-shadow": HvmShadow}

@@ -88,6 +88,20 @@ def test_msr_writes_and_rflags_survive_a_register_file_written_in_the_same_exit(
     assert regs.api_read(U.UC_X86_REG_RFLAGS) == 0x246
 
 
+def test_cr2_and_the_table_registers_are_read_from_the_state_as_the_api_gives_them(register_file):
+    """Every exception reads CR2 and the IDT register (and bare's the TR) from the state, not the API."""
+    eng = engine.Engine()
+    regs = eng.regs
+    eng.uc.reg_write(U.UC_X86_REG_CR2, 0x7F12_3456_789A)
+    tables = {U.UC_X86_REG_GDTR: (0x3F, 0x11_2000), U.UC_X86_REG_IDTR: (0xFFF, 0xFFFF_8000_0004_4000),
+              U.UC_X86_REG_TR: (0x67, 0x13_3000)}
+    for reg, (limit, base) in tables.items():
+        eng.uc.reg_write(reg, (0x28 if reg == U.UC_X86_REG_TR else 0, base, limit, 0))
+    regs.finish()
+    assert regs.cr(2) == 0x7F12_3456_789A
+    assert {reg: regs.table(reg) for reg in tables} == tables
+
+
 KERNELS = ["tasks", "mm", "critical", "unix"]
 
 

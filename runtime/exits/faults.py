@@ -59,14 +59,17 @@ def on_exception(vm: Vm, vector: int) -> None:
     regs = vm.cpu.regs
     error = regs.exception_error_code() if vector in delivery.HAS_ERROR_CODE else None
     regs.clear_exception()
-    take(vm, GuestException(vector, error))
+    _deliver(vm, vector, error)
 
 
 def take(vm: Vm, exc: GuestException) -> None:
     """The guest takes exception `exc` at exc.rip (the current RIP if None), if it has a gate for it."""
-    vector = exc.vector
     if exc.rip is not None:
         vm.cpu.jump(exc.rip)
+    _deliver(vm, exc.vector, exc.error_code)
+
+
+def _deliver(vm: Vm, vector: int, error_code: int | None) -> None:
     try:                                   # read once: whether the kernel handles it, and where
         gate = delivery.read_gate(vm.mmu, vm.cpu.read_table("idt"), vector)
     except delivery.NoGate:
@@ -79,7 +82,7 @@ def take(vm: Vm, exc: GuestException) -> None:
     _exit_or_event(vm, vm.mode.exception_exits_on(vector), f"exception {vector}")
     if vector == 14 and vm.mode.virtual_if:
         vm.mem.write_u64(abi.SHARED_PAGE + abi.SH_CR2, vm.cpu.read_cr(2))
-    delivery.enter(vm, vector, "exception", exc.error_code, gate)
+    delivery.enter(vm, vector, "exception", error_code, gate)
 
 
 def _exit_or_event(vm: Vm, exits: bool, what: str) -> None:
