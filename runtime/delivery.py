@@ -164,8 +164,7 @@ def enter(vm: Vm, vector: int, kind: str, error_code: int | None = None, gate: G
             mode.set_virtual_if(vm, False)
     if mode.virtual_if:
         cleared |= RFLAGS_IF
-    # entry only clears flags RFLAGS holds as such, never an arithmetic one: no API round trip
-    cpu.regs.set_eflags_bit(cleared, False)
+    cpu.regs.clear_rflags(cleared)
     if kind != "exception":                 # faults.take counted it: an exit where the mode has one, else an event
         vm.stats.account(f"{kind} {vector}", frame.rip)
     cpu.jump(gate.handler)

@@ -78,6 +78,14 @@ _emu_start.argtypes = [_c_void_p, _c_u64, _c_u64, _c_u64, _c_size]
 _emu_start.restype = _c_int
 EMU_STOP = ctypes.cast(_lib.uc_emu_stop, _c_void_p).value     # for native code (watchdog.py)
 
+# QEMU's own one-page TLB flush, what the guest's `invlpg` runs: the API offers only a global flush,
+# which clears (and then refills) every translation at each guest `invlpg` the hypervisor performs.
+# It takes the CPU object, which only a live register file locates (Engine.flush_page).
+_tlb_flush_page = getattr(_lib, "tlb_flush_page_x86_64", None)
+if _tlb_flush_page is not None:
+    _tlb_flush_page.argtypes = [_c_void_p, _c_u64]
+    _tlb_flush_page.restype = None
+
 
 class _Msr(ctypes.Structure):
     """unicorn.h's uc_x86_msr: what uc_reg_read of UC_X86_REG_MSR fills in."""
@@ -650,6 +658,18 @@ class RegisterFile:
         _U32.pack_into(self.view, self._priv.old_exception, 0xFFFFFFFF)
         self.dirty = True
 
+    def clear_rflags(self, mask: int) -> None:
+        """Clear bits of RFLAGS that are stored as such (TF, IF, NT, RF), never an arithmetic flag:
+        what every interrupt entry does.  A live file clears them in place.  A copied one goes
+        through the API: written back only at the end of the exit, the same change leaves a
+        copied-file run of kernels/unix.pvk in bare mode hanging inside Unicorn
+        (tests/test_runtime_engine.py runs it), which a mid-exit write-back avoids."""
+        if self.live:
+            word = self.eflags_word
+            word.value &= ~mask
+        else:
+            self.api_write(U.UC_X86_REG_RFLAGS, self.api_read(U.UC_X86_REG_RFLAGS) & ~mask)
+
     def set_eflags_bit(self, mask: int, on: bool) -> None:
         """Set or clear a bit of RFLAGS that is stored as such (IF, TF): not an arithmetic flag."""
         if not self.loaded:
@@ -673,6 +693,12 @@ class Engine:
             self.gate = Gate()
         except OSError as e:
             raise EngineError(e.strerror) from None
+        self.flush_page: Callable[[int], None] | None = None
+        """Flush one page's translations from Unicorn's TLB; None where the CPU object is unknown."""
+        live = layout().live
+        if self.regs.live and live is not None and _tlb_flush_page is not None:
+            cpu = ctypes.addressof(self.regs.buf) + HEADER - live[1]     # the state sits live[1] into it
+            self.flush_page = partial(_tlb_flush_page, cpu)
 
     def emu_start(self, begin: int, until: int, count: int = 0) -> None:
         """Run the guest from `begin` (at most `count` instructions if not 0), holding the GIL."""

@@ -88,7 +88,8 @@ def create(image: Image, mode: str | None, ram: int, *, cmdline: str = "",
     stats = Stats(chosen.name, profile=profile)
     vm = Vm(image=image, mode=chosen, engine=engine, mem=mem,
             mmu=Mmu(uc, mem, set_cr3=cpu.load_cr3, check_time=deadline.check,
-                    identity_frames=_text_frames(image) if chosen.name == "pv" else None),
+                    identity_frames=_text_frames(image) if chosen.name == "pv" else None,
+                    flush_page=engine.flush_page),
             cpu=cpu, clock=clock, pics=pics, bus=IoBus(), cpuid=Cpuid(), msrs=MsrFile(engine.regs, clock),
             oneshot=clock.add(Timer("set_timer", TIMER_IRQ, lambda deadline: pics.raise_irq(TIMER_IRQ))),
             console=Console(console), stats=stats, patches=Patches(mem), trace=trace)

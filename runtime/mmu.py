@@ -39,10 +39,14 @@ own address (-EPERM).  So the walk knows the virtual address of every
 entry, and remembers each table's (`table_vas`) for later writes to it.
 
 Unicorn's TLB caches translations, so `flush` is needed where invlpg
-requires it; unicorn 2.1.4's Python binding has no wrapper for
-UC_CTL_TLB_FLUSH, so it is issued with `uc.ctl`.  The flush is global:
-Unicorn offers no single-page invalidation.  Loading CR3 through the API
-flushes as well, so a root switch needs no flush of its own.
+requires it.  A page's flush is QEMU's own, what `invlpg` runs natively
+(engine.Engine.flush_page); the API has only a global flush (UC_CTL_TLB_FLUSH,
+issued with `uc.ctl`: unicorn 2.1.4's Python binding has no wrapper), which
+empties every translation and costs their refills: it is used where the
+engine cannot find its CPU object, and for batches of many pages.  Loading
+CR3 through the API flushes everything, so a root switch needs no flush of
+its own.  No safety rests on these flushes: the guest asks for them, and
+what protects the hypervisor (pinning, memory.py) flushes by itself.
 """
 from __future__ import annotations
 
@@ -104,12 +108,15 @@ _LANES_INDEX = int.from_bytes(b"".join((k * PAGE).to_bytes(8, "little") for k in
 _LANES_NONZERO = _lanes((1 << 52) - 1)                    # carries into bit 52 iff a lane is not zero
 
 
+PAGES_FLUSHED_APART = 16        # more pages in one batch: one global flush costs less
+
+
 class _Batch:
     def __init__(self, mmu: Mmu):
         self.mmu = mmu
 
     def __enter__(self) -> None:
-        self.mmu._flush_deferred = False
+        self.mmu._flush_deferred = set()
 
     def __exit__(self, *exc) -> None:
         mmu = self.mmu
@@ -117,8 +124,14 @@ class _Batch:
         mmu._flush_deferred = mmu._cr3_deferred = None
         if cr3 is not None:
             mmu.set_cr3(cr3)             # which flushes Unicorn's TLB too
-        elif pending:
+        elif pending is ALL or len(pending) > PAGES_FLUSHED_APART:
             mmu.flush()
+        else:
+            for va in pending:
+                mmu.flush(va)
+
+
+ALL = object()                  # a batch's deferred flush that must empty the whole TLB
 
 
 def is_leaf(level: int, entry: int) -> bool:
@@ -138,8 +151,10 @@ def guest_low_page(frame: int) -> bool:
 class Mmu:
     def __init__(self, uc: Uc, mem: GuestMemory, set_cr3: Callable[[int], None],
                  check_time: Callable[[], None] = lambda: None,
-                 identity_frames: list[tuple[int, int]] | None = None):
+                 identity_frames: list[tuple[int, int]] | None = None,
+                 flush_page: Callable[[int], None] | None = None):
         self.uc = uc
+        self.flush_page = flush_page         # one page out of Unicorn's TLB (engine.py); None: flush all
         self.mem = mem
         self.check_time = check_time         # raises if the run's time is up (run.py)
         # pv (R9): guest-physical ranges that may only be mapped at their own address
@@ -158,7 +173,7 @@ class Mmu:
         # virtual address plus 1 for a write (an int: no tuple to build).
         self._tlb: dict[int, int] = {}
         self._tlb_tables: set[int] = set()   # table pages the cached walks read
-        self._flush_deferred: bool | None = None   # inside a batch: None = flush now
+        self._flush_deferred: set[int] | object | None = None   # in a batch: its pages or ALL; None: now
         self._cr3_deferred: int | None = None      # inside a batch: the CR3 to load at its end
         self._roots: dict[int, _Remembered] = {}   # see _remember
         self._orphans: set[int] = set()      # pages of roots forgotten since _unguard_forgotten
@@ -459,12 +474,19 @@ class Mmu:
         for page in candidates:
             self.mem.unguard(page)
 
-    def flush(self) -> None:
-        """Flush the guest's TLB (Unicorn's is global), or note it while a batch runs."""
-        if self._flush_deferred is not None:
-            self._flush_deferred = True
+    def flush(self, va: int | None = None) -> None:
+        """Flush the guest's TLB entry for page `va` (invlpg), or all of it; or note it while a batch runs."""
+        deferred = self._flush_deferred
+        if deferred is not None:
+            if va is None:
+                self._flush_deferred = ALL
+            elif deferred is not ALL:
+                deferred.add(va & ~(PAGE - 1))
             return
-        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        if va is None or self.flush_page is None:
+            self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        else:
+            self.flush_page(va)
 
     def batch(self) -> "_Batch":
         """`with mmu.batch():` flushes once at the end, for a multicall (and loads

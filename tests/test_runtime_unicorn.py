@@ -14,15 +14,17 @@ from unicorn import (UC_ARCH_X86, UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_COD
                      UC_PROT_READ, Uc, UcError)
 from unicorn import x86_const as U
 
+from runtime.engine import Engine
+
 CODE = 0x100000
 ALIAS = 0x40000000          # virtual window -> FRAME
 FRAME = 0x1400000
 END = (1 << 64) - 1
 
 
-def machine(code: bytes) -> Uc:
+def machine(code: bytes, uc: Uc | None = None) -> Uc:
     """64 MiB, identity map of the first GiB (2 MiB pages) plus ALIAS -> FRAME via a 4 KiB page."""
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc = uc or Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(0, 64 << 20)
     uc.mem_write(0x3000, struct.pack("<2Q", 0x4000 | 3, 0))
     uc.mem_write(0x4000, struct.pack("<2Q", 0x5000 | 3, 0x6000 | 3))
@@ -139,6 +141,29 @@ def test_tlb_is_stale_until_flushed_with_uc_ctl():
         uc.emu_start(CODE, END)
         uc.hook_del(h)
         assert uc.reg_read(U.UC_X86_REG_RCX) == expect
+
+
+def test_qemus_page_flush_empties_that_page_alone():
+    """mmu.py flushes one page for a guest's invlpg through QEMU's own function (Engine.flush_page):
+    the page's new mapping is seen at once, its neighbour's stays stale, as after a native invlpg."""
+    engine = Engine()
+    if engine.flush_page is None:
+        pytest.skip("the engine found no CPU object here (no live register file): it flushes globally")
+    load_rdx, load_rcx, load_rsi = (b"\x48\x8b\x90" + struct.pack("<I", 0x1000), b"\x48\x8b\x08",
+                                    b"\x48\x8b\xb0" + struct.pack("<I", 0x1000))
+    uc = machine(MOV_RAX_ALIAS + LOAD_RBX + load_rdx + b"\xe6\x80" + load_rcx + load_rsi + HLT, engine.uc)
+    uc.mem_write(0x7000, struct.pack("<2Q", FRAME | 3, (FRAME + 0x1000) | 3))
+    for frame, value in ((FRAME, 0x11), (FRAME + 0x1000, 0x12), (FRAME + 0x10000, 0x21), (FRAME + 0x11000, 0x22)):
+        uc.mem_write(frame, struct.pack("<Q", value))
+
+    def remap(uc, port, size, value, _):
+        uc.mem_write(0x7000, struct.pack("<2Q", (FRAME + 0x10000) | 3, (FRAME + 0x11000) | 3))
+        engine.flush_page(ALIAS + 0x123)                          # any address in the page
+    uc.hook_add(UC_HOOK_INSN, remap, None, 1, 0, U.UC_X86_INS_OUT)
+    uc.emu_start(CODE, END)
+    assert [uc.reg_read(r) for r in (U.UC_X86_REG_RBX, U.UC_X86_REG_RDX)] == [0x11, 0x12]
+    assert uc.reg_read(U.UC_X86_REG_RCX) == 0x21                  # flushed: the new frame
+    assert uc.reg_read(U.UC_X86_REG_RSI) == 0x12                  # not flushed: still the old one
 
 
 def test_loading_cr3_through_the_api_flushes_the_tlb_and_keeps_the_value():

@@ -225,7 +225,7 @@ def set_pte(vm: Vm, ptr: int, value: int) -> int:
 def invlpg(vm: Vm, va: int) -> int:
     if not canonical(va):
         raise Refused(abi.EINVAL, f"invlpg of non-canonical address {va:#x}")
-    vm.mmu.flush()
+    vm.mmu.flush(va)
     return 0
 
 
@@ -442,10 +442,12 @@ def _run_from(vm: Vm, entries: list[tuple[int, ...]], k: int, results: array) ->
         if vm.mmu.set_leaves(page, [(e[1] - page, e[2]) for e in entries[k:end]]):
             vm.stats.batched["set_pte"] += end - k
             return end
-    elif nr == _INVLPG and canonical(arg):     # a run of flushes is one flush (Unicorn's is global)
+    elif nr == _INVLPG and canonical(arg):     # a run of flushes, checked in one loop
         while end < n and entries[end][0] == _INVLPG and entries[end][1] >> 47 in CANONICAL_TOPS:
             end += 1
-        vm.mmu.flush()
+        flush = vm.mmu.flush
+        for entry in entries[k:end]:
+            flush(entry[1])
         vm.stats.batched["invlpg"] += end - k
         return end
     _run_entry(vm, k, entries[k], results)

@@ -182,7 +182,7 @@ def mov_cr(vm: Vm, insn) -> None:
 
 
 def invlpg(vm: Vm, insn) -> None:
-    vm.mmu.flush()
+    vm.mmu.flush(address_of(vm, insn, insn.operands[0]))
 
 
 def _load_table(which: str) -> Callable:
