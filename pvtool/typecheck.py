@@ -35,7 +35,7 @@ ARITH = frozenset(("+", "-", "*", "/", "%", "&", "|", "^"))
 SHIFTS = frozenset(("<<", ">>"))
 COMPARE = frozenset(("==", "!=", "<", "<=", ">", ">="))
 LOGIC = frozenset(("&&", "||"))
-_NOT_VALUES = (VoidType, ArrayType, StructType)    # what a register cannot hold
+_NOT_VALUES = frozenset((VoidType, ArrayType, StructType))    # what a register cannot hold (by class)
 MAX_GLOBAL_ALIGN = 4096
 HANDLER_TYPE = FnType((), None)        # &h of an interrupt or syscall fn: its entry
 TRAP_FRAME_PTR = PtrType(TRAP_FRAME)
@@ -64,15 +64,17 @@ def error(loc: Loc | None, message: str) -> CompileError:
 
 def _flexible(e: ast.Expr) -> bool:
     """True if e's type comes from its context: integer literals and
-    arithmetic on them only."""
-    if isinstance(e, ast.IntLit):
+    arithmetic on them only.  (By exact class: asked of every operand, most
+    of them names, which a class comparison turns away fastest.)"""
+    kind = type(e)
+    if kind is ast.IntLit:
         return True
-    if isinstance(e, ast.Unary) and e.op in "-~":
-        return _flexible(e.operand)
-    if isinstance(e, ast.Binary) and e.op in ARITH:
-        return _flexible(e.left) and _flexible(e.right)
-    if isinstance(e, ast.Binary) and e.op in SHIFTS:
-        return _flexible(e.left)
+    if kind is ast.Unary:
+        return e.op in "-~" and _flexible(e.operand)
+    if kind is ast.Binary:
+        if e.op in ARITH:
+            return _flexible(e.left) and _flexible(e.right)
+        return e.op in SHIFTS and _flexible(e.left)
     return False
 
 
@@ -436,8 +438,8 @@ class _Checker:
         if len(fn.params) > MAX_PARAMS:
             raise error(fn.params[MAX_PARAMS].loc,
                         f"'{fn.name}' has {len(fn.params)} parameters; at most {MAX_PARAMS} are allowed")
-        with self.in_file(fn):
-            fn.type = self.fn_type([p.type_expr for p in fn.params], fn.result, fn.loc)
+        self.file = fn.loc.file             # a top-level pass: nothing to restore
+        fn.type = self.fn_type([p.type_expr for p in fn.params], fn.result, fn.loc)
         if fn.handler:
             self.handler_signature(fn)
 
@@ -465,10 +467,7 @@ class _Checker:
             raise error(sym.item.loc, "'kmain' must be declared 'fn kmain() -> u64'")
 
     def function(self, fn: ast.Fn) -> None:
-        with self.in_file(fn):
-            self.function_body(fn)
-
-    def function_body(self, fn: ast.Fn) -> None:
+        self.file = fn.loc.file             # a top-level pass: nothing to restore
         self.fn, self.loops = fn, 0
         self.scopes = [{}]
         for p, t in zip(fn.params, fn.type.params):
@@ -674,7 +673,7 @@ class _Checker:
     def value(self, e: ast.Expr, want: Type | None = None) -> Type:
         """Check e as a value that fits in a register."""
         t = self.expr(e, want)
-        if isinstance(t, _NOT_VALUES):
+        if type(t) in _NOT_VALUES:
             if t is VOID:
                 raise error(e.loc, "this call returns no value")
             raise error(e.loc, f"a {t} cannot be used as a value (use & or index it)")
