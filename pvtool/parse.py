@@ -207,6 +207,9 @@ def _lex(text: str) -> _Tokens:
 _PRECEDENCE = {"||": 1, "&&": 2, "==": 3, "!=": 3, "<": 3, "<=": 3, ">": 3, ">=": 3, "|": 4, "^": 5,
                "&": 6, "<<": 7, ">>": 7, "+": 8, "-": 8, "*": 9, "/": 9, "%": 9}
 _COMPARISON = 3
+# Every token kind's precedence as a binary operator, 0 for the kinds that are none: the
+# operator loop indexes it for every operand it parses, without a default.
+_BINDING = dict.fromkeys((*_OWN_KINDS.values(), "NAME", "INT", "CHAR", "STRING"), 0) | _PRECEDENCE
 _PREFIX = frozenset(("-", "!", "~", "*", "&"))
 _POSTFIX = frozenset(("(", "[", "."))
 _ASSIGN = {"=": "=", "+=": "+", "-=": "-", "*=": "*", "/=": "/", "%=": "%", "&=": "&", "|=": "|",
@@ -595,29 +598,29 @@ class _Parser:
             i += 1
         return i
 
-    def expr(self) -> ast.Expr:
-        return self.binary(1, self.cast())
-
-    def binary(self, lowest: int, left: ast.Expr) -> ast.Expr:
-        """`left` (just parsed) and what follows it joined by operators of precedence `lowest` or higher."""
+    def expr(self, lowest: int = 1, left: ast.Expr | None = None) -> ast.Expr:
+        """An operand (`left`, if it has just been parsed) and what follows it joined
+        by binary operators of precedence `lowest` or higher."""
+        if left is None:
+            left = self.cast()
         kinds = self.kinds
         height = self.height
         while True:
             at = self.i
             op = kinds[at]
-            precedence = _PRECEDENCE.get(op, 0)
+            precedence = _BINDING[op]
             if precedence < lowest:
                 self.height = height
                 return left
             self.i = at + 1
             self.enter()
             right = self.cast()
-            if _PRECEDENCE.get(kinds[self.i], 0) > precedence:
-                right = self.binary(precedence + 1, right)
+            if _BINDING[kinds[self.i]] > precedence:
+                right = self.expr(precedence + 1, right)
             self.depth -= 1
             height = self.nest(max(height, self.height) + 1, at)
             left = ast.Binary(self.loc(at), op, left, right)
-            if precedence == _COMPARISON and _PRECEDENCE.get(kinds[self.i]) == _COMPARISON:
+            if precedence == _COMPARISON and _BINDING[kinds[self.i]] == _COMPARISON:
                 raise self.stuck()
 
     def cast(self) -> ast.Expr:
@@ -776,7 +779,7 @@ class _Parser:
         e = self.expr()
         self.expect(")")
         for _ in range(start - first - 1):
-            e = self.binary(1, self.casts(start, self.postfix(start, e)))
+            e = self.expr(1, self.casts(start, self.postfix(start, e)))
             self.expect(")")
         return e
 
