@@ -438,7 +438,8 @@ class _Parser:
             case "NAME":
                 self.i += 1
                 self.height = 1
-                return ast.TName(self.loc(at), self.qualified(at))
+                name = self.texts[at] if self.kinds[at + 1] != "::" else self.qualified(at)
+                return ast.TName(self.loc(at), name)
             case "*":
                 self.i += 1
                 self.enter()
@@ -718,9 +719,12 @@ class _Parser:
         self.height = 1
         match self.kinds[at]:
             case "NAME":
-                return ast.Name(self.loc(at), self.qualified(at))
+                name = self.texts[at] if self.kinds[at + 1] != "::" else self.qualified(at)
+                return ast.Name(self.loc(at), name)
             case "INT":
-                return ast.IntLit(self.loc(at), self.integer(at))
+                text = self.texts[at]
+                value = int(text) if len(text) < 20 and text.isdigit() else self.integer(at)
+                return ast.IntLit(self.loc(at), value)
             case "(":
                 self.i = at
                 return self.group()
@@ -744,10 +748,9 @@ class _Parser:
         raise self.stuck()
 
     def qualified(self, at: int) -> str:
-        """The name at token `at`, and `::name` after it if there is one (the cursor is past `at`)."""
-        if self.kinds[self.i] != "::":
-            return self.texts[at]
-        self.i += 1
+        """`m::name`: the module name at token `at`, then `::` and a name (the cursor is past `at`).
+        Most names are plain, which the callers see without a call."""
+        self.expect("::")
         return f"{self.texts[at]}::{self.texts[self.expect('NAME')]}"
 
     def type_query(self) -> ast.SizeOf | ast.OffsetOf:
@@ -793,9 +796,8 @@ class _Parser:
 
     # -- literal spelling
     def integer(self, at: int) -> int:
+        """An integer literal's value.  (`primary` takes short plain decimals, most of them, itself.)"""
         text = self.texts[at]
-        if len(text) < 20 and text.isdigit():
-            return int(text)
         base, digits = 10, text
         if text[:2] in ("0x", "0X"):
             base, digits = 16, text[2:]
