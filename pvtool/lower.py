@@ -29,7 +29,7 @@ TRAP_KINDS = {(True, False, False): "interrupt", (True, True, False): "interrupt
               (False, False, True): "syscall"}   # (interrupt, error_code, syscall) -> TrapEntry.kind
 
 _ARITH = {"+": "add", "-": "sub", "*": "mul", "&": "and", "|": "or", "^": "xor", "<<": "shl"}
-_NEEDS_EXT = ("add", "sub", "mul", "shl", "sdiv", "srem", "neg")
+_NEEDS_EXT = frozenset(("add", "sub", "mul", "shl", "sdiv", "srem", "neg"))
 _CMP_EQ = {"==": "eq", "!=": "ne"}
 _CMP_SIGNED = {"<": "slt", "<=": "sle", ">": "sgt", ">=": "sge"}
 _CMP_UNSIGNED = {"<": "ult", "<=": "ule", ">": "ugt", ">=": "uge"}
@@ -224,9 +224,6 @@ class _Function:
                     work.append(s)
         self.f.blocks = [b for b in self.f.blocks if b.label in seen]
 
-    def new(self) -> ir.VReg:
-        return self.f.new_vreg()
-
     # -- locals ------------------------------------------------------------------------------
 
     def allocate(self, local: ast.Local, param: bool = False) -> None:
@@ -239,11 +236,11 @@ class _Function:
         elif local.addr_taken:
             self.home[local] = self.f.new_slot(size_of(t), align_of(t))
         else:
-            self.home[local] = self.new()
+            self.home[local] = self.f.new_vreg()
         self.f.vars.append(ir.Var(local.name, t, self.home[local], param, local.loc))
 
     def slot_addr(self, slot: int) -> ir.VReg:
-        dst = self.new()
+        dst = self.f.new_vreg()
         self.emit(ir.SlotAddr(dst, slot))
         return dst
 
@@ -268,7 +265,7 @@ class _Function:
             for off in range(0, size, 8):
                 self.emit(ir.Store(base, off, 0, 8))
             return
-        p, c = self.new(), self.new()
+        p, c = self.f.new_vreg(), self.f.new_vreg()
         head, body, done = self.label("zero"), self.label("zerobody"), self.label("zerodone")
         self.emit(ir.Copy(p, base))
         self.jump(head)
@@ -294,11 +291,9 @@ class _Function:
 
     def stmt(self, s: ast.Stmt) -> None:
         saved, self.loc = self.loc, s.loc
-        match s:
+        match s:                    # the most frequent kinds first: each case tried costs
             case ast.Assign():
                 self.assign(s)
-            case ast.ExprStmt():
-                self.expr_stmt(s)
             case ast.VarStmt():
                 self.var_stmt(s)
             case ast.If():
@@ -306,12 +301,14 @@ class _Function:
             case ast.Return():
                 value = self.rvalue(s.value) if s.value is not None else None
                 self.terminate(self.return_term(value))
-            case ast.Block():
-                self.block(s)
-            case ast.While():
-                self.while_stmt(s)
             case ast.For():
                 self.for_stmt(s)
+            case ast.While():
+                self.while_stmt(s)
+            case ast.ExprStmt():
+                self.expr_stmt(s)
+            case ast.Block():
+                self.block(s)
             case ast.Break():
                 self.jump(self.loops[-1][1])
             case ast.Continue():
@@ -384,13 +381,13 @@ class _Function:
         variable is a copy, so the body may change it freely."""
         t = s.sym.type
         head, body, step, done = (self.label(h) for h in ("for", "body", "step", "done"))
-        counter, end = self.new(), self.new()
+        counter, end = self.f.new_vreg(), self.f.new_vreg()
         self.emit(ir.Copy(counter, self.rvalue(s.start)))
         self.emit(ir.Copy(end, self.rvalue(s.end)))
         self.allocate(s.sym)
         self.jump(head)
         self.start(head)
-        c = self.new()
+        c = self.f.new_vreg()
         self.emit(ir.Cmp("slt" if _signed(t) else "ult", c, counter, end))
         self.terminate(ir.Branch(c, body, done))
         self.start(body)
@@ -459,7 +456,7 @@ class _Function:
         if isinstance(home, ir.VReg):
             return home
         if isinstance(e.sym, ast.LinkSym):         # an address the linker fixes
-            dst = self.new()
+            dst = self.f.new_vreg()
             self.emit(ir.AddrOf(dst, e.name))
             return dst
         return self.load(*self.address(e), e.type)
@@ -468,7 +465,7 @@ class _Function:
         return self.load(*self.address(e), e.type)
 
     def string_literal(self, e: ast.StrLit) -> ir.Operand:
-        dst = self.new()
+        dst = self.f.new_vreg()
         self.emit(ir.AddrOf(dst, self.module.string(e.value, e.loc, self.fn.user)))
         return dst
 
@@ -479,7 +476,7 @@ class _Function:
         if op == "*":
             return self.load(*self.address(e), t)
         a = self.rvalue(e.operand)
-        dst = self.new()
+        dst = self.f.new_vreg()
         if op == "!":
             self.emit(ir.BinOp("xor", dst, a, 1))
         elif op == "-":
@@ -494,7 +491,7 @@ class _Function:
     def binary(self, e: ast.Binary) -> ir.Operand:
         op = e.op
         if op in ("&&", "||"):
-            dst = self.new()
+            dst = self.f.new_vreg()
             yes, no, join = self.label("true"), self.label("false"), self.label("bool")
             self.branch(e, yes, no)
             for label, value in ((yes, 1), (no, 0)):
@@ -507,7 +504,7 @@ class _Function:
         if op in _CMP_EQ or op in _CMP_SIGNED:
             t = e.left.type
             cmp = _CMP_EQ.get(op) or (_CMP_SIGNED if _signed(t) else _CMP_UNSIGNED)[op]
-            dst = self.new()
+            dst = self.f.new_vreg()
             self.emit(ir.Cmp(cmp, dst, a, b))
             return dst
         return self.arith(op, a, b, e.left.type, e.right.type)
@@ -515,11 +512,11 @@ class _Function:
     def arith(self, op: str, a: ir.Operand, b: ir.Operand, t: Type, tb: Type,
               dst: ir.VReg | None = None) -> ir.VReg:
         """a OP b for a of type t (b of type tb), into dst (a fresh vreg by default)."""
-        dst = dst or self.new()
+        dst = dst or self.f.new_vreg()
         if isinstance(t, PtrType):
             scale = size_of(t.target)
             if scale != 1:
-                scaled = self.new()
+                scaled = self.f.new_vreg()
                 self.emit(ir.BinOp("mul", scaled, b, scale))
                 b = scaled
             self.emit(ir.BinOp("add" if op == "+" else "sub", dst, a, b))
@@ -549,7 +546,7 @@ class _Function:
             return v                       # every other conversion keeps the bits
         if (t.bits > s.bits and not s.signed) or (t.bits >= s.bits and s.signed == t.signed):
             return v                       # already canonical for t
-        dst = self.new()
+        dst = self.f.new_vreg()
         self.emit(ir.Ext(dst, v, t.bits, t.signed))
         return dst
 
@@ -559,7 +556,7 @@ class _Function:
             target = self.rvalue(e.callee)
         args = [self.rvalue(a) for a in e.args]
         result = None if e.type == VOID else e.type
-        dst = None if result is None else self.new()
+        dst = None if result is None else self.f.new_vreg()
         if e.intrinsic is not None:
             self.emit(ir.MachineOp(e.intrinsic.name, dst, args))
             self.module.kernel_stack |= e.intrinsic.name == "set_kernel_stack"
@@ -574,7 +571,7 @@ class _Function:
     # -- memory -----------------------------------------------------------------------------------------
 
     def load(self, base: ir.Operand, off: int, t: Type) -> ir.VReg:
-        dst = self.new()
+        dst = self.f.new_vreg()
         self.emit(ir.Load(dst, base, off, size_of(t), _signed(t)))
         return dst
 
@@ -583,7 +580,7 @@ class _Function:
             return base
         if isinstance(base, int):
             return _imm(base + off)
-        dst = self.new()
+        dst = self.f.new_vreg()
         self.emit(ir.BinOp("add", dst, base, _imm(off)))
         return dst
 
@@ -595,7 +592,7 @@ class _Function:
                 if isinstance(e.sym, ast.Local):
                     where = self.slot_addr(self.home[e.sym]), 0
                 else:
-                    dst = self.new()
+                    dst = self.f.new_vreg()
                     self.emit(ir.AddrOf(dst, e.sym.link_name))
                     where = dst, 0
             case ast.FieldAccess():
@@ -626,10 +623,10 @@ class _Function:
                 return base, off + delta
         index = self.rvalue(e.index)
         if size != 1:
-            scaled = self.new()
+            scaled = self.f.new_vreg()
             self.emit(ir.BinOp("mul", scaled, index, size))
             index = scaled
-        dst = self.new()
+        dst = self.f.new_vreg()
         self.emit(ir.BinOp("add", dst, base, index))
         return dst, off
 
