@@ -507,24 +507,24 @@ class _Checker:
     # -- statements --------------------------------------------------------------------------
 
     def stmt(self, s: ast.Stmt) -> None:
-        match s:
+        match s:                    # the most frequent kinds first: each case tried costs
             case ast.Assign():
                 self.assign(s)
-            case ast.ExprStmt():
-                self.expr_stmt(s)
             case ast.VarStmt():
                 self.var_stmt(s)
             case ast.If():
                 self.if_stmt(s)
             case ast.Return():
                 self.return_stmt(s)
-            case ast.Block():
-                self.block(s)
+            case ast.For():
+                self.for_stmt(s)
             case ast.While():
                 self.expect(s.cond, BOOL, "condition")
                 self.loop(s.body)
-            case ast.For():
-                self.for_stmt(s)
+            case ast.ExprStmt():
+                self.expr_stmt(s)
+            case ast.Block():
+                self.block(s)
             case ast.Break() | ast.Continue():
                 if self.loops == 0:
                     word = "break" if isinstance(s, ast.Break) else "continue"
