@@ -629,10 +629,7 @@ class _Checker:
     def expr(self, e: ast.Expr, want: Type | None = None) -> Type:
         """Check e; `want` is the type its context would like (it decides the
         type of integer literals only).  Aggregates and VOID are allowed."""
-        rule = _EXPRESSIONS.get(type(e))
-        if rule is None:
-            raise InternalError("typecheck", f"not an expression: {type(e).__name__}")
-        t = e.type = rule(self, e, want)
+        t = e.type = _EXPRESSIONS[type(e)](self, e, want)
         return t
 
     def char_lit(self, e: ast.CharLit, want: Type | None) -> Type:
@@ -671,8 +668,9 @@ class _Checker:
         raise error(e.loc, "an array literal can only initialise an array variable")
 
     def value(self, e: ast.Expr, want: Type | None = None) -> Type:
-        """Check e as a value that fits in a register."""
-        t = self.expr(e, want)
+        """Check e as a value that fits in a register.  (Most expressions are
+        checked here: it dispatches itself rather than call `expr`.)"""
+        t = e.type = _EXPRESSIONS[type(e)](self, e, want)
         if type(t) in _NOT_VALUES:
             if t is VOID:
                 raise error(e.loc, "this call returns no value")
@@ -891,15 +889,22 @@ class _Checker:
         return f.type
 
 
+class _Rules(dict):
+    """Expression class -> how it is checked; any other class is a broken invariant."""
+
+    def __missing__(self, kind: type) -> None:
+        raise InternalError("typecheck", f"not an expression: {kind.__name__}")
+
+
 # How each kind of expression is checked: (checker, expression, wanted type) -> its type.
 # A table rather than a match statement: this is the checker's hottest dispatch.
-_EXPRESSIONS = {
+_EXPRESSIONS = _Rules({
     ast.Name: _Checker.name, ast.IntLit: _Checker.int_lit, ast.Binary: _Checker.binary,
     ast.FieldAccess: _Checker.field_access, ast.Index: _Checker.index, ast.Call: _Checker.call,
     ast.Cast: _Checker.cast, ast.Unary: _Checker.unary, ast.CharLit: _Checker.char_lit,
     ast.BoolLit: _Checker.bool_lit, ast.StrLit: _Checker.str_lit, ast.ArrayLit: _Checker.array_lit,
     ast.Null: _Checker.null, ast.SizeOf: _Checker.size_of, ast.OffsetOf: _Checker.offset_of,
-}
+})
 
 
 def _convertible(s: Type, t: Type) -> bool:
