@@ -704,8 +704,9 @@ class _Checker:
         return tl
 
     def int_lit(self, e: ast.IntLit, want: Type | None, negated: bool = False) -> Type:
-        t = want if isinstance(want, IntType) else U64
-        ok = fits(e.value, t) or (negated and t.signed and e.value == 1 << (t.bits - 1))
+        t = want if type(want) is IntType else U64
+        # A literal is never negative, and every integer type holds 0..127 (most literals).
+        ok = e.value < 128 or fits(e.value, t) or (negated and t.signed and e.value == 1 << (t.bits - 1))
         if not ok:
             raise error(e.loc, f"integer literal {e.value} does not fit in {t}")
         e.const = e.value
