@@ -149,21 +149,28 @@ _TOKEN = re.compile(r"""
 _OPERATORS = ("::", "(", ")", "{", "}", "[", "]", ";", ":", ",", "~", "->", ".", "..", "<<", "<<=", ">>", ">>=",
               "&", "&&", "&=", "|", "||", "|=", "-", "+", "*", "/", "%", "^", "!", "=", "<", ">",
               "-=", "+=", "*=", "/=", "%=", "^=", "!=", "==", "<=", ">=")
-_OWN_KINDS = {**{t: t for t in (*KEYWORDS, *_OPERATORS)}, "/*": "ERROR", "'": "ERROR", '"': "ERROR", "": "$END"}
+_OWN_KINDS = {**{t: t for t in (*KEYWORDS, *_OPERATORS)}, "": "$END"}
+_STOPS = frozenset(("/*", "'", '"'))      # an unterminated comment or literal
 _KIND_OF_FIRST = {**dict.fromkeys("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_", "NAME"),
                   **dict.fromkeys("0123456789", "INT"), "'": "CHAR", '"': "STRING"}
 
 
 class _KindOf(dict):
-    """Token text -> kind, for one file.  It starts from _OWN_KINDS: the texts
-    that are their own kind and those that stop the lexer (a lone quote is
-    what is left of an unterminated literal).  Any other text's kind follows
-    from its first character, worked out the first time the text is met
-    (names and numbers repeat), so `map` looks most tokens up without a
-    Python call."""
+    """Token text -> kind, for one file.  It starts from _OWN_KINDS, the texts
+    that are their own kind.  Any other text's kind follows from its first
+    character, worked out the first time the text is met (names and numbers
+    repeat), so `map` looks most tokens up without a Python call.  A text
+    that is no token (one of _STOPS: a lone quote is what is left of an
+    unterminated literal; or a character no token starts with) is an ERROR,
+    and `failed` tells whether the file had one."""
+
+    failed = False
 
     def __missing__(self, text: str) -> str:
-        kind = self[text] = _KIND_OF_FIRST.get(text[0], "ERROR")
+        kind = "ERROR" if text in _STOPS else _KIND_OF_FIRST.get(text[0], "ERROR")
+        if kind == "ERROR":
+            self.failed = True
+        self[text] = kind
         return kind
 
 
@@ -183,18 +190,21 @@ class _Tokens:
 def _lex(text: str) -> _Tokens:
     # `split` cuts the text at the groups, (between, blanks, token) per match
     # with `between` always empty, and makes no match object per token; the
-    # starts are the running lengths of blanks and tokens.  The lexing stops
-    # at the first ERROR or $END.
+    # starts are the running lengths of blanks and tokens.  Only the end of
+    # the text matches an empty token ($END); twice if blanks end the text
+    # (after them, then as an empty match), once otherwise.  The lexing
+    # stops at the first ERROR.
     pieces = _TOKEN.split(text)
     del pieces[::3]
     texts = pieces[1::2]
     starts = list(accumulate(map(len, pieces)))[::2]
-    kinds = list(map(_KindOf(_OWN_KINDS).__getitem__, texts))
-    last = kinds.index("$END")
-    if "ERROR" in kinds[:last]:
+    kind_of = _KindOf(_OWN_KINDS)
+    kinds = list(map(kind_of.__getitem__, texts))
+    if len(texts) > 1 and texts[-2] == "":
+        del kinds[-1], texts[-1], starts[-1]
+    if kind_of.failed:
         last = kinds.index("ERROR")
-    del kinds[last + 1:], texts[last + 1:], starts[last + 1:]
-    if kinds[last] == "ERROR":
+        del kinds[last + 1:], texts[last + 1:], starts[last + 1:]
         kinds.append("$END")
         texts.append("")
         starts.append(len(text))
@@ -209,7 +219,7 @@ _PRECEDENCE = {"||": 1, "&&": 2, "==": 3, "!=": 3, "<": 3, "<=": 3, ">": 3, ">="
 _COMPARISON = 3
 # Every token kind's precedence as a binary operator, 0 for the kinds that are none: the
 # operator loop indexes it for every operand it parses, without a default.
-_BINDING = dict.fromkeys((*_OWN_KINDS.values(), "NAME", "INT", "CHAR", "STRING"), 0) | _PRECEDENCE
+_BINDING = dict.fromkeys((*_OWN_KINDS.values(), "NAME", "INT", "CHAR", "STRING", "ERROR"), 0) | _PRECEDENCE
 _PREFIX = frozenset(("-", "!", "~", "*", "&"))
 _POSTFIX = frozenset(("(", "[", "."))
 _ASSIGN = {"=": "=", "+=": "+", "-=": "-", "*=": "*", "/=": "/", "%=": "%", "&=": "&", "|=": "|",
