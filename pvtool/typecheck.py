@@ -489,9 +489,8 @@ class _Checker:
 
     def lookup(self, name: str, loc: Loc) -> ast.Symbol | None:
         for scope in reversed(self.scopes):
-            local = scope.get(name)
-            if local is not None:
-                return local
+            if name in scope:
+                return scope[name]
         sym = self.names.find(name, self.file, self.aliases.get(self.file, {}), loc)
         if sym is not None and self.fn is not None and self.fn.user:
             self.user_may_use(sym, name, loc)
@@ -695,6 +694,8 @@ class _Checker:
         return tl, tr
 
     def arith_types(self, op: str, tl: Type, tr: Type, loc: Loc) -> Type:
+        if tl is tr and is_int(tl):         # the common case, settled by the last test below
+            return tl
         if is_ptr(tr) and op[0] in "+-":
             raise error(loc, f"pointer arithmetic is written p {op[0]} n, with n a u64")
         if not is_int(tl) or not is_int(tr):
