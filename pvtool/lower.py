@@ -47,10 +47,6 @@ def _imm(value: int) -> int:
     return value & MASK
 
 
-def _narrow(t: Type | None) -> bool:
-    return isinstance(t, IntType) and t.bits < 64
-
-
 def _signed(t: Type | None) -> bool:
     return isinstance(t, IntType) and t.signed
 
@@ -202,6 +198,8 @@ class _Function:
                    if not b.instrs and isinstance(b.term, ir.Jump)}
 
         def final(label: str) -> str:
+            if label not in forward:        # most blocks hold code
+                return label
             seen = set()
             while label in forward and label not in seen:
                 seen.add(label)
@@ -442,7 +440,7 @@ class _Function:
         register-allocated local is returned as its own vreg (nothing in an
         expression can assign to it)."""
         if e.const is not None:
-            return _imm(e.const)
+            return e.const & MASK           # _imm, without a call: a third of the operands
         rule = _VALUES.get(type(e))
         if rule is None:
             raise InternalError("lower", f"no value for {type(e).__name__}")
@@ -536,7 +534,7 @@ class _Function:
         return dst
 
     def ext(self, dst: ir.VReg, t: Type) -> None:
-        if _narrow(t):
+        if isinstance(t, IntType) and t.bits < 64:       # a narrow integer
             self.emit(ir.Ext(dst, dst, t.bits, t.signed))
 
     def cast(self, e: ast.Cast) -> ir.Operand:
