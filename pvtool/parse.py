@@ -640,23 +640,27 @@ class _Parser:
         start = self.i
         while kinds[start] == "(":
             start += 1
+        plain = start == self.i         # no '(': the operand's position is that of `start`
         if kinds[self.i] in _PREFIX:
             operand = self.unary()
         else:
             operand = self.primary()
             if kinds[self.i] in _POSTFIX:
-                operand = self.postfix(start, operand)
-        return self.casts(start, operand) if kinds[self.i] == "as" else operand
+                operand = self.postfix(start, operand, operand.loc if plain else self.loc(start))
+        if kinds[self.i] != "as":
+            return operand
+        return self.casts(start, operand, operand.loc if plain else self.loc(start))
 
-    def casts(self, start: int, operand: ast.Expr) -> ast.Expr:
-        """`operand` followed by any number of `as T`."""
+    def casts(self, start: int, operand: ast.Expr, where: Loc) -> ast.Expr:
+        """`operand` followed by any number of `as T`; the casts are located at `start`,
+        whose position `where` is (the caller often has it at hand)."""
         height = self.height
         while self.accept("as"):
             self.enter()
             target = self.type()
             self.depth -= 1
             height = self.nest(max(height, self.height) + 1, start)
-            operand = ast.Cast(self.loc(start), operand, target)
+            operand = ast.Cast(where, operand, target)
         self.height = height
         return operand
 
@@ -670,9 +674,10 @@ class _Parser:
             raise self.too_deep(first + max(0, MAX_NESTING - self.depth))
         self.depth += count
         start = self.first_token()
+        plain = start == self.i
         operand = self.primary()
         if kinds[self.i] in _POSTFIX:
-            operand = self.postfix(start, operand)
+            operand = self.postfix(start, operand, operand.loc if plain else self.loc(start))
         self.depth -= count
         height = self.nest(self.height + count, first)
         for at in range(first + count - 1, first - 1, -1):
@@ -680,9 +685,9 @@ class _Parser:
         self.height = height
         return operand
 
-    def postfix(self, start: int, base: ast.Expr) -> ast.Expr:
-        """`base`, a primary expression located at `start`, and the calls,
-        indexes and field accesses after it."""
+    def postfix(self, start: int, base: ast.Expr, where: Loc) -> ast.Expr:
+        """`base`, a primary expression located at `start` (whose position is
+        `where`), and the calls, indexes and field accesses after it."""
         kinds = self.kinds
         height = self.height
         while True:
@@ -692,20 +697,20 @@ class _Parser:
                 self.enter()
                 args = self.exprs(")")
                 self.depth -= 1
-                base = ast.Call(self.loc(start), base, args)
+                base = ast.Call(where, base, args)
             elif kind == "[":
                 self.i += 1
                 self.enter()
                 index = self.expr()
                 self.expect("]")
                 self.depth -= 1
-                base = ast.Index(self.loc(start), base, index)
+                base = ast.Index(where, base, index)
             elif kind == ".":
                 name_at = self.i + 1
                 self.i += 1
                 self.expect("NAME")
                 self.height = 0
-                base = ast.FieldAccess(self.loc(start), base, self.texts[name_at], name_loc=self.loc(name_at))
+                base = ast.FieldAccess(where, base, self.texts[name_at], name_loc=self.loc(name_at))
             else:
                 self.height = height
                 return base
@@ -792,7 +797,8 @@ class _Parser:
         e = self.expr()
         self.expect(")")
         for _ in range(start - first - 1):
-            e = self.expr(1, self.casts(start, self.postfix(start, e)))
+            where = self.loc(start)
+            e = self.expr(1, self.casts(start, self.postfix(start, e, where), where))
             self.expect(")")
         return e
 
