@@ -96,7 +96,8 @@ def _completes(s: ast.Stmt) -> bool:
         case ast.Return() | ast.Break() | ast.Continue():
             return False
         case ast.Block():
-            return all(_completes(x) for x in s.stmts)
+            # From the end: a body's last statement is the usual one not to complete.
+            return all(_completes(x) for x in reversed(s.stmts))
         case ast.If():
             return s.else_ is None or any(_completes(b) for _, b in s.arms) or _completes(s.else_)
         case ast.While():
