@@ -441,18 +441,17 @@ class _Function:
         expression can assign to it)."""
         if e.const is not None:
             return e.const & MASK           # _imm, without a call: a third of the operands
-        rule = _VALUES.get(type(e))
-        if rule is None:
-            raise InternalError("lower", f"no value for {type(e).__name__}")
+        if type(e) is ast.Name:             # most of the rest: a local, often in a vreg
+            home = self.home.get(e.sym)
+            if isinstance(home, ir.VReg):
+                return home
         saved, self.loc = self.loc, e.loc
-        value = rule(self, e)
+        value = _VALUES[type(e)](self, e)
         self.loc = saved
         return value
 
     def name(self, e: ast.Name) -> ir.Operand:
-        home = self.home.get(e.sym)
-        if isinstance(home, ir.VReg):
-            return home
+        """A name that is no register-allocated local (`rvalue` returns those itself)."""
         if isinstance(e.sym, ast.LinkSym):         # an address the linker fixes
             dst = self.f.new_vreg()
             self.emit(ir.AddrOf(dst, e.name))
@@ -629,10 +628,17 @@ class _Function:
         return dst, off
 
 
+class _Rules(dict):
+    """Expression class -> how its value is made; any other class is a broken invariant."""
+
+    def __missing__(self, kind: type) -> None:
+        raise InternalError("lower", f"no value for {kind.__name__}")
+
+
 # How each kind of expression yields its value: (function lowerer, expression) -> operand.
 # A table rather than a match statement: this is lowering's hottest dispatch.
-_VALUES = {
+_VALUES = _Rules({
     ast.Name: _Function.name, ast.Binary: _Function.binary, ast.Index: _Function.element,
     ast.FieldAccess: _Function.element, ast.Cast: _Function.cast, ast.Call: _Function.call,
     ast.Unary: _Function.unary, ast.StrLit: _Function.string_literal,
-}
+})
