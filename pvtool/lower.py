@@ -100,8 +100,13 @@ class _Module:
                   relocs: list[ir.DataReloc], loc: Loc) -> None:
         if isinstance(v, list):
             step = size_of(t.elem)
+            modulus = 1 << (8 * step)
             for i, x in enumerate(v):
-                self.serialize(x, t.elem, buf, at + i * step, relocs, loc)
+                where = at + i * step
+                if isinstance(x, int):      # most elements: written here, without a call each
+                    buf[where:where + step] = (x % modulus).to_bytes(step, "little")
+                else:
+                    self.serialize(x, t.elem, buf, where, relocs, loc)
         elif isinstance(v, ast.AddrValue):
             symbol = v.symbol if v.symbol is not None else self.string(v.string, loc)
             relocs.append(ir.DataReloc(at, symbol, v.offset))
