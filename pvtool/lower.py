@@ -29,6 +29,8 @@ TRAP_KINDS = {(True, False, False): "interrupt", (True, True, False): "interrupt
               (False, False, True): "syscall"}   # (interrupt, error_code, syscall) -> TrapEntry.kind
 
 _ARITH = {"+": "add", "-": "sub", "*": "mul", "&": "and", "|": "or", "^": "xor", "<<": "shl"}
+_SIGNED_ARITH = {"/": "sdiv", "%": "srem", ">>": "sar"}         # the rest depend on the sign
+_UNSIGNED_ARITH = {"/": "udiv", "%": "urem", ">>": "shr"}
 _NEEDS_EXT = frozenset(("add", "sub", "mul", "shl", "sdiv", "srem", "neg"))
 _CMP_EQ = {"==": "eq", "!=": "ne"}
 _CMP_SIGNED = {"<": "slt", "<=": "sle", ">": "sgt", ">=": "sge"}
@@ -523,15 +525,10 @@ class _Function:
                 b = scaled
             self.emit(ir.BinOp("add" if op == "+" else "sub", dst, a, b))
             return dst
-        signed = _signed(t)
-        if op == "/":
-            name = "sdiv" if signed else "udiv"
-        elif op == "%":
-            name = "srem" if signed else "urem"
-        elif op == ">>":
-            name = "sar" if signed else "shr"
-        else:
+        if op in _ARITH:
             name = _ARITH[op]
+        else:
+            name = (_SIGNED_ARITH if _signed(t) else _UNSIGNED_ARITH)[op]
         self.emit(ir.BinOp(name, dst, a, b))
         if name in _NEEDS_EXT:
             self.ext(dst, t)
