@@ -772,21 +772,22 @@ class _Checker:
         return PtrType(t)
 
     def require_lvalue(self, e: ast.Expr, doing: str) -> None:
-        if isinstance(e, ast.Name):
-            if isinstance(e.sym, ast.ConstSym):
+        kind = type(e)              # the exact class: most targets are names, then fields
+        if kind is ast.Name:
+            if type(e.sym) is ast.ConstSym:
                 raise error(e.loc, f"cannot {doing} constant '{e.name}'")
-            if isinstance(e.sym, ast.LinkSym):
+            if type(e.sym) is ast.LinkSym:
                 raise error(e.loc, f"cannot {doing} '{e.name}', an address the linker fixes")
             return
-        if isinstance(e, ast.Unary) and e.op == "*":
+        if kind is ast.FieldAccess:
+            if not e.deref:
+                self.require_lvalue(e.base, doing)
             return
-        if isinstance(e, ast.Index):
+        if kind is ast.Index:
             if isinstance(e.base.type, ArrayType):
                 self.require_lvalue(e.base, doing)
             return
-        if isinstance(e, ast.FieldAccess):
-            if not e.deref:
-                self.require_lvalue(e.base, doing)
+        if kind is ast.Unary and e.op == "*":
             return
         raise error(e.loc, f"cannot {doing} this expression")
 
