@@ -672,15 +672,23 @@ class _Checker:
         checked here: it dispatches itself rather than call `expr`.)"""
         t = e.type = _EXPRESSIONS[type(e)](self, e, want)
         if type(t) in _NOT_VALUES:
-            if t is VOID:
-                raise error(e.loc, "this call returns no value")
-            raise error(e.loc, f"a {t} cannot be used as a value (use & or index it)")
+            raise self.not_a_value(e, t)
         return t
 
+    def not_a_value(self, e: ast.Expr, t: Type) -> CompileError:
+        if t is VOID:
+            return error(e.loc, "this call returns no value")
+        return error(e.loc, f"a {t} cannot be used as a value (use & or index it)")
+
     def expect(self, e: ast.Expr, t: Type, what: str) -> None:
-        got = self.value(e, t)
-        if got is not t and got != t:
-            raise error(e.loc, f"{what}: expected {t}, found {got}")
+        """Check e as a value of type t (which fits in a register).  Like `value`,
+        it dispatches itself: half the values checked are expected ones."""
+        got = e.type = _EXPRESSIONS[type(e)](self, e, t)
+        if got is not t:
+            if type(got) in _NOT_VALUES:
+                raise self.not_a_value(e, got)
+            if got != t:
+                raise error(e.loc, f"{what}: expected {t}, found {got}")
 
     def operands(self, left: ast.Expr, right: ast.Expr, want: Type | None,
                  ptr_offset: bool = False) -> tuple[Type, Type]:
