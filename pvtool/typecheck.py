@@ -474,7 +474,7 @@ class _Checker:
         for p, t in zip(fn.params, fn.type.params):
             p.sym = self.declare(p.name, t, p.loc)
         for s in fn.body.stmts:
-            self.stmt(s)
+            _STATEMENTS[type(s)](self, s)
         self.scopes = []
         if fn.result is not None and _completes(fn.body):
             raise error(fn.body.end, f"'{fn.name}' can reach the end of its body without returning a value")
@@ -506,37 +506,20 @@ class _Checker:
 
     # -- statements --------------------------------------------------------------------------
 
-    def stmt(self, s: ast.Stmt) -> None:
-        match s:                    # the most frequent kinds first: each case tried costs
-            case ast.Assign():
-                self.assign(s)
-            case ast.VarStmt():
-                self.var_stmt(s)
-            case ast.If():
-                self.if_stmt(s)
-            case ast.Return():
-                self.return_stmt(s)
-            case ast.For():
-                self.for_stmt(s)
-            case ast.While():
-                self.expect(s.cond, BOOL, "condition")
-                self.loop(s.body)
-            case ast.ExprStmt():
-                self.expr_stmt(s)
-            case ast.Block():
-                self.block(s)
-            case ast.Break() | ast.Continue():
-                if self.loops == 0:
-                    word = "break" if isinstance(s, ast.Break) else "continue"
-                    raise error(s.loc, f"'{word}' outside a loop")
-            case _:
-                raise InternalError("typecheck", f"not a statement: {type(s).__name__}")
-
     def block(self, s: ast.Block) -> None:
         self.scopes.append({})
         for x in s.stmts:
-            self.stmt(x)
+            _STATEMENTS[type(x)](self, x)
         self.scopes.pop()
+
+    def while_stmt(self, s: ast.While) -> None:
+        self.expect(s.cond, BOOL, "condition")
+        self.loop(s.body)
+
+    def jump_stmt(self, s: ast.Break | ast.Continue) -> None:
+        if self.loops == 0:
+            word = "break" if isinstance(s, ast.Break) else "continue"
+            raise error(s.loc, f"'{word}' outside a loop")
 
     def var_stmt(self, s: ast.VarStmt) -> None:
         t = self.resolve(s.type_expr) if s.type_expr is not None else None
@@ -902,20 +885,31 @@ class _Checker:
 
 
 class _Rules(dict):
-    """Expression class -> how it is checked; any other class is a broken invariant."""
+    """Node class -> how it is checked; any other class is a broken invariant."""
+
+    def __init__(self, what: str, rules: dict):
+        super().__init__(rules)
+        self.what = what
 
     def __missing__(self, kind: type) -> None:
-        raise InternalError("typecheck", f"not an expression: {kind.__name__}")
+        raise InternalError("typecheck", f"not {self.what}: {kind.__name__}")
 
 
 # How each kind of expression is checked: (checker, expression, wanted type) -> its type.
 # A table rather than a match statement: this is the checker's hottest dispatch.
-_EXPRESSIONS = _Rules({
+_EXPRESSIONS = _Rules("an expression", {
     ast.Name: _Checker.name, ast.IntLit: _Checker.int_lit, ast.Binary: _Checker.binary,
     ast.FieldAccess: _Checker.field_access, ast.Index: _Checker.index, ast.Call: _Checker.call,
     ast.Cast: _Checker.cast, ast.Unary: _Checker.unary, ast.CharLit: _Checker.char_lit,
     ast.BoolLit: _Checker.bool_lit, ast.StrLit: _Checker.str_lit, ast.ArrayLit: _Checker.array_lit,
     ast.Null: _Checker.null, ast.SizeOf: _Checker.size_of, ast.OffsetOf: _Checker.offset_of,
+})
+# How each kind of statement is checked: (checker, statement) -> None.
+_STATEMENTS = _Rules("a statement", {
+    ast.Assign: _Checker.assign, ast.VarStmt: _Checker.var_stmt, ast.If: _Checker.if_stmt,
+    ast.Return: _Checker.return_stmt, ast.For: _Checker.for_stmt, ast.While: _Checker.while_stmt,
+    ast.ExprStmt: _Checker.expr_stmt, ast.Block: _Checker.block, ast.Break: _Checker.jump_stmt,
+    ast.Continue: _Checker.jump_stmt,
 })
 
 
