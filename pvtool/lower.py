@@ -296,30 +296,7 @@ class _Function:
 
     def stmt(self, s: ast.Stmt) -> None:
         saved, self.loc = self.loc, s.loc
-        match s:                    # the most frequent kinds first: each case tried costs
-            case ast.Assign():
-                self.assign(s)
-            case ast.VarStmt():
-                self.var_stmt(s)
-            case ast.If():
-                self.if_stmt(s)
-            case ast.Return():
-                value = self.rvalue(s.value) if s.value is not None else None
-                self.terminate(self.return_term(value))
-            case ast.For():
-                self.for_stmt(s)
-            case ast.While():
-                self.while_stmt(s)
-            case ast.ExprStmt():
-                self.expr_stmt(s)
-            case ast.Block():
-                self.block(s)
-            case ast.Break():
-                self.jump(self.loops[-1][1])
-            case ast.Continue():
-                self.jump(self.loops[-1][0])
-            case _:
-                raise InternalError("lower", f"not a statement: {type(s).__name__}")
+        _STATEMENTS[type(s)](self, s)
         self.loc = saved
 
     def block(self, s: ast.Block) -> None:
@@ -409,6 +386,16 @@ class _Function:
         self.block(body)
         self.loops.pop()
         self.jump(cont)
+
+    def return_stmt(self, s: ast.Return) -> None:
+        value = self.rvalue(s.value) if s.value is not None else None
+        self.terminate(self.return_term(value))
+
+    def break_stmt(self, s: ast.Break) -> None:
+        self.jump(self.loops[-1][1])
+
+    def continue_stmt(self, s: ast.Continue) -> None:
+        self.jump(self.loops[-1][0])
 
     def expr_stmt(self, s: ast.ExprStmt) -> None:
         e = s.expr
@@ -631,16 +618,27 @@ class _Function:
 
 
 class _Rules(dict):
-    """Expression class -> how its value is made; any other class is a broken invariant."""
+    """Node class -> how it is lowered; any other class is a broken invariant."""
+
+    def __init__(self, what: str, rules: dict):
+        super().__init__(rules)
+        self.what = what
 
     def __missing__(self, kind: type) -> None:
-        raise InternalError("lower", f"no value for {kind.__name__}")
+        raise InternalError("lower", f"{self.what} {kind.__name__}")
 
 
 # How each kind of expression yields its value: (function lowerer, expression) -> operand.
 # A table rather than a match statement: this is lowering's hottest dispatch.
-_VALUES = _Rules({
+_VALUES = _Rules("no value for", {
     ast.Name: _Function.name, ast.Binary: _Function.binary, ast.Index: _Function.element,
     ast.FieldAccess: _Function.element, ast.Cast: _Function.cast, ast.Call: _Function.call,
     ast.Unary: _Function.unary, ast.StrLit: _Function.string_literal,
+})
+# How each kind of statement is lowered: (function lowerer, statement) -> None.
+_STATEMENTS = _Rules("not a statement:", {
+    ast.Assign: _Function.assign, ast.VarStmt: _Function.var_stmt, ast.If: _Function.if_stmt,
+    ast.Return: _Function.return_stmt, ast.For: _Function.for_stmt, ast.While: _Function.while_stmt,
+    ast.ExprStmt: _Function.expr_stmt, ast.Block: _Function.block, ast.Break: _Function.break_stmt,
+    ast.Continue: _Function.continue_stmt,
 })
