@@ -136,6 +136,10 @@ class _Function:
         self.labels = 0
         self.loc = fn.loc
         self.cur: ir.Block | None = None
+        # Whether a block may be unreachable: one holding code after a jump or return, the
+        # side of a constant condition not taken, or an empty block jumps now skip.  Lowering
+        # makes no other, and most functions none: they need no search for them.
+        self.unreachable = False
 
     def run(self) -> ir.Function:
         self.start("entry")
@@ -156,7 +160,8 @@ class _Function:
             if b.term is None:
                 b.term = self.return_term(None)
         self.thread_jumps()
-        self.drop_unreachable()
+        if self.unreachable:
+            self.drop_unreachable()
         return self.f
 
     # -- blocks ------------------------------------------------------------------------
@@ -169,10 +174,15 @@ class _Function:
         self.cur = ir.Block(label, [])
         self.f.blocks.append(self.cur)
 
+    def start_dead(self) -> None:
+        """A block for code after a jump or return: nothing jumps there."""
+        self.start(self.label("dead"))
+        self.unreachable = True
+
     def emit(self, instr: ir.Instr) -> ir.Instr:
         instr.loc = self.loc
         if self.cur is None:
-            self.start(self.label("dead"))
+            self.start_dead()
         self.cur.instrs.append(instr)
         return instr
 
@@ -182,7 +192,7 @@ class _Function:
         nothing jumps there."""
         term.loc = self.loc
         if self.cur is None:
-            self.start(self.label("dead"))
+            self.start_dead()
         self.cur.term = term
         self.cur = None
 
@@ -203,6 +213,9 @@ class _Function:
         """Skip blocks that hold nothing but a jump (joins of empty arms, loop exits)."""
         forward = {b.label: b.term.target for b in self.f.blocks[1:]
                    if not b.instrs and isinstance(b.term, ir.Jump)}
+        if not forward:
+            return
+        self.unreachable = True             # the blocks skipped, unless something else reaches them
 
         def final(label: str) -> str:
             if label not in forward:        # most blocks hold code
@@ -412,6 +425,7 @@ class _Function:
         """Jump to `yes` if the bool e is true, else to `no`."""
         saved, self.loc = self.loc, e.loc
         if e.const is not None:
+            self.unreachable = True         # the other side may be
             self.jump(yes if e.const else no)
         elif isinstance(e, ast.Unary) and e.op == "!":
             self.branch(e.operand, no, yes)
