@@ -448,7 +448,7 @@ class _Function:
         register-allocated local is returned as its own vreg (nothing in an
         expression can assign to it)."""
         if e.const is not None:
-            return e.const & MASK           # _imm, without a call: a third of the operands
+            return e.const & MASK           # as _imm does: a third of the operands, so no call
         if type(e) is ast.Name:             # most of the rest: a local, often in a vreg
             home = self.home.get(e.sym)
             if isinstance(home, ir.VReg):
