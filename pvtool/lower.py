@@ -29,7 +29,9 @@ TRAP_KINDS = {(True, False, False): "interrupt", (True, True, False): "interrupt
               (False, False, True): "syscall"}   # (interrupt, error_code, syscall) -> TrapEntry.kind
 
 _ARITH = {"+": "add", "-": "sub", "*": "mul", "&": "and", "|": "or", "^": "xor", "<<": "shl"}
-_NEEDS_EXT = ("add", "sub", "mul", "shl", "sdiv", "srem", "neg")
+_SIGNED_ARITH = {"/": "sdiv", "%": "srem", ">>": "sar"}         # the rest depend on the sign
+_UNSIGNED_ARITH = {"/": "udiv", "%": "urem", ">>": "shr"}
+_NEEDS_EXT = frozenset(("add", "sub", "mul", "shl", "sdiv", "srem", "neg"))
 _CMP_EQ = {"==": "eq", "!=": "ne"}
 _CMP_SIGNED = {"<": "slt", "<=": "sle", ">": "sgt", ">=": "sge"}
 _CMP_UNSIGNED = {"<": "ult", "<=": "ule", ">": "ugt", ">=": "uge"}
@@ -45,10 +47,6 @@ def lower(program: ast.Program) -> ir.Module:
 
 def _imm(value: int) -> int:
     return value & MASK
-
-
-def _narrow(t: Type | None) -> bool:
-    return isinstance(t, IntType) and t.bits < 64
 
 
 def _signed(t: Type | None) -> bool:
@@ -104,8 +102,13 @@ class _Module:
                   relocs: list[ir.DataReloc], loc: Loc) -> None:
         if isinstance(v, list):
             step = size_of(t.elem)
+            modulus = 1 << (8 * step)
             for i, x in enumerate(v):
-                self.serialize(x, t.elem, buf, at + i * step, relocs, loc)
+                where = at + i * step
+                if isinstance(x, int):      # most elements: written here, without a call each
+                    buf[where:where + step] = (x % modulus).to_bytes(step, "little")
+                else:
+                    self.serialize(x, t.elem, buf, where, relocs, loc)
         elif isinstance(v, ast.AddrValue):
             symbol = v.symbol if v.symbol is not None else self.string(v.string, loc)
             relocs.append(ir.DataReloc(at, symbol, v.offset))
@@ -133,6 +136,10 @@ class _Function:
         self.labels = 0
         self.loc = fn.loc
         self.cur: ir.Block | None = None
+        # Whether a block may be unreachable: one holding code after a jump or return, the
+        # side of a constant condition not taken, or an empty block jumps now skip.  Lowering
+        # makes no other, and most functions none: they need no search for them.
+        self.unreachable = False
 
     def run(self) -> ir.Function:
         self.start("entry")
@@ -153,7 +160,8 @@ class _Function:
             if b.term is None:
                 b.term = self.return_term(None)
         self.thread_jumps()
-        self.drop_unreachable()
+        if self.unreachable:
+            self.drop_unreachable()
         return self.f
 
     # -- blocks ------------------------------------------------------------------------
@@ -166,10 +174,15 @@ class _Function:
         self.cur = ir.Block(label, [])
         self.f.blocks.append(self.cur)
 
+    def start_dead(self) -> None:
+        """A block for code after a jump or return: nothing jumps there."""
+        self.start(self.label("dead"))
+        self.unreachable = True
+
     def emit(self, instr: ir.Instr) -> ir.Instr:
         instr.loc = self.loc
         if self.cur is None:
-            self.start(self.label("dead"))
+            self.start_dead()
         self.cur.instrs.append(instr)
         return instr
 
@@ -179,7 +192,7 @@ class _Function:
         nothing jumps there."""
         term.loc = self.loc
         if self.cur is None:
-            self.start(self.label("dead"))
+            self.start_dead()
         self.cur.term = term
         self.cur = None
 
@@ -200,8 +213,13 @@ class _Function:
         """Skip blocks that hold nothing but a jump (joins of empty arms, loop exits)."""
         forward = {b.label: b.term.target for b in self.f.blocks[1:]
                    if not b.instrs and isinstance(b.term, ir.Jump)}
+        if not forward:
+            return
+        self.unreachable = True             # the blocks skipped, unless something else reaches them
 
         def final(label: str) -> str:
+            if label not in forward:        # most blocks hold code
+                return label
             seen = set()
             while label in forward and label not in seen:
                 seen.add(label)
@@ -224,9 +242,6 @@ class _Function:
                     work.append(s)
         self.f.blocks = [b for b in self.f.blocks if b.label in seen]
 
-    def new(self) -> ir.VReg:
-        return self.f.new_vreg()
-
     # -- locals ------------------------------------------------------------------------------
 
     def allocate(self, local: ast.Local, param: bool = False) -> None:
@@ -239,11 +254,11 @@ class _Function:
         elif local.addr_taken:
             self.home[local] = self.f.new_slot(size_of(t), align_of(t))
         else:
-            self.home[local] = self.new()
+            self.home[local] = self.f.new_vreg()
         self.f.vars.append(ir.Var(local.name, t, self.home[local], param, local.loc))
 
     def slot_addr(self, slot: int) -> ir.VReg:
-        dst = self.new()
+        dst = self.f.new_vreg()
         self.emit(ir.SlotAddr(dst, slot))
         return dst
 
@@ -268,7 +283,7 @@ class _Function:
             for off in range(0, size, 8):
                 self.emit(ir.Store(base, off, 0, 8))
             return
-        p, c = self.new(), self.new()
+        p, c = self.f.new_vreg(), self.f.new_vreg()
         head, body, done = self.label("zero"), self.label("zerobody"), self.label("zerodone")
         self.emit(ir.Copy(p, base))
         self.jump(head)
@@ -294,30 +309,7 @@ class _Function:
 
     def stmt(self, s: ast.Stmt) -> None:
         saved, self.loc = self.loc, s.loc
-        match s:
-            case ast.Assign():
-                self.assign(s)
-            case ast.ExprStmt():
-                self.expr_stmt(s)
-            case ast.VarStmt():
-                self.var_stmt(s)
-            case ast.If():
-                self.if_stmt(s)
-            case ast.Return():
-                value = self.rvalue(s.value) if s.value is not None else None
-                self.terminate(self.return_term(value))
-            case ast.Block():
-                self.block(s)
-            case ast.While():
-                self.while_stmt(s)
-            case ast.For():
-                self.for_stmt(s)
-            case ast.Break():
-                self.jump(self.loops[-1][1])
-            case ast.Continue():
-                self.jump(self.loops[-1][0])
-            case _:
-                raise InternalError("lower", f"not a statement: {type(s).__name__}")
+        _STATEMENTS[type(s)](self, s)
         self.loc = saved
 
     def block(self, s: ast.Block) -> None:
@@ -384,13 +376,13 @@ class _Function:
         variable is a copy, so the body may change it freely."""
         t = s.sym.type
         head, body, step, done = (self.label(h) for h in ("for", "body", "step", "done"))
-        counter, end = self.new(), self.new()
+        counter, end = self.f.new_vreg(), self.f.new_vreg()
         self.emit(ir.Copy(counter, self.rvalue(s.start)))
         self.emit(ir.Copy(end, self.rvalue(s.end)))
         self.allocate(s.sym)
         self.jump(head)
         self.start(head)
-        c = self.new()
+        c = self.f.new_vreg()
         self.emit(ir.Cmp("slt" if _signed(t) else "ult", c, counter, end))
         self.terminate(ir.Branch(c, body, done))
         self.start(body)
@@ -408,6 +400,16 @@ class _Function:
         self.loops.pop()
         self.jump(cont)
 
+    def return_stmt(self, s: ast.Return) -> None:
+        value = self.rvalue(s.value) if s.value is not None else None
+        self.terminate(self.return_term(value))
+
+    def break_stmt(self, s: ast.Break) -> None:
+        self.jump(self.loops[-1][1])
+
+    def continue_stmt(self, s: ast.Continue) -> None:
+        self.jump(self.loops[-1][0])
+
     def expr_stmt(self, s: ast.ExprStmt) -> None:
         e = s.expr
         if e.const is None:
@@ -423,6 +425,7 @@ class _Function:
         """Jump to `yes` if the bool e is true, else to `no`."""
         saved, self.loc = self.loc, e.loc
         if e.const is not None:
+            self.unreachable = True         # the other side may be
             self.jump(yes if e.const else no)
         elif isinstance(e, ast.Unary) and e.op == "!":
             self.branch(e.operand, no, yes)
@@ -445,21 +448,20 @@ class _Function:
         register-allocated local is returned as its own vreg (nothing in an
         expression can assign to it)."""
         if e.const is not None:
-            return _imm(e.const)
-        rule = _VALUES.get(type(e))
-        if rule is None:
-            raise InternalError("lower", f"no value for {type(e).__name__}")
+            return e.const & MASK           # as _imm does: a third of the operands, so no call
+        if type(e) is ast.Name:             # most of the rest: a local, often in a vreg
+            home = self.home.get(e.sym)
+            if isinstance(home, ir.VReg):
+                return home
         saved, self.loc = self.loc, e.loc
-        value = rule(self, e)
+        value = _VALUES[type(e)](self, e)
         self.loc = saved
         return value
 
     def name(self, e: ast.Name) -> ir.Operand:
-        home = self.home.get(e.sym)
-        if isinstance(home, ir.VReg):
-            return home
+        """A name that is no register-allocated local (`rvalue` returns those itself)."""
         if isinstance(e.sym, ast.LinkSym):         # an address the linker fixes
-            dst = self.new()
+            dst = self.f.new_vreg()
             self.emit(ir.AddrOf(dst, e.name))
             return dst
         return self.load(*self.address(e), e.type)
@@ -468,7 +470,7 @@ class _Function:
         return self.load(*self.address(e), e.type)
 
     def string_literal(self, e: ast.StrLit) -> ir.Operand:
-        dst = self.new()
+        dst = self.f.new_vreg()
         self.emit(ir.AddrOf(dst, self.module.string(e.value, e.loc, self.fn.user)))
         return dst
 
@@ -479,7 +481,7 @@ class _Function:
         if op == "*":
             return self.load(*self.address(e), t)
         a = self.rvalue(e.operand)
-        dst = self.new()
+        dst = self.f.new_vreg()
         if op == "!":
             self.emit(ir.BinOp("xor", dst, a, 1))
         elif op == "-":
@@ -494,7 +496,7 @@ class _Function:
     def binary(self, e: ast.Binary) -> ir.Operand:
         op = e.op
         if op in ("&&", "||"):
-            dst = self.new()
+            dst = self.f.new_vreg()
             yes, no, join = self.label("true"), self.label("false"), self.label("bool")
             self.branch(e, yes, no)
             for label, value in ((yes, 1), (no, 0)):
@@ -507,7 +509,7 @@ class _Function:
         if op in _CMP_EQ or op in _CMP_SIGNED:
             t = e.left.type
             cmp = _CMP_EQ.get(op) or (_CMP_SIGNED if _signed(t) else _CMP_UNSIGNED)[op]
-            dst = self.new()
+            dst = self.f.new_vreg()
             self.emit(ir.Cmp(cmp, dst, a, b))
             return dst
         return self.arith(op, a, b, e.left.type, e.right.type)
@@ -515,31 +517,26 @@ class _Function:
     def arith(self, op: str, a: ir.Operand, b: ir.Operand, t: Type, tb: Type,
               dst: ir.VReg | None = None) -> ir.VReg:
         """a OP b for a of type t (b of type tb), into dst (a fresh vreg by default)."""
-        dst = dst or self.new()
+        dst = dst or self.f.new_vreg()
         if isinstance(t, PtrType):
             scale = size_of(t.target)
             if scale != 1:
-                scaled = self.new()
+                scaled = self.f.new_vreg()
                 self.emit(ir.BinOp("mul", scaled, b, scale))
                 b = scaled
             self.emit(ir.BinOp("add" if op == "+" else "sub", dst, a, b))
             return dst
-        signed = _signed(t)
-        if op == "/":
-            name = "sdiv" if signed else "udiv"
-        elif op == "%":
-            name = "srem" if signed else "urem"
-        elif op == ">>":
-            name = "sar" if signed else "shr"
-        else:
+        if op in _ARITH:
             name = _ARITH[op]
+        else:
+            name = (_SIGNED_ARITH if _signed(t) else _UNSIGNED_ARITH)[op]
         self.emit(ir.BinOp(name, dst, a, b))
         if name in _NEEDS_EXT:
             self.ext(dst, t)
         return dst
 
     def ext(self, dst: ir.VReg, t: Type) -> None:
-        if _narrow(t):
+        if isinstance(t, IntType) and t.bits < 64:       # a narrow integer
             self.emit(ir.Ext(dst, dst, t.bits, t.signed))
 
     def cast(self, e: ast.Cast) -> ir.Operand:
@@ -549,7 +546,7 @@ class _Function:
             return v                       # every other conversion keeps the bits
         if (t.bits > s.bits and not s.signed) or (t.bits >= s.bits and s.signed == t.signed):
             return v                       # already canonical for t
-        dst = self.new()
+        dst = self.f.new_vreg()
         self.emit(ir.Ext(dst, v, t.bits, t.signed))
         return dst
 
@@ -559,7 +556,7 @@ class _Function:
             target = self.rvalue(e.callee)
         args = [self.rvalue(a) for a in e.args]
         result = None if e.type == VOID else e.type
-        dst = None if result is None else self.new()
+        dst = None if result is None else self.f.new_vreg()
         if e.intrinsic is not None:
             self.emit(ir.MachineOp(e.intrinsic.name, dst, args))
             self.module.kernel_stack |= e.intrinsic.name == "set_kernel_stack"
@@ -574,7 +571,7 @@ class _Function:
     # -- memory -----------------------------------------------------------------------------------------
 
     def load(self, base: ir.Operand, off: int, t: Type) -> ir.VReg:
-        dst = self.new()
+        dst = self.f.new_vreg()
         self.emit(ir.Load(dst, base, off, size_of(t), _signed(t)))
         return dst
 
@@ -583,7 +580,7 @@ class _Function:
             return base
         if isinstance(base, int):
             return _imm(base + off)
-        dst = self.new()
+        dst = self.f.new_vreg()
         self.emit(ir.BinOp("add", dst, base, _imm(off)))
         return dst
 
@@ -595,7 +592,7 @@ class _Function:
                 if isinstance(e.sym, ast.Local):
                     where = self.slot_addr(self.home[e.sym]), 0
                 else:
-                    dst = self.new()
+                    dst = self.f.new_vreg()
                     self.emit(ir.AddrOf(dst, e.sym.link_name))
                     where = dst, 0
             case ast.FieldAccess():
@@ -626,18 +623,36 @@ class _Function:
                 return base, off + delta
         index = self.rvalue(e.index)
         if size != 1:
-            scaled = self.new()
+            scaled = self.f.new_vreg()
             self.emit(ir.BinOp("mul", scaled, index, size))
             index = scaled
-        dst = self.new()
+        dst = self.f.new_vreg()
         self.emit(ir.BinOp("add", dst, base, index))
         return dst, off
 
 
+class _Rules(dict):
+    """Node class -> how it is lowered; any other class is a broken invariant."""
+
+    def __init__(self, what: str, rules: dict):
+        super().__init__(rules)
+        self.what = what
+
+    def __missing__(self, kind: type) -> None:
+        raise InternalError("lower", f"{self.what} {kind.__name__}")
+
+
 # How each kind of expression yields its value: (function lowerer, expression) -> operand.
 # A table rather than a match statement: this is lowering's hottest dispatch.
-_VALUES = {
+_VALUES = _Rules("no value for", {
     ast.Name: _Function.name, ast.Binary: _Function.binary, ast.Index: _Function.element,
     ast.FieldAccess: _Function.element, ast.Cast: _Function.cast, ast.Call: _Function.call,
     ast.Unary: _Function.unary, ast.StrLit: _Function.string_literal,
-}
+})
+# How each kind of statement is lowered: (function lowerer, statement) -> None.
+_STATEMENTS = _Rules("not a statement:", {
+    ast.Assign: _Function.assign, ast.VarStmt: _Function.var_stmt, ast.If: _Function.if_stmt,
+    ast.Return: _Function.return_stmt, ast.For: _Function.for_stmt, ast.While: _Function.while_stmt,
+    ast.ExprStmt: _Function.expr_stmt, ast.Block: _Function.block, ast.Break: _Function.break_stmt,
+    ast.Continue: _Function.continue_stmt,
+})

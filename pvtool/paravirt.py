@@ -67,9 +67,10 @@ class ParavirtError(InternalError):
 
 def paravirtualize(module: Module) -> Module:
     """Rewrite `module` in place for the PV target and return it."""
-    quiet = quiet_functions(module)
-    for fn in module.functions:
-        if _sensitive(fn):
+    sensitive = [bool(_sensitive(fn)) for fn in module.functions]
+    quiet = quiet_functions(module, [fn for fn, s in zip(module.functions, sensitive) if s and not fn.user])
+    for fn, rewrite in zip(module.functions, sensitive):
+        if rewrite:
             _Rewriter(fn, quiet).run()
             left = _sensitive(fn)
             if left:
@@ -78,7 +79,8 @@ def paravirtualize(module: Module) -> Module:
             # Most functions: nothing is ever queued, so nothing to flush or rewrite
             # but the interrupt returns.
             for b in fn.blocks:
-                b.term = _Rewriter.rewrite_terminator(b.term)
+                if isinstance(b.term, IRet):
+                    b.term = _Rewriter.rewrite_terminator(b.term)
         if fn.trap_entry is not None:
             fn.trap_entry.hypercall = abi.HC_IRET
     module.target = "pv"
@@ -98,18 +100,34 @@ def is_queued(ins: Instr) -> bool:
 _QUIET = PURE + (Call, Jump, Branch, Ret)      # what a quiet function may hold
 
 
-def quiet_functions(module: Module) -> frozenset[str]:
+def quiet_functions(module: Module, callers: list[Function] | None = None) -> frozenset[str]:
     """The kernel functions that only compute in registers and call each other (a helper that works
     out a table's address, say): a call to one cannot observe a pending batch, so it is no flush
     point.  The largest such set: a function is dropped as soon as it does anything else or calls
-    one that does."""
-    quiet = {fn.name for fn in module.functions if not (fn.user or fn.interrupt or fn.trap_entry)
-             and all(isinstance(i, _QUIET) for i in fn.instructions())}
-    calls = {fn.name: {i.func for i in fn.instructions() if isinstance(i, Call)}
-             for fn in module.functions if fn.name in quiet}
+    one that does.  With `callers`, only the functions they call, directly or further down, are
+    looked at (whether a function is quiet depends on nothing else): the pass needs no more."""
+    by_name = {fn.name: fn for fn in module.functions}
+    work = list(by_name) if callers is None else [c for fn in callers for c in _callees(fn)]
+    calls: dict[str, set[str]] = {}          # the quiet candidates met, and whom they call
+    seen: set[str] = set()
+    while work:
+        name = work.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        fn = by_name.get(name)
+        if fn is not None and not (fn.user or fn.interrupt or fn.trap_entry) \
+                and all(isinstance(i, _QUIET) for i in fn.instructions()):
+            calls[name] = _callees(fn)
+            work.extend(calls[name])
+    quiet = set(calls)
     while unquiet := {name for name in quiet if not calls[name] <= quiet}:
         quiet -= unquiet
     return frozenset(quiet)
+
+
+def _callees(fn: Function) -> set[str]:
+    return {i.func for i in fn.instructions() if isinstance(i, Call)}
 
 
 def observes(ins: Instr, quiet: frozenset[str] = frozenset()) -> bool:

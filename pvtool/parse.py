@@ -149,21 +149,28 @@ _TOKEN = re.compile(r"""
 _OPERATORS = ("::", "(", ")", "{", "}", "[", "]", ";", ":", ",", "~", "->", ".", "..", "<<", "<<=", ">>", ">>=",
               "&", "&&", "&=", "|", "||", "|=", "-", "+", "*", "/", "%", "^", "!", "=", "<", ">",
               "-=", "+=", "*=", "/=", "%=", "^=", "!=", "==", "<=", ">=")
-_OWN_KINDS = {**{t: t for t in (*KEYWORDS, *_OPERATORS)}, "/*": "ERROR", "'": "ERROR", '"': "ERROR", "": "$END"}
+_OWN_KINDS = {**{t: t for t in (*KEYWORDS, *_OPERATORS)}, "": "$END"}
+_STOPS = frozenset(("/*", "'", '"'))      # an unterminated comment or literal
 _KIND_OF_FIRST = {**dict.fromkeys("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_", "NAME"),
                   **dict.fromkeys("0123456789", "INT"), "'": "CHAR", '"': "STRING"}
 
 
 class _KindOf(dict):
-    """Token text -> kind, for one file.  It starts from _OWN_KINDS: the texts
-    that are their own kind and those that stop the lexer (a lone quote is
-    what is left of an unterminated literal).  Any other text's kind follows
-    from its first character, worked out the first time the text is met
-    (names and numbers repeat), so `map` looks most tokens up without a
-    Python call."""
+    """Token text -> kind, for one file.  It starts from _OWN_KINDS, the texts
+    that are their own kind.  Any other text's kind follows from its first
+    character, worked out the first time the text is met (names and numbers
+    repeat), so `map` looks most tokens up without a Python call.  A text
+    that is no token (one of _STOPS: a lone quote is what is left of an
+    unterminated literal; or a character no token starts with) is an ERROR,
+    and `failed` tells whether the file had one."""
+
+    failed = False
 
     def __missing__(self, text: str) -> str:
-        kind = self[text] = _KIND_OF_FIRST.get(text[0], "ERROR")
+        kind = "ERROR" if text in _STOPS else _KIND_OF_FIRST.get(text[0], "ERROR")
+        if kind == "ERROR":
+            self.failed = True
+        self[text] = kind
         return kind
 
 
@@ -183,18 +190,21 @@ class _Tokens:
 def _lex(text: str) -> _Tokens:
     # `split` cuts the text at the groups, (between, blanks, token) per match
     # with `between` always empty, and makes no match object per token; the
-    # starts are the running lengths of blanks and tokens.  The lexing stops
-    # at the first ERROR or $END.
+    # starts are the running lengths of blanks and tokens.  Only the end of
+    # the text matches an empty token ($END); twice if blanks end the text
+    # (after them, then as an empty match), once otherwise.  The lexing
+    # stops at the first ERROR.
     pieces = _TOKEN.split(text)
     del pieces[::3]
     texts = pieces[1::2]
     starts = list(accumulate(map(len, pieces)))[::2]
-    kinds = list(map(_KindOf(_OWN_KINDS).__getitem__, texts))
-    last = kinds.index("$END")
-    if "ERROR" in kinds[:last]:
+    kind_of = _KindOf(_OWN_KINDS)
+    kinds = list(map(kind_of.__getitem__, texts))
+    if len(texts) > 1 and texts[-2] == "":
+        del kinds[-1], texts[-1], starts[-1]
+    if kind_of.failed:
         last = kinds.index("ERROR")
-    del kinds[last + 1:], texts[last + 1:], starts[last + 1:]
-    if kinds[last] == "ERROR":
+        del kinds[last + 1:], texts[last + 1:], starts[last + 1:]
         kinds.append("$END")
         texts.append("")
         starts.append(len(text))
@@ -207,6 +217,9 @@ def _lex(text: str) -> _Tokens:
 _PRECEDENCE = {"||": 1, "&&": 2, "==": 3, "!=": 3, "<": 3, "<=": 3, ">": 3, ">=": 3, "|": 4, "^": 5,
                "&": 6, "<<": 7, ">>": 7, "+": 8, "-": 8, "*": 9, "/": 9, "%": 9}
 _COMPARISON = 3
+# Every token kind's precedence as a binary operator, 0 for the kinds that are none: the
+# operator loop indexes it for every operand it parses, without a default.
+_BINDING = dict.fromkeys((*_OWN_KINDS.values(), "NAME", "INT", "CHAR", "STRING", "ERROR"), 0) | _PRECEDENCE
 _PREFIX = frozenset(("-", "!", "~", "*", "&"))
 _POSTFIX = frozenset(("(", "[", "."))
 _ASSIGN = {"=": "=", "+=": "+", "-=": "-", "*=": "*", "/=": "/", "%=": "%", "&=": "&", "|=": "|",
@@ -435,7 +448,8 @@ class _Parser:
             case "NAME":
                 self.i += 1
                 self.height = 1
-                return ast.TName(self.loc(at), self.qualified(at))
+                name = self.texts[at] if self.kinds[at + 1] != "::" else self.qualified(at)
+                return ast.TName(self.loc(at), name)
             case "*":
                 self.i += 1
                 self.enter()
@@ -595,29 +609,29 @@ class _Parser:
             i += 1
         return i
 
-    def expr(self) -> ast.Expr:
-        return self.binary(1, self.cast())
-
-    def binary(self, lowest: int, left: ast.Expr) -> ast.Expr:
-        """`left` (just parsed) and what follows it joined by operators of precedence `lowest` or higher."""
+    def expr(self, lowest: int = 1, left: ast.Expr | None = None) -> ast.Expr:
+        """An operand (`left`, if it has just been parsed) and what follows it joined
+        by binary operators of precedence `lowest` or higher."""
+        if left is None:
+            left = self.cast()
         kinds = self.kinds
         height = self.height
         while True:
             at = self.i
             op = kinds[at]
-            precedence = _PRECEDENCE.get(op, 0)
+            precedence = _BINDING[op]
             if precedence < lowest:
                 self.height = height
                 return left
             self.i = at + 1
             self.enter()
             right = self.cast()
-            if _PRECEDENCE.get(kinds[self.i], 0) > precedence:
-                right = self.binary(precedence + 1, right)
+            if _BINDING[kinds[self.i]] > precedence:
+                right = self.expr(precedence + 1, right)
             self.depth -= 1
             height = self.nest(max(height, self.height) + 1, at)
             left = ast.Binary(self.loc(at), op, left, right)
-            if precedence == _COMPARISON and _PRECEDENCE.get(kinds[self.i]) == _COMPARISON:
+            if precedence == _COMPARISON and _BINDING[kinds[self.i]] == _COMPARISON:
                 raise self.stuck()
 
     def cast(self) -> ast.Expr:
@@ -626,23 +640,27 @@ class _Parser:
         start = self.i
         while kinds[start] == "(":
             start += 1
+        plain = start == self.i         # no '(': the operand's position is that of `start`
         if kinds[self.i] in _PREFIX:
             operand = self.unary()
         else:
             operand = self.primary()
             if kinds[self.i] in _POSTFIX:
-                operand = self.postfix(start, operand)
-        return self.casts(start, operand) if kinds[self.i] == "as" else operand
+                operand = self.postfix(start, operand, operand.loc if plain else self.loc(start))
+        if kinds[self.i] != "as":
+            return operand
+        return self.casts(start, operand, operand.loc if plain else self.loc(start))
 
-    def casts(self, start: int, operand: ast.Expr) -> ast.Expr:
-        """`operand` followed by any number of `as T`."""
+    def casts(self, start: int, operand: ast.Expr, where: Loc) -> ast.Expr:
+        """`operand` followed by any number of `as T`; the casts are located at `start`,
+        whose position `where` is (the caller often has it at hand)."""
         height = self.height
         while self.accept("as"):
             self.enter()
             target = self.type()
             self.depth -= 1
             height = self.nest(max(height, self.height) + 1, start)
-            operand = ast.Cast(self.loc(start), operand, target)
+            operand = ast.Cast(where, operand, target)
         self.height = height
         return operand
 
@@ -656,9 +674,10 @@ class _Parser:
             raise self.too_deep(first + max(0, MAX_NESTING - self.depth))
         self.depth += count
         start = self.first_token()
+        plain = start == self.i
         operand = self.primary()
         if kinds[self.i] in _POSTFIX:
-            operand = self.postfix(start, operand)
+            operand = self.postfix(start, operand, operand.loc if plain else self.loc(start))
         self.depth -= count
         height = self.nest(self.height + count, first)
         for at in range(first + count - 1, first - 1, -1):
@@ -666,9 +685,9 @@ class _Parser:
         self.height = height
         return operand
 
-    def postfix(self, start: int, base: ast.Expr) -> ast.Expr:
-        """`base`, a primary expression located at `start`, and the calls,
-        indexes and field accesses after it."""
+    def postfix(self, start: int, base: ast.Expr, where: Loc) -> ast.Expr:
+        """`base`, a primary expression located at `start` (whose position is
+        `where`), and the calls, indexes and field accesses after it."""
         kinds = self.kinds
         height = self.height
         while True:
@@ -678,20 +697,20 @@ class _Parser:
                 self.enter()
                 args = self.exprs(")")
                 self.depth -= 1
-                base = ast.Call(self.loc(start), base, args)
+                base = ast.Call(where, base, args)
             elif kind == "[":
                 self.i += 1
                 self.enter()
                 index = self.expr()
                 self.expect("]")
                 self.depth -= 1
-                base = ast.Index(self.loc(start), base, index)
+                base = ast.Index(where, base, index)
             elif kind == ".":
                 name_at = self.i + 1
                 self.i += 1
                 self.expect("NAME")
                 self.height = 0
-                base = ast.FieldAccess(self.loc(start), base, self.texts[name_at], name_loc=self.loc(name_at))
+                base = ast.FieldAccess(where, base, self.texts[name_at], name_loc=self.loc(name_at))
             else:
                 self.height = height
                 return base
@@ -715,9 +734,12 @@ class _Parser:
         self.height = 1
         match self.kinds[at]:
             case "NAME":
-                return ast.Name(self.loc(at), self.qualified(at))
+                name = self.texts[at] if self.kinds[at + 1] != "::" else self.qualified(at)
+                return ast.Name(self.loc(at), name)
             case "INT":
-                return ast.IntLit(self.loc(at), self.integer(at))
+                text = self.texts[at]
+                value = int(text) if len(text) < 20 and text.isdigit() else self.integer(at)
+                return ast.IntLit(self.loc(at), value)
             case "(":
                 self.i = at
                 return self.group()
@@ -741,10 +763,9 @@ class _Parser:
         raise self.stuck()
 
     def qualified(self, at: int) -> str:
-        """The name at token `at`, and `::name` after it if there is one (the cursor is past `at`)."""
-        if self.kinds[self.i] != "::":
-            return self.texts[at]
-        self.i += 1
+        """`m::name`: the module name at token `at`, then `::` and a name (the cursor is past `at`).
+        Most names are plain, which the callers see without a call."""
+        self.expect("::")
         return f"{self.texts[at]}::{self.texts[self.expect('NAME')]}"
 
     def type_query(self) -> ast.SizeOf | ast.OffsetOf:
@@ -776,7 +797,8 @@ class _Parser:
         e = self.expr()
         self.expect(")")
         for _ in range(start - first - 1):
-            e = self.binary(1, self.casts(start, self.postfix(start, e)))
+            where = self.loc(start)
+            e = self.expr(1, self.casts(start, self.postfix(start, e, where), where))
             self.expect(")")
         return e
 
@@ -790,9 +812,8 @@ class _Parser:
 
     # -- literal spelling
     def integer(self, at: int) -> int:
+        """An integer literal's value.  (`primary` takes short plain decimals, most of them, itself.)"""
         text = self.texts[at]
-        if len(text) < 20 and text.isdigit():
-            return int(text)
         base, digits = 10, text
         if text[:2] in ("0x", "0X"):
             base, digits = 16, text[2:]

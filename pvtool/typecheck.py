@@ -35,7 +35,7 @@ ARITH = frozenset(("+", "-", "*", "/", "%", "&", "|", "^"))
 SHIFTS = frozenset(("<<", ">>"))
 COMPARE = frozenset(("==", "!=", "<", "<=", ">", ">="))
 LOGIC = frozenset(("&&", "||"))
-_NOT_VALUES = (VoidType, ArrayType, StructType)    # what a register cannot hold
+_NOT_VALUES = frozenset((VoidType, ArrayType, StructType))    # what a register cannot hold (by class)
 MAX_GLOBAL_ALIGN = 4096
 HANDLER_TYPE = FnType((), None)        # &h of an interrupt or syscall fn: its entry
 TRAP_FRAME_PTR = PtrType(TRAP_FRAME)
@@ -64,15 +64,17 @@ def error(loc: Loc | None, message: str) -> CompileError:
 
 def _flexible(e: ast.Expr) -> bool:
     """True if e's type comes from its context: integer literals and
-    arithmetic on them only."""
-    if isinstance(e, ast.IntLit):
+    arithmetic on them only.  (By exact class: asked of every operand, most
+    of them names, which a class comparison turns away fastest.)"""
+    kind = type(e)
+    if kind is ast.IntLit:
         return True
-    if isinstance(e, ast.Unary) and e.op in "-~":
-        return _flexible(e.operand)
-    if isinstance(e, ast.Binary) and e.op in ARITH:
-        return _flexible(e.left) and _flexible(e.right)
-    if isinstance(e, ast.Binary) and e.op in SHIFTS:
-        return _flexible(e.left)
+    if kind is ast.Unary:
+        return e.op in "-~" and _flexible(e.operand)
+    if kind is ast.Binary:
+        if e.op in ARITH:
+            return _flexible(e.left) and _flexible(e.right)
+        return e.op in SHIFTS and _flexible(e.left)
     return False
 
 
@@ -94,7 +96,8 @@ def _completes(s: ast.Stmt) -> bool:
         case ast.Return() | ast.Break() | ast.Continue():
             return False
         case ast.Block():
-            return all(_completes(x) for x in s.stmts)
+            # From the end: a body's last statement is the usual one not to complete.
+            return all(_completes(x) for x in reversed(s.stmts))
         case ast.If():
             return s.else_ is None or any(_completes(b) for _, b in s.arms) or _completes(s.else_)
         case ast.While():
@@ -436,8 +439,8 @@ class _Checker:
         if len(fn.params) > MAX_PARAMS:
             raise error(fn.params[MAX_PARAMS].loc,
                         f"'{fn.name}' has {len(fn.params)} parameters; at most {MAX_PARAMS} are allowed")
-        with self.in_file(fn):
-            fn.type = self.fn_type([p.type_expr for p in fn.params], fn.result, fn.loc)
+        self.file = fn.loc.file             # a top-level pass: nothing to restore
+        fn.type = self.fn_type([p.type_expr for p in fn.params], fn.result, fn.loc)
         if fn.handler:
             self.handler_signature(fn)
 
@@ -465,16 +468,13 @@ class _Checker:
             raise error(sym.item.loc, "'kmain' must be declared 'fn kmain() -> u64'")
 
     def function(self, fn: ast.Fn) -> None:
-        with self.in_file(fn):
-            self.function_body(fn)
-
-    def function_body(self, fn: ast.Fn) -> None:
+        self.file = fn.loc.file             # a top-level pass: nothing to restore
         self.fn, self.loops = fn, 0
         self.scopes = [{}]
         for p, t in zip(fn.params, fn.type.params):
             p.sym = self.declare(p.name, t, p.loc)
         for s in fn.body.stmts:
-            self.stmt(s)
+            _STATEMENTS[type(s)](self, s)
         self.scopes = []
         if fn.result is not None and _completes(fn.body):
             raise error(fn.body.end, f"'{fn.name}' can reach the end of its body without returning a value")
@@ -490,9 +490,8 @@ class _Checker:
 
     def lookup(self, name: str, loc: Loc) -> ast.Symbol | None:
         for scope in reversed(self.scopes):
-            local = scope.get(name)
-            if local is not None:
-                return local
+            if name in scope:
+                return scope[name]
         sym = self.names.find(name, self.file, self.aliases.get(self.file, {}), loc)
         if sym is not None and self.fn is not None and self.fn.user:
             self.user_may_use(sym, name, loc)
@@ -507,37 +506,20 @@ class _Checker:
 
     # -- statements --------------------------------------------------------------------------
 
-    def stmt(self, s: ast.Stmt) -> None:
-        match s:
-            case ast.Assign():
-                self.assign(s)
-            case ast.ExprStmt():
-                self.expr_stmt(s)
-            case ast.VarStmt():
-                self.var_stmt(s)
-            case ast.If():
-                self.if_stmt(s)
-            case ast.Return():
-                self.return_stmt(s)
-            case ast.Block():
-                self.block(s)
-            case ast.While():
-                self.expect(s.cond, BOOL, "condition")
-                self.loop(s.body)
-            case ast.For():
-                self.for_stmt(s)
-            case ast.Break() | ast.Continue():
-                if self.loops == 0:
-                    word = "break" if isinstance(s, ast.Break) else "continue"
-                    raise error(s.loc, f"'{word}' outside a loop")
-            case _:
-                raise InternalError("typecheck", f"not a statement: {type(s).__name__}")
-
     def block(self, s: ast.Block) -> None:
         self.scopes.append({})
         for x in s.stmts:
-            self.stmt(x)
+            _STATEMENTS[type(x)](self, x)
         self.scopes.pop()
+
+    def while_stmt(self, s: ast.While) -> None:
+        self.expect(s.cond, BOOL, "condition")
+        self.loop(s.body)
+
+    def jump_stmt(self, s: ast.Break | ast.Continue) -> None:
+        if self.loops == 0:
+            word = "break" if isinstance(s, ast.Break) else "continue"
+            raise error(s.loc, f"'{word}' outside a loop")
 
     def var_stmt(self, s: ast.VarStmt) -> None:
         t = self.resolve(s.type_expr) if s.type_expr is not None else None
@@ -630,10 +612,7 @@ class _Checker:
     def expr(self, e: ast.Expr, want: Type | None = None) -> Type:
         """Check e; `want` is the type its context would like (it decides the
         type of integer literals only).  Aggregates and VOID are allowed."""
-        rule = _EXPRESSIONS.get(type(e))
-        if rule is None:
-            raise InternalError("typecheck", f"not an expression: {type(e).__name__}")
-        t = e.type = rule(self, e, want)
+        t = e.type = _EXPRESSIONS[type(e)](self, e, want)
         return t
 
     def char_lit(self, e: ast.CharLit, want: Type | None) -> Type:
@@ -672,18 +651,27 @@ class _Checker:
         raise error(e.loc, "an array literal can only initialise an array variable")
 
     def value(self, e: ast.Expr, want: Type | None = None) -> Type:
-        """Check e as a value that fits in a register."""
-        t = self.expr(e, want)
-        if isinstance(t, _NOT_VALUES):
-            if t is VOID:
-                raise error(e.loc, "this call returns no value")
-            raise error(e.loc, f"a {t} cannot be used as a value (use & or index it)")
+        """Check e as a value that fits in a register.  (Most expressions are
+        checked here: it dispatches itself rather than call `expr`.)"""
+        t = e.type = _EXPRESSIONS[type(e)](self, e, want)
+        if type(t) in _NOT_VALUES:
+            raise self.not_a_value(e, t)
         return t
 
+    def not_a_value(self, e: ast.Expr, t: Type) -> CompileError:
+        if t is VOID:
+            return error(e.loc, "this call returns no value")
+        return error(e.loc, f"a {t} cannot be used as a value (use & or index it)")
+
     def expect(self, e: ast.Expr, t: Type, what: str) -> None:
-        got = self.value(e, t)
-        if got is not t and got != t:
-            raise error(e.loc, f"{what}: expected {t}, found {got}")
+        """Check e as a value of type t (which fits in a register).  Like `value`,
+        it dispatches itself: half the values checked are expected ones."""
+        got = e.type = _EXPRESSIONS[type(e)](self, e, t)
+        if got is not t:
+            if type(got) in _NOT_VALUES:
+                raise self.not_a_value(e, got)
+            if got != t:
+                raise error(e.loc, f"{what}: expected {t}, found {got}")
 
     def operands(self, left: ast.Expr, right: ast.Expr, want: Type | None,
                  ptr_offset: bool = False) -> tuple[Type, Type]:
@@ -698,6 +686,8 @@ class _Checker:
         return tl, tr
 
     def arith_types(self, op: str, tl: Type, tr: Type, loc: Loc) -> Type:
+        if tl is tr and is_int(tl):         # the common case, settled by the last test below
+            return tl
         if is_ptr(tr) and op[0] in "+-":
             raise error(loc, f"pointer arithmetic is written p {op[0]} n, with n a u64")
         if not is_int(tl) or not is_int(tr):
@@ -707,8 +697,9 @@ class _Checker:
         return tl
 
     def int_lit(self, e: ast.IntLit, want: Type | None, negated: bool = False) -> Type:
-        t = want if isinstance(want, IntType) else U64
-        ok = fits(e.value, t) or (negated and t.signed and e.value == 1 << (t.bits - 1))
+        t = want if type(want) is IntType else U64
+        # A literal is never negative, and every integer type holds 0..127 (most literals).
+        ok = e.value < 128 or fits(e.value, t) or (negated and t.signed and e.value == 1 << (t.bits - 1))
         if not ok:
             raise error(e.loc, f"integer literal {e.value} does not fit in {t}")
         e.const = e.value
@@ -772,21 +763,22 @@ class _Checker:
         return PtrType(t)
 
     def require_lvalue(self, e: ast.Expr, doing: str) -> None:
-        if isinstance(e, ast.Name):
-            if isinstance(e.sym, ast.ConstSym):
+        kind = type(e)              # the exact class: most targets are names, then fields
+        if kind is ast.Name:
+            if type(e.sym) is ast.ConstSym:
                 raise error(e.loc, f"cannot {doing} constant '{e.name}'")
-            if isinstance(e.sym, ast.LinkSym):
+            if type(e.sym) is ast.LinkSym:
                 raise error(e.loc, f"cannot {doing} '{e.name}', an address the linker fixes")
             return
-        if isinstance(e, ast.Unary) and e.op == "*":
+        if kind is ast.FieldAccess:
+            if not e.deref:
+                self.require_lvalue(e.base, doing)
             return
-        if isinstance(e, ast.Index):
+        if kind is ast.Index:
             if isinstance(e.base.type, ArrayType):
                 self.require_lvalue(e.base, doing)
             return
-        if isinstance(e, ast.FieldAccess):
-            if not e.deref:
-                self.require_lvalue(e.base, doing)
+        if kind is ast.Unary and e.op == "*":
             return
         raise error(e.loc, f"cannot {doing} this expression")
 
@@ -892,15 +884,33 @@ class _Checker:
         return f.type
 
 
+class _Rules(dict):
+    """Node class -> how it is checked; any other class is a broken invariant."""
+
+    def __init__(self, what: str, rules: dict):
+        super().__init__(rules)
+        self.what = what
+
+    def __missing__(self, kind: type) -> None:
+        raise InternalError("typecheck", f"not {self.what}: {kind.__name__}")
+
+
 # How each kind of expression is checked: (checker, expression, wanted type) -> its type.
 # A table rather than a match statement: this is the checker's hottest dispatch.
-_EXPRESSIONS = {
+_EXPRESSIONS = _Rules("an expression", {
     ast.Name: _Checker.name, ast.IntLit: _Checker.int_lit, ast.Binary: _Checker.binary,
     ast.FieldAccess: _Checker.field_access, ast.Index: _Checker.index, ast.Call: _Checker.call,
     ast.Cast: _Checker.cast, ast.Unary: _Checker.unary, ast.CharLit: _Checker.char_lit,
     ast.BoolLit: _Checker.bool_lit, ast.StrLit: _Checker.str_lit, ast.ArrayLit: _Checker.array_lit,
     ast.Null: _Checker.null, ast.SizeOf: _Checker.size_of, ast.OffsetOf: _Checker.offset_of,
-}
+})
+# How each kind of statement is checked: (checker, statement) -> None.
+_STATEMENTS = _Rules("a statement", {
+    ast.Assign: _Checker.assign, ast.VarStmt: _Checker.var_stmt, ast.If: _Checker.if_stmt,
+    ast.Return: _Checker.return_stmt, ast.For: _Checker.for_stmt, ast.While: _Checker.while_stmt,
+    ast.ExprStmt: _Checker.expr_stmt, ast.Block: _Checker.block, ast.Break: _Checker.jump_stmt,
+    ast.Continue: _Checker.jump_stmt,
+})
 
 
 def _convertible(s: Type, t: Type) -> bool:

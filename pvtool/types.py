@@ -116,21 +116,28 @@ TRAP_FRAME.info.size, TRAP_FRAME.info.align = 8 * len(TRAP_FRAME_FIELDS), 8
 TRAP_FRAME_REGISTERS = TRAP_FRAME_FIELDS[:15]     # what a handler's entry pushes, last first
 
 
+# The type classes have no subclasses, so these test the exact class: the
+# checker and lowering ask them of nearly every expression, and a class
+# comparison or set lookup costs a fraction of an isinstance that says no.
+_AGGREGATES = frozenset((ArrayType, StructType))
+_SCALARS = frozenset((IntType, BoolType, PtrType, FnType))
+
+
 def is_int(t: Type | None) -> bool:
-    return isinstance(t, IntType)
+    return type(t) is IntType
 
 
 def is_ptr(t: Type | None) -> bool:
-    return isinstance(t, PtrType)
+    return type(t) is PtrType
 
 
 def is_aggregate(t: Type | None) -> bool:
-    return isinstance(t, (ArrayType, StructType))
+    return type(t) in _AGGREGATES
 
 
 def is_scalar(t: Type | None) -> bool:
     """Fits in a register: integers, bool, pointers, function pointers."""
-    return isinstance(t, (IntType, BoolType, PtrType, FnType))
+    return type(t) in _SCALARS
 
 
 def size_of(t: Type) -> int:

@@ -335,6 +335,20 @@ def test_unreachable_code_is_dropped():
     assert [b.label for b in f.blocks] == ["entry"] and f.blocks[0].term == ir.Ret(1, loc=f.blocks[0].term.loc)
 
 
+@pytest.mark.parametrize("body", [
+    "while x < 9 { return 1; x = 2; } return 0;",        # code after a return
+    "while x < 9 { break; x = 2; } return 0;",           # ... and after a break
+    "if false { x = 1; } return x;",                     # the side of a constant condition not taken
+    "if x == 0 || true { return 1; } return 2;",
+    "while true { x += 1; } return x;",                  # a loop only a break could leave
+    "if x == 0 { } while x < 3 { x += 1; } return x;",   # an empty join, skipped by the jumps
+])
+def test_blocks_nothing_reaches_are_dropped(body):
+    """Each way lowering can make a block nothing jumps to (build() checks that none is left)."""
+    (f,) = build(f"fn kmain() -> u64 {{ var x: u64 = 0; {body} }}").functions
+    assert len({b.label for b in f.blocks}) == len(f.blocks)
+
+
 # -- integer semantics of every type, against a Python oracle -------------------------------------------
 
 TYPES = {f"{s}{b}": (b, s == "i") for s in "ui" for b in (8, 16, 32, 64)}

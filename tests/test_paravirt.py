@@ -361,6 +361,17 @@ def test_a_call_that_touches_memory_further_down_is_a_flush_point(tmp_path):
     assert multicalls(m) == 1
 
 
+def test_quiet_functions_asked_for_some_callers_look_only_below_them(tmp_path):
+    """The pass asks only about what its sensitive functions call: the answer is the whole
+    module's quiet set cut to the functions reached from those callers."""
+    module = compile_text(tmp_path, QUIET.replace("CALL", "touch(2);"), "native")
+    fns = {fn.name: fn for fn in module.functions}
+    assert paravirt.quiet_functions(module, [fns["touch"]]) == {"table"}
+    assert paravirt.quiet_functions(module, [fns["depth"]]) == {"depth"}
+    assert paravirt.quiet_functions(module, [fns["table"]]) == set()
+    assert paravirt.quiet_functions(module, [fns["kmain"]]) == {"table", "window", "depth"}
+
+
 SWITCH = """
 var tss: [u8; 104];
 fn switch_stacks() {}

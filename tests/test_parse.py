@@ -290,6 +290,21 @@ def test_positions():
     assert fn.loc.file == "t.pvk"
 
 
+@pytest.mark.parametrize("expr, located", [
+    ("r.data[i](x) as u8", [("Cast", 4), ("Call", 4), ("Index", 4), ("FieldAccess", 4), ("Name", 4)]),
+    ("-p.q as i32", [("Cast", 4), ("Unary", 4), ("FieldAccess", 5), ("Name", 5)]),
+    ("((a + b)).c as u64", [("Cast", 6), ("FieldAccess", 6), ("Binary", 8)]),
+    ("(( f ))(1)", [("Call", 7), ("Name", 7)]),
+])
+def test_calls_indexes_fields_and_casts_are_located_at_their_first_operand(expr, located):
+    """At the first token of the primary (or unary) expression they apply to, after any '('."""
+    (fn,) = items(f"fn f() {{\n  y =\n   {expr};\n}}")
+    e = fn.body.stmts[0].value
+    for kind, col in located:
+        assert (type(e).__name__, e.loc.line, e.loc.col) == (kind, 3, col)
+        e = getattr(e, "operand", None) or getattr(e, "callee", None) or getattr(e, "base", None)
+
+
 # -- syntax errors -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("src, line, col, message", [
