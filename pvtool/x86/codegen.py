@@ -235,9 +235,9 @@ class FunctionGen:
         self.prologue()
         body = self.a.anchor()
         # Program points (regalloc's numbering) where a variable's register starts or stops holding it.
-        live = {iv.vreg: iv for iv in self.alloc.intervals}
-        marks = sorted({p for v in fn.vars if type(v.home) is ir.VReg and v.home.id in live
-                        for p in (live[v.home.id].start, live[v.home.id].end, live[v.home.id].end + 1) if p},
+        start, end = self.alloc.start, self.alloc.end
+        marks = sorted({p for v in fn.vars if type(v.home) is ir.VReg and v.home.id in start
+                        for p in (start[v.home.id], end[v.home.id], end[v.home.id] + 1) if p},
                        reverse=True)
         points: dict[int, tuple[int, ir.Instr | None]] = {}     # point -> (anchor, its instruction)
         p = 0
@@ -275,7 +275,7 @@ class FunctionGen:
         sites = [obj.SiteRow(*a.span(start, end), op, loc, becomes, kind)
                  for start, end, op, loc, becomes, kind in self.sites]
         frame = [obj.FrameStep(at[k], event, reg) for k, event, reg in self.frame_steps]
-        variables = self.variables(live, {q: (a.at(k), ins) for q, (k, ins) in points.items()}, a.at(body),
+        variables = self.variables({q: (a.at(k), ins) for q, (k, ins) in points.items()}, a.at(body),
                                    len(code))
         return obj.FunctionCode(fn.name, code, a.relocs, lines, sites, loc=fn.loc,
                                 align=function_align(a.bundled), user=fn.user, frame=frame, body=a.at(body),
@@ -283,7 +283,7 @@ class FunctionGen:
                                 entered_by="interrupt" if fn.interrupt else "call",
                                 variables=variables, result=fn.result)
 
-    def variables(self, live: dict, at: dict[int, tuple[int, ir.Instr | None]], body: int,
+    def variables(self, at: dict[int, tuple[int, ir.Instr | None]], body: int,
                   end: int) -> list[obj.Variable]:
         """Where each source variable lives, for the debugger: a stack slot for the whole body,
         or its vreg's register or spill slot over the code of the vreg's live interval, up to
@@ -294,11 +294,13 @@ class FunctionGen:
             places = []
             if type(v.home) is int:
                 places.append((body, end, None, self.frame.slot_disp[v.home]))
-            elif v.home.id in live:
-                iv = live[v.home.id]
-                home = self.alloc.home[iv.vreg]
-                last_at, last = at.get(iv.end, (end, None))
-                start, stop = max(body, at.get(iv.start, (body, None))[0]), at.get(iv.end + 1, (end, None))[0]
+            elif v.home.id in self.alloc.start:
+                vreg = v.home.id
+                home = self.alloc.home[vreg]
+                last_point = self.alloc.end[vreg]
+                last_at, last = at.get(last_point, (end, None))
+                start = max(body, at.get(self.alloc.start[vreg], (body, None))[0])
+                stop = at.get(last_point + 1, (end, None))[0]
                 if type(home) is Reg and last is not None and home in isel.clobbers(last):
                     stop = last_at + 1              # a stop at its first byte still sees the value
                 if start < stop:
@@ -498,8 +500,8 @@ class FunctionGen:
             self.frame_step(obj.SAVED, r)
         if f.size:
             a.sub(RSP, f.size)
-        used = {iv.vreg for iv in self.alloc.intervals if iv.end > 0}
-        self.parallel_move([(self.where(p), r) for p, r in zip(self.fn.params, ARG_REGS) if p.id in used])
+        end = self.alloc.end
+        self.parallel_move([(self.where(p), r) for p, r in zip(self.fn.params, ARG_REGS) if end.get(p.id, 0) > 0])
 
     def epilogue(self) -> None:
         a, f = self.a, self.frame

@@ -31,22 +31,15 @@ from .. import ir
 from .encode import Reg
 
 
-@dataclass(slots=True)
-class Interval:
-    vreg: int          # VReg.id
-    start: int
-    end: int
-    reg: Reg | None = None
-    spill: int | None = None
-
-
 @dataclass
 class Allocation:
     home: dict[int, Reg | int] = field(default_factory=dict)   # VReg.id -> a Reg or a spill slot index
     spill_slots: int = 0
     used: set[Reg] = field(default_factory=set)                # registers given to some vreg
     clobbered: set[Reg] = field(default_factory=set)           # registers some instruction destroys
-    intervals: list[Interval] = field(default_factory=list)
+    # Each vreg's live interval, by VReg.id: its first and its last program point.
+    start: dict[int, int] = field(default_factory=dict)
+    end: dict[int, int] = field(default_factory=dict)
 
 
 def bits(x: int) -> Iterator[int]:
@@ -58,8 +51,9 @@ def bits(x: int) -> Iterator[int]:
 
 
 def build_intervals(blocks, params: list[ir.VReg], clobbers: Callable[[ir.Instr], Iterable[Reg]]
-                    ) -> tuple[list[Interval], list[tuple[int, Iterable[Reg]]]]:
-    """Live intervals sorted by start, and the program points where registers are clobbered.
+                    ) -> tuple[dict[int, int], dict[int, int], list[tuple[int, Iterable[Reg]]]]:
+    """Live intervals -- the first and the last program point of each vreg, by
+    VReg.id -- and the program points where registers are clobbered.
 
     One walk over the instructions finds each block's upward-exposed uses
     and definitions, the first and last point where each vreg is read or
@@ -118,8 +112,7 @@ def build_intervals(blocks, params: list[ir.VReg], clobbers: Callable[[ir.Instr]
             if exit_ > last[v]:
                 last[v] = exit_
         seen |= live_out[label]
-    intervals = [Interval(v, s, last[v]) for s, v in sorted(zip(first.values(), first))]   # by start, vreg
-    return intervals, clobber_points
+    return first, last, clobber_points
 
 
 def _liveness(gen: dict[str, int], kill: dict[str, int], succs: list[tuple[str, list[str]]]
@@ -147,9 +140,11 @@ def allocate(blocks, params: list[ir.VReg], registers: list[Reg],
              clobbers: Callable[[ir.Instr], Iterable[Reg]],
              hints: dict[int, list[Reg | int]] | None = None) -> Allocation:
     """Linear scan over `registers` (in order of preference); `hints` maps a vreg
-    number to preferred registers or to vreg numbers whose register it would share."""
-    intervals, clobber_points = build_intervals(blocks, params, clobbers)
-    alloc = Allocation(intervals=intervals)
+    number to preferred registers or to vreg numbers whose register it would share.
+    Intervals are handled as vreg numbers, their bounds looked up in `first` and
+    `last`: no object per interval."""
+    first, last, clobber_points = build_intervals(blocks, params, clobbers)
+    alloc = Allocation(start=first, end=last)
     clobbered: dict[Reg, list[int]] = {r: [] for r in registers}
     for p, lost in clobber_points:
         alloc.clobbered |= lost
@@ -159,63 +154,60 @@ def allocate(blocks, params: list[ir.VReg], registers: list[Reg],
     hints = hints or {}
     home = alloc.home
 
-    def fits(iv: Interval, r: Reg) -> bool:
+    def fits(start: int, end: int, r: Reg) -> bool:
         ps = clobbered[r]
         if not ps:
             return True
-        k = bisect_right(ps, iv.start)
-        return k == len(ps) or ps[k] >= iv.end
+        k = bisect_right(ps, start)
+        return k == len(ps) or ps[k] >= end
 
-    def choose(iv: Interval, taken: dict[Reg, Interval]) -> Reg | None:
-        for h in hints.get(iv.vreg, ()):
+    def choose(v: int, start: int, end: int, taken: dict[Reg, int]) -> Reg | None:
+        for h in hints.get(v, ()):
             r = h if isinstance(h, Reg) else home.get(h)
-            if isinstance(r, Reg) and r in clobbered and r not in taken and fits(iv, r):
+            if isinstance(r, Reg) and r in clobbered and r not in taken and fits(start, end, r):
                 return r
         for r in registers:
-            if r not in taken and fits(iv, r):
+            if r not in taken and fits(start, end, r):
                 return r
         return None
 
-    active: dict[Reg, Interval] = {}     # register -> the interval holding it
-    spilled: list[Interval] = []         # spilled intervals still live
+    active: dict[Reg, int] = {}          # register -> the vreg holding it
+    spilled: list[int] = []              # spilled vregs still live
     free_slots: dict[int, int] = {}      # slot -> end of its last owner
 
-    def spill(iv: Interval) -> None:
+    def spill(v: int) -> None:
         # an evicted interval started earlier: only reuse slots free since then
-        slot = next((s for s, last in free_slots.items() if last < iv.start), None)
+        slot = next((s for s, end in free_slots.items() if end < first[v]), None)
         if slot is None:
             slot = alloc.spill_slots
             alloc.spill_slots += 1
         else:
             del free_slots[slot]
-        iv.reg, iv.spill = None, slot
-        home[iv.vreg] = slot
-        spilled.append(iv)
+        home[v] = slot
+        spilled.append(v)
 
     ends: list[tuple[int, int, Reg]] = []   # heap: (end, vreg, register) of each interval given one
 
-    for iv in intervals:
-        s = iv.start
+    for s, v in sorted(zip(first.values(), first)):     # by start, then vreg
+        e = last[v]
         while ends and ends[0][0] <= s:    # expired, unless evicted since
             _, vreg, r = heappop(ends)
-            if r in active and active[r].vreg == vreg:
+            if active.get(r) == vreg:
                 del active[r]
         if spilled:
-            for old in [x for x in spilled if x.end < s]:
+            for old in [x for x in spilled if last[x] < s]:
                 spilled.remove(old)
-                free_slots[old.spill] = old.end
-        r = choose(iv, active)
+                free_slots[home[old]] = last[old]
+        r = choose(v, s, e, active)
         if r is None:
-            victim = max((a for a in active.values() if fits(iv, a.reg)), key=lambda a: a.end, default=None)
-            if victim is None or victim.end <= iv.end:
-                spill(iv)
+            victim = max((r for r in active if fits(s, e, r)), key=lambda r: last[active[r]], default=None)
+            if victim is None or last[active[victim]] <= e:
+                spill(v)
                 continue
-            r = victim.reg
-            del active[r]
-            spill(victim)
-        iv.reg = r
-        active[r] = iv
-        heappush(ends, (iv.end, iv.vreg, r))
-        home[iv.vreg] = r
+            r = victim
+            spill(active.pop(r))
+        active[r] = v
+        heappush(ends, (e, v, r))
+        home[v] = r
         alloc.used.add(r)
     return alloc
