@@ -231,6 +231,9 @@ class FunctionGen:
         self.blocks = isel.select(fn)
         self.alloc = allocate(self.blocks, fn.params, self.registers, isel.clobbers, self.hints())
         self.frame = layout(self.saved_registers(), fn.slots, self.alloc.spill_slots)
+        spills = [self.frame.spill(k) for k in range(self.alloc.spill_slots)]
+        # Each vreg's location, made once: `where` is then one lookup.
+        self.locs = {v: h if type(h) is Reg else spills[h] for v, h in self.alloc.home.items()}
         self.mark(fn.loc)
         self.prologue()
         body = self.a.anchor()
@@ -317,11 +320,11 @@ class FunctionGen:
             raise self.fail(f"more than {len(ARG_REGS)} parameters")
         if fn.interrupt and fn.params:
             raise self.fail("an interrupt function takes no parameters")
+        wrong, message = ((ir.Ret, "an interrupt function must end in IRet, not Ret") if fn.interrupt
+                          else (ir.IRet, "IRet outside an interrupt function"))
         for b in fn.blocks:
-            if isinstance(b.term, ir.IRet) and not fn.interrupt:
-                raise self.fail("IRet outside an interrupt function")
-            if isinstance(b.term, ir.Ret) and fn.interrupt:
-                raise self.fail("an interrupt function must end in IRet, not Ret")
+            if type(b.term) is wrong:
+                raise self.fail(message)
 
     def hints(self) -> dict[int, list[Reg | int]]:
         """Preferred registers by vreg number: parameters where they arrive,
@@ -382,13 +385,11 @@ class FunctionGen:
     def where(self, v: ir.Operand) -> Reg | Mem | int:
         """The current location of an operand: register, spill slot or immediate."""
         if type(v) is int:
-            return signed64(v)
-        h = self.alloc.home.get(v.id)
-        if type(h) is Reg:
-            return h
-        if h is None:       # never live: a dead definition or an undefined read
+            return v if 0 <= v < 1 << 63 else signed64(v)
+        loc = self.locs.get(v.id)
+        if loc is None:     # never live: a dead definition or an undefined read
             raise self.fail(f"{v!r} has no location")
-        return self.frame.spill(h)
+        return loc
 
     def load_imm(self, r: Reg, v: int) -> None:
         v = signed64(v)
@@ -408,15 +409,15 @@ class FunctionGen:
             return
         if dst == src:
             return
-        if isinstance(src, int):
-            if isinstance(dst, Reg):
+        if type(src) is int:
+            if type(dst) is Reg:
                 self.load_imm(dst, src)
             elif fits_s32(src):
                 self.a.mov(dst, src)
             else:
                 self.load_imm(scratch, src)
                 self.a.mov(dst, scratch)
-        elif isinstance(dst, Mem) and isinstance(src, Mem):
+        elif type(dst) is Mem and type(src) is Mem:
             self.a.mov(scratch, src)
             self.a.mov(dst, scratch)
         else:
@@ -425,28 +426,30 @@ class FunctionGen:
     def reg(self, v: ir.Operand, scratch: Reg) -> Reg:
         """The operand in a register: its own, or loaded into `scratch`."""
         w = self.where(v)
-        if isinstance(w, Reg):
+        if type(w) is Reg:
             return w
         self.move(scratch, w)
         return scratch
 
     def result(self, dst: ir.VReg | None, src: Reg) -> None:
-        if dst is not None and dst.id in self.alloc.home:
-            self.move(self.where(dst), src)
+        if dst is not None:
+            loc = self.locs.get(dst.id)
+            if loc is not None:
+                self.move(loc, src)
 
     def target(self, dst: ir.VReg, scratch: Reg = R11) -> Reg:
         """The register to compute `dst` in: its home, or `scratch` if spilled."""
         w = self.where(dst)
-        return w if isinstance(w, Reg) else scratch
+        return w if type(w) is Reg else scratch
 
     def parallel_move(self, moves: list[tuple[Reg | Mem, Reg | Mem | int]]) -> None:
         """Perform moves that all read before any writes (r11 breaks cycles).
         Memory never appears both as a source and as a destination."""
         moves = [(d, s) for d, s in moves if d != s]
         for d, s in moves:
-            if isinstance(d, Mem):
+            if type(d) is Mem:
                 self.move(d, s)
-        pending = [(d, s) for d, s in moves if isinstance(d, Reg) and isinstance(s, Reg)]
+        pending = [(d, s) for d, s in moves if type(d) is Reg and type(s) is Reg]
         while pending:
             for k, (d, s) in enumerate(pending):
                 if all(s2 != d for _, s2 in pending):
@@ -458,7 +461,7 @@ class FunctionGen:
                 self.a.mov(R11, d)
                 pending = [(d2, R11 if s2 == d else s2) for d2, s2 in pending]
         for d, s in moves:
-            if isinstance(d, Reg) and not isinstance(s, Reg):
+            if type(d) is Reg and type(s) is not Reg:
                 self.move(d, s)
 
     def address(self, addr: isel.Addr) -> Mem:
@@ -518,28 +521,28 @@ class FunctionGen:
     # -- terminators ------------------------------------------------------------
 
     def terminator(self, t: ir.Instr) -> None:
-        a = self.a
-        if isinstance(t, ir.Jump):
+        a, kind = self.a, type(t)
+        if kind is ir.Jump:
             self.jump(t.target)
-        elif isinstance(t, ir.Branch):
+        elif kind is ir.Branch:
             c = self.where(t.cond)
-            if isinstance(c, int):
+            if type(c) is int:
                 self.jump(t.then if c else t.else_)
                 return
-            if isinstance(c, Reg):
+            if type(c) is Reg:
                 a.test(c, c)
             else:
                 a.cmp(c, 0)
             self.branch("ne", t.then, t.else_)
-        elif isinstance(t, CmpBranch):
+        elif kind is CmpBranch:
             self.branch(self.compare(t.op, t.a, t.b), t.then, t.else_)
-        elif isinstance(t, ir.Ret):
+        elif kind is ir.Ret:
             if t.value is not None:
                 self.move(RAX, self.where(t.value))
             self.epilogue()
             return_(a, popped=lambda: self.frame_step(obj.RETURN_IN, R11))
             self.frame_step(obj.RETURNED)
-        elif isinstance(t, ir.IRet):
+        elif kind is ir.IRet:
             self.epilogue()
             start = a.anchor()
             if t.hypercall is None:
@@ -569,19 +572,19 @@ class FunctionGen:
         if op not in CC:
             raise self.fail(f"unknown comparison {op}")
         A, B = self.where(a), self.where(b)
-        if isinstance(A, int):
-            if isinstance(B, int):
+        if type(A) is int:
+            if type(B) is int:
                 self.load_imm(R11, A)
                 A = R11
             else:
                 A, B, op = B, A, SWAPPED[op]
-        if isinstance(A, Mem) and isinstance(B, Mem):
+        if type(A) is Mem and type(B) is Mem:
             self.move(R11, A)
             A = R11
-        if isinstance(B, int) and not fits_s32(B):
+        if type(B) is int and not fits_s32(B):
             self.load_imm(RAX, B)
             B = RAX
-        if B == 0 and isinstance(A, Reg):
+        if B == 0 and type(A) is Reg:
             self.a.test(A, A)
         else:
             self.a.cmp(A, B)
@@ -606,31 +609,31 @@ class FunctionGen:
         D, A, B = self.where(dst), self.where(a), self.where(b)
         if B == D and A != D and op in COMMUTATIVE:
             A, B = B, A
-        if isinstance(D, Mem) and A == D and op != "mul" and (isinstance(B, Reg) or (isinstance(B, int) and fits_s32(B))):
+        if type(D) is Mem and A == D and op != "mul" and (type(B) is Reg or (type(B) is int and fits_s32(B))):
             self.apply(op, D, B)                      # x = x op y on a spilled x
             return
-        if isinstance(D, Reg) and op in ("add", "sub") and isinstance(A, Reg) and isinstance(B, int) \
+        if type(D) is Reg and op in ("add", "sub") and type(A) is Reg and type(B) is int \
                 and A != D and fits_s32(-B if op == "sub" else B):
             self.a.lea(D, Mem(A, B if op == "add" else -B))
             return
-        if op == "mul" and isinstance(B, int) and fits_s32(B) and not isinstance(A, int):
+        if op == "mul" and type(B) is int and fits_s32(B) and type(A) is not int:
             R = self.target(dst)
             self.a.imul(R, A, B)                      # three-operand form
             self.move(D, R)
             return
-        R = D if isinstance(D, Reg) and (B != D or A == D) else R11
+        R = D if type(D) is Reg and (B != D or A == D) else R11
         self.move(R, A)
         self.apply(op, R, B)
         self.move(D, R)
 
     def apply(self, op: str, R: Reg | Mem, B: Reg | Mem | int) -> None:
         """R = R op B."""
-        if isinstance(B, int) and not fits_s32(B):
+        if type(B) is int and not fits_s32(B):
             scratch = RAX if R == R11 else R11
             self.load_imm(scratch, B)
             B = scratch
         if op == "mul":
-            if isinstance(B, int):
+            if type(B) is int:
                 self.a.imul(R, R, B)
             else:
                 self.a.imul(R, B)
@@ -639,7 +642,7 @@ class FunctionGen:
 
     def shift(self, i: ir.BinOp) -> None:
         emit = SHIFT_OPS[i.op]
-        if isinstance(i.b, int):
+        if type(i.b) is int:
             D, A = self.where(i.dst), self.where(i.a)
             R = self.target(i.dst)
             self.move(R, A)
@@ -655,7 +658,7 @@ class FunctionGen:
     def divide(self, i: ir.BinOp) -> None:
         self.move(RAX, self.where(i.a))
         B = self.where(i.b)
-        if isinstance(B, int) or B == RDX:
+        if type(B) is int or B == RDX:
             self.move(R11, B)
             B = R11
         signed = i.op in ("sdiv", "srem")
@@ -671,7 +674,7 @@ class FunctionGen:
         if emit is None:
             raise self.fail(f"unknown unary operator {i.op}")
         D, A = self.where(i.dst), self.where(i.a)
-        if isinstance(D, Mem) and A == D:
+        if type(D) is Mem and A == D:
             emit(self.a, D)
             return
         R = self.target(i.dst)
@@ -683,7 +686,7 @@ class FunctionGen:
         if i.bits not in (8, 16, 32):
             raise self.fail(f"cannot extend from {i.bits} bits")
         A = self.where(i.src)
-        if isinstance(A, int):
+        if type(A) is int:
             v = A % (1 << i.bits)
             if i.signed and v >> (i.bits - 1):
                 v -= 1 << i.bits
@@ -728,13 +731,13 @@ class FunctionGen:
             raise self.fail(f"store of {i.size} bytes")
         m = self.address(i.addr)
         V = self.where(i.value)
-        if isinstance(V, int):
+        if type(V) is int:
             if i.size < 8:
                 V %= 1 << (8 * i.size)
             elif not fits_s32(V):
                 self.load_imm(RAX, V)
                 V = RAX
-        elif isinstance(V, Mem):
+        elif type(V) is Mem:
             self.a.mov(RAX, V)
             V = RAX
         self.a.mov(m, V, size=i.size)
