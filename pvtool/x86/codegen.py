@@ -229,7 +229,7 @@ class FunctionGen:
         fn = self.fn
         self.check()
         self.blocks = isel.select(fn)
-        self.alloc = allocate(self.blocks, fn.params, self.registers, isel.clobbers, self.hints())
+        self.alloc = allocate(self.blocks, fn.params, self.registers, isel.CLOBBERS, self.hints())
         self.frame = layout(self.saved_registers(), fn.slots, self.alloc.spill_slots)
         spills = [self.frame.spill(k) for k in range(self.alloc.spill_slots)]
         # Each vreg's location, made once: `where` is then one lookup.

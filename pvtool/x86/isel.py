@@ -17,6 +17,7 @@ allocated: they are the emitters' scratch registers).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from .. import ir
 from .encode import RBX, RCX, RDX, RDI, RSI, R8, R9, R10, Reg
@@ -101,23 +102,29 @@ class SelectError(Exception):
     pass
 
 
-CALLS = (ir.Call, ir.CallIndirect, ir.Hypercall)
+def _binop_clobbers(ins: ir.BinOp) -> frozenset[Reg]:
+    if ins.op in DIVISIONS:
+        return ONLY_RDX
+    if ins.op in SHIFTS and type(ins.b) is not int:
+        return ONLY_RCX
+    return NOTHING
+
+
+# The kinds of instruction that may destroy allocatable registers, and which
+# ones a given instruction destroys; every other kind destroys none.  A table,
+# so that register allocation asks only about these kinds.
+CLOBBERS: dict[type, Callable[[ir.Instr], frozenset[Reg]]] = {
+    ir.BinOp: _binop_clobbers,
+    ir.Call: lambda ins: CALLER_SAVED, ir.CallIndirect: lambda ins: CALLER_SAVED,
+    ir.Hypercall: lambda ins: CALLER_SAVED,
+    ir.MachineOp: lambda ins: MACHINE_CLOBBERS.get(ins.op, NOTHING),
+}
 
 
 def clobbers(ins: ir.Instr) -> frozenset[Reg]:
     """Allocatable registers destroyed by the code emitted for `ins`."""
-    kind = type(ins)
-    if kind is ir.BinOp:
-        if ins.op in DIVISIONS:
-            return ONLY_RDX
-        if ins.op in SHIFTS and type(ins.b) is not int:
-            return ONLY_RCX
-        return NOTHING
-    if kind in CALLS:
-        return CALLER_SAVED
-    if kind is ir.MachineOp:
-        return MACHINE_CLOBBERS.get(ins.op, NOTHING)
-    return NOTHING
+    of = CLOBBERS.get(type(ins))
+    return NOTHING if of is None else of(ins)
 
 
 def select(fn: ir.Function) -> list[MBlock]:

@@ -42,6 +42,11 @@ class Allocation:
     end: dict[int, int] = field(default_factory=dict)
 
 
+# By kind of instruction, the registers an instruction of that kind destroys
+# (kinds not in the table destroy none).
+Clobbers = dict[type, Callable[[ir.Instr], Iterable[Reg]]]
+
+
 def bits(x: int) -> Iterator[int]:
     """The members of a bit set."""
     while x:
@@ -50,7 +55,7 @@ def bits(x: int) -> Iterator[int]:
         x ^= low
 
 
-def build_intervals(blocks, params: list[ir.VReg], clobbers: Callable[[ir.Instr], Iterable[Reg]]
+def build_intervals(blocks, params: list[ir.VReg], clobbers: Clobbers
                     ) -> tuple[dict[int, int], dict[int, int], list[tuple[int, Iterable[Reg]]]]:
     """Live intervals -- the first and the last program point of each vreg, by
     VReg.id -- and the program points where registers are clobbered.
@@ -89,9 +94,11 @@ def build_intervals(blocks, params: list[ir.VReg], clobbers: Callable[[ir.Instr]
                 if d not in first:
                     first[d] = p
                 last[d] = p
-            lost = clobbers(ins)
-            if lost:
-                clobber_points.append((p, lost))
+            of = clobbers.get(type(ins))
+            if of is not None:
+                lost = of(ins)
+                if lost:
+                    clobber_points.append((p, lost))
         label = b.label
         gen[label], kill[label] = g, k
         succs.append((label, b.successors()))
@@ -137,7 +144,7 @@ def _liveness(gen: dict[str, int], kill: dict[str, int], succs: list[tuple[str, 
 
 
 def allocate(blocks, params: list[ir.VReg], registers: list[Reg],
-             clobbers: Callable[[ir.Instr], Iterable[Reg]],
+             clobbers: Clobbers,
              hints: dict[int, list[Reg | int]] | None = None) -> Allocation:
     """Linear scan over `registers` (in order of preference); `hints` maps a vreg
     number to preferred registers or to vreg numbers whose register it would share.
