@@ -52,6 +52,7 @@ ALLOCATABLE = [RSI, RDI, R8, R9, R10, RCX, RDX, RBX, R12, R13, R14, R15]
 SCRATCH = (RAX, R11)
 
 SWTCH = "__pvk_swtch"
+LOCAL = ".L"            # a block's label in the assembler: its IR label after this
 HYPERCALL_PAGE = "__hypercall_page"
 # The registers of a TrapFrame, lowest address first (the entry pushes them last first).
 FRAME_REGS = tuple(REGS_BY_NAME[name] for name in TRAP_FRAME_REGISTERS)
@@ -244,31 +245,32 @@ class FunctionGen:
                        reverse=True)
         points: dict[int, tuple[int, ir.Instr | None]] = {}     # point -> (anchor, its instruction)
         p = 0
-        loc = None                              # the position last marked: marking it again does nothing
+        # The position of the last instruction: the last line row has its line, so an
+        # instruction of the same line needs no `mark`.
+        loc = None
         for k, b in enumerate(self.blocks):
             self.next_label = self.blocks[k + 1].label if k + 1 < len(self.blocks) else None
-            self.a.label(self.label(b.label))
+            self.a.label(LOCAL + b.label)
             p += 1
             if marks and marks[-1] == p:
                 points[marks.pop()] = (self.a.anchor(), None)
-            for ins in b.instrs:
+            term = b.term
+            for ins in (*b.instrs, term):
                 p += 1
                 if marks and marks[-1] == p:
                     points[marks.pop()] = (self.a.anchor(), ins)
-                if ins.loc is not loc:          # most neighbours share their statement's position
-                    loc = ins.loc
-                    self.mark(loc)
+                here = ins.loc
+                if here is not loc:             # most neighbours share their statement's position
+                    if here is not None and (loc is None or here.line != loc.line or here.file != loc.file):
+                        self.mark(here)
+                    loc = here
+                if ins is term:
+                    self.terminator(ins)
+                    continue
                 emit = EMITTERS.get(type(ins))
                 if emit is None:
                     raise self.fail(f"cannot compile {ins!r}")
                 emit(self, ins)
-            p += 1
-            if marks and marks[-1] == p:
-                points[marks.pop()] = (self.a.anchor(), b.term)
-            if b.term.loc is not loc:
-                loc = b.term.loc
-                self.mark(loc)
-            self.terminator(b.term)
         if self.open_sites:
             raise self.fail("SiteBegin without SiteEnd")
         a = self.a
@@ -278,8 +280,7 @@ class FunctionGen:
         sites = [obj.SiteRow(*a.span(start, end), op, loc, becomes, kind)
                  for start, end, op, loc, becomes, kind in self.sites]
         frame = [obj.FrameStep(at[k], event, reg) for k, event, reg in self.frame_steps]
-        variables = self.variables({q: (a.at(k), ins) for q, (k, ins) in points.items()}, a.at(body),
-                                   len(code))
+        variables = self.variables({q: (at[k], ins) for q, (k, ins) in points.items()}, at[body], len(code))
         return obj.FunctionCode(fn.name, code, a.relocs, lines, sites, loc=fn.loc,
                                 align=function_align(a.bundled), user=fn.user, frame=frame, body=a.at(body),
                                 source_name=fn.trap_entry.name if fn.trap_entry is not None else "",
@@ -357,9 +358,6 @@ class FunctionGen:
 
     def fail(self, message: str) -> CodegenError:
         return CodegenError(f"{self.fn.name}: {message}")
-
-    def label(self, name: str) -> str:
-        return ".L" + name
 
     def mark(self, loc: Loc | None) -> None:
         """A line row whenever the source line changes."""
@@ -558,13 +556,13 @@ class FunctionGen:
 
     def jump(self, target: str) -> None:
         if target != self.next_label:
-            self.a.jmp(self.label(target))
+            self.a.jmp(LOCAL + target)
 
     def branch(self, cc: str, then: str, else_: str) -> None:
         if then == self.next_label:
-            self.a.jcc(INVERSE[cc], self.label(else_))
+            self.a.jcc(INVERSE[cc], LOCAL + else_)
         else:
-            self.a.jcc(cc, self.label(then))
+            self.a.jcc(cc, LOCAL + then)
             self.jump(else_)
 
     def compare(self, op: str, a: ir.Operand, b: ir.Operand) -> str:
@@ -596,17 +594,16 @@ class FunctionGen:
         self.move(self.where(i.dst), self.where(i.src))
 
     def binop(self, i: ir.BinOp) -> None:
-        if i.op in isel.DIVISIONS:
+        op = i.op
+        if op in isel.DIVISIONS:
             self.divide(i)
-        elif i.op in isel.SHIFTS:
+            return
+        if op in isel.SHIFTS:
             self.shift(i)
-        elif i.op in ALU_OPS or i.op == "mul":
-            self.arith(i.op, i.dst, i.a, i.b)
-        else:
-            raise self.fail(f"unknown binary operator {i.op}")
-
-    def arith(self, op: str, dst: ir.VReg, a: ir.Operand, b: ir.Operand) -> None:
-        D, A, B = self.where(dst), self.where(a), self.where(b)
+            return
+        if op not in ALU_OPS and op != "mul":
+            raise self.fail(f"unknown binary operator {op}")
+        D, A, B = self.where(i.dst), self.where(i.a), self.where(i.b)
         if B == D and A != D and op in COMMUTATIVE:
             A, B = B, A
         if type(D) is Mem and A == D and op != "mul" and (type(B) is Reg or (type(B) is int and fits_s32(B))):
@@ -617,14 +614,16 @@ class FunctionGen:
             self.a.lea(D, Mem(A, B if op == "add" else -B))
             return
         if op == "mul" and type(B) is int and fits_s32(B) and type(A) is not int:
-            R = self.target(dst)
+            R = self.target(i.dst)
             self.a.imul(R, A, B)                      # three-operand form
             self.move(D, R)
             return
         R = D if type(D) is Reg and (B != D or A == D) else R11
-        self.move(R, A)
+        if R is not A:                                # (the moves' own first test, without the call)
+            self.move(R, A)
         self.apply(op, R, B)
-        self.move(D, R)
+        if D is not R:
+            self.move(D, R)
 
     def apply(self, op: str, R: Reg | Mem, B: Reg | Mem | int) -> None:
         """R = R op B."""
