@@ -148,7 +148,7 @@ def select(fn: ir.Function) -> list[MBlock]:
     for b in fn.blocks:
         if b.term is None:
             raise SelectError(f"{fn.name}: block {b.label} has no terminator")
-        instrs, term = _fuse_compare(list(b.instrs), b.term, uses)
+        instrs, term = _fuse_compare(b.instrs, b.term, uses)
         blocks.append(MBlock(b.label, _fuse_addresses(instrs, uses, defs), term))
     labels = {b.label for b in blocks}
     for b in blocks:
@@ -159,16 +159,19 @@ def select(fn: ir.Function) -> list[MBlock]:
 
 
 def _fuse_compare(instrs: list[ir.Instr], term: ir.Instr, uses: dict[int, int]):
+    """The block's instructions and terminator, the last Cmp fused into the Branch if it can be."""
     if (type(term) is ir.Branch and instrs and type(instrs[-1]) is ir.Cmp
             and instrs[-1].dst == term.cond and uses[term.cond.id] == 1):
-        c = instrs.pop()
-        return instrs, CmpBranch(c.op, c.a, c.b, term.then, term.else_, loc=term.loc or c.loc)
+        c = instrs[-1]
+        return instrs[:-1], CmpBranch(c.op, c.a, c.b, term.then, term.else_, loc=term.loc or c.loc)
     return instrs, term
 
 
 def _fuse_addresses(instrs: list[ir.Instr], uses: dict[int, int], defs: dict[int, int]) -> list[ir.Instr]:
+    """The block's instructions with loads and stores over Addrs; `instrs` is left as it is."""
     out: list[ir.Instr | None] = []
     pending: dict[int, tuple[Addr, int]] = {}      # foldable address's VReg.id -> (Addr, index in out)
+    folded: list[int] = []                         # indexes in out of the addresses folded away
 
     def addr(base: ir.Operand, offset: int) -> Addr:
         if type(base) is int:
@@ -178,6 +181,7 @@ def _fuse_addresses(instrs: list[ir.Instr], uses: dict[int, int], defs: dict[int
             return Addr(reg=base, disp=offset)
         a, k = found
         out[k] = None                                 # the address needs no register now
+        folded.append(k)
         return Addr(symbol=a.symbol, slot=a.slot, disp=a.disp + offset)
 
     for ins in instrs:
@@ -193,4 +197,4 @@ def _fuse_addresses(instrs: list[ir.Instr], uses: dict[int, int], defs: dict[int
             out.append(ins)
         else:
             out.append(ins)
-    return [i for i in out if i is not None]
+    return [i for i in out if i is not None] if folded else out
