@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass, field
-from heapq import heappop, heappush
 from typing import Callable, Iterable, Iterator
 
 from .. import ir
@@ -168,17 +167,20 @@ def allocate(blocks, params: list[ir.VReg], registers: list[Reg],
         k = bisect_right(ps, start)
         return k == len(ps) or ps[k] >= end
 
-    def choose(v: int, start: int, end: int, taken: dict[Reg, int]) -> Reg | None:
+    def choose(v: int, start: int, end: int, held: dict[Reg, int]) -> Reg | None:
         for h in hints.get(v, ()):
             r = h if isinstance(h, Reg) else home.get(h)
-            if isinstance(r, Reg) and r in clobbered and r not in taken and fits(start, end, r):
+            if (isinstance(r, Reg) and r in clobbered and (r not in held or last[held[r]] <= start)
+                    and fits(start, end, r)):
                 return r
         for r in registers:
-            if r not in taken and fits(start, end, r):
+            if (r not in held or last[held[r]] <= start) and fits(start, end, r):
                 return r
         return None
 
-    active: dict[Reg, int] = {}          # register -> the vreg holding it
+    # register -> the vreg last given it, which holds it until its interval ends
+    # (an ended one is left here: a register is free once its holder's end is behind)
+    active: dict[Reg, int] = {}
     spilled: list[int] = []              # spilled vregs still live
     free_slots: dict[int, int] = {}      # slot -> end of its last owner
 
@@ -193,28 +195,25 @@ def allocate(blocks, params: list[ir.VReg], registers: list[Reg],
         home[v] = slot
         spilled.append(v)
 
-    ends: list[tuple[int, int, Reg]] = []   # heap: (end, vreg, register) of each interval given one
-
     for s, v in sorted(zip(first.values(), first)):     # by start, then vreg
         e = last[v]
-        while ends and ends[0][0] <= s:    # expired, unless evicted since
-            _, vreg, r = heappop(ends)
-            if active.get(r) == vreg:
-                del active[r]
         if spilled:
             for old in [x for x in spilled if last[x] < s]:
                 spilled.remove(old)
                 free_slots[home[old]] = last[old]
         r = choose(v, s, e, active)
         if r is None:
-            victim = max((r for r in active if fits(s, e, r)), key=lambda r: last[active[r]], default=None)
+            victim = max((r for r in active if last[active[r]] > s and fits(s, e, r)),
+                         key=lambda r: last[active[r]], default=None)
             if victim is None or last[active[victim]] <= e:
                 spill(v)
                 continue
             r = victim
-            spill(active.pop(r))
+            spill(active[r])
+        # moved to the end: the order the holders got their registers decides between
+        # equally long victims
+        active.pop(r, None)
         active[r] = v
-        heappush(ends, (e, v, r))
         home[v] = r
         alloc.used.add(r)
     return alloc
