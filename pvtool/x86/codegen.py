@@ -432,7 +432,7 @@ class FunctionGen:
     def result(self, dst: ir.VReg | None, src: Reg) -> None:
         if dst is not None:
             loc = self.locs.get(dst.id)
-            if loc is not None:
+            if loc is not None and loc is not src:    # (most results are computed in place)
                 self.move(loc, src)
 
     def target(self, dst: ir.VReg, scratch: Reg = R11) -> Reg:
@@ -643,11 +643,13 @@ class FunctionGen:
         emit = SHIFT_OPS[i.op]
         if type(i.b) is int:
             D, A = self.where(i.dst), self.where(i.a)
-            R = self.target(i.dst)
-            self.move(R, A)
+            R = D if type(D) is Reg else R11          # (target(), without asking where() again)
+            if R is not A:
+                self.move(R, A)
             if i.b % 64:
                 emit(self.a, R, i.b % 64)
-            self.move(D, R)
+            if D is not R:
+                self.move(D, R)
             return
         self.move(R11, self.where(i.a))
         self.move(RCX, self.where(i.b))
