@@ -115,9 +115,7 @@ class Global:
     line: int
 
 
-def uleb(n: int) -> bytes:
-    if 0 <= n < 0x80:
-        return _BYTES[n]
+def _uleb(n: int) -> bytes:
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -126,12 +124,7 @@ def uleb(n: int) -> bytes:
             return bytes(out)
 
 
-_BYTES = [bytes((n,)) for n in range(256)]
-
-
-def sleb(n: int) -> bytes:
-    if -0x40 <= n < 0x40:
-        return _BYTES[n & 0x7F]
+def _sleb(n: int) -> bytes:
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -139,6 +132,24 @@ def sleb(n: int) -> bytes:
         out.append(byte | (0 if done else 0x80))
         if done:
             return bytes(out)
+
+
+class _Encodings(dict):
+    """LEB128 encodings by value, each made the first time it is asked for:
+    the same few numbers (lines, columns, deltas, register numbers) are
+    encoded thousands of times, and a lookup costs no Python call."""
+
+    def __init__(self, encode) -> None:
+        super().__init__()
+        self.encode = encode
+
+    def __missing__(self, n: int) -> bytes:
+        b = self[n] = self.encode(n)
+        return b
+
+
+uleb = _Encodings(_uleb).__getitem__
+sleb = _Encodings(_sleb).__getitem__
 
 
 def _cstr(s: str) -> bytes:

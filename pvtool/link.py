@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from pvimage import abi
 
@@ -209,18 +210,21 @@ def _file_list(obj: ObjectCode) -> list[str]:
     return files
 
 
+_OFFSET = attrgetter("offset")
+
+
 def _lines(text: list[_Placed]) -> list[dwarf.Row]:
     rows: list[dwarf.Row] = []
     for p in text:
         fn = p.code
-        for r in fn.lines:
+        own = sorted(fn.lines, key=_OFFSET)
+        for r in own[:1] + own[-1:]:                 # the lowest and the highest offset
             if not 0 <= r.offset <= p.size:
                 raise _internal(f"{p.name}: line row at offset {r.offset:#x} is outside the function")
-        if rows and not any(r.offset == 0 for r in fn.lines):
+        if rows and (not own or own[0].offset != 0):
             # Line 0 = "no source": keeps this code from being charged to the previous function.
             rows.append(dwarf.Row(p.addr, rows[-1].file, 0))
-        own = [dwarf.Row(p.addr + r.offset, r.loc.file, r.loc.line, r.loc.col)
-               for r in sorted(fn.lines, key=lambda r: r.offset)]
+        own = [dwarf.Row(p.addr + r.offset, r.loc.file, r.loc.line, r.loc.col) for r in own]
         if fn.body is not None and own:
             own = _mark_prologue_end(own, p.addr + fn.body)
         rows += own

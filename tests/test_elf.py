@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 from pvimage import abi
 from pvtool import elfwrite as elf
+from pvtool.dwarf import sleb, uleb
 from pvtool.errors import InternalError
 from pvtool.intrinsics import OP_NUMBERS
 from pvtool.ir import Data, DataReloc
@@ -431,3 +432,34 @@ def test_malformed_object_code_is_an_internal_error(obj, message):
     with pytest.raises(InternalError) as err:
         link(obj)
     assert err.value.stage == "link" and message in err.value.message and not isinstance(err.value, LinkError)
+
+
+def _read_leb(data: bytes, signed: bool) -> int:
+    """LEB128 per DWARF 4 section 7.6, decoded independently of pvtool.dwarf."""
+    value = shift = 0
+    for k, byte in enumerate(data):
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            assert k == len(data) - 1, "bytes after the last group"
+            return value - (1 << shift) if signed and byte & 0x40 else value
+    raise AssertionError("no last group")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0, max_value=2**64))
+def test_uleb_round_trips_and_repeats(n):
+    first = uleb(n)
+    assert _read_leb(first, signed=False) == n
+    assert len(first) == max(1, -(-n.bit_length() // 7))          # the shortest form
+    assert uleb(n) == first                  # the remembered encoding is the same bytes
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=-2**63, max_value=2**63))
+def test_sleb_round_trips_and_repeats(n):
+    first = sleb(n)
+    assert _read_leb(first, signed=True) == n
+    bits = (n if n >= 0 else ~n).bit_length() + 1                # with the sign bit
+    assert len(first) == -(-bits // 7)                           # the shortest form
+    assert sleb(n) == first

@@ -52,6 +52,7 @@ ALLOCATABLE = [RSI, RDI, R8, R9, R10, RCX, RDX, RBX, R12, R13, R14, R15]
 SCRATCH = (RAX, R11)
 
 SWTCH = "__pvk_swtch"
+LOCAL = ".L"            # a block's label in the assembler: its IR label after this
 HYPERCALL_PAGE = "__hypercall_page"
 # The registers of a TrapFrame, lowest address first (the entry pushes them last first).
 FRAME_REGS = tuple(REGS_BY_NAME[name] for name in TRAP_FRAME_REGISTERS)
@@ -229,43 +230,47 @@ class FunctionGen:
         fn = self.fn
         self.check()
         self.blocks = isel.select(fn)
-        self.alloc = allocate(self.blocks, fn.params, self.registers, isel.clobbers, self.hints())
+        self.alloc = allocate(self.blocks, fn.params, self.registers, isel.CLOBBERS, self.hints())
         self.frame = layout(self.saved_registers(), fn.slots, self.alloc.spill_slots)
+        spills = [self.frame.spill(k) for k in range(self.alloc.spill_slots)]
+        # Each vreg's location, made once: `where` is then one lookup.
+        self.locs = {v: h if type(h) is Reg else spills[h] for v, h in self.alloc.home.items()}
         self.mark(fn.loc)
         self.prologue()
         body = self.a.anchor()
         # Program points (regalloc's numbering) where a variable's register starts or stops holding it.
-        live = {iv.vreg: iv for iv in self.alloc.intervals}
-        marks = sorted({p for v in fn.vars if type(v.home) is ir.VReg and v.home.id in live
-                        for p in (live[v.home.id].start, live[v.home.id].end, live[v.home.id].end + 1) if p},
+        start, end = self.alloc.start, self.alloc.end
+        marks = sorted({p for v in fn.vars if type(v.home) is ir.VReg and v.home.id in start
+                        for p in (start[v.home.id], end[v.home.id], end[v.home.id] + 1) if p},
                        reverse=True)
         points: dict[int, tuple[int, ir.Instr | None]] = {}     # point -> (anchor, its instruction)
         p = 0
-        loc = None                              # the position last marked: marking it again does nothing
+        # The position of the last instruction: the last line row has its line, so an
+        # instruction of the same line needs no `mark`.
+        loc = None
         for k, b in enumerate(self.blocks):
             self.next_label = self.blocks[k + 1].label if k + 1 < len(self.blocks) else None
-            self.a.label(self.label(b.label))
+            self.a.label(LOCAL + b.label)
             p += 1
             if marks and marks[-1] == p:
                 points[marks.pop()] = (self.a.anchor(), None)
-            for ins in b.instrs:
+            term = b.term
+            for ins in (*b.instrs, term):
                 p += 1
                 if marks and marks[-1] == p:
                     points[marks.pop()] = (self.a.anchor(), ins)
-                if ins.loc is not loc:          # most neighbours share their statement's position
-                    loc = ins.loc
-                    self.mark(loc)
+                here = ins.loc
+                if here is not loc:             # most neighbours share their statement's position
+                    if here is not None and (loc is None or here.line != loc.line or here.file != loc.file):
+                        self.mark(here)
+                    loc = here
+                if ins is term:
+                    self.terminator(ins)
+                    continue
                 emit = EMITTERS.get(type(ins))
                 if emit is None:
                     raise self.fail(f"cannot compile {ins!r}")
                 emit(self, ins)
-            p += 1
-            if marks and marks[-1] == p:
-                points[marks.pop()] = (self.a.anchor(), b.term)
-            if b.term.loc is not loc:
-                loc = b.term.loc
-                self.mark(loc)
-            self.terminator(b.term)
         if self.open_sites:
             raise self.fail("SiteBegin without SiteEnd")
         a = self.a
@@ -275,15 +280,14 @@ class FunctionGen:
         sites = [obj.SiteRow(*a.span(start, end), op, loc, becomes, kind)
                  for start, end, op, loc, becomes, kind in self.sites]
         frame = [obj.FrameStep(at[k], event, reg) for k, event, reg in self.frame_steps]
-        variables = self.variables(live, {q: (a.at(k), ins) for q, (k, ins) in points.items()}, a.at(body),
-                                   len(code))
+        variables = self.variables({q: (at[k], ins) for q, (k, ins) in points.items()}, at[body], len(code))
         return obj.FunctionCode(fn.name, code, a.relocs, lines, sites, loc=fn.loc,
                                 align=function_align(a.bundled), user=fn.user, frame=frame, body=a.at(body),
                                 source_name=fn.trap_entry.name if fn.trap_entry is not None else "",
                                 entered_by="interrupt" if fn.interrupt else "call",
                                 variables=variables, result=fn.result)
 
-    def variables(self, live: dict, at: dict[int, tuple[int, ir.Instr | None]], body: int,
+    def variables(self, at: dict[int, tuple[int, ir.Instr | None]], body: int,
                   end: int) -> list[obj.Variable]:
         """Where each source variable lives, for the debugger: a stack slot for the whole body,
         or its vreg's register or spill slot over the code of the vreg's live interval, up to
@@ -294,11 +298,13 @@ class FunctionGen:
             places = []
             if type(v.home) is int:
                 places.append((body, end, None, self.frame.slot_disp[v.home]))
-            elif v.home.id in live:
-                iv = live[v.home.id]
-                home = self.alloc.home[iv.vreg]
-                last_at, last = at.get(iv.end, (end, None))
-                start, stop = max(body, at.get(iv.start, (body, None))[0]), at.get(iv.end + 1, (end, None))[0]
+            elif v.home.id in self.alloc.start:
+                vreg = v.home.id
+                home = self.alloc.home[vreg]
+                last_point = self.alloc.end[vreg]
+                last_at, last = at.get(last_point, (end, None))
+                start = max(body, at.get(self.alloc.start[vreg], (body, None))[0])
+                stop = at.get(last_point + 1, (end, None))[0]
                 if type(home) is Reg and last is not None and home in isel.clobbers(last):
                     stop = last_at + 1              # a stop at its first byte still sees the value
                 if start < stop:
@@ -315,11 +321,11 @@ class FunctionGen:
             raise self.fail(f"more than {len(ARG_REGS)} parameters")
         if fn.interrupt and fn.params:
             raise self.fail("an interrupt function takes no parameters")
+        wrong, message = ((ir.Ret, "an interrupt function must end in IRet, not Ret") if fn.interrupt
+                          else (ir.IRet, "IRet outside an interrupt function"))
         for b in fn.blocks:
-            if isinstance(b.term, ir.IRet) and not fn.interrupt:
-                raise self.fail("IRet outside an interrupt function")
-            if isinstance(b.term, ir.Ret) and fn.interrupt:
-                raise self.fail("an interrupt function must end in IRet, not Ret")
+            if type(b.term) is wrong:
+                raise self.fail(message)
 
     def hints(self) -> dict[int, list[Reg | int]]:
         """Preferred registers by vreg number: parameters where they arrive,
@@ -353,9 +359,6 @@ class FunctionGen:
     def fail(self, message: str) -> CodegenError:
         return CodegenError(f"{self.fn.name}: {message}")
 
-    def label(self, name: str) -> str:
-        return ".L" + name
-
     def mark(self, loc: Loc | None) -> None:
         """A line row whenever the source line changes."""
         if loc is None:
@@ -380,13 +383,11 @@ class FunctionGen:
     def where(self, v: ir.Operand) -> Reg | Mem | int:
         """The current location of an operand: register, spill slot or immediate."""
         if type(v) is int:
-            return signed64(v)
-        h = self.alloc.home.get(v.id)
-        if type(h) is Reg:
-            return h
-        if h is None:       # never live: a dead definition or an undefined read
+            return v if 0 <= v < 1 << 63 else signed64(v)
+        loc = self.locs.get(v.id)
+        if loc is None:     # never live: a dead definition or an undefined read
             raise self.fail(f"{v!r} has no location")
-        return self.frame.spill(h)
+        return loc
 
     def load_imm(self, r: Reg, v: int) -> None:
         v = signed64(v)
@@ -406,15 +407,15 @@ class FunctionGen:
             return
         if dst == src:
             return
-        if isinstance(src, int):
-            if isinstance(dst, Reg):
+        if type(src) is int:
+            if type(dst) is Reg:
                 self.load_imm(dst, src)
             elif fits_s32(src):
                 self.a.mov(dst, src)
             else:
                 self.load_imm(scratch, src)
                 self.a.mov(dst, scratch)
-        elif isinstance(dst, Mem) and isinstance(src, Mem):
+        elif type(dst) is Mem and type(src) is Mem:
             self.a.mov(scratch, src)
             self.a.mov(dst, scratch)
         else:
@@ -423,28 +424,30 @@ class FunctionGen:
     def reg(self, v: ir.Operand, scratch: Reg) -> Reg:
         """The operand in a register: its own, or loaded into `scratch`."""
         w = self.where(v)
-        if isinstance(w, Reg):
+        if type(w) is Reg:
             return w
         self.move(scratch, w)
         return scratch
 
     def result(self, dst: ir.VReg | None, src: Reg) -> None:
-        if dst is not None and dst.id in self.alloc.home:
-            self.move(self.where(dst), src)
+        if dst is not None:
+            loc = self.locs.get(dst.id)
+            if loc is not None and loc is not src:    # (most results are computed in place)
+                self.move(loc, src)
 
     def target(self, dst: ir.VReg, scratch: Reg = R11) -> Reg:
         """The register to compute `dst` in: its home, or `scratch` if spilled."""
         w = self.where(dst)
-        return w if isinstance(w, Reg) else scratch
+        return w if type(w) is Reg else scratch
 
     def parallel_move(self, moves: list[tuple[Reg | Mem, Reg | Mem | int]]) -> None:
         """Perform moves that all read before any writes (r11 breaks cycles).
         Memory never appears both as a source and as a destination."""
         moves = [(d, s) for d, s in moves if d != s]
         for d, s in moves:
-            if isinstance(d, Mem):
+            if type(d) is Mem:
                 self.move(d, s)
-        pending = [(d, s) for d, s in moves if isinstance(d, Reg) and isinstance(s, Reg)]
+        pending = [(d, s) for d, s in moves if type(d) is Reg and type(s) is Reg]
         while pending:
             for k, (d, s) in enumerate(pending):
                 if all(s2 != d for _, s2 in pending):
@@ -456,7 +459,7 @@ class FunctionGen:
                 self.a.mov(R11, d)
                 pending = [(d2, R11 if s2 == d else s2) for d2, s2 in pending]
         for d, s in moves:
-            if isinstance(d, Reg) and not isinstance(s, Reg):
+            if type(d) is Reg and type(s) is not Reg:
                 self.move(d, s)
 
     def address(self, addr: isel.Addr) -> Mem:
@@ -498,8 +501,8 @@ class FunctionGen:
             self.frame_step(obj.SAVED, r)
         if f.size:
             a.sub(RSP, f.size)
-        used = {iv.vreg for iv in self.alloc.intervals if iv.end > 0}
-        self.parallel_move([(self.where(p), r) for p, r in zip(self.fn.params, ARG_REGS) if p.id in used])
+        end = self.alloc.end
+        self.parallel_move([(self.where(p), r) for p, r in zip(self.fn.params, ARG_REGS) if end.get(p.id, 0) > 0])
 
     def epilogue(self) -> None:
         a, f = self.a, self.frame
@@ -516,28 +519,28 @@ class FunctionGen:
     # -- terminators ------------------------------------------------------------
 
     def terminator(self, t: ir.Instr) -> None:
-        a = self.a
-        if isinstance(t, ir.Jump):
+        a, kind = self.a, type(t)
+        if kind is ir.Jump:
             self.jump(t.target)
-        elif isinstance(t, ir.Branch):
+        elif kind is ir.Branch:
             c = self.where(t.cond)
-            if isinstance(c, int):
+            if type(c) is int:
                 self.jump(t.then if c else t.else_)
                 return
-            if isinstance(c, Reg):
+            if type(c) is Reg:
                 a.test(c, c)
             else:
                 a.cmp(c, 0)
             self.branch("ne", t.then, t.else_)
-        elif isinstance(t, CmpBranch):
+        elif kind is CmpBranch:
             self.branch(self.compare(t.op, t.a, t.b), t.then, t.else_)
-        elif isinstance(t, ir.Ret):
+        elif kind is ir.Ret:
             if t.value is not None:
                 self.move(RAX, self.where(t.value))
             self.epilogue()
             return_(a, popped=lambda: self.frame_step(obj.RETURN_IN, R11))
             self.frame_step(obj.RETURNED)
-        elif isinstance(t, ir.IRet):
+        elif kind is ir.IRet:
             self.epilogue()
             start = a.anchor()
             if t.hypercall is None:
@@ -553,13 +556,13 @@ class FunctionGen:
 
     def jump(self, target: str) -> None:
         if target != self.next_label:
-            self.a.jmp(self.label(target))
+            self.a.jmp(LOCAL + target)
 
     def branch(self, cc: str, then: str, else_: str) -> None:
         if then == self.next_label:
-            self.a.jcc(INVERSE[cc], self.label(else_))
+            self.a.jcc(INVERSE[cc], LOCAL + else_)
         else:
-            self.a.jcc(cc, self.label(then))
+            self.a.jcc(cc, LOCAL + then)
             self.jump(else_)
 
     def compare(self, op: str, a: ir.Operand, b: ir.Operand) -> str:
@@ -567,19 +570,19 @@ class FunctionGen:
         if op not in CC:
             raise self.fail(f"unknown comparison {op}")
         A, B = self.where(a), self.where(b)
-        if isinstance(A, int):
-            if isinstance(B, int):
+        if type(A) is int:
+            if type(B) is int:
                 self.load_imm(R11, A)
                 A = R11
             else:
                 A, B, op = B, A, SWAPPED[op]
-        if isinstance(A, Mem) and isinstance(B, Mem):
+        if type(A) is Mem and type(B) is Mem:
             self.move(R11, A)
             A = R11
-        if isinstance(B, int) and not fits_s32(B):
+        if type(B) is int and not fits_s32(B):
             self.load_imm(RAX, B)
             B = RAX
-        if B == 0 and isinstance(A, Reg):
+        if B == 0 and type(A) is Reg:
             self.a.test(A, A)
         else:
             self.a.cmp(A, B)
@@ -591,44 +594,45 @@ class FunctionGen:
         self.move(self.where(i.dst), self.where(i.src))
 
     def binop(self, i: ir.BinOp) -> None:
-        if i.op in isel.DIVISIONS:
+        op = i.op
+        if op in isel.DIVISIONS:
             self.divide(i)
-        elif i.op in isel.SHIFTS:
+            return
+        if op in isel.SHIFTS:
             self.shift(i)
-        elif i.op in ALU_OPS or i.op == "mul":
-            self.arith(i.op, i.dst, i.a, i.b)
-        else:
-            raise self.fail(f"unknown binary operator {i.op}")
-
-    def arith(self, op: str, dst: ir.VReg, a: ir.Operand, b: ir.Operand) -> None:
-        D, A, B = self.where(dst), self.where(a), self.where(b)
+            return
+        if op not in ALU_OPS and op != "mul":
+            raise self.fail(f"unknown binary operator {op}")
+        D, A, B = self.where(i.dst), self.where(i.a), self.where(i.b)
         if B == D and A != D and op in COMMUTATIVE:
             A, B = B, A
-        if isinstance(D, Mem) and A == D and op != "mul" and (isinstance(B, Reg) or (isinstance(B, int) and fits_s32(B))):
+        if type(D) is Mem and A == D and op != "mul" and (type(B) is Reg or (type(B) is int and fits_s32(B))):
             self.apply(op, D, B)                      # x = x op y on a spilled x
             return
-        if isinstance(D, Reg) and op in ("add", "sub") and isinstance(A, Reg) and isinstance(B, int) \
+        if type(D) is Reg and op in ("add", "sub") and type(A) is Reg and type(B) is int \
                 and A != D and fits_s32(-B if op == "sub" else B):
             self.a.lea(D, Mem(A, B if op == "add" else -B))
             return
-        if op == "mul" and isinstance(B, int) and fits_s32(B) and not isinstance(A, int):
-            R = self.target(dst)
+        if op == "mul" and type(B) is int and fits_s32(B) and type(A) is not int:
+            R = self.target(i.dst)
             self.a.imul(R, A, B)                      # three-operand form
             self.move(D, R)
             return
-        R = D if isinstance(D, Reg) and (B != D or A == D) else R11
-        self.move(R, A)
+        R = D if type(D) is Reg and (B != D or A == D) else R11
+        if R is not A:                                # (the moves' own first test, without the call)
+            self.move(R, A)
         self.apply(op, R, B)
-        self.move(D, R)
+        if D is not R:
+            self.move(D, R)
 
     def apply(self, op: str, R: Reg | Mem, B: Reg | Mem | int) -> None:
         """R = R op B."""
-        if isinstance(B, int) and not fits_s32(B):
+        if type(B) is int and not fits_s32(B):
             scratch = RAX if R == R11 else R11
             self.load_imm(scratch, B)
             B = scratch
         if op == "mul":
-            if isinstance(B, int):
+            if type(B) is int:
                 self.a.imul(R, R, B)
             else:
                 self.a.imul(R, B)
@@ -637,13 +641,15 @@ class FunctionGen:
 
     def shift(self, i: ir.BinOp) -> None:
         emit = SHIFT_OPS[i.op]
-        if isinstance(i.b, int):
+        if type(i.b) is int:
             D, A = self.where(i.dst), self.where(i.a)
-            R = self.target(i.dst)
-            self.move(R, A)
+            R = D if type(D) is Reg else R11          # (target(), without asking where() again)
+            if R is not A:
+                self.move(R, A)
             if i.b % 64:
                 emit(self.a, R, i.b % 64)
-            self.move(D, R)
+            if D is not R:
+                self.move(D, R)
             return
         self.move(R11, self.where(i.a))
         self.move(RCX, self.where(i.b))
@@ -653,7 +659,7 @@ class FunctionGen:
     def divide(self, i: ir.BinOp) -> None:
         self.move(RAX, self.where(i.a))
         B = self.where(i.b)
-        if isinstance(B, int) or B == RDX:
+        if type(B) is int or B == RDX:
             self.move(R11, B)
             B = R11
         signed = i.op in ("sdiv", "srem")
@@ -669,7 +675,7 @@ class FunctionGen:
         if emit is None:
             raise self.fail(f"unknown unary operator {i.op}")
         D, A = self.where(i.dst), self.where(i.a)
-        if isinstance(D, Mem) and A == D:
+        if type(D) is Mem and A == D:
             emit(self.a, D)
             return
         R = self.target(i.dst)
@@ -681,7 +687,7 @@ class FunctionGen:
         if i.bits not in (8, 16, 32):
             raise self.fail(f"cannot extend from {i.bits} bits")
         A = self.where(i.src)
-        if isinstance(A, int):
+        if type(A) is int:
             v = A % (1 << i.bits)
             if i.signed and v >> (i.bits - 1):
                 v -= 1 << i.bits
@@ -726,13 +732,13 @@ class FunctionGen:
             raise self.fail(f"store of {i.size} bytes")
         m = self.address(i.addr)
         V = self.where(i.value)
-        if isinstance(V, int):
+        if type(V) is int:
             if i.size < 8:
                 V %= 1 << (8 * i.size)
             elif not fits_s32(V):
                 self.load_imm(RAX, V)
                 V = RAX
-        elif isinstance(V, Mem):
+        elif type(V) is Mem:
             self.a.mov(RAX, V)
             V = RAX
         self.a.mov(m, V, size=i.size)

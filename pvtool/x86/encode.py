@@ -191,6 +191,8 @@ def _modrm(out: bytearray, reg: int, rm: Reg | Mem) -> int:
 FIXED, PREFIXABLE, BACKWARD = 0, 1, 2
 PREFIX = 0x2E                  # CS override: ignored in 64-bit mode
 MAX_PREFIXES = 5               # added to one instruction, as gas's prefix padding (never beyond 15 bytes)
+_PREFIXES = [bytes((PREFIX,)) * k for k in range(MAX_PREFIXES + 1)]
+_ROOM = [min(MAX_PREFIXES, 15 - size) for size in range(16)]      # prefixes an instruction of `size` takes
 
 
 # Of each register pair (ModRM's reg field and r/m register), at reg << 4 | rm:
@@ -317,7 +319,7 @@ class Asm:
                 self._bind(at)
         code += ins
         if kind == PREFIXABLE:
-            self.run.append([at, MAX_PREFIXES if size <= 15 - MAX_PREFIXES else 15 - size])
+            self.run.append([at, _ROOM[size]])
         elif kind == BACKWARD:
             self.run = []
         return at
@@ -349,16 +351,18 @@ class Asm:
         """Pad by adding up to `need` prefixes to this bundle's PREFIXABLE instructions
         since its last backward jump, the latest first (no NOP to execute); return the new end."""
         for entry in reversed(self.run):
-            k = min(entry[1], need)
+            k = entry[1] if entry[1] < need else need
             if k:
                 self._insert(entry[0], k)
                 entry[1] -= k
                 need -= k
+                if not need:
+                    break
         return len(self.code)
 
     def _insert(self, at: int, k: int) -> None:
         """k prefixes in front of the instruction at `at`; everything after it moves."""
-        self.code[at:at] = bytes((PREFIX,)) * k
+        self.code[at:at] = _PREFIXES[k]
         for r in reversed(self.relocs):
             if r.offset <= at:
                 break

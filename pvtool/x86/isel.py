@@ -17,6 +17,7 @@ allocated: they are the emitters' scratch registers).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from .. import ir
 from .encode import RBX, RCX, RDX, RDI, RSI, R8, R9, R10, Reg
@@ -101,23 +102,29 @@ class SelectError(Exception):
     pass
 
 
-CALLS = (ir.Call, ir.CallIndirect, ir.Hypercall)
+def _binop_clobbers(ins: ir.BinOp) -> frozenset[Reg]:
+    if ins.op in DIVISIONS:
+        return ONLY_RDX
+    if ins.op in SHIFTS and type(ins.b) is not int:
+        return ONLY_RCX
+    return NOTHING
+
+
+# The kinds of instruction that may destroy allocatable registers, and which
+# ones a given instruction destroys; every other kind destroys none.  A table,
+# so that register allocation asks only about these kinds.
+CLOBBERS: dict[type, Callable[[ir.Instr], frozenset[Reg]]] = {
+    ir.BinOp: _binop_clobbers,
+    ir.Call: lambda ins: CALLER_SAVED, ir.CallIndirect: lambda ins: CALLER_SAVED,
+    ir.Hypercall: lambda ins: CALLER_SAVED,
+    ir.MachineOp: lambda ins: MACHINE_CLOBBERS.get(ins.op, NOTHING),
+}
 
 
 def clobbers(ins: ir.Instr) -> frozenset[Reg]:
     """Allocatable registers destroyed by the code emitted for `ins`."""
-    kind = type(ins)
-    if kind is ir.BinOp:
-        if ins.op in DIVISIONS:
-            return ONLY_RDX
-        if ins.op in SHIFTS and type(ins.b) is not int:
-            return ONLY_RCX
-        return NOTHING
-    if kind in CALLS:
-        return CALLER_SAVED
-    if kind is ir.MachineOp:
-        return MACHINE_CLOBBERS.get(ins.op, NOTHING)
-    return NOTHING
+    of = CLOBBERS.get(type(ins))
+    return NOTHING if of is None else of(ins)
 
 
 def select(fn: ir.Function) -> list[MBlock]:
@@ -141,7 +148,7 @@ def select(fn: ir.Function) -> list[MBlock]:
     for b in fn.blocks:
         if b.term is None:
             raise SelectError(f"{fn.name}: block {b.label} has no terminator")
-        instrs, term = _fuse_compare(list(b.instrs), b.term, uses)
+        instrs, term = _fuse_compare(b.instrs, b.term, uses)
         blocks.append(MBlock(b.label, _fuse_addresses(instrs, uses, defs), term))
     labels = {b.label for b in blocks}
     for b in blocks:
@@ -152,16 +159,19 @@ def select(fn: ir.Function) -> list[MBlock]:
 
 
 def _fuse_compare(instrs: list[ir.Instr], term: ir.Instr, uses: dict[int, int]):
+    """The block's instructions and terminator, the last Cmp fused into the Branch if it can be."""
     if (type(term) is ir.Branch and instrs and type(instrs[-1]) is ir.Cmp
             and instrs[-1].dst == term.cond and uses[term.cond.id] == 1):
-        c = instrs.pop()
-        return instrs, CmpBranch(c.op, c.a, c.b, term.then, term.else_, loc=term.loc or c.loc)
+        c = instrs[-1]
+        return instrs[:-1], CmpBranch(c.op, c.a, c.b, term.then, term.else_, loc=term.loc or c.loc)
     return instrs, term
 
 
 def _fuse_addresses(instrs: list[ir.Instr], uses: dict[int, int], defs: dict[int, int]) -> list[ir.Instr]:
+    """The block's instructions with loads and stores over Addrs; `instrs` is left as it is."""
     out: list[ir.Instr | None] = []
     pending: dict[int, tuple[Addr, int]] = {}      # foldable address's VReg.id -> (Addr, index in out)
+    folded: list[int] = []                         # indexes in out of the addresses folded away
 
     def addr(base: ir.Operand, offset: int) -> Addr:
         if type(base) is int:
@@ -171,6 +181,7 @@ def _fuse_addresses(instrs: list[ir.Instr], uses: dict[int, int], defs: dict[int
             return Addr(reg=base, disp=offset)
         a, k = found
         out[k] = None                                 # the address needs no register now
+        folded.append(k)
         return Addr(symbol=a.symbol, slot=a.slot, disp=a.disp + offset)
 
     for ins in instrs:
@@ -186,4 +197,4 @@ def _fuse_addresses(instrs: list[ir.Instr], uses: dict[int, int], defs: dict[int
             out.append(ins)
         else:
             out.append(ins)
-    return [i for i in out if i is not None]
+    return [i for i in out if i is not None] if folded else out

@@ -24,20 +24,10 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass, field
-from heapq import heappop, heappush
 from typing import Callable, Iterable, Iterator
 
 from .. import ir
 from .encode import Reg
-
-
-@dataclass(slots=True)
-class Interval:
-    vreg: int          # VReg.id
-    start: int
-    end: int
-    reg: Reg | None = None
-    spill: int | None = None
 
 
 @dataclass
@@ -46,7 +36,14 @@ class Allocation:
     spill_slots: int = 0
     used: set[Reg] = field(default_factory=set)                # registers given to some vreg
     clobbered: set[Reg] = field(default_factory=set)           # registers some instruction destroys
-    intervals: list[Interval] = field(default_factory=list)
+    # Each vreg's live interval, by VReg.id: its first and its last program point.
+    start: dict[int, int] = field(default_factory=dict)
+    end: dict[int, int] = field(default_factory=dict)
+
+
+# By kind of instruction, the registers an instruction of that kind destroys
+# (kinds not in the table destroy none).
+Clobbers = dict[type, Callable[[ir.Instr], Iterable[Reg]]]
 
 
 def bits(x: int) -> Iterator[int]:
@@ -57,9 +54,10 @@ def bits(x: int) -> Iterator[int]:
         x ^= low
 
 
-def build_intervals(blocks, params: list[ir.VReg], clobbers: Callable[[ir.Instr], Iterable[Reg]]
-                    ) -> tuple[list[Interval], list[tuple[int, Iterable[Reg]]]]:
-    """Live intervals sorted by start, and the program points where registers are clobbered.
+def build_intervals(blocks, params: list[ir.VReg], clobbers: Clobbers
+                    ) -> tuple[dict[int, int], dict[int, int], list[tuple[int, Iterable[Reg]]]]:
+    """Live intervals -- the first and the last program point of each vreg, by
+    VReg.id -- and the program points where registers are clobbered.
 
     One walk over the instructions finds each block's upward-exposed uses
     and definitions, the first and last point where each vreg is read or
@@ -95,9 +93,11 @@ def build_intervals(blocks, params: list[ir.VReg], clobbers: Callable[[ir.Instr]
                 if d not in first:
                     first[d] = p
                 last[d] = p
-            lost = clobbers(ins)
-            if lost:
-                clobber_points.append((p, lost))
+            of = clobbers.get(type(ins))
+            if of is not None:
+                lost = of(ins)
+                if lost:
+                    clobber_points.append((p, lost))
         label = b.label
         gen[label], kill[label] = g, k
         succs.append((label, b.successors()))
@@ -118,8 +118,7 @@ def build_intervals(blocks, params: list[ir.VReg], clobbers: Callable[[ir.Instr]
             if exit_ > last[v]:
                 last[v] = exit_
         seen |= live_out[label]
-    intervals = [Interval(v, s, last[v]) for s, v in sorted(zip(first.values(), first))]   # by start, vreg
-    return intervals, clobber_points
+    return first, last, clobber_points
 
 
 def _liveness(gen: dict[str, int], kill: dict[str, int], succs: list[tuple[str, list[str]]]
@@ -144,12 +143,14 @@ def _liveness(gen: dict[str, int], kill: dict[str, int], succs: list[tuple[str, 
 
 
 def allocate(blocks, params: list[ir.VReg], registers: list[Reg],
-             clobbers: Callable[[ir.Instr], Iterable[Reg]],
+             clobbers: Clobbers,
              hints: dict[int, list[Reg | int]] | None = None) -> Allocation:
     """Linear scan over `registers` (in order of preference); `hints` maps a vreg
-    number to preferred registers or to vreg numbers whose register it would share."""
-    intervals, clobber_points = build_intervals(blocks, params, clobbers)
-    alloc = Allocation(intervals=intervals)
+    number to preferred registers or to vreg numbers whose register it would share.
+    Intervals are handled as vreg numbers, their bounds looked up in `first` and
+    `last`: no object per interval."""
+    first, last, clobber_points = build_intervals(blocks, params, clobbers)
+    alloc = Allocation(start=first, end=last)
     clobbered: dict[Reg, list[int]] = {r: [] for r in registers}
     for p, lost in clobber_points:
         alloc.clobbered |= lost
@@ -159,63 +160,60 @@ def allocate(blocks, params: list[ir.VReg], registers: list[Reg],
     hints = hints or {}
     home = alloc.home
 
-    def fits(iv: Interval, r: Reg) -> bool:
+    def fits(start: int, end: int, r: Reg) -> bool:
         ps = clobbered[r]
         if not ps:
             return True
-        k = bisect_right(ps, iv.start)
-        return k == len(ps) or ps[k] >= iv.end
+        k = bisect_right(ps, start)
+        return k == len(ps) or ps[k] >= end
 
-    def choose(iv: Interval, taken: dict[Reg, Interval]) -> Reg | None:
-        for h in hints.get(iv.vreg, ()):
+    def choose(v: int, start: int, end: int, held: dict[Reg, int]) -> Reg | None:
+        for h in hints.get(v, ()):
             r = h if isinstance(h, Reg) else home.get(h)
-            if isinstance(r, Reg) and r in clobbered and r not in taken and fits(iv, r):
+            if (isinstance(r, Reg) and r in clobbered and (r not in held or last[held[r]] <= start)
+                    and fits(start, end, r)):
                 return r
         for r in registers:
-            if r not in taken and fits(iv, r):
+            if (r not in held or last[held[r]] <= start) and fits(start, end, r):
                 return r
         return None
 
-    active: dict[Reg, Interval] = {}     # register -> the interval holding it
-    spilled: list[Interval] = []         # spilled intervals still live
+    # register -> the vreg last given it, which holds it until its interval ends
+    # (an ended one is left here: a register is free once its holder's end is behind)
+    active: dict[Reg, int] = {}
+    spilled: list[int] = []              # spilled vregs still live
     free_slots: dict[int, int] = {}      # slot -> end of its last owner
 
-    def spill(iv: Interval) -> None:
+    def spill(v: int) -> None:
         # an evicted interval started earlier: only reuse slots free since then
-        slot = next((s for s, last in free_slots.items() if last < iv.start), None)
+        slot = next((s for s, end in free_slots.items() if end < first[v]), None)
         if slot is None:
             slot = alloc.spill_slots
             alloc.spill_slots += 1
         else:
             del free_slots[slot]
-        iv.reg, iv.spill = None, slot
-        home[iv.vreg] = slot
-        spilled.append(iv)
+        home[v] = slot
+        spilled.append(v)
 
-    ends: list[tuple[int, int, Reg]] = []   # heap: (end, vreg, register) of each interval given one
-
-    for iv in intervals:
-        s = iv.start
-        while ends and ends[0][0] <= s:    # expired, unless evicted since
-            _, vreg, r = heappop(ends)
-            if r in active and active[r].vreg == vreg:
-                del active[r]
+    for s, v in sorted(zip(first.values(), first)):     # by start, then vreg
+        e = last[v]
         if spilled:
-            for old in [x for x in spilled if x.end < s]:
+            for old in [x for x in spilled if last[x] < s]:
                 spilled.remove(old)
-                free_slots[old.spill] = old.end
-        r = choose(iv, active)
+                free_slots[home[old]] = last[old]
+        r = choose(v, s, e, active)
         if r is None:
-            victim = max((a for a in active.values() if fits(iv, a.reg)), key=lambda a: a.end, default=None)
-            if victim is None or victim.end <= iv.end:
-                spill(iv)
+            victim = max((r for r in active if last[active[r]] > s and fits(s, e, r)),
+                         key=lambda r: last[active[r]], default=None)
+            if victim is None or last[active[victim]] <= e:
+                spill(v)
                 continue
-            r = victim.reg
-            del active[r]
-            spill(victim)
-        iv.reg = r
-        active[r] = iv
-        heappush(ends, (iv.end, iv.vreg, r))
-        home[iv.vreg] = r
+            r = victim
+            spill(active[r])
+        # moved to the end: the order the holders got their registers decides between
+        # equally long victims
+        active.pop(r, None)
+        active[r] = v
+        home[v] = r
         alloc.used.add(r)
     return alloc
