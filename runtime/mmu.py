@@ -489,9 +489,9 @@ class Mmu:
             self.flush_page(va)
 
     def batch(self) -> "_Batch":
-        """`with mmu.batch():` flushes once at the end, for a multicall (and loads
-        CR3 there): no guest instruction runs in between, so one flush is as
-        good as many."""
+        """`with mmu.batch():` flushes at the end, for a multicall (and loads CR3
+        there): no guest instruction runs in between, so flushing the pages
+        asked for then (or all, past PAGES_FLUSHED_APART) is as good as at once."""
         return _Batch(self)
 
     def _drop_tlb(self) -> None:
@@ -534,17 +534,21 @@ class Mmu:
 
     def read_virt(self, va: int, size: int) -> bytes:
         """Guest memory the guest itself may read, by virtual address."""
-        if 0 < size <= PAGE - (va & (PAGE - 1)):          # within one page: the usual case, no list
-            data = self.mem.read_if_guest_can(self.translate(va), size)
+        offset = va & (PAGE - 1)
+        if 0 < size <= PAGE - offset:                     # within one page: the usual case, no list
+            hit = self._tlb.get(va - offset)              # translate's own first step, without the call
+            data = self.mem.read_if_guest_can(self.translate(va) if hit is None else hit | offset, size)
             if data is not None:
                 return data
         return b"".join(self.mem.read(pa, n) for pa, n in self._pieces(va, size, write=False))
 
     def write_virt(self, va: int, data: bytes) -> None:
         """Store into guest memory the guest itself may write, by virtual address."""
-        size = len(data)
-        if 0 < size <= PAGE - (va & (PAGE - 1)) and self.mem.write_if_guest_can(self.translate(va, True), data):
-            return                                       # within one page: the usual case, no list
+        size, offset = len(data), va & (PAGE - 1)
+        if 0 < size <= PAGE - offset:                    # within one page: the usual case, no list
+            hit = self._tlb.get(va - offset | True)       # translate's own first step, without the call
+            if self.mem.write_if_guest_can(self.translate(va, True) if hit is None else hit | offset, data):
+                return
         off = 0
         for pa, n in self._pieces(va, size, write=True):    # all checked before anything is written
             self.mem.write(pa, data[off:off + n])
