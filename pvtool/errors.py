@@ -21,4 +21,16 @@ class InternalError(Exception):
         self.message = message
 
 
+class Rules(dict):
+    """A stage's dispatch table, node class -> how the stage handles it; any other class is a
+    broken invariant (`what` begins the message, the class's name ends it)."""
+
+    def __init__(self, stage: str, what: str, rules: dict):
+        super().__init__(rules)
+        self.stage, self.what = stage, what
+
+    def __missing__(self, kind: type) -> None:
+        raise InternalError(self.stage, f"{self.what} {kind.__name__}")
+
+
 USER_ERRORS = (UserError,)

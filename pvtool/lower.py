@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from . import ast, ir
 from .diagnostics import deep_recursion
-from .errors import InternalError
+from .errors import InternalError, Rules
 from .source import Loc
 from .types import VOID, ArrayType, IntType, PtrType, Type, align_of, is_aggregate, is_int, size_of
 
@@ -631,26 +631,15 @@ class _Function:
         return dst, off
 
 
-class _Rules(dict):
-    """Node class -> how it is lowered; any other class is a broken invariant."""
-
-    def __init__(self, what: str, rules: dict):
-        super().__init__(rules)
-        self.what = what
-
-    def __missing__(self, kind: type) -> None:
-        raise InternalError("lower", f"{self.what} {kind.__name__}")
-
-
 # How each kind of expression yields its value: (function lowerer, expression) -> operand.
 # A table rather than a match statement: this is lowering's hottest dispatch.
-_VALUES = _Rules("no value for", {
+_VALUES = Rules("lower", "no value for", {
     ast.Name: _Function.name, ast.Binary: _Function.binary, ast.Index: _Function.element,
     ast.FieldAccess: _Function.element, ast.Cast: _Function.cast, ast.Call: _Function.call,
     ast.Unary: _Function.unary, ast.StrLit: _Function.string_literal,
 })
 # How each kind of statement is lowered: (function lowerer, statement) -> None.
-_STATEMENTS = _Rules("not a statement:", {
+_STATEMENTS = Rules("lower", "not a statement:", {
     ast.Assign: _Function.assign, ast.VarStmt: _Function.var_stmt, ast.If: _Function.if_stmt,
     ast.Return: _Function.return_stmt, ast.For: _Function.for_stmt, ast.While: _Function.while_stmt,
     ast.ExprStmt: _Function.expr_stmt, ast.Block: _Function.block, ast.Break: _Function.break_stmt,

@@ -22,7 +22,7 @@ from typing import Iterator
 
 from . import ast
 from .diagnostics import CompileError, deep_recursion
-from .errors import InternalError
+from .errors import InternalError, Rules
 from .intrinsics import INTRINSICS
 from .source import Loc
 from .types import (BOOL, BUILTIN, TRAP_FRAME, U8, U64, VOID, ArrayType, BoolType, Field, FnType, IntType,
@@ -884,20 +884,9 @@ class _Checker:
         return f.type
 
 
-class _Rules(dict):
-    """Node class -> how it is checked; any other class is a broken invariant."""
-
-    def __init__(self, what: str, rules: dict):
-        super().__init__(rules)
-        self.what = what
-
-    def __missing__(self, kind: type) -> None:
-        raise InternalError("typecheck", f"not {self.what}: {kind.__name__}")
-
-
 # How each kind of expression is checked: (checker, expression, wanted type) -> its type.
 # A table rather than a match statement: this is the checker's hottest dispatch.
-_EXPRESSIONS = _Rules("an expression", {
+_EXPRESSIONS = Rules("typecheck", "not an expression:", {
     ast.Name: _Checker.name, ast.IntLit: _Checker.int_lit, ast.Binary: _Checker.binary,
     ast.FieldAccess: _Checker.field_access, ast.Index: _Checker.index, ast.Call: _Checker.call,
     ast.Cast: _Checker.cast, ast.Unary: _Checker.unary, ast.CharLit: _Checker.char_lit,
@@ -905,7 +894,7 @@ _EXPRESSIONS = _Rules("an expression", {
     ast.Null: _Checker.null, ast.SizeOf: _Checker.size_of, ast.OffsetOf: _Checker.offset_of,
 })
 # How each kind of statement is checked: (checker, statement) -> None.
-_STATEMENTS = _Rules("a statement", {
+_STATEMENTS = Rules("typecheck", "not a statement:", {
     ast.Assign: _Checker.assign, ast.VarStmt: _Checker.var_stmt, ast.If: _Checker.if_stmt,
     ast.Return: _Checker.return_stmt, ast.For: _Checker.for_stmt, ast.While: _Checker.while_stmt,
     ast.ExprStmt: _Checker.expr_stmt, ast.Block: _Checker.block, ast.Break: _Checker.jump_stmt,

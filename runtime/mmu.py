@@ -109,6 +109,7 @@ _LANES_NONZERO = _lanes((1 << 52) - 1)                    # carries into bit 52 
 
 
 PAGES_FLUSHED_APART = 16        # more pages in one batch: one global flush costs less
+ALL = object()                  # a batch's deferred flush that must empty the whole TLB
 
 
 class _Batch:
@@ -129,9 +130,6 @@ class _Batch:
         else:
             for va in pending:
                 mmu.flush(va)
-
-
-ALL = object()                  # a batch's deferred flush that must empty the whole TLB
 
 
 def is_leaf(level: int, entry: int) -> bool:
