@@ -31,6 +31,7 @@ drops the translations of code that changes (8 us against well under 1).
 from __future__ import annotations
 
 import ctypes
+import mmap
 import re
 import struct
 from typing import Callable
@@ -111,8 +112,11 @@ class GuestMemory:
         self._granules: dict[int, int] = {}  # coarse mode: granule -> guarded pages in it
         self.rebuilds = 0
         self.on_rebuild: Callable[[], None] = lambda: None   # the run loop's: Unicorn stops after a rebuild
-        self._ram = ctypes.create_string_buffer(size)     # zeroed; lives as long as this object
-        self._view = self.view = memoryview(self._ram).cast("B")
+        # Anonymous memory, zero pages until touched: only what the guest uses is resident (a zeroed
+        # ctypes buffer is resident in full, all of it, for as long as the machine lives)
+        self._map = mmap.mmap(-1, size)
+        self._ram = (ctypes.c_char * size).from_buffer(self._map)   # lives as long as this object
+        self._view = self.view = memoryview(self._map).cast("B")
         chunk = -(-size // self.CHUNKS) + PAGE - 1 & ~(PAGE - 1) if hypervisor_owns_tables else size
         for start in range(0, size, chunk):
             uc.mem_map_ptr(start, min(chunk, size - start), RW, ctypes.addressof(self._ram) + start)
