@@ -4,6 +4,8 @@ A `UserError` is the user's mistake (a program that does not compile or
 link): one located line, exit status 1.  `InternalError` is a broken
 invariant inside pvtool, a bug: commands report it as "internal error" with
 the stage and what broke, so it is never mistaken for the user's mistake.
+`Rules`, a stage's dispatch table by node class, raises one for a class it
+has no rule for.
 This module imports nothing of pvtool's, so every stage may use it.
 """
 
