@@ -1,8 +1,9 @@
 """How an interrupt or exception enters the guest through its IDT (or trap table), and how iret leaves it.
 
-`enter` is what the CPU does when it takes a vector: read the gate; if the
-guest was in user mode, switch to the kernel stack (TSS.rsp0 natively, the
-`stack_switch` stack in pv: `Mode.kernel_stack`) and to ring 0; push the
+`enter` (made per VM by `entering`) is what the CPU does when it takes a
+vector: read the gate; if the guest was in user mode, switch to the kernel
+stack (TSS.rsp0 natively, the `stack_switch` stack in pv:
+`Mode.kernel_stack`) and to ring 0; push the
 interrupt frame (and the error code, for the vectors that have one); mask
 interrupts for an interrupt gate; jump to the handler.  `iret` pops the
 frame, back to ring 3 if the frame says so.  In pv mode the guest's IF is
@@ -27,14 +28,16 @@ user 0x23/0x1b (pvimage/abi.py).
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, NamedTuple
+from functools import partial
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
+from unicorn import x86_const as U
 
 from pvimage import abi
 
-from .cpu import RFLAGS_IF
-from .devices.msr import canonical
-from .engine import GPR_INDEX, HF_CPL_MASK
+from .cpu import RFLAGS_IF, SYSCALL, SYSCALL_SIZE
+from .devices.msr import CANONICAL_TOPS, canonical
+from .engine import GPR_INDEX, HF_CPL_MASK, RIP_INDEX
 from .errors import GuestFault, Refused
 from .mmu import Mmu
 
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
 MASK64 = (1 << 64) - 1
 GATE = struct.Struct("<HHBBHII")
 FRAME = struct.Struct("<5Q")
-ERROR_CODE = struct.Struct("<Q")
+FRAME_WITH_ERROR = struct.Struct("<6Q")
 HAS_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 KERNEL, USER = (abi.KERNEL_CS, abi.KERNEL_DS), (abi.USER_CS, abi.USER_DS)
 INTERRUPT_GATE, TRAP_GATE = 0xE, 0xF
@@ -53,11 +56,6 @@ RESTORABLE = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x200 | 0x400 | 0x800 | 0x3000 | 0
 CLEARED_ON_ENTRY = (1 << 8) | (1 << 14) | (1 << 16)       # TF NT RF
 IOPL = 0x3000
 RSP = GPR_INDEX["rsp"]
-
-
-class Gate(NamedTuple):
-    handler: int
-    trap: bool            # a trap gate leaves IF as it was
 
 
 class Frame(NamedTuple):          # a tuple: built at every entry and return, it must be cheap
@@ -73,9 +71,9 @@ class NoGate(GuestFault):
     no kernel handler for it, as opposed to a gate that is there but wrong."""
 
 
-def read_gate(mmu: Mmu, table: tuple[int, int], vector: int, cs: int = abi.KERNEL_CS) -> Gate:
-    """The gate for `vector` in the IDT (limit, base); GuestFault if it cannot be used."""
-    limit, base = table
+def read_gate(mmu: Mmu, limit: int, base: int, vector: int, cs: int = abi.KERNEL_CS) -> tuple[int, bool]:
+    """(handler, trap) of the gate for `vector` in the IDT at `base` with `limit`; a trap gate
+    leaves IF as it was.  GuestFault if it cannot be used (NoGate if there is none)."""
     if vector * 16 + 15 > limit:
         raise NoGate(f"vector {vector} lies beyond the IDT limit {limit:#x}"
                      + (" (no IDT loaded)" if limit == 0 and base == 0 else ""))
@@ -84,6 +82,9 @@ def read_gate(mmu: Mmu, table: tuple[int, int], vector: int, cs: int = abi.KERNE
     except Refused as e:
         raise NoGate(f"cannot read gate {vector} of the IDT at {base:#x}: {e.why}") from None
     handler = low | mid << 16 | high << 32
+    # present, an interrupt (0xE) or trap (0xF) gate, no IST, the kernel's code, canonical: one test
+    if kind & 0x8E == 0x8E and not ist & 7 and selector == cs and handler >> 47 in CANONICAL_TOPS:
+        return handler, kind & 0xF == TRAP_GATE
     if not kind & 0x80:
         raise NoGate(f"gate {vector} of the IDT at {base:#x} is not present")
     if kind & 0xF not in (INTERRUPT_GATE, TRAP_GATE):
@@ -92,17 +93,16 @@ def read_gate(mmu: Mmu, table: tuple[int, int], vector: int, cs: int = abi.KERNE
         raise GuestFault(f"gate {vector} asks for IST stack {ist & 7}, which the runtime does not provide")
     if selector != cs:
         raise GuestFault(f"gate {vector} selector {selector:#x} is not the kernel code segment {cs:#x}")
-    if not canonical(handler):
-        raise GuestFault(f"gate {vector} handler {handler:#x} is not canonical")
-    return Gate(handler, kind & 0xF == TRAP_GATE)
+    raise GuestFault(f"gate {vector} handler {handler:#x} is not canonical")
 
 
-def push_frame(mmu: Mmu, frame: Frame, stack: int, error_code: int | None = None) -> int:
-    """Push `frame` (and an error code below it) at `stack` aligned down to 16; returns the new RSP."""
-    data = FRAME.pack(*frame)
-    if error_code is not None:
-        data = ERROR_CODE.pack(error_code) + data
-    rsp = ((stack & ~0xF) - len(data)) & MASK64
+def push_frame(mmu: Mmu, frame: tuple[int, int, int, int, int], stack: int, error_code: int | None = None) -> int:
+    """Push `frame` (RIP, CS, RFLAGS, RSP, SS; and an error code below it) at `stack` aligned down
+    to 16; returns the new RSP."""
+    if error_code is None:
+        data, rsp = FRAME.pack(*frame), (stack & ~0xF) - FRAME.size & MASK64
+    else:
+        data, rsp = FRAME_WITH_ERROR.pack(error_code, *frame), (stack & ~0xF) - FRAME_WITH_ERROR.size & MASK64
     try:
         mmu.write_virt(rsp, data)
     except Refused as e:
@@ -133,41 +133,47 @@ def check_frame(frame: Frame, rsp: int, cs: int, ss: int) -> Frame:
     return frame
 
 
-def enter(vm: Vm, vector: int, kind: str, error_code: int | None = None, gate: Gate | None = None) -> None:
-    """Take `vector` as the hardware does: through its gate, on an interrupt frame.
+def entering(vm: Vm) -> Callable[..., None]:
+    """`enter(vector, kind, error_code=None, gate=None)` for this VM: take `vector` as the hardware
+    does, through its gate, on an interrupt frame.
 
     `kind` names it in the statistics ("interrupt 32", "upcall 32",
     "exception 14"); `error_code` is pushed below the frame when given;
-    `gate` is the vector's gate if the caller has just read it."""
-    cpu, mode = vm.cpu, vm.mode
-    cs, ss = cpu.regs.selectors()
-    rflags = cpu.rflags()
-    if mode.virtual_if:
-        rflags = rflags & ~RFLAGS_IF | (RFLAGS_IF if mode.interrupts_enabled(vm) else 0)
-    from_user = cpu.regs.hflags_word.value & HF_CPL_MASK == 3
-    frame = Frame(cpu.resume_rip(), cs, rflags, cpu.regs.gprs[RSP], ss)
-    try:
-        if gate is None:
-            gate = read_gate(vm.mmu, cpu.read_table("idt"), vector)
-        mode.check_entry_point(vm, gate.handler, f"gate {vector}")
-        stack = mode.kernel_stack(vm) if from_user else frame.rsp
-        rsp = push_frame(vm.mmu, frame, stack, error_code)
-    except GuestFault as e:
-        raise GuestFault(f"{kind} {vector}: {e.what}") from None
-    if from_user:
-        cpu.enter_ring(0)
-    cpu.regs.gprs[RSP] = rsp
-    cleared = CLEARED_ON_ENTRY
-    if not gate.trap:
-        cleared |= RFLAGS_IF
-        if mode.virtual_if:
-            mode.set_virtual_if(vm, False)
-    if mode.virtual_if:
-        cleared |= RFLAGS_IF
-    cpu.regs.clear_rflags(cleared)
-    if kind != "exception":                 # faults.take counted it: an exit where the mode has one, else an event
-        vm.stats.account(f"{kind} {vector}", frame.rip)
-    cpu.jump(gate.handler)
+    `gate` is the vector's gate if the caller has just read it.  Every
+    exception and interrupt comes here, so what it reads is bound once, the
+    registers are the raw fields, and the common case makes few calls."""
+    cpu, mode, regs, mmu, stats = vm.cpu, vm.mode, vm.cpu.regs, vm.mmu, vm.stats
+    gprs, hflags, raw = regs.gprs, regs.hflags_word, regs.entry
+    read_rflags = partial(regs.api_read, U.UC_X86_REG_RFLAGS)   # the arithmetic flags are only computed there
+    enter_ring, clear_rflags, checked = regs.enter_ring, regs.clear_rflags, mode.checked_entries
+    virtual_if = mode.virtual_if
+
+    def enter(vector: int, kind: str, error_code: int | None = None, gate: tuple[int, bool] | None = None) -> None:
+        rip, rsp = gprs[RIP_INDEX], gprs[RSP]
+        if cpu.exit_kind == SYSCALL:       # Unicorn adds the syscall's length after the hook
+            rip += SYSCALL_SIZE
+        cs, ss = raw.cs.value, raw.ss.value
+        rflags = read_rflags()
+        from_user = hflags.value & HF_CPL_MASK == 3
+        try:
+            handler, trap = gate or read_gate(mmu, raw.idt_limit.value, raw.idt_base.value, vector)
+            if virtual_if:                 # the frame's IF is the virtual one; an interrupt gate masks it
+                rflags = rflags & ~RFLAGS_IF | (RFLAGS_IF if mode.mask_virtual_if(vm, not trap) else 0)
+            if handler not in checked:
+                mode.check_entry_point(vm, handler, f"gate {vector}")
+            stack = mode.kernel_stack(vm) if from_user else rsp
+            new_rsp = push_frame(mmu, (rip, cs, rflags, rsp, ss), stack, error_code)
+        except GuestFault as e:
+            raise GuestFault(f"{kind} {vector}: {e.what}") from None
+        if from_user:
+            enter_ring(0)
+        gprs[RSP] = new_rsp
+        # the real IF is cleared by an interrupt gate, and always in pv (the virtual IF is the mask)
+        clear_rflags(CLEARED_ON_ENTRY if trap and not virtual_if else CLEARED_ON_ENTRY | RFLAGS_IF)
+        if kind != "exception":             # faults.py counted it: an exit where the mode has one, else an event
+            stats.account(f"{kind} {vector}", rip)
+        cpu.jump(handler)
+    return enter
 
 
 def iret(vm: Vm) -> None:

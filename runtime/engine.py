@@ -429,6 +429,21 @@ def _segment_writes(priv: Privilege, template: bytes) -> tuple[int, int, bytes]:
     return priv.cs, priv.ss + SEGMENT_CACHE, template[4:4 + 2 * SEGMENT_CACHE]
 
 
+class EntryFields:
+    """Raw fields (RegisterFile) of what every exception's entry reads, in the state itself."""
+    __slots__ = ("error_code", "in_flight", "cr2", "idt_base", "idt_limit", "cs", "ss")
+
+    def __init__(self, base: int, lay: Layout):
+        priv, idtr = lay.privilege, lay.tables[U.UC_X86_REG_IDTR]
+        self.error_code = ctypes.c_uint32.from_address(base + priv.error_code)   # of the exception reported
+        self.in_flight = ctypes.c_int32.from_address(base + priv.old_exception)  # -1: none (clear_exception)
+        self.cr2 = _c_u64.from_address(base + lay.cr[2])
+        self.idt_base = _c_u64.from_address(base + idtr)
+        self.idt_limit = ctypes.c_uint32.from_address(base + idtr + 8)
+        self.cs = ctypes.c_uint32.from_address(base + priv.cs)                  # the selectors, from their caches
+        self.ss = ctypes.c_uint32.from_address(base + priv.ss)
+
+
 class RegisterFile:
     """The vCPU's registers: Unicorn's CPU state itself where it can be found (`live`), else a copy.
 
@@ -436,14 +451,15 @@ class RegisterFile:
     in either direction.  A copied one is loaded with one context save and
     written back with one restore.  Inside an exit (`begin_exit` .. `finish`)
     a copy is always current and always written back, so the hot paths can
-    use the raw fields (`gprs`, `hflags_word`, `eflags_word`, `raw_control`:
-    ctypes and struct views of the buffer, one C call per access, no Python
-    frame) in either kind of file.  Anything that changes the CPU through
+    use the raw fields (`gprs`, `hflags_word`, `eflags_word`, `raw_control`,
+    and `entry`, what an exception's entry reads: ctypes and struct views of
+    the buffer, one C call per access, no Python frame) in either kind of
+    file.  Anything that changes the CPU through
     Unicorn's API instead (a CR0 write) must `store` first and `invalidate`
     after, so neither copy overwrites the other."""
 
     __slots__ = ("uc", "handle", "buf", "view", "live", "loaded", "dirty", "in_exit",
-                 "gprs", "hflags_word", "eflags_word", "raw_control", "control_addresses",
+                 "gprs", "hflags_word", "eflags_word", "raw_control", "control_addresses", "entry",
                  "_gpr", "_rip", "_cr", "_efer",
                  "_priv", "_msrs", "_rings", "_scratch", "_scratch_ref", "_msr", "_msr_ref", "_tables")
 
@@ -483,6 +499,7 @@ class RegisterFile:
         self._msr = _Msr()
         self._msr_ref = ctypes.byref(self._msr)
         self._tables = lay.tables
+        self.entry = EntryFields(base, lay)
 
     def begin_exit(self) -> None:
         """An exit starts: a copied file is loaded now and written back at `finish`, whatever changes."""
@@ -589,7 +606,8 @@ class RegisterFile:
     # -- through the C API -------------------------------------------------------------------
     def api_read(self, reg: int) -> int:
         """A scalar register (RFLAGS, a segment selector, ...) as Unicorn's API computes it."""
-        self.store()
+        if not self.live:                    # (store's own test first: every exception comes here)
+            self.store()
         self._scratch.value = 0
         if _lib.uc_reg_read(self.handle, reg, self._scratch_ref):
             raise RuntimeError(f"internal error: unicorn refused to read register {reg}")
@@ -644,12 +662,6 @@ class RegisterFile:
         word = self.hflags_word
         word.value = word.value & ~HF_CPL_MASK | ring
         self.dirty = True
-
-    def exception_error_code(self) -> int:
-        """The error code of the exception Unicorn is reporting."""
-        if not self.loaded:
-            self.load()
-        return _U32.unpack_from(self.view, self._priv.error_code)[0]
 
     def clear_exception(self) -> None:
         """Forget the exception in flight: else QEMU turns the next page fault into a #DF."""

@@ -154,6 +154,7 @@ class Mmu:
         self.uc = uc
         self.flush_page = flush_page         # one page out of Unicorn's TLB (engine.py); None: flush all
         self.mem = mem
+        self._view, self._perm, self._stores, self._ram_end = mem.view, mem.perm, mem.stores, mem.size
         self.check_time = check_time         # raises if the run's time is up (run.py)
         # pv (R9): guest-physical ranges that may only be mapped at their own address
         self.identity_frames = identity_frames or []
@@ -530,12 +531,16 @@ class Mmu:
             table = entry & ADDR
         raise AssertionError("unreachable")
 
+    # The usual guest access, within one page whose translation is cached, makes no call:
+    # translate's first step and memory's permission tables (`perm`, `stores`) inline.
     def read_virt(self, va: int, size: int) -> bytes:
         """Guest memory the guest itself may read, by virtual address."""
         offset = va & (PAGE - 1)
-        if 0 < size <= PAGE - offset:                     # within one page: the usual case, no list
-            hit = self._tlb.get(va - offset)              # translate's own first step, without the call
-            data = self.mem.read_if_guest_can(self.translate(va) if hit is None else hit | offset, size)
+        if 0 < size <= PAGE - offset:                     # within one page: no list
+            hit = self._tlb.get(va - offset)
+            if hit is not None and hit < self._ram_end and self._perm[hit // PAGE] & R:
+                return bytes(self._view[hit | offset:(hit | offset) + size])
+            data = self.mem.read_if_guest_can(self.translate(va), size)
             if data is not None:
                 return data
         return b"".join(self.mem.read(pa, n) for pa, n in self._pieces(va, size, write=False))
@@ -543,9 +548,12 @@ class Mmu:
     def write_virt(self, va: int, data: bytes) -> None:
         """Store into guest memory the guest itself may write, by virtual address."""
         size, offset = len(data), va & (PAGE - 1)
-        if 0 < size <= PAGE - offset:                    # within one page: the usual case, no list
-            hit = self._tlb.get(va - offset | True)       # translate's own first step, without the call
-            if self.mem.write_if_guest_can(self.translate(va, True) if hit is None else hit | offset, data):
+        if 0 < size <= PAGE - offset:                    # within one page: no list
+            hit = self._tlb.get(va - offset | True)
+            if hit is not None and hit < self._ram_end and self._stores[hit // PAGE]:
+                self._view[hit | offset:(hit | offset) + size] = data
+                return
+            if self.mem.write_if_guest_can(self.translate(va, True), data):
                 return
         off = 0
         for pa, n in self._pieces(va, size, write=True):    # all checked before anything is written

@@ -66,6 +66,7 @@ class Mode:
     exit_names: dict[str, str] = {}     # this mode's name for an exit (VT-x's exit reasons in hvm)
     passthrough_msrs: frozenset[int] = frozenset()   # MSRs read and written without an exit
     _entry_checked = 0             # the system-call entry last found valid (0: none)
+    checked_entries: frozenset[int] | set[int] = frozenset()   # entry points known good: no call to check them
 
     def exiting(self, insn) -> str | None:
         """The exit a sensitive instruction makes for the whole run, by name; None: it runs natively."""
@@ -73,9 +74,6 @@ class Mode:
 
     def exit_name(self, reason: str) -> str:
         return self.exit_names.get(reason, reason)
-
-    def exception_exits_on(self, vector: int) -> bool:
-        return self.exception_exits is None or vector in self.exception_exits
 
     def interrupts_enabled(self, vm: Vm) -> bool:
         return vm.cpu.interrupt_flag
@@ -97,6 +95,10 @@ class Mode:
         """Refuse a transfer the hypervisor is about to make into guest code."""
 
     def set_virtual_if(self, vm: Vm, enabled: bool) -> None:
+        raise AssertionError(f"{self.name} mode has no virtual IF")
+
+    def mask_virtual_if(self, vm: Vm, mask: bool = True) -> bool:
+        """At an entry: the virtual IF as it was (the frame's IF), cleared if `mask`, in one call."""
         raise AssertionError(f"{self.name} mode has no virtual IF")
 
     def syscall_entry(self, vm: Vm) -> int:
@@ -209,7 +211,7 @@ class Pv(Mode):
         self._starts = [a for a, _ in spans]
         self._ends = [b for _, b in spans]
         self.code = image.code                          # the validator's proof: instruction starts (R8)
-        self._entries: set[int] = set()                 # addresses check_entry_point has passed
+        self.checked_entries: set[int] = set()          # addresses check_entry_point has passed
 
     def interrupts_enabled(self, vm: Vm) -> bool:
         return vm.mem.view[MASK] == 0
@@ -233,6 +235,13 @@ class Pv(Mode):
 
     def set_virtual_if(self, vm: Vm, enabled: bool) -> None:
         vm.mem.view[MASK] = 0 if enabled else 1       # the shared page: plain guest data
+
+    def mask_virtual_if(self, vm: Vm, mask: bool = True) -> bool:
+        view = vm.mem.view
+        enabled = view[MASK] == 0
+        if mask:
+            view[MASK] = 1
+        return enabled
 
     def _set_pending(self, vm: Vm, pending: bool) -> None:
         view = vm.mem.view
@@ -261,13 +270,13 @@ class Pv(Mode):
 
     def check_entry_point(self, vm: Vm, address: int, what: str) -> None:
         """Rule R8: the hypervisor sends the guest only to validated instruction starts."""
-        if address in self._entries:           # every bounce and iret asks: mostly the same few addresses
+        if address in self.checked_entries:     # every bounce and iret asks: mostly the same few addresses
             return
         if address not in self.code.starts and address not in self.code.resume_points:
             raise GuestFault(f"{what}: {address:#x} is not an instruction start the validator saw (rule R8)")
-        if len(self._entries) >= ENTRIES_KEPT:
-            self._entries.clear()
-        self._entries.add(address)
+        if len(self.checked_entries) >= ENTRIES_KEPT:
+            self.checked_entries.clear()
+        self.checked_entries.add(address)
 
 
 MODES: dict[str, type[Mode]] = {"bare": Bare, "trap": Trap, "pv": Pv, "hvm": Hvm, "hvm-shadow": HvmShadow}

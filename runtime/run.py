@@ -101,24 +101,26 @@ def _handler(vm: Vm, kind: Exit) -> Callable:
         case Exit.CPUID:
             return io.cpuid
         case Exit.EXCEPTION:
-            return _on_interrupt if vm.run.debugger is None else _on_interrupt_debugged
+            return _interrupt_exit(vm)
         case Exit.MEMORY:
             return pagetables.on_invalid_access if vm.run.debugger is None else _on_invalid_access_debugged
 
 
-def _on_interrupt(vm: Vm, vector: int):
-    """An int3 is one of the runtime's patches (a trapped instruction) or the guest's own."""
-    patch = vm.patches.live.get(vm.cpu.regs.gprs[RIP_INDEX] - 1) if vector == 3 else None   # RIP is past the int3
-    if patch is not None:
-        return trapped.on_patch(vm, patch)
-    return faults.on_exception(vm, vector)
+def _interrupt_exit(vm: Vm) -> Callable[[Vm, int], None]:
+    """An int3 is one of the runtime's patches (a trapped instruction) or the guest's own; any
+    other vector is the guest's exception."""
+    live, gprs, on_exception = vm.patches.live, vm.cpu.regs.gprs, faults.exception_exit(vm)
+    debugger = vm.run.debugger
 
-
-def _on_interrupt_debugged(vm: Vm, vector: int):
-    """Under a debugger an int3 may be one of its breakpoints first."""
-    if vector == 3 and vm.run.debugger.hit(vm.cpu.rip - 1):
-        return None
-    return _on_interrupt(vm, vector)
+    def on_interrupt(vm: Vm, vector: int):
+        if vector == 3:
+            if debugger is not None and debugger.hit(gprs[RIP_INDEX] - 1):   # RIP is past the int3
+                return None                # under a debugger an int3 may be one of its breakpoints first
+            patch = live.get(gprs[RIP_INDEX] - 1)
+            if patch is not None:
+                return trapped.on_patch(vm, patch)
+        return on_exception(vm, vector)
+    return on_interrupt
 
 
 def _on_invalid_access_debugged(vm: Vm, access: int, address: int, size: int, value: int) -> bool:
@@ -161,6 +163,7 @@ class Runner:
         self._watchdog: Watchdog | None = None    # while the loop runs
         self.debugger: Debugger | None = None     # debugger.py, for `pvtool run --gdb`
         self.paused = False                   # the debugger holds the guest: deliver nothing
+        self._enter = delivery.entering(vm)   # how an interrupt enters the guest
 
     # -- hooks --------------------------------------------------------------------------
     def install(self) -> None:
@@ -355,7 +358,7 @@ class Runner:
         if not pics.pending():           # running the pv queue may have masked or acknowledged it
             self._nothing_pending()
             return False
-        delivery.enter(vm, pics.acknowledge(), mode.interrupt_kind)
+        self._enter(pics.acknowledge(), mode.interrupt_kind)
         mode.delivered(vm)
         return True
 

@@ -203,8 +203,9 @@ def test_protecting_a_page_splits_a_chunk_of_ram_not_all_of_it():
 # -- console ---------------------------------------------------------------------------------------------
 
 def test_guest_accesses_within_a_page_go_only_where_the_guest_may():
-    """The MMU's one-page fast path (GuestMemory.read_if_guest_can, write_if_guest_can) refuses
-    what the general path refuses, and writes nothing then."""
+    """The MMU's one-page fast paths (cached translations with memory's `perm` and `stores`, and
+    GuestMemory.read_if_guest_can, write_if_guest_can) refuse what the general path refuses, and
+    write nothing then."""
     vm = create(load_image(driver.compile_file("kernels/hello.pvk", "pv"), RAM), "pv", RAM, timeout=30)
     mmu, mem = vm.mmu, vm.mem
     free = 16 << 20                                     # free RAM, identity-mapped at boot
@@ -217,8 +218,19 @@ def test_guest_accesses_within_a_page_go_only_where_the_guest_may():
             mmu.write_virt(va, b"\xff" * 8)
         assert bytes(mem.view[va:va + 8]) == before
     assert mmu.read_virt(free + PAGE, 8) == bytes(8) and mmu.read_virt(abi.LOAD_BASE, 1)
+    for _ in range(2):                                  # the second time its translation is cached
+        with pytest.raises(Refused):
+            mmu.read_virt(0, 8)                         # hypervisor memory
+    # a page whose translation is cached changes its permissions: the cached path follows
+    page = free + 2 * PAGE
+    mmu.write_virt(page, b"before..")
+    mem.pin({page})
     with pytest.raises(Refused):
-        mmu.read_virt(0, 8)                             # hypervisor memory
+        mmu.write_virt(page, b"pinned..")
+    assert bytes(mem.view[page:page + 8]) == b"before.."
+    mem.unpin({page})
+    mmu.write_virt(page, b"unpinned")
+    assert mmu.read_virt(page, 8) == b"unpinned"
 
 
 def test_console_keeps_a_bounded_tail_and_counts_everything():

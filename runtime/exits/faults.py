@@ -24,7 +24,8 @@ to trapped.py first).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import struct
+from typing import TYPE_CHECKING, Callable
 
 from unicorn import (UC_MEM_FETCH_PROT, UC_MEM_FETCH_UNMAPPED, UC_MEM_READ_PROT, UC_MEM_READ_UNMAPPED,
                      UC_MEM_WRITE_PROT, UC_MEM_WRITE_UNMAPPED)
@@ -49,40 +50,58 @@ EXCEPTIONS = {0: "divide error (#DE)", 1: "debug trap (#DB)", 3: "breakpoint (#B
               13: "general protection fault (#GP)", 14: "page fault (#PF)",
               16: "x87 floating-point error (#MF)", 17: "alignment check (#AC)",
               18: "machine check (#MC)", 19: "SIMD floating-point error (#XM)"}
+EXCEPTION_REASON = [f"exception {vector}" for vector in range(256)]   # the exit's name, made once
+FROM_CPU = object()                    # exception_exit: the error code is Unicorn's (none, for most vectors)
+CR2_SHARED = abi.SHARED_PAGE + abi.SH_CR2
+_U64 = struct.Struct("<Q")
 _ACCESS = {UC_MEM_READ_UNMAPPED: "read of", UC_MEM_WRITE_UNMAPPED: "write to",
            UC_MEM_FETCH_UNMAPPED: "execution of", UC_MEM_READ_PROT: "read of unreadable",
            UC_MEM_WRITE_PROT: "write to read-only", UC_MEM_FETCH_PROT: "execution of non-executable"}
 
 
-def on_exception(vm: Vm, vector: int) -> None:
-    """Unicorn reports exception `vector` at the current RIP: the guest takes it, or the run ends."""
-    regs = vm.cpu.regs
-    error = regs.exception_error_code() if vector in delivery.HAS_ERROR_CODE else None
-    regs.clear_exception()
-    _deliver(vm, vector, error)
+def exception_exit(vm: Vm) -> Callable[..., None]:
+    """The exception hook's handler, `deliver(vm, vector)`: Unicorn reports exception `vector` at
+    the current RIP, its error code is taken and its record cleared (else QEMU turns the next page
+    fault into a #DF), and the guest takes it, or the run ends.  `deliver(vm, vector, error_code)`
+    is an exception the runtime raises itself (`take`).  What each one reads is bound once: a page
+    fault's bounce is most of a user process's cost in pv, and every call and lookup shows."""
+    regs, mode, mmu, shared, count = vm.cpu.regs, vm.mode, vm.mmu, vm.mem.view, vm.run.count
+    gprs, raw, events, enter = regs.gprs, regs.entry, vm.stats.events, delivery.entering(vm)
+    cr2_shared = mode.virtual_if           # pv: a page fault's address goes in the shared page too
+
+    def deliver(vm: Vm, vector: int, error_code: int | None = FROM_CPU) -> None:
+        if error_code is FROM_CPU:
+            error_code = raw.error_code.value if vector in delivery.HAS_ERROR_CODE else None
+            raw.in_flight.value = -1
+        try:                               # read once: whether the kernel handles it, and where
+            gate = delivery.read_gate(mmu, raw.idt_limit.value, raw.idt_base.value, vector)
+        except delivery.NoGate:
+            raise GuestFault(_unhandled(vm, vector)) from None
+        except GuestFault:                 # a gate the CPU cannot use: enter says why
+            gate = None
+        if mode.exception_exits is None or vector in mode.exception_exits:
+            count(EXCEPTION_REASON[vector], gprs[RIP_INDEX])
+        else:
+            events[EXCEPTION_REASON[vector]] += 1
+        if vector == 14 and cr2_shared:
+            _U64.pack_into(shared, CR2_SHARED, raw.cr2.value)
+        enter(vector, "exception", error_code, gate)
+    return deliver
 
 
 def take(vm: Vm, exc: GuestException) -> None:
     """The guest takes exception `exc` at exc.rip (the current RIP if None), if it has a gate for it."""
     if exc.rip is not None:
         vm.cpu.jump(exc.rip)
-    _deliver(vm, exc.vector, exc.error_code)
+    exception_exit(vm)(vm, exc.vector, exc.error_code)
 
 
-def _deliver(vm: Vm, vector: int, error_code: int | None) -> None:
-    try:                                   # read once: whether the kernel handles it, and where
-        gate = delivery.read_gate(vm.mmu, vm.cpu.read_table("idt"), vector)
-    except delivery.NoGate:
-        what = EXCEPTIONS.get(vector, f"software interrupt {vector:#x}")
-        if vector == 14:
-            what += f" accessing {vm.cpu.read_cr(2):#x}"
-        raise GuestFault(what) from None
-    except GuestFault:                     # a gate the CPU cannot use: delivery.enter says why
-        gate = None
-    _exit_or_event(vm, vm.mode.exception_exits_on(vector), f"exception {vector}")
-    if vector == 14 and vm.mode.virtual_if:
-        vm.mem.write_u64(abi.SHARED_PAGE + abi.SH_CR2, vm.cpu.read_cr(2))
-    delivery.enter(vm, vector, "exception", error_code, gate)
+def _unhandled(vm: Vm, vector: int) -> str:
+    """What the run ends with when the guest has no gate for `vector`."""
+    what = EXCEPTIONS.get(vector, f"software interrupt {vector:#x}")
+    if vector == 14:
+        what += f" accessing {vm.cpu.read_cr(2):#x}"
+    return what
 
 
 def _exit_or_event(vm: Vm, exits: bool, what: str) -> None:

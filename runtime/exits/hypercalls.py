@@ -158,16 +158,15 @@ def user_syscall(vm: Vm) -> None:
     entry = mode.syscall_entry(vm)
     rip = gprs[RIP_INDEX] + SYSCALL_SIZE
     rflags = cpu.rflags()
-    if mode.interrupts_enabled(vm):
+    if mode.mask_virtual_if(vm):            # events are masked on the way in, as for an interrupt gate
         rflags |= RFLAGS_IF
-    frame = delivery.Frame(rip, abi.USER_CS, rflags, gprs[_RSP], abi.USER_DS)
+    frame = (rip, abi.USER_CS, rflags, gprs[_RSP], abi.USER_DS)
     try:
         rsp = delivery.push_frame(vm.mmu, frame, mode.kernel_stack(vm))
     except GuestFault as e:
         raise GuestFault(f"system call: {e.what}") from None
     gprs[_RCX], gprs[_R11], gprs[_RSP] = rip, rflags, rsp
     cpu.enter_ring(0)
-    mode.set_virtual_if(vm, False)
     cpu.jump(entry)
 
 
