@@ -103,11 +103,9 @@ class GuestMemory:
         self.uc = uc
         self.size = size
         self.perm = bytearray([RW]) * (size // PAGE)
-        # 1 where the guest may store plain data (writable, not code, not a live table): perm and
-        # pinned in one byte per page, kept with them, for the MMU's one-page stores (mmu.write_virt)
-        self.stores = bytearray([1]) * (size // PAGE)
         self._labels: list[tuple[int, int, str]] = [(0, size, "free RAM")]   # later ones win
-        self.pinned: set[int] = set()       # live page tables: read-only to the guest
+        self.pinned: set[int] = set()       # live page tables: read-only to the guest (changed in place:
+                                            # the MMU holds it, and `perm`, for its one-page accesses)
         self.guarded: set[int] = set()      # to be write-protected in Unicorn: pinned, or kept (mmu.py)
         self._dirty: set[int] = set()       # page numbers whose protection `sync` must look at
         self._applied = bytearray([RW]) * (size // PAGE)   # what Unicorn enforces, page by page
@@ -134,7 +132,6 @@ class GuestMemory:
         first, last = start // PAGE, (end + PAGE - 1) // PAGE
         for k in range(first, last):
             self.perm[k] = self.perm[k] | perm if merge else perm
-            self.stores[k] = self.perm[k] & (W | X) == W and k * PAGE not in self.pinned
         self._labels.append((first * PAGE, last * PAGE, what))
 
     def commit(self) -> None:
@@ -178,9 +175,6 @@ class GuestMemory:
     def pin(self, pages: set[int]) -> None:
         """The pages become live tables: read-only to the guest (most are still guarded from before)."""
         self.pinned |= pages
-        stores = self.stores
-        for page in pages:                  # live tables lie in RAM (mmu.check_table)
-            stores[page // PAGE] = 0
         for page in pages - self.guarded:
             self.guard(page)
 
@@ -188,9 +182,6 @@ class GuestMemory:
         """The pages stop being live tables; they stay write-protected in
         Unicorn until `unguard` (a write then faults once)."""
         self.pinned -= pages
-        stores, perm = self.stores, self.perm
-        for page in pages:
-            stores[page // PAGE] = perm[page // PAGE] & (W | X) == W
 
     def guard(self, page: int) -> None:
         if page not in self.guarded:
@@ -307,7 +298,8 @@ class GuestMemory:
         """Store `data` at `pa` if it lies in one page of guest data the guest may write (not
         pinned, not code); else False, nothing written (the caller takes the general path)."""
         end = pa + len(data)
-        if 0 <= pa and end <= self.size and (pa ^ (end - 1)) < PAGE and self.stores[pa // PAGE]:
+        if 0 <= pa and end <= self.size and (pa ^ (end - 1)) < PAGE and \
+                self.perm[pa // PAGE] & (W | X) == W and pa & ~(PAGE - 1) not in self.pinned:
             self._view[pa:end] = data
             return True
         return False

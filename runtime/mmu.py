@@ -61,13 +61,14 @@ from pvimage import abi
 
 from .devices.msr import canonical
 from .errors import Refused
-from .memory import BOOT_STACK, BOOT_TABLES, PAGE, R, W, GuestMemory, page_of
+from .memory import BOOT_STACK, BOOT_TABLES, PAGE, R, W, X, GuestMemory, page_of
 
 P, RW, PS = 1 << 0, 1 << 1, 1 << 7
 ADDR = 0x000F_FFFF_FFFF_F000
 RESERVED = 0x7FF0_0000_0000_0000          # bits 52-62
 PAT_LARGE = 1 << 12                       # PAT bit of a large-page entry
 PAGE_SIZE_AT = {1: 1 << 12, 2: 1 << 21, 3: 1 << 30}
+WX = W | X                      # a guest store needs W, and never goes into code
 LEVEL_NAME = {4: "PML4", 3: "PDPT", 2: "PD", 1: "PT"}
 CR3_FLAGS = 0x18                          # PWT, PCD
 _ENTRIES = struct.Struct("<512Q")
@@ -154,7 +155,7 @@ class Mmu:
         self.uc = uc
         self.flush_page = flush_page         # one page out of Unicorn's TLB (engine.py); None: flush all
         self.mem = mem
-        self._view, self._perm, self._stores, self._ram_end = mem.view, mem.perm, mem.stores, mem.size
+        self._view, self._perm, self._pinned, self._ram_end = mem.view, mem.perm, mem.pinned, mem.size
         self.check_time = check_time         # raises if the run's time is up (run.py)
         # pv (R9): guest-physical ranges that may only be mapped at their own address
         self.identity_frames = identity_frames or []
@@ -532,7 +533,7 @@ class Mmu:
         raise AssertionError("unreachable")
 
     # The usual guest access, within one page whose translation is cached, makes no call:
-    # translate's first step and memory's permission tables (`perm`, `stores`) inline.
+    # translate's first step and memory's permissions (GuestMemory.effective) inline.
     def read_virt(self, va: int, size: int) -> bytes:
         """Guest memory the guest itself may read, by virtual address."""
         offset = va & (PAGE - 1)
@@ -550,7 +551,8 @@ class Mmu:
         size, offset = len(data), va & (PAGE - 1)
         if 0 < size <= PAGE - offset:                    # within one page: no list
             hit = self._tlb.get(va - offset | True)
-            if hit is not None and hit < self._ram_end and self._stores[hit // PAGE]:
+            if hit is not None and hit < self._ram_end and self._perm[hit // PAGE] & WX == W and \
+                    hit not in self._pinned:
                 self._view[hit | offset:(hit | offset) + size] = data
                 return
             if self.mem.write_if_guest_can(self.translate(va, True), data):

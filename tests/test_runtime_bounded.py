@@ -203,7 +203,7 @@ def test_protecting_a_page_splits_a_chunk_of_ram_not_all_of_it():
 # -- console ---------------------------------------------------------------------------------------------
 
 def test_guest_accesses_within_a_page_go_only_where_the_guest_may():
-    """The MMU's one-page fast paths (cached translations with memory's `perm` and `stores`, and
+    """The MMU's one-page fast paths (cached translations with memory's `perm` and `pinned`, and
     GuestMemory.read_if_guest_can, write_if_guest_can) refuse what the general path refuses, and
     write nothing then."""
     vm = create(load_image(driver.compile_file("kernels/hello.pvk", "pv"), RAM), "pv", RAM, timeout=30)
