@@ -2,7 +2,7 @@
 
 Unicorn does not deliver exceptions through the guest's IDT: it calls the
 exception hook.  The runtime acts as the CPU: an exception for which the
-guest has a usable gate is delivered to it (delivery.enter: from user
+guest has a usable gate is delivered to it (delivery.entering: from user
 mode on the kernel stack), with its error code (read from Unicorn's saved
 context, where it is not a register) and, for a page fault, CR2 in the
 shared page too (pv); Unicorn's record of the exception in flight is
