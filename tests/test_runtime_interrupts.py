@@ -386,6 +386,16 @@ def test_trap_gate_leaves_if_set(ready):
     assert deliver(vm) and reg(vm, "RFLAGS") & IF
 
 
+def test_pv_trap_gate_leaves_the_virtual_if_unmasked(ready):
+    """pv: the frame carries the virtual IF; a trap gate leaves the mask as it was, the real IF stays clear."""
+    vm = ready("pv", gate(kind=0x8F))
+    vm.mem.write(abi.SHARED_PAGE + abi.SH_UPCALL_MASK, b"\0")
+    rip = reg(vm, "RIP")
+    assert deliver(vm)
+    assert frame_at(vm, reg(vm, "RSP")) == (rip, 0x08, 0x202, STACK, 0x10)
+    assert shared(vm, abi.SH_UPCALL_MASK) == 0 and not reg(vm, "RFLAGS") & IF
+
+
 def test_upcall_waits_behind_the_mask_with_pending_set_then_arrives(ready):
     vm = ready("pv")
     rip = reg(vm, "RIP")
