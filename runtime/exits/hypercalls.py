@@ -337,7 +337,7 @@ def event_check(vm: Vm) -> int:
 
 _IRET_SAVED = struct.Struct(f"<{len(abi.IRET_SAVED)}Q")
 _IRET_SAVED_INDEX = tuple(GPR_INDEX[name] for name in abi.IRET_SAVED)
-_IRET_STACK = struct.Struct(f"<{len(abi.IRET_SAVED) + len(delivery.Frame._fields)}Q")   # saved, then the frame
+_IRET_STACK = struct.Struct(f"<{len(abi.IRET_SAVED) + delivery.FRAME.size // 8}Q")   # saved, then the frame
 
 
 @hypercall(abi.HC_IRET)
@@ -354,10 +354,9 @@ def iret(vm: Vm) -> None:
         return _iret_in_pieces(vm, rsp)     # to say which part cannot be read
     for k, value in zip(_IRET_SAVED_INDEX, words):
         gprs[k] = value
-    frame_at = rsp + _IRET_SAVED.size
-    frame = delivery.Frame._make(words[len(_IRET_SAVED_INDEX):])
-    cs, ss = regs.selectors()
-    delivery.resume(vm, delivery.check_frame(frame, frame_at, cs, ss))
+    raw = regs.entry
+    frame = delivery.check_frame(words[len(_IRET_SAVED_INDEX):], rsp + _IRET_SAVED.size, raw.cs.value, raw.ss.value)
+    delivery.resume(vm, frame)
     return None
 
 
