@@ -213,7 +213,6 @@ class FieldAccess(Expr):
 @dataclass(eq=False, slots=True)
 class Block(Node):
     stmts: list[Stmt]
-    end: Loc              # the closing brace
 
 
 @dataclass(eq=False, slots=True)
@@ -335,6 +334,7 @@ class Fn(Node):
     params: list[Param]
     result: TypeExpr | None
     body: Block
+    end: Loc                       # the body's closing brace: where falling off its end returns
     interrupt: bool = False        # `interrupt fn` or `interrupt(error_code) fn`
     # checker: the signature, and the symbol in the image (the name, unless it must be told apart)
     type: FnType | None = field(default=None, init=False, repr=False)

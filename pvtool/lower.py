@@ -154,7 +154,7 @@ class _Function:
                 self.home[p.sym] = v
                 self.f.vars.append(ir.Var(p.name, p.sym.type, v, True, p.loc))
         self.block(self.fn.body)
-        self.loc = self.fn.body.end
+        self.loc = self.fn.end
         for b in self.f.blocks:
             if b.term is None:
                 b.term = self.return_term(None)

@@ -430,8 +430,9 @@ class _Parser:
                 break
         result = self.type() if self.accept("->") else None
         body = self.block()
+        end = self.loc(self.i - 1)          # the body's closing brace
         self.depth -= 1
-        return ast.Fn(self.loc(at), name, params, result, body, interrupt=interrupt,
+        return ast.Fn(self.loc(at), name, params, result, body, end, interrupt=interrupt,
                       error_code=error_code, syscall=syscall, user=user)
 
     def param(self) -> ast.Param:
@@ -503,9 +504,9 @@ class _Parser:
         stmts = []
         while self.kinds[self.i] != "}":
             stmts.append(self.stmt())
-        end = self.expect("}")
+        self.expect("}")
         self.depth -= 1
-        return ast.Block(loc, stmts, self.loc(end))
+        return ast.Block(loc, stmts)
 
     def stmt(self) -> ast.Stmt:
         match self.kinds[self.i]:

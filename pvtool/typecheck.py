@@ -477,7 +477,7 @@ class _Checker:
             _STATEMENTS[type(s)](self, s)
         self.scopes = []
         if fn.result is not None and _completes(fn.body):
-            raise error(fn.body.end, f"'{fn.name}' can reach the end of its body without returning a value")
+            raise error(fn.end, f"'{fn.name}' can reach the end of its body without returning a value")
         self.fn = None
 
     def declare(self, name: str, t: Type, loc: Loc) -> ast.Local:

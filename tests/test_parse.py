@@ -286,7 +286,7 @@ def test_positions():
     plus = var.init
     assert (plus.loc.line, plus.loc.col) == (2, 12)        # the operator
     assert (plus.right.loc.line, plus.right.loc.col) == (3, 3)
-    assert (fn.body.end.line, fn.body.end.col) == (4, 1)      # closing brace
+    assert (fn.end.line, fn.end.col) == (4, 1)      # the body's closing brace
     assert fn.loc.file == "t.pvk"
 
 
