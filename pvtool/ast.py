@@ -3,9 +3,11 @@
 The parser builds these nodes, each with the `Loc` of its first token (binary
 and assignment operators carry the operator's position).  `pvtool.typecheck`
 fills in the fields marked "checker:" (types, resolved symbols, constant
-values, field offsets); `pvtool.lower` reads them.  `dump` prints a tree
-without positions, for tests.  The classes have slots: a program has tens of
-thousands of nodes.
+values, field offsets); `pvtool.lower` reads them.  Those fields, and the
+others set after a node is made, are no constructor parameters (init=False):
+a keyword-only default costs a dictionary lookup per node made.  `dump`
+prints a tree without positions, for tests.  The classes have slots: a
+program has tens of thousands of nodes.
 """
 from __future__ import annotations
 
@@ -109,8 +111,8 @@ Symbol = Union[Local, GlobalSym, ConstSym, FnSym, LinkSym]
 class Expr(Node):
     # checker: the expression's type, and its value if it is a compile-time
     # constant (integers and bools; signed values are negative Python ints).
-    type: Type | None = field(default=None, kw_only=True, repr=False)
-    const: int | None = field(default=None, kw_only=True, repr=False)
+    type: Type | None = field(default=None, init=False, repr=False)
+    const: int | None = field(default=None, init=False, repr=False)
 
 
 @dataclass(eq=False, slots=True)
@@ -141,7 +143,7 @@ class ArrayLit(Expr):
 @dataclass(eq=False, slots=True)
 class Name(Expr):
     name: str             # `m::x` for a name imported with `import "..." as m`
-    sym: Symbol | None = field(default=None, kw_only=True, repr=False)   # checker
+    sym: Symbol | None = field(default=None, init=False, repr=False)   # checker
 
 
 @dataclass(eq=False, slots=True)
@@ -186,8 +188,8 @@ class Call(Expr):
     args: list[Expr]
     # checker: exactly one of these is set for a direct call; neither for an
     # indirect call through a function pointer.
-    intrinsic: Intrinsic | None = field(default=None, kw_only=True, repr=False)
-    func: FnSym | None = field(default=None, kw_only=True, repr=False)
+    intrinsic: Intrinsic | None = field(default=None, init=False, repr=False)
+    func: FnSym | None = field(default=None, init=False, repr=False)
 
 
 @dataclass(eq=False, slots=True)
@@ -202,8 +204,8 @@ class FieldAccess(Expr):
     name: str
     name_loc: Loc | None = field(default=None, kw_only=True, repr=False)
     # checker: byte offset of the field, and whether `base` is a pointer to the struct
-    offset: int = field(default=0, kw_only=True, repr=False)
-    deref: bool = field(default=False, kw_only=True, repr=False)
+    offset: int = field(default=0, init=False, repr=False)
+    deref: bool = field(default=False, init=False, repr=False)
 
 
 # -- statements ------------------------------------------------------------------------
@@ -211,7 +213,6 @@ class FieldAccess(Expr):
 @dataclass(eq=False, slots=True)
 class Block(Node):
     stmts: list[Stmt]
-    end: Loc              # the closing brace
 
 
 @dataclass(eq=False, slots=True)
@@ -219,7 +220,7 @@ class VarStmt(Node):
     name: str
     type_expr: TypeExpr | None
     init: Expr | None
-    sym: Local | None = field(default=None, kw_only=True, repr=False)   # checker
+    sym: Local | None = field(default=None, init=False, repr=False)   # checker
 
 
 @dataclass(eq=False, slots=True)
@@ -248,7 +249,7 @@ class For(Node):
     start: Expr
     end: Expr
     body: Block
-    sym: Local | None = field(default=None, kw_only=True, repr=False)   # checker
+    sym: Local | None = field(default=None, init=False, repr=False)   # checker
 
 
 @dataclass(eq=False, slots=True)
@@ -279,7 +280,7 @@ Stmt = Union[Block, VarStmt, Assign, If, While, For, Break, Continue, Return, Ex
 @dataclass(eq=False, slots=True)
 class Import(Node):
     path: str             # as written
-    resolved: str = field(default="", repr=False)   # the path the file was parsed under
+    resolved: str = field(default="", init=False, repr=False)   # the path the file was parsed under
     alias: str | None = field(default=None, repr=False)   # `import "..." as alias;`
 
 
@@ -288,8 +289,8 @@ class Const(Node):
     name: str
     type_expr: TypeExpr
     value: Expr
-    sym: ConstSym | None = field(default=None, kw_only=True, repr=False)
-    private: bool = field(default=False, kw_only=True, repr=False)
+    sym: ConstSym | None = field(default=None, init=False, repr=False)
+    private: bool = field(default=False, init=False, repr=False)
 
 
 @dataclass(eq=False, slots=True)
@@ -297,13 +298,13 @@ class Global(Node):
     name: str
     type_expr: TypeExpr | None
     init: Expr | None
-    sym: GlobalSym | None = field(default=None, kw_only=True, repr=False)
+    sym: GlobalSym | None = field(default=None, init=False, repr=False)
     # checker: the initial value, see StaticValue
-    value: StaticValue | None = field(default=None, kw_only=True, repr=False)
-    private: bool = field(default=False, kw_only=True, repr=False)
+    value: StaticValue | None = field(default=None, init=False, repr=False)
+    private: bool = field(default=False, init=False, repr=False)
     user: bool = field(default=False, kw_only=True, repr=False)          # `user var`
     align: Expr | None = field(default=None, kw_only=True, repr=False)   # `align(N)` as written
-    alignment: int = field(default=0, kw_only=True, repr=False)          # checker: N, or 0
+    alignment: int = field(default=0, init=False, repr=False)          # checker: N, or 0
 
 
 
@@ -317,14 +318,14 @@ class FieldDecl(Node):
 class Struct(Node):
     name: str
     fields: list[FieldDecl]
-    private: bool = field(default=False, kw_only=True, repr=False)
+    private: bool = field(default=False, init=False, repr=False)
 
 
 @dataclass(eq=False, slots=True)
 class Param(Node):
     name: str
     type_expr: TypeExpr
-    sym: Local | None = field(default=None, kw_only=True, repr=False)
+    sym: Local | None = field(default=None, init=False, repr=False)
 
 
 @dataclass(eq=False, slots=True)
@@ -333,14 +334,15 @@ class Fn(Node):
     params: list[Param]
     result: TypeExpr | None
     body: Block
+    end: Loc                       # the body's closing brace: where falling off its end returns
     interrupt: bool = False        # `interrupt fn` or `interrupt(error_code) fn`
     # checker: the signature, and the symbol in the image (the name, unless it must be told apart)
-    type: FnType | None = field(default=None, kw_only=True, repr=False)
-    link_name: str = field(default="", kw_only=True, repr=False)
+    type: FnType | None = field(default=None, init=False, repr=False)
+    link_name: str = field(default="", init=False, repr=False)
     error_code: bool = field(default=False, kw_only=True, repr=False)   # `interrupt(error_code) fn`
     syscall: bool = field(default=False, kw_only=True, repr=False)      # `syscall fn`
     user: bool = field(default=False, kw_only=True, repr=False)         # `user fn`
-    private: bool = field(default=False, kw_only=True, repr=False)
+    private: bool = field(default=False, init=False, repr=False)
 
     @property
     def handler(self) -> bool:
@@ -365,7 +367,7 @@ class Program:
     items: list[Item]
     files: list[str]       # main file first, then imports in the order first met
     sources: dict[str, str] = field(default_factory=dict, repr=False)   # each file's text, for errors
-    checked: bool = field(default=False, repr=False)
+    checked: bool = field(default=False, init=False, repr=False)
 
 
 # -- static initial values (checker -> lower) -------------------------------------------

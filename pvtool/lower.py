@@ -153,9 +153,8 @@ class _Function:
             else:
                 self.home[p.sym] = v
                 self.f.vars.append(ir.Var(p.name, p.sym.type, v, True, p.loc))
-        for s in self.fn.body.stmts:
-            self.stmt(s)
-        self.loc = self.fn.body.end
+        self.block(self.fn.body)
+        self.loc = self.fn.end
         for b in self.f.blocks:
             if b.term is None:
                 b.term = self.return_term(None)
@@ -307,14 +306,14 @@ class _Function:
 
     # -- statements -----------------------------------------------------------------------------
 
-    def stmt(self, s: ast.Stmt) -> None:
-        saved, self.loc = self.loc, s.loc
-        _STATEMENTS[type(s)](self, s)
-        self.loc = saved
-
     def block(self, s: ast.Block) -> None:
+        """Each statement is lowered at its own position (set here, not in a call per
+        statement); the code after the block is at its caller's again."""
+        saved = self.loc
         for x in s.stmts:
-            self.stmt(x)
+            self.loc = x.loc
+            _STATEMENTS[type(x)](self, x)
+        self.loc = saved
 
     def var_stmt(self, s: ast.VarStmt) -> None:
         local = s.sym

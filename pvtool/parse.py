@@ -184,7 +184,8 @@ class _Tokens:
         self.kinds = kinds
         self.texts = texts
         self.starts = starts
-        self.line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
+        # Where each line starts, then where the text ends for good (beyond any offset).
+        self.line_starts = [0] + [m.end() for m in re.finditer("\n", text)] + [1 << 62]
 
 
 def _lex(text: str) -> _Tokens:
@@ -256,7 +257,8 @@ class _Parser:
         self.depth = 0
         self.height = 0
         self.item_start = 0
-        self.line, self.line_start, self.line_end = 1, 0, 0    # the line of the last `loc`
+        self.line_starts = tokens.line_starts
+        self.line, self.line_start, self.line_end = 1, 0, self.line_starts[1]    # the line of the last `loc`
 
     def program(self) -> list[ast.Item]:
         items = []
@@ -273,11 +275,11 @@ class _Parser:
     def loc(self, i: int) -> Loc:
         offset = self.starts[i]
         if not self.line_start <= offset < self.line_end:
-            # The parser moves forward, so the line of the last call is a good guess.
-            starts = self.tokens.line_starts
-            self.line = bisect_right(starts, offset)
-            self.line_start = starts[self.line - 1]
-            self.line_end = starts[self.line] if self.line < len(starts) else 1 << 62
+            # The parser moves forward: the line of the last call is a good guess, the next
+            # line the best one after it (85% of the rest).
+            starts = self.line_starts
+            line = self.line + 1 if self.line_end <= offset < starts[self.line + 1] else bisect_right(starts, offset)
+            self.line, self.line_start, self.line_end = line, starts[line - 1], starts[line]
         return _new_tuple(Loc, (self.path, self.line, offset - self.line_start + 1))
 
     def stuck(self) -> _Stuck:
@@ -428,8 +430,9 @@ class _Parser:
                 break
         result = self.type() if self.accept("->") else None
         body = self.block()
+        end = self.loc(self.i - 1)          # the body's closing brace
         self.depth -= 1
-        return ast.Fn(self.loc(at), name, params, result, body, interrupt=interrupt,
+        return ast.Fn(self.loc(at), name, params, result, body, end, interrupt=interrupt,
                       error_code=error_code, syscall=syscall, user=user)
 
     def param(self) -> ast.Param:
@@ -501,9 +504,9 @@ class _Parser:
         stmts = []
         while self.kinds[self.i] != "}":
             stmts.append(self.stmt())
-        end = self.expect("}")
+        self.expect("}")
         self.depth -= 1
-        return ast.Block(loc, stmts, self.loc(end))
+        return ast.Block(loc, stmts)
 
     def stmt(self) -> ast.Stmt:
         match self.kinds[self.i]:

@@ -477,7 +477,7 @@ class _Checker:
             _STATEMENTS[type(s)](self, s)
         self.scopes = []
         if fn.result is not None and _completes(fn.body):
-            raise error(fn.body.end, f"'{fn.name}' can reach the end of its body without returning a value")
+            raise error(fn.end, f"'{fn.name}' can reach the end of its body without returning a value")
         self.fn = None
 
     def declare(self, name: str, t: Type, loc: Loc) -> ast.Local:
@@ -492,6 +492,10 @@ class _Checker:
         for scope in reversed(self.scopes):
             if name in scope:
                 return scope[name]
+        return self.top_level(name, loc)
+
+    def top_level(self, name: str, loc: Loc) -> ast.Symbol | None:
+        """The item `name` refers to in this file, if no local has the name."""
         sym = self.names.find(name, self.file, self.aliases.get(self.file, {}), loc)
         if sym is not None and self.fn is not None and self.fn.user:
             self.user_may_use(sym, name, loc)
@@ -706,14 +710,16 @@ class _Checker:
         return t
 
     def name(self, e: ast.Name, want: Type | None) -> Type:
-        sym = self.lookup(e.name, e.loc)
+        for scope in reversed(self.scopes):     # `lookup` without a call: most names are locals
+            if e.name in scope:
+                e.sym = local = scope[e.name]
+                return local.type
+        sym = self.top_level(e.name, e.loc)
         if sym is None:
             if e.name in INTRINSICS:
                 raise error(e.loc, f"machine operation '{e.name}' can only be called")
             raise error(e.loc, f"unknown name '{e.name}'")
         e.sym = sym
-        if isinstance(sym, ast.Local):
-            return sym.type
         if isinstance(sym, ast.GlobalSym):
             return self.global_type(sym)
         if isinstance(sym, ast.ConstSym):

@@ -286,9 +286,39 @@ def test_positions():
     plus = var.init
     assert (plus.loc.line, plus.loc.col) == (2, 12)        # the operator
     assert (plus.right.loc.line, plus.right.loc.col) == (3, 3)
-    assert (fn.body.end.line, fn.body.end.col) == (4, 1)      # closing brace
+    assert (fn.end.line, fn.end.col) == (4, 1)      # the body's closing brace
     assert fn.loc.file == "t.pvk"
 
+
+_SPREAD_TOKENS = ("fn f ( ) { var x = a + b * c ; x += ( y - z ) ; if a < b { return q [ 1 ] . r ; } "
+                  "while t != 0 { u ( v , w ) ; } }").split()
+
+
+@given(st.lists(st.sampled_from([" ", "\n", "\n\n\n", "\t", "\n // c\n", " /* \n */ "]),
+                min_size=len(_SPREAD_TOKENS), max_size=len(_SPREAD_TOKENS)))
+def test_positions_across_line_breaks(gaps):
+    """Every name, literal and operator is located at its own text, wherever the line breaks
+    fall: consecutive positions lie on one line, the next, lines further on or lines before
+    (an operator after a right operand that spans lines), and the text may end without one."""
+    text = "".join(g + t for g, t in zip(gaps, _SPREAD_TOKENS))
+    lines = text.split("\n")
+    located = []
+
+    def walk(node):
+        if isinstance(node, (list, tuple)):
+            for x in node:
+                walk(x)
+        elif isinstance(node, ast.Node):
+            shown = {ast.Name: "name", ast.Binary: "op", ast.Assign: "op"}.get(type(node))
+            if shown or isinstance(node, ast.IntLit):
+                located.append((node.loc, str(node.value) if shown is None else getattr(node, shown)))
+            for f in ast.fields(node):
+                walk(getattr(node, f.name))
+
+    walk(items(text))
+    assert len(located) == 21         # 13 names, 2 literals, 5 operators, 1 assignment
+    for loc, word in located:          # (a compound assignment's operator is `+` of `+=`)
+        assert lines[loc.line - 1][loc.col - 1:].startswith(word), (loc, word)
 
 @pytest.mark.parametrize("expr, located", [
     ("r.data[i](x) as u8", [("Cast", 4), ("Call", 4), ("Index", 4), ("FieldAccess", 4), ("Name", 4)]),
