@@ -430,16 +430,19 @@ def _segment_writes(priv: Privilege, template: bytes) -> tuple[int, int, bytes]:
 
 
 class EntryFields:
-    """Raw fields (RegisterFile) of what every exception's entry reads, in the state itself."""
-    __slots__ = ("error_code", "in_flight", "cr2", "idt_base", "idt_limit", "cs", "ss")
+    """Raw fields (RegisterFile) of what every exception's entry reads, in the state itself (each
+    table register as Unicorn keeps it: the u64 base, then the u32 limit)."""
+    __slots__ = ("error_code", "in_flight", "cr2", "idt_base", "idt_limit", "tr_base", "tr_limit", "cs", "ss")
 
     def __init__(self, base: int, lay: Layout):
-        priv, idtr = lay.privilege, lay.tables[U.UC_X86_REG_IDTR]
+        priv, idtr, tr = lay.privilege, lay.tables[U.UC_X86_REG_IDTR], lay.tables[U.UC_X86_REG_TR]
         self.error_code = ctypes.c_uint32.from_address(base + priv.error_code)   # of the exception reported
         self.in_flight = ctypes.c_int32.from_address(base + priv.old_exception)  # -1: none (clear_exception)
         self.cr2 = _c_u64.from_address(base + lay.cr[2])
         self.idt_base = _c_u64.from_address(base + idtr)
         self.idt_limit = ctypes.c_uint32.from_address(base + idtr + 8)
+        self.tr_base = _c_u64.from_address(base + tr)                           # the TSS: rsp0, from user mode
+        self.tr_limit = ctypes.c_uint32.from_address(base + tr + 8)
         self.cs = ctypes.c_uint32.from_address(base + priv.cs)                  # the selectors, from their caches
         self.ss = ctypes.c_uint32.from_address(base + priv.ss)
 

@@ -35,8 +35,6 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import TYPE_CHECKING
 
-from unicorn import x86_const as U
-
 from pvimage import abi
 
 from .devices.msr import FS_BASE, GS_BASE, KERNEL_GS_BASE, LSTAR
@@ -113,7 +111,8 @@ class Mode:
 
     def kernel_stack(self, vm: Vm) -> int:
         """The stack an entry from user mode switches to: the TSS's rsp0, as on hardware."""
-        limit, base = vm.cpu.regs.table(U.UC_X86_REG_TR)
+        raw = vm.cpu.regs.entry
+        limit, base = raw.tr_limit.value, raw.tr_base.value
         if limit < 11:
             raise GuestFault("entry from user mode, but no TSS is loaded (ltr) to give the kernel stack")
         try:

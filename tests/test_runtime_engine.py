@@ -89,7 +89,8 @@ def test_msr_writes_and_rflags_survive_a_register_file_written_in_the_same_exit(
 
 
 def test_cr2_and_the_table_registers_are_read_from_the_state_as_the_api_gives_them(register_file):
-    """Every exception reads CR2 and the IDT register (and bare's the TR) from the state, not the API."""
+    """Every exception reads CR2 and the IDT register (and bare's the TR) from the state, not the API:
+    through the register file's methods, and as its raw fields (RegisterFile.entry)."""
     eng = engine.Engine()
     regs = eng.regs
     eng.uc.reg_write(U.UC_X86_REG_CR2, 0x7F12_3456_789A)
@@ -97,9 +98,18 @@ def test_cr2_and_the_table_registers_are_read_from_the_state_as_the_api_gives_th
               U.UC_X86_REG_TR: (0x67, 0x13_3000)}
     for reg, (limit, base) in tables.items():
         eng.uc.reg_write(reg, (0x28 if reg == U.UC_X86_REG_TR else 0, base, limit, 0))
+    eng.uc.reg_write(U.UC_X86_REG_CS, 0x08)
+    eng.uc.reg_write(U.UC_X86_REG_SS, 0x10)
     regs.finish()
     assert regs.cr(2) == 0x7F12_3456_789A
     assert {reg: regs.table(reg) for reg in tables} == tables
+    regs.begin_exit()                                   # the raw fields are current inside an exit
+    raw = regs.entry
+    assert raw.cr2.value == 0x7F12_3456_789A and raw.in_flight.value == -1
+    assert (raw.idt_limit.value, raw.idt_base.value) == tables[U.UC_X86_REG_IDTR]
+    assert (raw.tr_limit.value, raw.tr_base.value) == tables[U.UC_X86_REG_TR]
+    assert (raw.cs.value, raw.ss.value) == (0x08, 0x10)
+    regs.finish()
 
 
 KERNELS = ["tasks", "mm", "critical", "unix"]
