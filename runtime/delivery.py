@@ -156,7 +156,7 @@ def entering(vm: Vm) -> Callable[..., None]:
             handler, trap = gate or read_gate(mmu, raw.idt_limit.value, raw.idt_base.value, vector)
             if virtual_if:                 # the frame's IF is the virtual one; an interrupt gate masks it
                 rflags = rflags & ~RFLAGS_IF | (RFLAGS_IF if mode.mask_virtual_if(vm, not trap) else 0)
-            if handler not in checked:
+            if checked is not None and handler not in checked:
                 mode.check_entry_point(vm, handler, f"gate {vector}")
             stack = mode.kernel_stack(vm) if from_user else rsp
             new_rsp = push_frame(mmu, (rip, cs, rflags, rsp, ss), stack, error_code)
@@ -184,7 +184,7 @@ def resume(vm: Vm, frame: Frame) -> None:
     """Go on where a checked iret frame says: its RIP, RSP and RFLAGS, and ring 3 if it leaves the kernel."""
     cpu, mode, regs = vm.cpu, vm.mode, vm.cpu.regs
     rip, cs, frame_rflags, rsp, _ = frame
-    if rip not in mode.checked_entries:
+    if mode.checked_entries is not None and rip not in mode.checked_entries:
         mode.check_entry_point(vm, rip, "iret")
     # the bits kept are none of the arithmetic flags, so the stored RFLAGS does (no API round trip)
     rflags = regs.eflags_word.value & ~RESTORABLE | frame_rflags & RESTORABLE | 2

@@ -64,7 +64,7 @@ class Mode:
     exit_names: dict[str, str] = {}     # this mode's name for an exit (VT-x's exit reasons in hvm)
     passthrough_msrs: frozenset[int] = frozenset()   # MSRs read and written without an exit
     _entry_checked = 0             # the system-call entry last found valid (0: none)
-    checked_entries: frozenset[int] | set[int] = frozenset()   # entry points known good: no call to check them
+    checked_entries: set[int] | None = None   # entry points already found good (None: the mode checks none)
 
     def exiting(self, insn) -> str | None:
         """The exit a sensitive instruction makes for the whole run, by name; None: it runs natively."""
@@ -90,7 +90,8 @@ class Mode:
         """An interrupt was just delivered."""
 
     def check_entry_point(self, vm: Vm, address: int, what: str) -> None:
-        """Refuse a transfer the hypervisor is about to make into guest code."""
+        """Refuse a transfer the hypervisor is about to make into guest code.  Entries and returns
+        (delivery.py) call it only in a mode that keeps `checked_entries`, for an address not in it."""
 
     def set_virtual_if(self, vm: Vm, enabled: bool) -> None:
         raise AssertionError(f"{self.name} mode has no virtual IF")
