@@ -167,20 +167,24 @@ def allocate(blocks, params: list[ir.VReg], registers: list[Reg],
         k = bisect_right(ps, start)
         return k == len(ps) or ps[k] >= end
 
-    def choose(v: int, start: int, end: int, held: dict[Reg, int]) -> Reg | None:
-        for h in hints.get(v, ()):
-            r = h if isinstance(h, Reg) else home.get(h)
-            if (isinstance(r, Reg) and r in clobbered and (r not in held or last[held[r]] <= start)
-                    and fits(start, end, r)):
-                return r
-        for r in registers:
-            if (r not in held or last[held[r]] <= start) and fits(start, end, r):
+    def hinted(v: int, start: int, end: int) -> Reg | None:
+        for h in hints[v]:
+            r = h if type(h) is Reg else home.get(h)
+            if r in until and until[r] <= start and fits(start, end, r):
                 return r
         return None
+
+    def victim(start: int, end: int) -> Reg | None:
+        """The register of the interval to spill for one of [start, end], if that
+        ends later (else the new one is spilled): the active one that ends last."""
+        r = max((r for r in active if last[active[r]] > start and fits(start, end, r)),
+                key=lambda r: last[active[r]], default=None)
+        return r if r is not None and last[active[r]] > end else None
 
     # register -> the vreg last given it, which holds it until its interval ends
     # (an ended one is left here: a register is free once its holder's end is behind)
     active: dict[Reg, int] = {}
+    until = dict.fromkeys(registers, -1)     # register -> the end of its holder (-1: none yet)
     spilled: list[int] = []              # spilled vregs still live
     free_slots: dict[int, int] = {}      # slot -> end of its last owner
 
@@ -201,19 +205,22 @@ def allocate(blocks, params: list[ir.VReg], registers: list[Reg],
             for old in [x for x in spilled if last[x] < s]:
                 spilled.remove(old)
                 free_slots[home[old]] = last[old]
-        r = choose(v, s, e, active)
+        r = hinted(v, s, e) if v in hints else None
         if r is None:
-            victim = max((r for r in active if last[active[r]] > s and fits(s, e, r)),
-                         key=lambda r: last[active[r]], default=None)
-            if victim is None or last[active[victim]] <= e:
-                spill(v)
-                continue
-            r = victim
-            spill(active[r])
+            for r in registers:         # the first one free, and not destroyed inside [s, e]
+                if until[r] <= s and (not clobbered[r] or fits(s, e, r)):
+                    break
+            else:
+                r = victim(s, e)
+                if r is None:
+                    spill(v)
+                    continue
+                spill(active[r])
         # moved to the end: the order the holders got their registers decides between
         # equally long victims
         active.pop(r, None)
         active[r] = v
+        until[r] = e
         home[v] = r
-        alloc.used.add(r)
+    alloc.used = set(active)            # (a register once given stays in `active`)
     return alloc
