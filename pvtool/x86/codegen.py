@@ -382,12 +382,12 @@ class FunctionGen:
 
     def where(self, v: ir.Operand) -> Reg | Mem | int:
         """The current location of an operand: register, spill slot or immediate."""
-        if type(v) is int:
-            return v if 0 <= v < 1 << 63 else signed64(v)
-        loc = self.locs.get(v.id)
-        if loc is None:     # never live: a dead definition or an undefined read
-            raise self.fail(f"{v!r} has no location")
-        return loc
+        if type(v) is not int:
+            try:
+                return self.locs[v.id]
+            except KeyError:    # never live: a dead definition or an undefined read
+                raise self.fail(f"{v!r} has no location") from None
+        return v if 0 <= v < 1 << 63 else signed64(v)
 
     def load_imm(self, r: Reg, v: int) -> None:
         v = signed64(v)
@@ -595,14 +595,14 @@ class FunctionGen:
 
     def binop(self, i: ir.BinOp) -> None:
         op = i.op
-        if op in isel.DIVISIONS:
-            self.divide(i)
+        if op not in ALU_OPS and op != "mul":      # (the common operators first)
+            if op in isel.DIVISIONS:
+                self.divide(i)
+            elif op in isel.SHIFTS:
+                self.shift(i)
+            else:
+                raise self.fail(f"unknown binary operator {op}")
             return
-        if op in isel.SHIFTS:
-            self.shift(i)
-            return
-        if op not in ALU_OPS and op != "mul":
-            raise self.fail(f"unknown binary operator {op}")
         D, A, B = self.where(i.dst), self.where(i.a), self.where(i.b)
         if B == D and A != D and op in COMMUTATIVE:
             A, B = B, A
