@@ -129,15 +129,21 @@ def clobbers(ins: ir.Instr) -> frozenset[Reg]:
 
 def select(fn: ir.Function) -> list[MBlock]:
     """Copy the function's blocks into MBlocks, fusing the patterns above."""
-    VReg = ir.VReg
+    VReg, BinOp, Copy = ir.VReg, ir.BinOp, ir.Copy
     uses: dict[int, int] = {}                   # VReg.id -> how many reads, how many writes
     defs: dict[int, int] = {}
     for b in fn.blocks:
         for ins in b.instrs:
-            for u in ins.uses():
+            kind = type(ins)
+            if kind is BinOp:                   # the commonest kinds' operands without a call
+                read, d = (ins.a, ins.b), ins.dst
+            elif kind is Copy:
+                read, d = (ins.src,), ins.dst
+            else:
+                read, d = ins.uses(), getattr(ins, "dst", None)     # (ir.Instr.defs() without the list)
+            for u in read:
                 if type(u) is VReg:
                     uses[u.id] = uses.get(u.id, 0) + 1
-            d = getattr(ins, "dst", None)        # ir.Instr.defs(), without the list
             if type(d) is VReg:
                 defs[d.id] = defs.get(d.id, 0) + 1
         if b.term is not None:

@@ -64,7 +64,7 @@ def build_intervals(blocks, params: list[ir.VReg], clobbers: Clobbers
     written, and the clobber points; the dataflow then adds the points
     where a vreg is live into or out of a block.  An interval is the hull
     of all those points, so the order they are met in does not matter."""
-    VReg = ir.VReg
+    VReg, BinOp, Copy = ir.VReg, ir.BinOp, ir.Copy
     first: dict[int, int] = {}
     last: dict[int, int] = {}
     for v in params:
@@ -78,7 +78,14 @@ def build_intervals(blocks, params: list[ir.VReg], clobbers: Clobbers
         g = k = 0
         for ins in (*b.instrs, b.term):
             p += 1
-            for u in ins.uses():
+            kind = type(ins)
+            if kind is BinOp:                       # the commonest kinds' operands without a call
+                uses, d = (ins.a, ins.b), ins.dst
+            elif kind is Copy:
+                uses, d = (ins.src,), ins.dst
+            else:
+                uses, d = ins.uses(), getattr(ins, "dst", None)     # (ir.Instr.defs() without the list)
+            for u in uses:
                 if type(u) is VReg:
                     u = u.id
                     if not k >> u & 1:
@@ -86,14 +93,13 @@ def build_intervals(blocks, params: list[ir.VReg], clobbers: Clobbers
                     if u not in first:
                         first[u] = p
                     last[u] = p
-            d = getattr(ins, "dst", None)           # ir.Instr.defs(), without the list
             if type(d) is VReg:
                 d = d.id
                 k |= 1 << d
                 if d not in first:
                     first[d] = p
                 last[d] = p
-            of = clobbers.get(type(ins))
+            of = clobbers.get(kind)
             if of is not None:
                 lost = of(ins)
                 if lost:
