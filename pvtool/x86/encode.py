@@ -77,9 +77,11 @@ REGS = tuple(Reg(n) for n in range(16))
  R8, R9, R10, R11, R12, R13, R14, R15) = REGS
 
 
-@dataclass(frozen=True)
+@dataclass(unsafe_hash=True, slots=True)
 class Mem:
-    """[base + disp]; with no base, absolute [disp32]; with `symbol`, [rip + symbol + disp]."""
+    """[base + disp]; with no base, absolute [disp32]; with `symbol`, [rip + symbol + disp].
+    Never changed once made, so hashable; not frozen only because a frozen dataclass
+    takes three times as long to make (as ir.VReg)."""
     base: Reg | None = None
     disp: int = 0
     symbol: str | None = None
