@@ -114,16 +114,20 @@ def build_intervals(blocks, params: list[ir.VReg], clobbers: Clobbers
     # of it, so that entry never moves its end).
     seen = 0
     for label, entry, _ in bounds:
-        for v in bits(live_in[label] & ~seen):
-            if entry < first[v]:
-                first[v] = entry
-        seen |= live_in[label]
+        new = live_in[label] & ~seen
+        if new:
+            for v in bits(new):
+                if entry < first[v]:
+                    first[v] = entry
+            seen |= new
     seen = 0
     for label, _, exit_ in reversed(bounds):
-        for v in bits(live_out[label] & ~seen):   # read or written somewhere: seen by the walk
-            if exit_ > last[v]:
-                last[v] = exit_
-        seen |= live_out[label]
+        new = live_out[label] & ~seen
+        if new:
+            for v in bits(new):                 # read or written somewhere: seen by the walk
+                if exit_ > last[v]:
+                    last[v] = exit_
+            seen |= new
     return first, last, clobber_points
 
 
