@@ -267,9 +267,10 @@ class FunctionGen:
                 if ins is term:
                     self.terminator(ins)
                     continue
-                emit = EMITTERS.get(type(ins))
-                if emit is None:
-                    raise self.fail(f"cannot compile {ins!r}")
+                try:
+                    emit = EMITTERS[type(ins)]
+                except KeyError:
+                    raise self.fail(f"cannot compile {ins!r}") from None
                 emit(self, ins)
         if self.open_sites:
             raise self.fail("SiteBegin without SiteEnd")
