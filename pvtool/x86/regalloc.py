@@ -134,8 +134,9 @@ def build_intervals(blocks, params: list[ir.VReg], clobbers: Clobbers
 def _liveness(gen: dict[str, int], kill: dict[str, int], succs: list[tuple[str, list[str]]]
               ) -> tuple[dict[str, int], dict[str, int]]:
     """Live-in and live-out bit sets per block label: backward dataflow to a
-    fixed point, visiting the blocks last first."""
-    live_in = dict.fromkeys(gen, 0)
+    fixed point, visiting the blocks last first.  Live-in starts as gen, which
+    it always holds, so it changes only when live-out does."""
+    live_in = dict(gen)
     live_out = dict.fromkeys(gen, 0)
     succs = succs[::-1]
     changed = True
@@ -145,9 +146,9 @@ def _liveness(gen: dict[str, int], kill: dict[str, int], succs: list[tuple[str, 
             out = 0
             for s in following:
                 out |= live_in[s]
-            inn = gen[label] | (out & ~kill[label])
-            if out != live_out[label] or inn != live_in[label]:
-                live_out[label], live_in[label] = out, inn
+            if out != live_out[label]:
+                live_out[label] = out
+                live_in[label] = gen[label] | (out & ~kill[label])
                 changed = True
     return live_in, live_out
 
