@@ -358,11 +358,16 @@ class Asm:
     def _enter_bundle(self, at: int) -> None:
         """Nothing before a new bundle grows any more; labels bound at its start may
         still move past NOPs (before a call that ends the bundle)."""
-        recent, labels = self.recent, self.labels
-        keep = len(recent)
-        while keep and labels[recent[keep - 1]] == at:
-            keep -= 1
-        self.bundle, self.run, self.recent = at // BUNDLE, [], recent[keep:]
+        recent = self.recent
+        if recent and self.labels[recent[-1]] == at:
+            labels = self.labels
+            keep = len(recent) - 1
+            while keep and labels[recent[keep - 1]] == at:
+                keep -= 1
+            recent = recent[keep:]
+        else:
+            recent = []
+        self.bundle, self.run, self.recent = at // BUNDLE, [], recent
 
     def _grow(self, need: int) -> int:
         """Pad by adding up to `need` prefixes to this bundle's PREFIXABLE instructions
@@ -380,20 +385,24 @@ class Asm:
 
     def _insert(self, at: int, k: int) -> None:
         """k prefixes in front of the instruction at `at`; everything after it moves
-        (the run's later instructions too, but `_grow` is done with them)."""
+        (the run's later instructions too, but `_grow` is done with them).  What moves
+        is in the current bundle: the lists are walked from their ends."""
         self.code[at:at] = _PREFIXES[k]
-        for r in reversed(self.relocs):
-            if r.offset <= at:
-                break
-            r.offset += k
+        relocs = self.relocs
+        if relocs and relocs[-1].offset > at:
+            for r in reversed(relocs):
+                if r.offset <= at:
+                    break
+                r.offset += k
         fixups = self.fixups
         i = len(fixups) - 1
         while i >= 0 and fixups[i][0] > at:
             fixups[i] = (fixups[i][0] + k, fixups[i][1])
             i -= 1
+        labels = self.labels
         for name in self.recent:
-            if self.labels[name] > at:
-                self.labels[name] += k
+            if labels[name] > at:
+                labels[name] += k
         anchors = self.anchors
         i = len(anchors) - 1
         while i >= 0 and anchors[i] > at:
