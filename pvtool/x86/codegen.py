@@ -334,15 +334,16 @@ class FunctionGen:
         h: dict[int, list[Reg | int]] = {}
         for p, r in zip(self.fn.params, ARG_REGS):
             h.setdefault(p.id, []).append(r)
+        Copy, Call, Hypercall, VReg = ir.Copy, ir.Call, ir.Hypercall, ir.VReg
         for b in self.blocks:
             for ins in b.instrs:
                 kind = type(ins)
-                if kind is ir.Copy:
-                    if type(ins.src) is ir.VReg:
+                if kind is Copy:
+                    if type(ins.src) is VReg:
                         h.setdefault(ins.dst.id, []).append(ins.src.id)
-                elif kind is ir.Call or kind is ir.Hypercall:
-                    for v, r in zip(ins.args, ARG_REGS if kind is ir.Call else HYPERCALL_REGS):
-                        if type(v) is ir.VReg:
+                elif kind is Call or kind is Hypercall:
+                    for v, r in zip(ins.args, ARG_REGS if kind is Call else HYPERCALL_REGS):
+                        if type(v) is VReg:
                             h.setdefault(v.id, []).append(r)
         return h
 
