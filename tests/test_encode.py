@@ -396,6 +396,23 @@ def test_round_trip(method):
     assert not failures, f"{len(failures)} of {len(cases)} failed, e.g.\n" + "\n".join(failures[:8])
 
 
+def test_prefixable_instructions_have_room_for_every_prefix(monkeypatch):
+    """Bundled padding gives each PREFIXABLE instruction MAX_PREFIXES without looking at its
+    size: that keeps it within x86's 15 bytes only if none is longer than 15 - MAX_PREFIXES."""
+    sizes = []
+    put = Asm._put_prefixable
+
+    def recording(self, ins):
+        sizes.append(len(ins))
+        return put(self, ins)
+    monkeypatch.setattr(Asm, "_put_prefixable", recording)
+    for method in CASES:
+        for case in CASES[method]():
+            run(case)
+    assert sizes and max(sizes) <= 15 - E.MAX_PREFIXES
+    assert max(sizes) == 10                    # movabs: the test reaches the longest form
+
+
 # -- relocations and fixups -----------------------------------------------------
 
 def apply_pc32(code: bytes, reloc: obj.Reloc, base: int, symbol_addr: int) -> int:
@@ -529,7 +546,7 @@ def emit_program(a: Asm, picks: list[int], label_at: dict[int, str]) -> None:
         else:
             getattr(a, method)(*args)
     for name in ("l0", "l1", "l2", "l3"):
-        if name not in a.labels and name not in a.pending:
+        if name not in a.labels:
             a.label(name)
 
 

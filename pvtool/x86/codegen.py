@@ -267,9 +267,10 @@ class FunctionGen:
                 if ins is term:
                     self.terminator(ins)
                     continue
-                emit = EMITTERS.get(type(ins))
-                if emit is None:
-                    raise self.fail(f"cannot compile {ins!r}")
+                try:
+                    emit = EMITTERS[type(ins)]
+                except KeyError:
+                    raise self.fail(f"cannot compile {ins!r}") from None
                 emit(self, ins)
         if self.open_sites:
             raise self.fail("SiteBegin without SiteEnd")
@@ -333,15 +334,16 @@ class FunctionGen:
         h: dict[int, list[Reg | int]] = {}
         for p, r in zip(self.fn.params, ARG_REGS):
             h.setdefault(p.id, []).append(r)
+        Copy, Call, Hypercall, VReg = ir.Copy, ir.Call, ir.Hypercall, ir.VReg
         for b in self.blocks:
             for ins in b.instrs:
                 kind = type(ins)
-                if kind is ir.Copy:
-                    if type(ins.src) is ir.VReg:
+                if kind is Copy:
+                    if type(ins.src) is VReg:
                         h.setdefault(ins.dst.id, []).append(ins.src.id)
-                elif kind is ir.Call or kind is ir.Hypercall:
-                    for v, r in zip(ins.args, ARG_REGS if kind is ir.Call else HYPERCALL_REGS):
-                        if type(v) is ir.VReg:
+                elif kind is Call or kind is Hypercall:
+                    for v, r in zip(ins.args, ARG_REGS if kind is Call else HYPERCALL_REGS):
+                        if type(v) is VReg:
                             h.setdefault(v.id, []).append(r)
         return h
 
@@ -382,12 +384,12 @@ class FunctionGen:
 
     def where(self, v: ir.Operand) -> Reg | Mem | int:
         """The current location of an operand: register, spill slot or immediate."""
-        if type(v) is int:
-            return v if 0 <= v < 1 << 63 else signed64(v)
-        loc = self.locs.get(v.id)
-        if loc is None:     # never live: a dead definition or an undefined read
-            raise self.fail(f"{v!r} has no location")
-        return loc
+        if type(v) is not int:
+            try:
+                return self.locs[v.id]
+            except KeyError:    # never live: a dead definition or an undefined read
+                raise self.fail(f"{v!r} has no location") from None
+        return v if 0 <= v < 1 << 63 else signed64(v)
 
     def load_imm(self, r: Reg, v: int) -> None:
         v = signed64(v)
@@ -595,14 +597,14 @@ class FunctionGen:
 
     def binop(self, i: ir.BinOp) -> None:
         op = i.op
-        if op in isel.DIVISIONS:
-            self.divide(i)
+        if op not in ALU_OPS and op != "mul":      # (the common operators first)
+            if op in isel.DIVISIONS:
+                self.divide(i)
+            elif op in isel.SHIFTS:
+                self.shift(i)
+            else:
+                raise self.fail(f"unknown binary operator {op}")
             return
-        if op in isel.SHIFTS:
-            self.shift(i)
-            return
-        if op not in ALU_OPS and op != "mul":
-            raise self.fail(f"unknown binary operator {op}")
         D, A, B = self.where(i.dst), self.where(i.a), self.where(i.b)
         if B == D and A != D and op in COMMUTATIVE:
             A, B = B, A

@@ -77,9 +77,11 @@ REGS = tuple(Reg(n) for n in range(16))
  R8, R9, R10, R11, R12, R13, R14, R15) = REGS
 
 
-@dataclass(frozen=True)
+@dataclass(unsafe_hash=True, slots=True)
 class Mem:
-    """[base + disp]; with no base, absolute [disp32]; with `symbol`, [rip + symbol + disp]."""
+    """[base + disp]; with no base, absolute [disp32]; with `symbol`, [rip + symbol + disp].
+    Never changed once made, so hashable; not frozen only because a frozen dataclass
+    takes three times as long to make (as ir.VReg)."""
     base: Reg | None = None
     disp: int = 0
     symbol: str | None = None
@@ -182,17 +184,19 @@ def _modrm(out: bytearray, reg: int, rm: Reg | Mem) -> int:
     return 0
 
 
-# How an instruction may be laid out in bundled code: FIXED as encoded;
-# PREFIXABLE may grow by redundant CS prefixes (register-only instructions
-# and lea: no memory access the prefix could touch, nothing sensitive);
-# BACKWARD, a jump whose displacement is fixed at emission, so nothing
+# How an instruction may be laid out in bundled code (`_put`, `_put_prefixable`):
+# FIXED as encoded; PREFIXABLE may grow by redundant CS prefixes (register-only
+# instructions and lea: no memory access the prefix could touch, nothing
+# sensitive).  A backward jump's displacement is fixed at emission, so nothing
 # between its target and itself may grow afterwards.  (Forward jumps are
 # patched by finish() and relocations by the linker: both move along.)
-FIXED, PREFIXABLE, BACKWARD = 0, 1, 2
+FIXED, PREFIXABLE = 0, 1
 PREFIX = 0x2E                  # CS override: ignored in 64-bit mode
 MAX_PREFIXES = 5               # added to one instruction, as gas's prefix padding (never beyond 15 bytes)
 _PREFIXES = [bytes((PREFIX,)) * k for k in range(MAX_PREFIXES + 1)]
-_ROOM = [min(MAX_PREFIXES, 15 - size) for size in range(16)]      # prefixes an instruction of `size` takes
+# Asm.limit of native code: beyond any function, and still a one-digit int (CPython
+# compares those fastest; a native function past it only goes through `_place`).
+UNBOUNDED = (1 << 30) - 1
 
 
 # Of each register pair (ModRM's reg field and r/m register), at reg << 4 | rm:
@@ -237,13 +241,15 @@ class Asm:
         self.fixups: list[tuple[int, str]] = []   # (offset of rel32 field, label)
         self.anchors: list[int] = []              # offsets others hold on to (line and site rows)
         self.bundled = bundled
-        self.pending: list[str] = []              # bundled: labels bound at the next instruction
         self.pads: dict[int, int] = {}            # bundled: where NOP padding starts -> where it ends
-        # bundled: [start, room for prefixes] of each PREFIXABLE instruction of the
-        # current bundle since its last BACKWARD jump, and the labels bound in it
+        # bundled: the current bundle, the starts of its PREFIXABLE instructions since
+        # its last backward jump, and the labels bound in it (or at its start)
         self.bundle = 0
-        self.run: list[list[int]] = []
+        self.run: list[int] = []
         self.recent: list[str] = []
+        # Where the code may grow to without `_place` looking: the current bundle's end,
+        # never reached in native code.
+        self.limit = BUNDLE if bundled else UNBOUNDED
 
     @property
     def offset(self) -> int:
@@ -267,28 +273,22 @@ class Asm:
     # -- labels -------------------------------------------------------------
 
     def label(self, name: str) -> None:
-        if name in self.labels or name in self.pending:
+        """Bind `name` here; in bundled code `_place` moves it past any NOPs that
+        come before the next instruction."""
+        if name in self.labels:
             raise EncodeError(f"label {name!r} defined twice")
+        self.labels[name] = len(self.code)
         if self.bundled:
-            self.pending.append(name)
-        else:
-            self.labels[name] = len(self.code)
+            self.recent.append(name)
 
     def finish(self) -> bytes:
         """Patch the forward jumps and return the code."""
-        self._bind(len(self.code))
         for at, name in self.fixups:
             if name not in self.labels:
                 raise EncodeError(f"undefined label {name!r}")
             struct.pack_into("<i", self.code, at, self.labels[name] - (at + 4))
         self.fixups.clear()
         return bytes(self.code)
-
-    def _bind(self, at: int) -> None:
-        for name in self.pending:
-            self.labels[name] = at
-        self.recent += self.pending
-        self.pending.clear()
 
     # -- placement ----------------------------------------------------------
 
@@ -301,88 +301,113 @@ class Asm:
             return at + (-(at + size) % BUNDLE)
         return at if at % BUNDLE + size <= BUNDLE else at - at % BUNDLE + BUNDLE
 
-    def _put(self, ins: bytes | bytearray, end_on_bundle: bool = False, kind: int = FIXED) -> int:
-        """Append one instruction (or an inseparable group, e.g. a masked pair),
+    def _put(self, ins: bytes | bytearray) -> int:
+        """Append one FIXED instruction (or an inseparable group, e.g. a masked pair),
         padding first in bundled code; return where it starts."""
         code = self.code
         at = len(code)
-        if not self.bundled:
-            code += ins
-            return at
-        size = len(ins)
-        if end_on_bundle or at % BUNDLE + size > BUNDLE:
-            at = self._place(size, end_on_bundle)
-        else:                                  # fits where it is: `_place` without the padding
-            if at // BUNDLE != self.bundle:
-                self._enter_bundle(at)
-            if self.pending:
-                self._bind(at)
+        if at + len(ins) > self.limit:         # bundled: past the bundle's end
+            at = self._place(len(ins))
         code += ins
-        if kind == PREFIXABLE:
-            self.run.append([at, _ROOM[size]])
-        elif kind == BACKWARD:
-            self.run = []
+        return at
+
+    def _put_prefixable(self, ins: bytes | bytearray) -> int:
+        """`_put` for a PREFIXABLE instruction, which later padding may grow."""
+        code = self.code
+        at = len(code)
+        if at + len(ins) > self.limit:
+            at = self._place(len(ins))
+        code += ins
+        self.run.append(at)
+        return at
+
+    def _put_ending_bundle(self, ins: bytes | bytearray) -> int:
+        """`_put` for a FIXED instruction that ends on a bundle end in bundled code."""
+        at = self._place(len(ins), True) if self.bundled else len(self.code)
+        self.code += ins
         return at
 
     def _place(self, size: int, end_on_bundle: bool = False) -> int:
         """Bundled: make the code end where the next `size` bytes may start --
-        prefixes on earlier instructions first, then NOPs -- and bind pending labels there."""
+        prefixes on earlier instructions first, then NOPs, which the labels bound
+        at the end skip."""
         code = self.code
         at = len(code)
+        if not self.bundled:                   # a native function of UNBOUNDED bytes
+            return at
         if at // BUNDLE != self.bundle:
             self._enter_bundle(at)
-        start = self._start_for(size, end_on_bundle)
+        if end_on_bundle:                      # (`_start_for`, inline)
+            start = at + (-(at + size) % BUNDLE)
+        else:
+            start = at if at % BUNDLE + size <= BUNDLE else at - at % BUNDLE + BUNDLE
         if start != at:
             at = self._grow(min(start, at - at % BUNDLE + BUNDLE) - at)
             if start != at:
                 code += _PADDING[at % BUNDLE][start - at]
                 self.pads[at] = start
+                labels = self.labels
+                for name in self.recent:
+                    if labels[name] == at:
+                        labels[name] = start
             if start // BUNDLE != self.bundle:
                 self._enter_bundle(start)
-        if self.pending:
-            self._bind(start)
+        self.limit = self.bundle * BUNDLE + BUNDLE
         return start
 
     def _enter_bundle(self, at: int) -> None:
-        """Nothing before a new bundle grows any more."""
-        self.bundle, self.run, self.recent = at // BUNDLE, [], []
+        """Nothing before a new bundle grows any more; labels bound at its start may
+        still move past NOPs (before a call that ends the bundle)."""
+        recent = self.recent
+        if recent and self.labels[recent[-1]] == at:
+            labels = self.labels
+            keep = len(recent) - 1
+            while keep and labels[recent[keep - 1]] == at:
+                keep -= 1
+            recent = recent[keep:]
+        else:
+            recent = []
+        self.bundle, self.run, self.recent = at // BUNDLE, [], recent
 
     def _grow(self, need: int) -> int:
         """Pad by adding up to `need` prefixes to this bundle's PREFIXABLE instructions
-        since its last backward jump, the latest first (no NOP to execute); return the new end."""
-        for entry in reversed(self.run):
-            k = entry[1] if entry[1] < need else need
-            if k:
-                self._insert(entry[0], k)
-                entry[1] -= k
-                need -= k
-                if not need:
-                    break
+        since its last backward jump, the latest first (no NOP to execute); return the new end.
+        Each takes MAX_PREFIXES: none is longer than 15 - MAX_PREFIXES bytes (tests/test_encode.py),
+        and none has grown before (a bundle is padded once: the next instruction starts
+        a new one)."""
+        for at in reversed(self.run):
+            k = MAX_PREFIXES if MAX_PREFIXES < need else need
+            self._insert(at, k)
+            need -= k
+            if not need:
+                break
         return len(self.code)
 
     def _insert(self, at: int, k: int) -> None:
-        """k prefixes in front of the instruction at `at`; everything after it moves."""
+        """k prefixes in front of the instruction at `at`; everything after it moves
+        (the run's later instructions too, but `_grow` is done with them).  What moves
+        is in the current bundle: the lists are walked from their ends."""
         self.code[at:at] = _PREFIXES[k]
-        for r in reversed(self.relocs):
-            if r.offset <= at:
-                break
-            r.offset += k
+        relocs = self.relocs
+        if relocs and relocs[-1].offset > at:
+            for r in reversed(relocs):
+                if r.offset <= at:
+                    break
+                r.offset += k
         fixups = self.fixups
         i = len(fixups) - 1
         while i >= 0 and fixups[i][0] > at:
             fixups[i] = (fixups[i][0] + k, fixups[i][1])
             i -= 1
+        labels = self.labels
         for name in self.recent:
-            if self.labels[name] > at:
-                self.labels[name] += k
+            if labels[name] > at:
+                labels[name] += k
         anchors = self.anchors
         i = len(anchors) - 1
         while i >= 0 and anchors[i] > at:
             anchors[i] += k
             i -= 1
-        for entry in self.run:
-            if entry[0] > at:
-                entry[0] += k
 
     def _reloc(self, at: int, symbol: str, addend: int) -> None:
         self.relocs.append(Reloc(at, PC32, symbol, addend))
@@ -406,7 +431,10 @@ class Asm:
             out += opcode
             out.append(0xC0 | (reg & 7) << 3 | n & 7)
             out += imm
-            self._put(out, False, PREFIXABLE if kind is None else kind)
+            if kind == FIXED:
+                self._put(out)
+            else:
+                self._put_prefixable(out)
             return
         rex = 0x40 | w << 3 | (reg >> 3) << 2 | (rm.base.n >> 3 if rm.base is not None else 0)
         if rex != 0x40 or (byte_regs and any(4 <= r < 8 for r in byte_regs)):
@@ -414,7 +442,7 @@ class Asm:
         out += opcode
         rip = _modrm(out, reg & 7, rm)
         out += imm
-        at = self._put(out, False, FIXED if kind is None else kind)
+        at = self._put_prefixable(out) if kind == PREFIXABLE else self._put(out)
         if rip:
             self._reloc(at + rip, rm.symbol, rm.disp - 4 - len(imm))
 
@@ -422,7 +450,8 @@ class Asm:
         self._put(bytes(opcode))
 
     def _rel32(self, opcode: bytes, symbol: str, addend: int, end_on_bundle: bool = False) -> None:
-        at = self._put(opcode + b"\0\0\0\0", end_on_bundle)
+        ins = opcode + b"\0\0\0\0"
+        at = self._put_ending_bundle(ins) if end_on_bundle else self._put(ins)
         self._reloc(at + len(opcode), symbol, addend - 4)
 
     @staticmethod
@@ -435,20 +464,20 @@ class Asm:
         """mov; a 64-bit immediate that does not fit in imm32 becomes movabs."""
         if type(src) is Reg:                   # the common cases first
             if type(dst) is Reg and size in _MOV_RR:
-                self._put(_MOV_RR[size][src.n << 4 | dst.n], False, PREFIXABLE)
+                self._put_prefixable(_MOV_RR[size][src.n << 4 | dst.n])
                 return
             if size == 8:
                 self._emit(b"\x89", src.n, dst, 8)
                 return
         elif type(src) is int and type(dst) is Reg and size == 4 and -0x8000_0000 <= src < 0x1_0000_0000:
-            self._put(_MOV_R32I[dst.n] + (src & 0xFFFF_FFFF).to_bytes(4, "little"), False, PREFIXABLE)
+            self._put_prefixable(_MOV_R32I[dst.n] + (src & 0xFFFF_FFFF).to_bytes(4, "little"))
             return
         op8 = size == 1
         _check_size(size)
         if isinstance(src, int):
             if isinstance(dst, Reg) and size == 8 and not fits_s32(src):
                 rex = 0x48 | dst.n >> 3
-                self._put(bytes((rex, 0xB8 + (dst.n & 7))) + imm_bytes(src, 8), False, PREFIXABLE)
+                self._put_prefixable(bytes((rex, 0xB8 + (dst.n & 7))) + imm_bytes(src, 8))
             elif isinstance(dst, Reg) and size < 8:
                 self._emit_short_reg(0xB0 if op8 else 0xB8, dst, size, imm_bytes(src, size))
             else:
@@ -474,7 +503,7 @@ class Asm:
         if r.n >= 8 or (size == 1 and r.n >= 4):
             out.append(0x40 | r.n >> 3)
         out += bytes((base + (r.n & 7),)) + imm
-        self._put(out, False, PREFIXABLE)
+        self._put_prefixable(out)
 
     def movzx(self, dst: Reg, src: Reg | Mem, src_size: int, size: int = 4) -> None:
         """Zero-extend an 8- or 16-bit source (a 32-bit one: use mov r32, r/m32)."""
@@ -493,7 +522,7 @@ class Asm:
     def movsxd(self, dst: Reg, src: Reg | Mem) -> None:
         """Sign-extend 32 to 64 bits."""
         if type(src) is Reg:
-            self._put(_MOVSXD_RR[dst.n << 4 | src.n], False, PREFIXABLE)
+            self._put_prefixable(_MOVSXD_RR[dst.n << 4 | src.n])
         else:
             self._emit(b"\x63", dst.n, src, 8)
 
@@ -529,17 +558,17 @@ class Asm:
         self._short_op(0x58, r)
 
     def _short_op(self, base: int, r: Reg) -> None:
-        self._put(bytes((0x41, base + (r.n & 7))) if r.n >= 8 else bytes((base + r.n,)), False, PREFIXABLE)
+        self._put_prefixable(bytes((0x41, base + (r.n & 7))) if r.n >= 8 else bytes((base + r.n,)))
 
     # -- arithmetic ---------------------------------------------------------
 
     def _alu(self, ext: int, dst: Reg | Mem, src: Reg | Mem | int, size: int) -> None:
         if type(dst) is Reg and size in _ALU_RR:                           # the common cases first
             if type(src) is Reg:
-                self._put(_ALU_RR[size][ext][src.n << 4 | dst.n], False, PREFIXABLE)
+                self._put_prefixable(_ALU_RR[size][ext][src.n << 4 | dst.n])
                 return
             if type(src) is int and -0x80 <= src < 0x80:
-                self._put(_ALU_RI8[size][ext << 4 | dst.n] + _BYTE[src & 0xFF], False, PREFIXABLE)
+                self._put_prefixable(_ALU_RI8[size][ext << 4 | dst.n] + _BYTE[src & 0xFF])
                 return
         _check_size(size)
         op8 = size == 1
@@ -581,7 +610,7 @@ class Asm:
 
     def test(self, dst: Reg | Mem, src: Reg | int, size: int = 8) -> None:
         if type(src) is Reg and type(dst) is Reg and size == 8:             # the common case first
-            self._put(_TEST_RR[src.n << 4 | dst.n], False, PREFIXABLE)
+            self._put_prefixable(_TEST_RR[src.n << 4 | dst.n])
             return
         _check_size(size)
         op8 = size == 1
@@ -599,7 +628,7 @@ class Asm:
     def imul(self, dst: Reg, src: Reg | Mem, imm: int | None = None, size: int = 8) -> None:
         """imul dst, src  or, with `imm`, imul dst, src, imm."""
         if type(src) is Reg and size == 8 and imm is not None and -0x80 <= imm < 0x80:   # the common case first
-            self._put(_IMUL_RRI8[dst.n << 4 | src.n] + _BYTE[imm & 0xFF], False, PREFIXABLE)
+            self._put_prefixable(_IMUL_RRI8[dst.n << 4 | src.n] + _BYTE[imm & 0xFF])
             return
         _check_size(size, (2, 4, 8))
         if imm is None:
@@ -613,7 +642,7 @@ class Asm:
 
     def _group3(self, ext: int, dst: Reg | Mem, size: int) -> None:
         if type(dst) is Reg and size == 8:                                  # the common case first
-            self._put(_GROUP3_R[ext << 4 | dst.n], False, PREFIXABLE)
+            self._put_prefixable(_GROUP3_R[ext << 4 | dst.n])
             return
         _check_size(size)
         self._emit(b"\xF6" if size == 1 else b"\xF7", ext, dst, size, byte_regs=self._byte_regs(size, dst))
@@ -637,7 +666,7 @@ class Asm:
 
     def _shift(self, ext: int, dst: Reg | Mem, count: int | Reg, size: int) -> None:
         if type(dst) is Reg and type(count) is int and size == 8 and 0 <= count < 256:   # the common case first
-            self._put(_SHIFT_RI8[ext << 4 | dst.n] + _BYTE[count], False, PREFIXABLE)
+            self._put_prefixable(_SHIFT_RI8[ext << 4 | dst.n] + _BYTE[count])
             return
         _check_size(size)
         op8 = size == 1
@@ -671,14 +700,15 @@ class Asm:
         """Short form for a bound label in reach, else rel32 (patched later if forward).
         Padding only brings a backward target closer, so the size is chosen first."""
         target = self.labels.get(name)
-        if target is None:
+        if target is None or (self.bundled and target == len(self.code)):   # bundled: NOPs may come between
             at = self._put(near + b"\0\0\0\0")
             self.fixups.append((at + len(near), name))
             return
         size = 2 if -0x80 <= target - (self._start_for(2) + 2) < 0x80 else len(near) + 4
         at = self._place(size) if self.bundled else len(self.code)
         rel = self.labels[name] - (at + size)
-        self._put(bytes((short, rel & 0xFF)) if size == 2 else near + struct.pack("<i", rel), False, BACKWARD)
+        self._put(bytes((short, rel & 0xFF)) if size == 2 else near + struct.pack("<i", rel))
+        self.run = []                          # its displacement is fixed: nothing before it grows
 
     def jmp(self, name: str) -> None:
         """Jump to a local label."""
@@ -722,7 +752,7 @@ class Asm:
 
     def masked_call(self, r: Reg) -> None:
         """and r, -32; call r -- in one bundle, ending on its end when bundled."""
-        self._put(self._masked_pair(2, r), end_on_bundle=True)
+        self._put_ending_bundle(self._masked_pair(2, r))
 
     def masked_ret(self, scratch: Reg) -> None:
         """The return of bundled code: pop scratch; and scratch, -32; jmp scratch."""

@@ -129,15 +129,24 @@ def clobbers(ins: ir.Instr) -> frozenset[Reg]:
 
 def select(fn: ir.Function) -> list[MBlock]:
     """Copy the function's blocks into MBlocks, fusing the patterns above."""
-    VReg = ir.VReg
+    VReg, BinOp, Copy, Load, Store = ir.VReg, ir.BinOp, ir.Copy, ir.Load, ir.Store
     uses: dict[int, int] = {}                   # VReg.id -> how many reads, how many writes
     defs: dict[int, int] = {}
+    accessing: set[str] = set()                 # the blocks with loads or stores
     for b in fn.blocks:
         for ins in b.instrs:
-            for u in ins.uses():
+            kind = type(ins)
+            if kind is BinOp:                   # the commonest kinds' operands without a call
+                read, d = (ins.a, ins.b), ins.dst
+            elif kind is Copy:
+                read, d = (ins.src,), ins.dst
+            else:
+                read, d = ins.uses(), getattr(ins, "dst", None)     # (ir.Instr.defs() without the list)
+                if kind is Load or kind is Store:
+                    accessing.add(b.label)
+            for u in read:
                 if type(u) is VReg:
                     uses[u.id] = uses.get(u.id, 0) + 1
-            d = getattr(ins, "dst", None)        # ir.Instr.defs(), without the list
             if type(d) is VReg:
                 defs[d.id] = defs.get(d.id, 0) + 1
         if b.term is not None:
@@ -149,7 +158,11 @@ def select(fn: ir.Function) -> list[MBlock]:
         if b.term is None:
             raise SelectError(f"{fn.name}: block {b.label} has no terminator")
         instrs, term = _fuse_compare(b.instrs, b.term, uses)
-        blocks.append(MBlock(b.label, _fuse_addresses(instrs, uses, defs), term))
+        if b.label in accessing:
+            instrs = _fuse_addresses(instrs, uses, defs)
+        elif instrs is b.instrs:                # (an address is only fused into a load or store)
+            instrs = list(instrs)
+        blocks.append(MBlock(b.label, instrs, term))
     labels = {b.label for b in blocks}
     for b in blocks:
         for s in b.successors():

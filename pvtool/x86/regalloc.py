@@ -64,7 +64,7 @@ def build_intervals(blocks, params: list[ir.VReg], clobbers: Clobbers
     written, and the clobber points; the dataflow then adds the points
     where a vreg is live into or out of a block.  An interval is the hull
     of all those points, so the order they are met in does not matter."""
-    VReg = ir.VReg
+    VReg, BinOp, Copy = ir.VReg, ir.BinOp, ir.Copy
     first: dict[int, int] = {}
     last: dict[int, int] = {}
     for v in params:
@@ -78,7 +78,14 @@ def build_intervals(blocks, params: list[ir.VReg], clobbers: Clobbers
         g = k = 0
         for ins in (*b.instrs, b.term):
             p += 1
-            for u in ins.uses():
+            kind = type(ins)
+            if kind is BinOp:                       # the commonest kinds' operands without a call
+                uses, d = (ins.a, ins.b), ins.dst
+            elif kind is Copy:
+                uses, d = (ins.src,), ins.dst
+            else:
+                uses, d = ins.uses(), getattr(ins, "dst", None)     # (ir.Instr.defs() without the list)
+            for u in uses:
                 if type(u) is VReg:
                     u = u.id
                     if not k >> u & 1:
@@ -86,14 +93,13 @@ def build_intervals(blocks, params: list[ir.VReg], clobbers: Clobbers
                     if u not in first:
                         first[u] = p
                     last[u] = p
-            d = getattr(ins, "dst", None)           # ir.Instr.defs(), without the list
             if type(d) is VReg:
                 d = d.id
                 k |= 1 << d
                 if d not in first:
                     first[d] = p
                 last[d] = p
-            of = clobbers.get(type(ins))
+            of = clobbers.get(kind)
             if of is not None:
                 lost = of(ins)
                 if lost:
@@ -108,24 +114,29 @@ def build_intervals(blocks, params: list[ir.VReg], clobbers: Clobbers
     # of it, so that entry never moves its end).
     seen = 0
     for label, entry, _ in bounds:
-        for v in bits(live_in[label] & ~seen):
-            if entry < first[v]:
-                first[v] = entry
-        seen |= live_in[label]
+        new = live_in[label] & ~seen
+        if new:
+            for v in bits(new):
+                if entry < first[v]:
+                    first[v] = entry
+            seen |= new
     seen = 0
     for label, _, exit_ in reversed(bounds):
-        for v in bits(live_out[label] & ~seen):   # read or written somewhere: seen by the walk
-            if exit_ > last[v]:
-                last[v] = exit_
-        seen |= live_out[label]
+        new = live_out[label] & ~seen
+        if new:
+            for v in bits(new):                 # read or written somewhere: seen by the walk
+                if exit_ > last[v]:
+                    last[v] = exit_
+            seen |= new
     return first, last, clobber_points
 
 
 def _liveness(gen: dict[str, int], kill: dict[str, int], succs: list[tuple[str, list[str]]]
               ) -> tuple[dict[str, int], dict[str, int]]:
     """Live-in and live-out bit sets per block label: backward dataflow to a
-    fixed point, visiting the blocks last first."""
-    live_in = dict.fromkeys(gen, 0)
+    fixed point, visiting the blocks last first.  Live-in starts as gen, which
+    it always holds, so it changes only when live-out does."""
+    live_in = dict(gen)
     live_out = dict.fromkeys(gen, 0)
     succs = succs[::-1]
     changed = True
@@ -135,9 +146,9 @@ def _liveness(gen: dict[str, int], kill: dict[str, int], succs: list[tuple[str, 
             out = 0
             for s in following:
                 out |= live_in[s]
-            inn = gen[label] | (out & ~kill[label])
-            if out != live_out[label] or inn != live_in[label]:
-                live_out[label], live_in[label] = out, inn
+            if out != live_out[label]:
+                live_out[label] = out
+                live_in[label] = gen[label] | (out & ~kill[label])
                 changed = True
     return live_in, live_out
 
@@ -167,20 +178,24 @@ def allocate(blocks, params: list[ir.VReg], registers: list[Reg],
         k = bisect_right(ps, start)
         return k == len(ps) or ps[k] >= end
 
-    def choose(v: int, start: int, end: int, held: dict[Reg, int]) -> Reg | None:
-        for h in hints.get(v, ()):
-            r = h if isinstance(h, Reg) else home.get(h)
-            if (isinstance(r, Reg) and r in clobbered and (r not in held or last[held[r]] <= start)
-                    and fits(start, end, r)):
-                return r
-        for r in registers:
-            if (r not in held or last[held[r]] <= start) and fits(start, end, r):
+    def hinted(v: int, start: int, end: int) -> Reg | None:
+        for h in hints[v]:
+            r = h if type(h) is Reg else home.get(h)
+            if r in until and until[r] <= start and fits(start, end, r):
                 return r
         return None
+
+    def victim(start: int, end: int) -> Reg | None:
+        """The register of the interval to spill for one of [start, end], if that
+        ends later (else the new one is spilled): the active one that ends last."""
+        r = max((r for r in active if last[active[r]] > start and fits(start, end, r)),
+                key=lambda r: last[active[r]], default=None)
+        return r if r is not None and last[active[r]] > end else None
 
     # register -> the vreg last given it, which holds it until its interval ends
     # (an ended one is left here: a register is free once its holder's end is behind)
     active: dict[Reg, int] = {}
+    until = dict.fromkeys(registers, -1)     # register -> the end of its holder (-1: none yet)
     spilled: list[int] = []              # spilled vregs still live
     free_slots: dict[int, int] = {}      # slot -> end of its last owner
 
@@ -201,19 +216,22 @@ def allocate(blocks, params: list[ir.VReg], registers: list[Reg],
             for old in [x for x in spilled if last[x] < s]:
                 spilled.remove(old)
                 free_slots[home[old]] = last[old]
-        r = choose(v, s, e, active)
+        r = hinted(v, s, e) if v in hints else None
         if r is None:
-            victim = max((r for r in active if last[active[r]] > s and fits(s, e, r)),
-                         key=lambda r: last[active[r]], default=None)
-            if victim is None or last[active[victim]] <= e:
-                spill(v)
-                continue
-            r = victim
-            spill(active[r])
+            for r in registers:         # the first one free, and not destroyed inside [s, e]
+                if until[r] <= s and (not clobbered[r] or fits(s, e, r)):
+                    break
+            else:
+                r = victim(s, e)
+                if r is None:
+                    spill(v)
+                    continue
+                spill(active[r])
         # moved to the end: the order the holders got their registers decides between
         # equally long victims
         active.pop(r, None)
         active[r] = v
+        until[r] = e
         home[v] = r
-        alloc.used.add(r)
+    alloc.used = set(active)            # (a register once given stays in `active`)
     return alloc
