@@ -32,7 +32,7 @@ Model
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Union
+from typing import Iterator, Sequence, Union
 
 from pvimage import abi
 
@@ -281,6 +281,17 @@ class IRet(Instr):
 
 
 Terminator = Union[Jump, Branch, Ret, IRet]
+
+
+def operands(ins: Instr | Terminator) -> tuple[Sequence[Operand], Operand | None]:
+    """What `ins` reads and what it writes (its `dst`, or None): the back end's walks over every
+    instruction ask this, so the commonest kinds answer without a call of their own."""
+    kind = type(ins)
+    if kind is BinOp:
+        return (ins.a, ins.b), ins.dst
+    if kind is Copy:
+        return (ins.src,), ins.dst
+    return ins.uses(), getattr(ins, "dst", None)
 
 
 @dataclass

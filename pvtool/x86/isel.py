@@ -127,23 +127,20 @@ def clobbers(ins: ir.Instr) -> frozenset[Reg]:
     return NOTHING if of is None else of(ins)
 
 
+ACCESSES = (ir.Load, ir.Store)
+
+
 def select(fn: ir.Function) -> list[MBlock]:
     """Copy the function's blocks into MBlocks, fusing the patterns above."""
-    VReg, BinOp, Copy, Load, Store = ir.VReg, ir.BinOp, ir.Copy, ir.Load, ir.Store
+    VReg, operands = ir.VReg, ir.operands
     uses: dict[int, int] = {}                   # VReg.id -> how many reads, how many writes
     defs: dict[int, int] = {}
     accessing: set[str] = set()                 # the blocks with loads or stores
     for b in fn.blocks:
         for ins in b.instrs:
-            kind = type(ins)
-            if kind is BinOp:                   # the commonest kinds' operands without a call
-                read, d = (ins.a, ins.b), ins.dst
-            elif kind is Copy:
-                read, d = (ins.src,), ins.dst
-            else:
-                read, d = ins.uses(), getattr(ins, "dst", None)     # (ir.Instr.defs() without the list)
-                if kind is Load or kind is Store:
-                    accessing.add(b.label)
+            read, d = operands(ins)
+            if type(ins) in ACCESSES:
+                accessing.add(b.label)
             for u in read:
                 if type(u) is VReg:
                     uses[u.id] = uses.get(u.id, 0) + 1

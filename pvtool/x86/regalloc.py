@@ -64,7 +64,7 @@ def build_intervals(blocks, params: list[ir.VReg], clobbers: Clobbers
     written, and the clobber points; the dataflow then adds the points
     where a vreg is live into or out of a block.  An interval is the hull
     of all those points, so the order they are met in does not matter."""
-    VReg, BinOp, Copy = ir.VReg, ir.BinOp, ir.Copy
+    VReg, operands = ir.VReg, ir.operands
     first: dict[int, int] = {}
     last: dict[int, int] = {}
     for v in params:
@@ -78,13 +78,7 @@ def build_intervals(blocks, params: list[ir.VReg], clobbers: Clobbers
         g = k = 0
         for ins in (*b.instrs, b.term):
             p += 1
-            kind = type(ins)
-            if kind is BinOp:                       # the commonest kinds' operands without a call
-                uses, d = (ins.a, ins.b), ins.dst
-            elif kind is Copy:
-                uses, d = (ins.src,), ins.dst
-            else:
-                uses, d = ins.uses(), getattr(ins, "dst", None)     # (ir.Instr.defs() without the list)
+            uses, d = operands(ins)
             for u in uses:
                 if type(u) is VReg:
                     u = u.id
@@ -99,7 +93,7 @@ def build_intervals(blocks, params: list[ir.VReg], clobbers: Clobbers
                 if d not in first:
                     first[d] = p
                 last[d] = p
-            of = clobbers.get(kind)
+            of = clobbers.get(type(ins))
             if of is not None:
                 lost = of(ins)
                 if lost:
