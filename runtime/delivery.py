@@ -90,13 +90,10 @@ def read_gate(mmu: Mmu, limit: int, base: int, vector: int, cs: int = abi.KERNEL
     raise GuestFault(f"gate {vector} handler {handler:#x} is not canonical")
 
 
-def push_frame(mmu: Mmu, frame: tuple[int, int, int, int, int], stack: int, error_code: int | None = None) -> int:
-    """Push `frame` (RIP, CS, RFLAGS, RSP, SS; and an error code below it) at `stack` aligned down
-    to 16; returns the new RSP."""
-    if error_code is None:
-        data, rsp = FRAME.pack(*frame), (stack & ~0xF) - FRAME.size & MASK64
-    else:
-        data, rsp = FRAME_WITH_ERROR.pack(error_code, *frame), (stack & ~0xF) - FRAME_WITH_ERROR.size & MASK64
+def push_frame(mmu: Mmu, frame: Frame, stack: int, error_code: int | None = None) -> int:
+    """Push `frame` (and an error code below it) at `stack` aligned down to 16; returns the new RSP."""
+    data = FRAME.pack(*frame) if error_code is None else FRAME_WITH_ERROR.pack(error_code, *frame)
+    rsp = (stack & ~0xF) - len(data) & MASK64
     try:
         mmu.write_virt(rsp, data)
     except Refused as e:
