@@ -79,6 +79,7 @@ def exception_exit(vm: Vm) -> Callable[..., None]:
             raise GuestFault(_unhandled(vm, vector)) from None
         except GuestFault:                 # a gate the CPU cannot use: enter says why
             gate = None
+        # _exit_or_event, inline with what it reads bound: every exception passes here
         if mode.exception_exits is None or vector in mode.exception_exits:
             count(EXCEPTION_REASON[vector], gprs[RIP_INDEX])
         else:
